@@ -1,0 +1,5 @@
+import sys
+
+from fedlesion.cli import main
+
+sys.exit(main())

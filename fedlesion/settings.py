@@ -1,0 +1,186 @@
+"""Settings: one TOML file plus `FEDLESION_SECTION__KEY` environment overrides.
+
+The schema is the dataclasses below. An unknown section or key, a value of the wrong type or out of range stops
+start-up with a `SettingsError` that names the key (`node.dicom_port`), so a typo in a hospital's config file never
+silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, get_type_hints
+
+ENV_PREFIX = "FEDLESION_"
+CONFIG_ENV = "FEDLESION_CONFIG"
+_AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")  # DICOM AE: ≤16 chars, no backslash
+
+
+class SettingsError(ValueError):
+    """A settings file or override that cannot be used; the message names the offending key."""
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a TCP port between 0 and 65535"
+
+
+def _ae_title(value: str) -> str | None:
+    return None if _AE_TITLE.match(value) and value.strip() else "must be a DICOM AE title (1-16 characters)"
+
+
+def _log_level(value: str) -> str | None:
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    return None if value.upper() in levels else f"must be one of {', '.join(levels)}"
+
+
+def _check(validator: Any) -> dict[str, Any]:
+    return {"validator": validator}
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The DICOM node and its web page."""
+
+    ae_title: str = field(default="FEDLESION", metadata=_check(_ae_title))
+    dicom_port: int = field(default=11112, metadata=_check(_port))
+    web_host: str = "127.0.0.1"
+    web_port: int = field(default=8080, metadata=_check(_port))
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Everything the node keeps lives under one data directory (design.md §1)."""
+
+    data_dir: Path = Path("fedlesion-data")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Where signed model packages are kept and which publisher the node trusts (design.md §2)."""
+
+    registry_dir: Path | None = None  # default: <data_dir>/registry
+    enrollment_bundle: Path | None = None  # none: demo mode, only the shipped demo key is trusted
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = field(default="INFO", metadata=_check(_log_level))
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = NodeSettings()
+    storage: StorageSettings = StorageSettings()
+    models: ModelSettings = ModelSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.models.registry_dir or self.storage.data_dir / "registry"
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        return {
+            section.name: {
+                key: (str(value) if isinstance(value, Path) else value)
+                for key, value in dataclasses.asdict(getattr(self, section.name)).items()
+            }
+            for section in dataclasses.fields(self)
+        }
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read `path` (or $FEDLESION_CONFIG, or nothing), apply environment overrides, validate everything."""
+    environ = os.environ if environ is None else environ
+    if path is None and environ.get(CONFIG_ENV):
+        path = Path(environ[CONFIG_ENV])
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise SettingsError(f"cannot read settings file {path}: {error.strerror or error}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+            raise SettingsError(f"settings file {path} is not valid TOML: {error}") from None
+    sections = {f.name: f.type for f in dataclasses.fields(Settings)}
+    overrides = _environment_overrides(environ, sections)
+    built: dict[str, Any] = {}
+    section_types = get_type_hints(Settings)
+    for name, value in raw.items():
+        if name not in sections:
+            raise SettingsError(f"unknown settings section [{name}] (known: {', '.join(sections)})")
+        if not isinstance(value, dict):
+            raise SettingsError(f"settings key '{name}' must be a [section], got {type(value).__name__}")
+    for name, section_type in section_types.items():
+        values = dict(raw.get(name, {}))
+        values.update(overrides.get(name, {}))
+        built[name] = _build_section(name, section_type, values)
+    return Settings(**built)
+
+
+def _environment_overrides(environ: Mapping[str, str], sections: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    overrides: dict[str, dict[str, str]] = {}
+    for variable, text in environ.items():
+        if not variable.startswith(ENV_PREFIX) or "__" not in variable:
+            continue
+        section, _, key = variable[len(ENV_PREFIX):].lower().partition("__")
+        if section not in sections:
+            raise SettingsError(f"unknown settings section '{section}' in environment variable {variable}")
+        overrides.setdefault(section, {})[key] = text
+    return overrides
+
+
+def _build_section(section: str, section_type: type, values: Mapping[str, Any]) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_type)}
+    hints = get_type_hints(section_type)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in fields:
+            raise SettingsError(f"unknown settings key '{dotted}' (known: {', '.join(fields)})")
+        converted = _convert(dotted, hints[key], value)
+        validator = fields[key].metadata.get("validator")
+        problem = validator(converted) if validator and converted is not None else None
+        if problem:
+            raise SettingsError(f"bad value for settings key '{dotted}': {value!r} {problem}")
+        kwargs[key] = converted
+    return section_type(**kwargs)
+
+
+def _convert(dotted: str, hint: Any, value: Any) -> Any:
+    """Coerce a TOML value or an environment string to the schema type, or say which key is wrong."""
+    optional = type(None) in getattr(hint, "__args__", ())
+    target = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
+    from_env = isinstance(value, str) and target is not str
+    if optional and value in ("", None):
+        return None
+    try:
+        if target is bool:
+            if isinstance(value, bool):
+                return value
+            if from_env and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+        elif target is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            if from_env:
+                return int(value)
+        elif target is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if from_env:
+                return float(value)
+        elif target is str:
+            if isinstance(value, str):
+                return value
+        elif target is Path:
+            if isinstance(value, str) and value:
+                return Path(value).expanduser()
+    except ValueError:
+        pass
+    raise SettingsError(
+        f"bad value for settings key '{dotted}': {value!r} is not a {getattr(target, '__name__', target)}"
+    )

@@ -1,0 +1,26 @@
+"""Shared fixtures. Real third-party data lives in ../shared/data beside the repository (design.md §10)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+ISLES_CASE = SHARED_DATA / "nifti" / "isles22" / "case0001_dwi_adc_plus_gt"
+ISLES_DWI = ISLES_CASE / "rawdata/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_dwi.nii.gz"
+ISLES_ADC = ISLES_CASE / "rawdata/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_adc.nii.gz"
+ISLES_MASK = ISLES_CASE / "derivatives/sub-strokecase0001/ses-0001/sub-strokecase0001_ses-0001_msk.nii.gz"
+ISLES_MASK_0003 = SHARED_DATA / "nifti/isles22/gt_masks_only_case0002_0003/sub-strokecase0003_ses-0001_dwi.nii.gz"
+MS_CASE = SHARED_DATA / "nifti" / "open_ms_data" / "patient07"
+MS_FLAIR = MS_CASE / "FLAIR_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMNI.nii.gz"
+MS_MASK = MS_CASE / "GOLD_STANDARD_N4_noneck_reduced_winsor_regtoFLAIR_regtoMNI.nii.gz"
+MNI_T1 = SHARED_DATA / "nifti/templates/nilearn_0.14.1/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def require(*paths: Path) -> None:
+    """Skip, naming the file, when the shared data folder is not beside the repository."""
+    for path in paths:
+        if not path.exists():
+            pytest.skip(f"shared test data missing: {path}")
