@@ -115,8 +115,8 @@ def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = 
         if not isinstance(value, dict):
             raise SettingsError(f"settings key '{name}' must be a [section], got {type(value).__name__}")
     for name, section_type in section_types.items():
-        values = dict(raw.get(name, {}))
-        values.update(overrides.get(name, {}))
+        values = {key: (value, False) for key, value in raw.get(name, {}).items()}
+        values.update({key: (value, True) for key, value in overrides.get(name, {}).items()})
         built[name] = _build_section(name, section_type, values)
     return Settings(**built)
 
@@ -133,15 +133,16 @@ def _environment_overrides(environ: Mapping[str, str], sections: Mapping[str, An
     return overrides
 
 
-def _build_section(section: str, section_type: type, values: Mapping[str, Any]) -> Any:
+def _build_section(section: str, section_type: type, values: Mapping[str, tuple[Any, bool]]) -> Any:
+    """`values` maps key → (value, came from the environment); only environment strings are parsed."""
     fields = {f.name: f for f in dataclasses.fields(section_type)}
     hints = get_type_hints(section_type)
     kwargs: dict[str, Any] = {}
-    for key, value in values.items():
+    for key, (value, from_env) in values.items():
         dotted = f"{section}.{key}"
         if key not in fields:
             raise SettingsError(f"unknown settings key '{dotted}' (known: {', '.join(fields)})")
-        converted = _convert(dotted, hints[key], value)
+        converted = _convert(dotted, hints[key], value, from_env)
         validator = fields[key].metadata.get("validator")
         problem = validator(converted) if validator and converted is not None else None
         if problem:
@@ -150,12 +151,11 @@ def _build_section(section: str, section_type: type, values: Mapping[str, Any]) 
     return section_type(**kwargs)
 
 
-def _convert(dotted: str, hint: Any, value: Any) -> Any:
+def _convert(dotted: str, hint: Any, value: Any, from_env: bool) -> Any:
     """Coerce a TOML value or an environment string to the schema type, or say which key is wrong."""
     optional = type(None) in getattr(hint, "__args__", ())
     target = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
-    from_env = isinstance(value, str) and target is not str
-    if optional and value in ("", None):
+    if optional and from_env and value == "":
         return None
     try:
         if target is bool:
