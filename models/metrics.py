@@ -120,12 +120,13 @@ def compute_metrics(pred: ArrayLike, gt: ArrayLike, voxel_ml: float, *, small_be
         raise ValueError(f"voxel volume must be a positive number of ml, got {voxel_ml}")
 
     n_p, n_g = int(p.sum()), int(g.sum())
-    n_both = int(np.count_nonzero(p & g))
+    overlap = p & g
+    n_both = int(np.count_nonzero(overlap))
     gt_labels, gt_lesions = label_components(g)
     pred_labels, pred_lesions = label_components(p)
     # A component "touches" the other mask when it shares at least one voxel with it.
-    tp = int(np.unique(gt_labels[p & g]).size)
-    pred_hits = int(np.unique(pred_labels[p & g]).size)
+    tp = int(np.unique(gt_labels[overlap]).size)
+    pred_hits = int(np.unique(pred_labels[overlap]).size)
     fn = gt_lesions - tp
     fp = pred_lesions - pred_hits
 
