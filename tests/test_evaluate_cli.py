@@ -118,6 +118,8 @@ def test_grids_differ_exits_2_with_one_line(tmp_path: Path, capsys: pytest.Captu
         (["--pred-dir", "{tmp}/nowhere", "--gt-dir", "{tmp}"], "prediction folder not found"),
         (["--pred", "{gt}", "--gt-dir", "{tmp}"], "--pred goes with --gt"),
         (["--pred", "{gt}", "--gt", "{gt}", "--case-regex", "x"], "only apply to --pred-dir"),
+        (["--gt", "{gt}"], "needs --pred with --gt"),
+        (["--pred-dir", "{tmp}"], "--pred-dir goes with --gt-dir"),
     ],
 )
 def test_bad_arguments_cost_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],

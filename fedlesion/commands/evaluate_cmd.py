@@ -27,10 +27,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Masks are binarized as value > 0; lesions are 26-connected components. "
         "Use --pred with --gt for one case, --pred-dir with --gt-dir for a dataset (mean ± SD).",
     )
-    pred = parser.add_mutually_exclusive_group(required=True)
+    # Not `required=True`: argparse would then report a missing group before an unknown flag; run() checks instead.
+    pred = parser.add_mutually_exclusive_group()
     pred.add_argument("--pred", metavar="NIFTI", help="predicted mask of one case")
     pred.add_argument("--pred-dir", metavar="DIR", help="folder of predicted masks (.nii/.nii.gz)")
-    gt = parser.add_mutually_exclusive_group(required=True)
+    gt = parser.add_mutually_exclusive_group()
     gt.add_argument("--gt", metavar="NIFTI", help="ground-truth mask of one case")
     gt.add_argument("--gt-dir", metavar="DIR", help="folder of ground-truth masks (.nii/.nii.gz)")
     parser.add_argument("--case-regex", metavar="REGEX",
@@ -47,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pred is None and args.pred_dir is None:
+        raise ValueError("evaluate needs --pred with --gt (one case) or --pred-dir with --gt-dir (a dataset)")
     sizes = {"small_below_ml": args.small_below_ml, "large_above_ml": args.large_above_ml}
     if args.pred is not None:
         if args.gt is None:
