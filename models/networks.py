@@ -1,0 +1,92 @@
+"""Network definitions for training and export. Needs the `train` extra (torch, MONAI).
+
+Nothing torch-free imports this module: a node runs the exported ONNX graph, never these classes. The network
+returns logits; export appends the activation so the ONNX graph outputs probabilities (design.md §8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+from monai.networks.nets import DynUNet, UNet
+
+
+class Architecture(StrEnum):
+    DYNUNET = "dynunet"
+    UNET = "unet"
+
+
+class Norm(StrEnum):
+    INSTANCE = "instance"
+    BATCH = "batch"  # FedBN keeps these layers local (design.md §7)
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    """The network part of a training plan: small, typed, hashable into the plan's sha256."""
+
+    architecture: Architecture = Architecture.DYNUNET
+    base_filters: int = 16
+    depth: int = 5
+    max_filters: int = 320
+    norm: Norm = Norm.INSTANCE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "architecture", Architecture(self.architecture))
+        object.__setattr__(self, "norm", Norm(self.norm))
+        for name in ("base_filters", "max_filters"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an integer ≥ 1, got {value!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or not 2 <= self.depth <= 7:
+            raise ValueError(f"depth: must be an integer from 2 to 7, got {self.depth!r}")
+        if self.max_filters < self.base_filters:
+            raise ValueError(f"max_filters: {self.max_filters} is below base_filters {self.base_filters}")
+
+    @property
+    def filters(self) -> tuple[int, ...]:
+        """Channels per level, doubling from `base_filters` and capped at `max_filters`."""
+        return tuple(min(self.base_filters * 2**level, self.max_filters) for level in range(self.depth))
+
+    @property
+    def size_divisible(self) -> int:
+        """Each level below the first halves the grid: inputs must be multiples of this (the manifest says so)."""
+        return 2 ** (self.depth - 1)
+
+
+def build_network(in_channels: int, out_channels: int = 1, plan: NetworkPlan = NetworkPlan()) -> torch.nn.Module:
+    """A 3-D segmentation network for `plan`, without deep supervision (one output, as the ONNX graph has)."""
+    for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: must be an integer ≥ 1, got {value!r}")
+    if not isinstance(plan, NetworkPlan):
+        raise ValueError(f"plan must be a NetworkPlan, not {type(plan).__name__}")
+    if plan.architecture is Architecture.DYNUNET:
+        strides = [(1, 1, 1)] + [(2, 2, 2)] * (plan.depth - 1)
+        return DynUNet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            kernel_size=[(3, 3, 3)] * plan.depth,
+            strides=strides,
+            upsample_kernel_size=strides[1:],
+            filters=list(plan.filters),
+            norm_name=(plan.norm.value, {"affine": True}),
+            deep_supervision=False,
+            res_block=True,
+        )
+    return UNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        channels=plan.filters,
+        strides=(2,) * (plan.depth - 1),
+        num_res_units=2,
+        norm=plan.norm.value,
+    )
+
+
+def parameter_count(network: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in network.parameters())
