@@ -1,4 +1,4 @@
-"""Synthetic DICOM studies (training/synthetic/dicom_writer): geometry, role attributes, units, charsets, determinism."""
+"""Synthetic DICOM studies (training/synthetic/dicom_writer): geometry, role attributes, units, charsets."""
 
 from __future__ import annotations
 
@@ -98,8 +98,11 @@ def dwi_volume(datasets: list[pydicom.Dataset], b_value: float) -> hd.Volume:
     return hd.get_volume_from_series([ds for ds in datasets if float(ds.DiffusionBValue) == b_value])
 
 
-def assert_same_world(volume: hd.Volume, case: SyntheticCase, key: str, atol: float) -> None:
-    """Every read-back voxel sits, in patient space, exactly on a case voxel holding the same value."""
+def assert_same_world(volume: hd.Volume, case: SyntheticCase, key: str, atol: float, high: float = np.inf) -> None:
+    """Every read-back voxel sits, in patient space, exactly on a case voxel holding the same value.
+
+    The writer stores [0, high]: ADC is clipped to [0, 5000] µm²/s, magnitudes at 0.
+    """
     assert int(np.prod(volume.spatial_shape)) == int(np.prod(case.images[key].shape))
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in volume.spatial_shape], indexing="ij"), -1).reshape(-1, 3)
     lps = idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
@@ -108,7 +111,7 @@ def assert_same_world(volume: hd.Volume, case: SyntheticCase, key: str, atol: fl
     case_idx = ras @ inv[:3, :3].T + inv[:3, 3]
     rounded = np.rint(case_idx).astype(int)
     np.testing.assert_allclose(case_idx, rounded, atol=1e-3)
-    expected = case.images[key][rounded[:, 0], rounded[:, 1], rounded[:, 2]]
+    expected = np.clip(case.images[key][rounded[:, 0], rounded[:, 1], rounded[:, 2]], 0.0, high)
     np.testing.assert_allclose(volume.array.reshape(-1), expected, atol=atol)
 
 
@@ -263,3 +266,26 @@ def test_invalid_inputs_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="share one shape"):
         case.images["flair"] = case.images["flair"][:-1]
         write_dicom_study(case, tmp_path)
+
+
+def test_t1_flair_pixels_come_from_the_case_when_present(tmp_path: Path) -> None:
+    case = make_case(shape=(12, 12, 4))
+    case.images["t1_flair"] = (2.0 * case.images["flair"]).astype(np.float32)
+    series = read_series(write_dicom_study(case, tmp_path, negatives=True))
+    slope = float(by_role(series, "t1_flair")[0].RescaleSlope)
+    assert_same_world(hd.get_volume_from_series(by_role(series, "t1_flair")), case, "t1_flair", atol=slope / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("geometry", ["oblique", "sagittal"])
+def test_generated_phantom_round_trips(tmp_path: Path, geometry: str) -> None:
+    """The phantom generator's cases, once it exists, write and read back on the same world grid."""
+    generate = pytest.importorskip("training.synthetic.generate")
+    case = generate.generate_case("stroke", 3, geometry=geometry)
+    series = read_series(write_dicom_study(case, tmp_path))
+    if "adc" in case.images:
+        adc = hd.get_volume_from_series(by_role(series, "adc"))
+        assert_same_world(adc, case, "adc", atol=0.5, high=5000.0)
+    if "flair" in case.images:
+        flair = by_role(series, "flair")
+        slope = float(flair[0].RescaleSlope)
+        assert_same_world(hd.get_volume_from_series(flair), case, "flair", atol=slope / 2 + 1e-6)

@@ -441,7 +441,7 @@ def _check_text(name: str, value: str, charset: str, *, max_chars: int) -> None:
 def _check_person_name(name: str) -> None:
     groups = name.split("=")
     if len(groups) > 3 or any(len(g) > 64 or g.count("^") > 4 for g in groups):
-        raise ValueError(f"patient_name {name!r} is not a DICOM PN (≤ 3 '='-groups, ≤ 64 chars, ≤ 5 components each)")
+        raise ValueError(f"patient_name {name!r} is not a DICOM PN (≤ 3 '='-groups of ≤ 64 chars and ≤ 5 parts)")
 
 
 def _ds(x: float) -> str:
