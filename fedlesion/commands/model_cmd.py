@@ -1,0 +1,97 @@
+"""`fedlesion model`: verify, publish and list signed model packages; make a publishing key pair.
+
+Without `--public-key` the demo trust policy applies (only the shipped demo key), as on a node without an
+enrollment bundle; with it, the given publisher keys are trusted and demo packages are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from models.manifest import Task
+from models.package import LoadedPackage, TrustPolicy, load_package, sha256_hex
+from models.registry import Registry
+from models.signing import generate_key_pair, load_public_key, public_key_fingerprint
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("model", help="verify, publish and list signed model packages")
+    actions = parser.add_subparsers(title="actions", metavar="ACTION", required=True)
+
+    verify = actions.add_parser("verify", help="check a package (directory or .tar) and print what it holds")
+    verify.add_argument("path", type=Path, metavar="PATH")
+    _add_public_key(verify)
+    verify.set_defaults(func=run, action="verify")
+
+    publish = actions.add_parser("publish", help="verify a package and add it to a registry")
+    publish.add_argument("path", type=Path, metavar="PATH")
+    publish.add_argument("--registry", type=Path, required=True, metavar="DIR")
+    _add_public_key(publish)
+    publish.set_defaults(func=run, action="publish")
+
+    listing = actions.add_parser("list", help="list the versions in a registry")
+    listing.add_argument("--registry", type=Path, required=True, metavar="DIR")
+    listing.set_defaults(func=run, action="list")
+
+    keygen = actions.add_parser("keygen", help="write OUT_PREFIX.private.pem and OUT_PREFIX.public.pem (Ed25519)")
+    keygen.add_argument("prefix", metavar="OUT_PREFIX")
+    keygen.set_defaults(func=run, action="keygen")
+
+
+def _add_public_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        metavar="PEM",
+        help="trust this publisher key (repeatable); default: the demo key only",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "keygen":
+        return _keygen(args.prefix)
+    if args.action == "list":
+        return _list(Registry(args.registry, TrustPolicy.demo()))
+    trust = TrustPolicy.enrolled(map(load_public_key, args.public_key)) if args.public_key else TrustPolicy.demo()
+    if args.action == "publish":
+        loaded = Registry(args.registry, trust).publish(args.path)
+        print(f"published {loaded.manifest.task.value} version {loaded.manifest.version} to {args.registry}")
+    else:
+        loaded = load_package(args.path, trust)
+    _describe(loaded)
+    return 0
+
+
+def _describe(loaded: LoadedPackage) -> None:
+    manifest = loaded.manifest
+    print(f"task: {manifest.task.value}")
+    print(f"version: {manifest.version}")
+    print(f"demo: {'yes' if loaded.demo else 'no'}")
+    print(f"signer: {loaded.signer_fingerprint}")
+    print(f"manifest sha256: {loaded.manifest_sha256}")
+    print(f"{manifest.onnx.file} sha256: {sha256_hex(loaded.onnx_bytes)}")
+
+
+def _list(registry: Registry) -> int:
+    for task in Task:
+        versions = registry.versions(task)
+        print(f"{task.value}: {', '.join(map(str, versions)) if versions else '-'}")
+    return 0
+
+
+def _keygen(prefix: str) -> int:
+    private_path, public_path = Path(f"{prefix}.private.pem"), Path(f"{prefix}.public.pem")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise ValueError(f"{path} exists; refusing to overwrite a key")
+    private_pem, public_pem = generate_key_pair()
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(public_pem)
+    print(f"wrote {private_path} (keep it secret) and {public_path}")
+    print(f"fingerprint: {public_key_fingerprint(load_public_key(public_pem))}")
+    return 0

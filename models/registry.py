@@ -1,0 +1,124 @@
+"""The model registry on disk: `root/<task>/<version>/` holding verified packages (design.md §2, §5).
+
+Publishing verifies the whole package first, writes it under `root/.incoming/<random>/`, fsyncs it and renames it
+into place, so a reader sees either no version directory or a complete one, and a crash leaves only `.incoming`
+debris that listings ignore and the next publish removes. Two publishers of the same version race on that rename;
+the loser gets `VersionNotNewer`. Every read verifies again: a registry on disk is trusted no more than a download.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+from models.errors import MalformedPackage, VersionNotNewer
+from models.manifest import Task
+from models.package import LoadedPackage, TrustPolicy, fsync_directory, load_package, write_package
+
+INCOMING = ".incoming"
+_LOCK_FILE = ".lock"
+_VERSION_DIR = re.compile(r"^[1-9][0-9]{0,17}$")
+
+
+class Registry:
+    """Verified model packages by task and version, safe for concurrent readers and publishers on one host."""
+
+    def __init__(self, root: Path, trust: TrustPolicy) -> None:
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ValueError(f"registry root {root} is not a directory")
+        if not isinstance(trust, TrustPolicy):
+            raise ValueError(f"trust must be a TrustPolicy, not {type(trust).__name__}")
+        self.root = root
+        self.trust = trust
+
+    def versions(self, task: Task) -> list[int]:
+        """Published versions, ascending; anything that is not a complete version directory is ignored."""
+        task_dir = self.root / Task(task).value
+        try:
+            entries = list(os.scandir(task_dir))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            int(entry.name)
+            for entry in entries
+            if _VERSION_DIR.match(entry.name) and entry.is_dir(follow_symlinks=False)
+        )
+
+    def latest(self, task: Task) -> LoadedPackage | None:
+        versions = self.versions(task)
+        return self.load(task, versions[-1]) if versions else None
+
+    def load(self, task: Task, version: int) -> LoadedPackage:
+        """Verify and load one version; the manifest must agree with where the package sits."""
+        task = Task(task)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"version must be an integer ≥ 1, got {version!r}")
+        path = self.root / task.value / str(version)
+        loaded = load_package(path, self.trust)
+        if (loaded.manifest.task, loaded.manifest.version) != (task, version):
+            raise MalformedPackage(
+                f"{path} holds {loaded.manifest.task.value} version {loaded.manifest.version}, not what its path says"
+            )
+        return loaded
+
+    def publish(self, source: Path) -> LoadedPackage:
+        """Verify `source` (directory or .tar) against the trust policy and the latest version, then add it."""
+        served = {task: versions[-1] for task in Task if (versions := self.versions(task))}
+        loaded = load_package(Path(source), self.trust, served=served)
+        task, version = loaded.manifest.task, loaded.manifest.version
+        self.root.mkdir(parents=True, exist_ok=True)
+        with _PublishLock(self.root / _LOCK_FILE) as lock:
+            incoming_root = self.root / INCOMING
+            if lock.exclusive:
+                shutil.rmtree(incoming_root, ignore_errors=True)  # no other publisher is running: all debris
+                lock.share()
+            incoming_root.mkdir(exist_ok=True)
+            staging = incoming_root / secrets.token_hex(8)
+            staging.mkdir()
+            try:
+                write_package(staging, loaded.package_files())
+                task_dir = self.root / task.value
+                task_dir.mkdir(exist_ok=True)
+                fsync_directory(self.root)
+                final = task_dir / str(version)
+                try:
+                    os.rename(staging, final)  # atomic; fails onto an existing (non-empty) version directory
+                except OSError as error:
+                    if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    raise VersionNotNewer(f"{task.value} version {version} was published concurrently") from None
+                fsync_directory(task_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return loaded
+
+
+class _PublishLock:
+    """Publishers share a lock; whoever gets it exclusively knows `.incoming` holds only crash debris."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.exclusive = False
+        self.fd = -1
+
+    def __enter__(self) -> _PublishLock:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.exclusive = True
+        except BlockingIOError:
+            fcntl.flock(self.fd, fcntl.LOCK_SH)
+        return self
+
+    def share(self) -> None:
+        """Let other publishers in once the debris is gone (they may clean again: nothing of ours exists yet)."""
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # closing releases the lock
