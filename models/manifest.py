@@ -198,7 +198,10 @@ def default_manifest(
 
 
 def parse_manifest(data: bytes, *, require_files: bool = True) -> Manifest:
-    """Parse and validate manifest bytes; every problem is a `ValueError` naming the field."""
+    """Parse and validate manifest bytes; every problem is a `ValueError` naming the field.
+
+    `require_files=False` accepts a manifest not yet packaged (no hash for the ONNX file): what export builds.
+    """
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"manifest must be bytes, not {type(data).__name__}")
     try:
@@ -261,6 +264,10 @@ class _Obj:
     def optional(self, key: str) -> Any:
         self.seen.add(key)
         return self.value.get(key)
+
+    def nullable(self, key: str) -> Any:
+        """Required key whose value may be null (provenance that does not apply says so explicitly)."""
+        return self._get(key)
 
     def done(self) -> None:
         unknown = sorted(set(self.value) - self.seen)
@@ -416,8 +423,8 @@ def _output(obj: _Obj) -> OutputSpec:
 
 def _training(obj: _Obj) -> TrainingInfo:
     plan = obj.text("plan_sha256", pattern=_SHA256)
-    round_ = obj.optional("federated_round")
-    strategy = obj.optional("strategy")
+    round_ = obj.nullable("federated_round")
+    strategy = obj.nullable("strategy")
     metrics = obj.obj("site_metrics")
     site_metrics: dict[str, dict[str, float]] = {}
     for site, values in metrics.value.items():

@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 from typing import Iterable, Iterator, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -265,7 +266,7 @@ def _load_directory(root: Path, trust: TrustPolicy, served: Mapping[Task, int]) 
         manifest_bytes=manifest_bytes,
         manifest_sha256=sha256_hex(manifest_bytes),
         signature=signature_bytes,
-        files=files,
+        files=MappingProxyType(files),
         signer_fingerprint=signer,
         demo=manifest.demo or signed_by_demo,
     )

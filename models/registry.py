@@ -92,7 +92,7 @@ class Registry:
                 except OSError as error:
                     if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                    raise VersionNotNewer(f"{task.value} version {version} was published concurrently") from None
+                    raise VersionNotNewer(f"{task.value} version {version} was published concurrently by another publisher") from None
                 fsync_directory(task_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def demo_private_key() -> Ed25519PrivateKey:
     return load_private_key(DEMO_PRIVATE_KEY_FILE)
 
 
+@functools.cache
 def demo_public_key() -> Ed25519PublicKey:
     return load_public_key(DEMO_PUBLIC_KEY_FILE)
 

@@ -96,6 +96,9 @@ def test_constructed_manifest_is_validated_and_normalized() -> None:
         Manifest(**{**fields, "created": datetime(2026, 1, 1)})
 
 
+_DELETE = object()
+
+
 def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     def mutate(data: dict[str, Any]) -> None:
         *parents, last = path.split(".")
@@ -110,9 +113,6 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
             target[last] = value
 
     return mutate
-
-
-_DELETE = object()
 
 
 @pytest.mark.parametrize(
@@ -151,6 +151,7 @@ _DELETE = object()
         ("postprocessing.min_lesion_ml", -1, r"postprocessing\.min_lesion_ml"),
         ("training.plan_sha256", "abc", r"training\.plan_sha256"),
         ("training.federated_round", -1, r"training\.federated_round"),
+        ("training.strategy", _DELETE, r"training\.strategy: missing"),
         ("training.site_metrics", {"site-a": {"dice": "high"}}, r"site_metrics\.site-a\.dice"),
         ("files", {}, r"manifest\.files: must list the ONNX file"),
         ("files", {"model.onnx": "XYZ"}, r"manifest\.files\.model\.onnx"),
