@@ -46,8 +46,8 @@ def _head_channel(shape: tuple[int, int, int], affine: np.ndarray, rng: np.rando
 
 def _smooth_field(shape: tuple[int, ...], spacing: np.ndarray, sigma_mm: float, seed: int) -> np.ndarray:
     """Seeded Gaussian-filtered noise in [0, 1]: 0.5 plus a zero-mean fluctuation of SD 0.1."""
-    noise = np.random.default_rng(seed).normal(size=shape)
-    field = ndimage.gaussian_filter(noise, sigma=sigma_mm / spacing)
+    noise = np.random.default_rng(seed).standard_normal(size=shape, dtype=np.float32)
+    field = ndimage.gaussian_filter(noise, sigma=sigma_mm / spacing, truncate=3.0)
     return np.clip(0.5 + 0.1 * (field - field.mean()) / field.std(), 0, 1).astype(np.float32)
 
 
@@ -69,6 +69,29 @@ def test_spec_from_manifest_dict_and_validation() -> None:
             PreprocessingSpec.from_manifest_dict(bad)
     with pytest.raises(ValueError, match="clip_percentiles"):
         PreprocessingSpec((2, 2, 2), (96, 96, 64), 16, (99.5, 0.5))
+
+
+def test_resample_grid_conventions() -> None:
+    # A LAS source at the target spacing lands on its RAS grid voxel for voxel: only the x axis flips.
+    data = np.random.default_rng(1).random((5, 6, 7)).astype(np.float32)
+    las = np.diag([-2.0, 2.0, 2.0, 1.0])
+    las[:3, 3] = (30.0, -40.0, 10.0)
+    grid_affine, grid_shape = ras_grid(las, data.shape, (2.0, 2.0, 2.0))
+    assert grid_shape == data.shape and np.allclose(grid_affine[:3, :3], np.diag([2.0, 2.0, 2.0]))
+    assert np.allclose(resample(data, las, grid_affine, grid_shape), data[::-1], atol=1e-6)
+
+    # Inside the corner-to-corner field of view the edge voxel extends over its half-voxel rim; beyond it, cval.
+    line = np.arange(1, 5, dtype=np.float32).reshape(4, 1, 1)
+    target = np.eye(4)
+    target[0, 3] = -1.0  # target x-centres at source x = -1, 0, ..., 4
+    out = resample(line, np.eye(4), target, (6, 1, 1), cval=-9.0)[:, 0, 0]
+    assert out.tolist() == [-9.0, 1.0, 2.0, 3.0, 4.0, -9.0]
+    target[0, 0] = 0.25
+    target[0, 3] = -0.75  # centres at -0.75, -0.5, ..., 0: the rim starts at -0.5
+    out = resample(line, np.eye(4), target, (4, 1, 1), cval=-9.0)[:, 0, 0]
+    assert out.tolist() == [-9.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="3-D"):
+        resample(np.zeros((4, 4)), np.eye(4), np.eye(4), (4, 4, 4))
 
 
 # --- 1. smooth-field round trips ------------------------------------------------------------------------------
