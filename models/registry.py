@@ -2,8 +2,8 @@
 
 Publishing verifies the whole package first, writes it under `root/.incoming/<random>/`, fsyncs it and renames it
 into place, so a reader sees either no version directory or a complete one, and a crash leaves only `.incoming`
-debris that listings ignore and the next publish removes. Two publishers of the same version race on that rename;
-the loser gets `VersionNotNewer`. Every read verifies again: a registry on disk is trusted no more than a download.
+debris that listings ignore and the next publish removes. Of two publishers of the same version exactly one wins;
+the other gets `VersionNotNewer`. Every read verifies again: a registry on disk is trusted no more than a download.
 """
 
 from __future__ import annotations
@@ -14,7 +14,9 @@ import os
 import re
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from models.errors import MalformedPackage, VersionNotNewer
 from models.manifest import Task
@@ -68,57 +70,51 @@ class Registry:
         return loaded
 
     def publish(self, source: Path) -> LoadedPackage:
-        """Verify `source` (directory or .tar) against the trust policy and the latest version, then add it."""
-        served = {task: versions[-1] for task in Task if (versions := self.versions(task))}
-        loaded = load_package(Path(source), self.trust, served=served)
+        """Verify `source` (directory or .tar) against the trust policy and the latest version, then add it.
+
+        Verification runs unlocked; staging, the version check and the rename run under one exclusive lock, so
+        versions only ever grow and whatever `.incoming` holds when the lock is taken is crash debris.
+        """
+        loaded = load_package(Path(source), self.trust, served=self._served())
         task, version = loaded.manifest.task, loaded.manifest.version
         self.root.mkdir(parents=True, exist_ok=True)
-        with _PublishLock(self.root / _LOCK_FILE) as lock:
-            incoming_root = self.root / INCOMING
-            if lock.exclusive:
-                shutil.rmtree(incoming_root, ignore_errors=True)  # no other publisher is running: all debris
-                lock.share()
-            incoming_root.mkdir(exist_ok=True)
-            staging = incoming_root / secrets.token_hex(8)
+        with _exclusive_lock(self.root / _LOCK_FILE):
+            served = self._served().get(task)
+            if served is not None and version <= served:
+                raise VersionNotNewer(
+                    f"{task.value} version {version} is not newer than version {served} already served"
+                )
+            incoming = self.root / INCOMING
+            shutil.rmtree(incoming, ignore_errors=True)
+            incoming.mkdir()
+            staging = incoming / secrets.token_hex(8)
             staging.mkdir()
             try:
                 write_package(staging, loaded.package_files())
                 task_dir = self.root / task.value
                 task_dir.mkdir(exist_ok=True)
                 fsync_directory(self.root)
-                final = task_dir / str(version)
                 try:
-                    os.rename(staging, final)  # atomic; fails onto an existing (non-empty) version directory
+                    os.rename(staging, task_dir / str(version))  # atomic; fails onto an existing version directory
                 except OSError as error:
                     if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
-                    raise VersionNotNewer(f"{task.value} version {version} was published concurrently by another publisher") from None
+                    raise VersionNotNewer(f"{task.value} version {version} already exists") from None
                 fsync_directory(task_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return loaded
 
+    def _served(self) -> dict[Task, int]:
+        return {task: versions[-1] for task in Task if (versions := self.versions(task))}
 
-class _PublishLock:
-    """Publishers share a lock; whoever gets it exclusively knows `.incoming` holds only crash debris."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.exclusive = False
-        self.fd = -1
-
-    def __enter__(self) -> _PublishLock:
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.exclusive = True
-        except BlockingIOError:
-            fcntl.flock(self.fd, fcntl.LOCK_SH)
-        return self
-
-    def share(self) -> None:
-        """Let other publishers in once the debris is gone (they may clean again: nothing of ours exists yet)."""
-        fcntl.flock(self.fd, fcntl.LOCK_SH)
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)  # closing releases the lock
+@contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """One publisher at a time, across threads and processes on this host (flock is per open file)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

@@ -132,6 +132,18 @@ def test_concurrent_publishers_of_one_version(registry: Registry, tmp_path: Path
     assert registry.load(Task.MS_FLAIR, 1).manifest.version == 1
 
 
+def test_rename_never_replaces_an_existing_version(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backstop when the lock does not hold (another host on a shared disk): the rename itself refuses."""
+    first = registry.publish(make_package(tmp_path, 1))
+    monkeypatch.setattr(registry, "_served", lambda: {})
+    with pytest.raises(VersionNotNewer, match="ms-flair version 1 already exists"):
+        registry.publish(make_package(tmp_path / "again", 1))
+    assert registry.load(Task.MS_FLAIR, 1).manifest_bytes == first.manifest_bytes
+    assert list((registry.root / INCOMING).iterdir()) == []
+
+
 def test_reader_never_sees_half_a_package(registry: Registry, tmp_path: Path) -> None:
     sources = [make_package(tmp_path, version) for version in range(1, 9)]
     done = threading.Event()
