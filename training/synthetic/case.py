@@ -31,6 +31,7 @@ class Lesion:
     side: Side  # patient's side, from the centroid's RAS x (x < 0 → left)
     centroid_ras_mm: tuple[float, float, float]
     volume_ml: float
+    location: str = ""  # e.g. "MCA territory", "periventricular", "juxtacortical"
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class SyntheticCase:
     site: SiteProfile = field(default_factory=SiteProfile)
     skull_stripped: bool = False
     slice_thickness_mm: float = 2.0  # may be smaller than the slice spacing (a gap)
+    brain_mask: np.ndarray | None = None  # uint8, intracranial (brain + CSF) on the grid: tests and skull-stripping
+    anatomy_source: str = ""  # "mni152" or "procedural": the same seed differs between them
 
     @property
     def mask(self) -> np.ndarray:
