@@ -1,7 +1,7 @@
 """The one preprocessing (design.md §3), shared by training and inference so both see identical inputs.
 
-Channels go onto the first channel's grid, then onto an axis-aligned RAS grid at the manifest's spacing covering
-the whole source field of view; a head mask from the first channel drives per-channel clipping and z-scoring;
+Channels go onto the first channel's grid, then onto that grid reoriented to RAS (axes permuted and flipped, the
+scan's own tilt kept) at the manifest's spacing, covering the whole source field of view; a head mask from the first channel drives per-channel clipping and z-scoring;
 inference pads (never crops) to the network's constraints. `to_source` maps probabilities back onto the source grid.
 """
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
@@ -56,25 +57,42 @@ def _inside_field_of_view(
     return inside
 
 
-def ras_grid(
-    source_affine: np.ndarray, source_shape: tuple[int, ...], spacing_mm: tuple[float, float, float]
-) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """An axis-aligned RAS grid at `spacing_mm` covering the source's whole field of view.
+SPACING_TOLERANCE = 0.02
 
-    The grid is centred on the world bounding box of the source's voxel corners, so an oblique or flipped source
-    fits without cropping and a source already on such a grid maps onto itself voxel for voxel.
+
+def ras_grid(
+    source_affine: np.ndarray,
+    source_shape: tuple[int, ...],
+    spacing_mm: tuple[float, float, float],
+    spacing_tolerance: float = SPACING_TOLERANCE,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """The source's grid reoriented to RAS (nibabel's closest canonical axis order) at `spacing_mm`.
+
+    Reorienting only permutes and flips axes; the source's own rotation is kept, so a tilted 2 mm source at a 2 mm
+    target maps onto itself voxel for voxel and a thick oblique stack is not smeared across world axes. The grid
+    shares the source's field-of-view centre and covers all of it (count = ceil(extent / spacing)). An axis whose
+    source spacing is within `spacing_tolerance` (relative) of the target keeps the source spacing: a 1.997 mm
+    scan is not worth an interpolation blur to become 2 mm.
     """
     source_affine = _check_affine(source_affine, "source_affine")
     source_shape = _check_shape(tuple(source_shape), "source_shape")
     spacing = np.asarray(spacing_mm, dtype=np.float64)
     if spacing.shape != (3,) or not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm}")
-    world = (source_affine @ _corner_indices(source_shape))[:3]
-    low, high = world.min(axis=1), world.max(axis=1)
-    # The tolerance keeps a box that is an exact multiple of the spacing from gaining a voxel through rounding.
-    shape = tuple(max(1, math.ceil(extent / s - 1e-6)) for extent, s in zip(high - low, spacing))
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = (low + high) / 2 - (np.asarray(shape) - 1) / 2 * spacing
+    orientation = nib.orientations.io_orientation(source_affine)
+    canonical = source_affine @ nib.orientations.inv_ornt_aff(orientation, source_shape)
+    canonical_shape = np.asarray(source_shape)[orientation[:, 0].argsort()]
+    source_spacing = np.linalg.norm(canonical[:3, :3], axis=0)
+    directions = canonical[:3, :3] / source_spacing
+    spacing = np.where(np.abs(source_spacing - spacing) <= spacing_tolerance * spacing, source_spacing, spacing)
+    # The tolerance keeps an extent that is an exact multiple of the spacing from gaining a voxel through rounding.
+    shape = tuple(
+        max(1, math.ceil(n * s / t - 1e-6)) for n, s, t in zip(canonical_shape, source_spacing, spacing)
+    )
+    centre = canonical @ np.append((canonical_shape - 1) / 2, 1.0)
+    affine = np.eye(4)
+    affine[:3, :3] = directions * spacing
+    affine[:3, 3] = centre[:3] - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
     return affine, shape
 
 
