@@ -7,88 +7,18 @@ inference pads (never crops) to the network's constraints. `to_source` maps prob
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from os import PathLike
-from typing import Any, Sequence
+from typing import Sequence
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from models.manifest import NormalizationMethod, Preprocessing
 from models.resampling import ras_grid, resample
 
-__all__ = ["Channel", "PreprocessedCase", "PreprocessingSpec", "head_mask", "preprocess", "to_source"]
-
-NORMALIZATION_METHOD = "zscore-head-mask"
-
-
-def _triple(value: Any, name: str, kind: type) -> tuple:
-    """Three values of `kind` from a manifest list/tuple; rejects bools, non-integral ints, non-finite floats."""
-    if not isinstance(value, (list, tuple)) or len(value) != 3:
-        raise ValueError(f"{name} must be a list of three numbers, got {value!r}")
-    out = []
-    for item in value:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
-            raise ValueError(f"{name} must hold finite numbers, got {value!r}")
-        if kind is int and int(item) != item:
-            raise ValueError(f"{name} must hold integers, got {value!r}")
-        out.append(kind(item))
-    return tuple(out)
-
-
-@dataclass(frozen=True)
-class PreprocessingSpec:
-    """The manifest's `preprocessing` object; a model is only valid on inputs prepared exactly this way."""
-
-    target_spacing_mm: tuple[float, float, float]
-    patch_size: tuple[int, int, int]
-    size_divisible: int
-    clip_percentiles: tuple[float, float] = (0.5, 99.5)
-
-    def __post_init__(self) -> None:
-        spacing = _triple(self.target_spacing_mm, "target_spacing_mm", float)
-        patch = _triple(self.patch_size, "patch_size", int)
-        if min(spacing) <= 0:
-            raise ValueError(f"target_spacing_mm must be positive, got {spacing}")
-        if min(patch) < 1:
-            raise ValueError(f"patch_size must be positive, got {patch}")
-        if isinstance(self.size_divisible, bool) or not isinstance(self.size_divisible, int) or self.size_divisible < 1:
-            raise ValueError(f"size_divisible must be a positive integer, got {self.size_divisible!r}")
-        clip = self.clip_percentiles
-        if (
-            not isinstance(clip, (list, tuple)) or len(clip) != 2
-            or any(isinstance(c, bool) or not isinstance(c, (int, float)) for c in clip)
-            or not 0 <= clip[0] < clip[1] <= 100
-        ):
-            raise ValueError(f"clip_percentiles must be two numbers 0 <= low < high <= 100, got {clip!r}")
-        object.__setattr__(self, "target_spacing_mm", spacing)
-        object.__setattr__(self, "patch_size", patch)
-        object.__setattr__(self, "clip_percentiles", (float(clip[0]), float(clip[1])))
-
-    @classmethod
-    def from_manifest_dict(cls, d: dict[str, Any]) -> PreprocessingSpec:
-        """Read the manifest's `preprocessing` object; unknown keys or methods are errors, not silently ignored."""
-        if not isinstance(d, dict):
-            raise ValueError(f"preprocessing must be an object, got {type(d).__name__}")
-        required = {"target_spacing_mm", "patch_size", "size_divisible", "normalization"}
-        if missing := required - d.keys():
-            raise ValueError(f"preprocessing is missing {sorted(missing)}")
-        if unknown := d.keys() - required:
-            raise ValueError(f"preprocessing has unknown keys {sorted(unknown)}")
-        norm = d["normalization"]
-        if not isinstance(norm, dict) or norm.get("method") != NORMALIZATION_METHOD:
-            raise ValueError(f"preprocessing.normalization.method must be {NORMALIZATION_METHOD!r}, got {norm!r}")
-        if unknown := norm.keys() - {"method", "clip_percentiles"}:
-            raise ValueError(f"preprocessing.normalization has unknown keys {sorted(unknown)}")
-        clip = norm.get("clip_percentiles", cls.clip_percentiles)
-        return cls(
-            target_spacing_mm=d["target_spacing_mm"],
-            patch_size=d["patch_size"],
-            size_divisible=d["size_divisible"],
-            clip_percentiles=tuple(clip) if isinstance(clip, list) else clip,
-        )
-
+__all__ = ["Channel", "PreprocessedCase", "head_mask", "preprocess", "to_source"]
 
 @dataclass
 class Channel:
@@ -197,7 +127,7 @@ def head_mask(volume: np.ndarray) -> np.ndarray:
     return _fill_holes(mask, in_plane, border_axes=(0, 1))
 
 
-def _padding(shape: tuple[int, int, int], spec: PreprocessingSpec) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def _padding(shape: tuple[int, int, int], spec: Preprocessing) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Voxels to add before/after each axis: at least the patch size, a multiple of size_divisible, centred."""
     div = spec.size_divisible
     padded = [-(-max(n, p) // div) * div for n, p in zip(shape, spec.patch_size)]
@@ -222,13 +152,15 @@ def _normalise(values: np.ndarray, mask: np.ndarray, clip: tuple[float, float], 
 
 
 def preprocess(
-    channels: Sequence[Channel], spec: PreprocessingSpec, *, pad_for_inference: bool = True
+    channels: Sequence[Channel], spec: Preprocessing, *, pad_for_inference: bool = True
 ) -> PreprocessedCase:
     """Resample, mask, normalise and (for inference) pad `channels`; the first channel defines the geometry."""
     if not channels:
         raise ValueError("at least one channel is required")
-    if not isinstance(spec, PreprocessingSpec):
-        raise ValueError(f"spec must be a PreprocessingSpec, got {type(spec).__name__}")
+    if not isinstance(spec, Preprocessing):
+        raise ValueError(f"spec must be a manifest Preprocessing, got {type(spec).__name__}")
+    if spec.normalization.method is not NormalizationMethod.ZSCORE_HEAD_MASK:
+        raise ValueError(f"unsupported normalization method {spec.normalization.method!r}")
     first = channels[0]
     for channel in channels[1:]:
         uids = (first.frame_of_reference_uid, channel.frame_of_reference_uid)
@@ -257,7 +189,7 @@ def preprocess(
     inner = tuple(slice(b, b + n) for b, n in zip(before, grid_shape))
     image = np.zeros((len(channels), *padded_shape), dtype=np.float32)
     for c, (channel, values) in enumerate(zip(channels, resampled)):
-        image[(c, *inner)] = _normalise(values, mask, spec.clip_percentiles, channel.name)
+        image[(c, *inner)] = _normalise(values, mask, spec.normalization.clip_percentiles, channel.name)
     padded_mask = np.zeros(padded_shape, dtype=bool)
     padded_mask[inner] = mask
     affine = grid_affine.copy()

@@ -11,19 +11,12 @@ import pytest
 from conftest import ISLES_ADC, ISLES_DWI, ISLES_MASK, ISLES_MASK_0003, MNI_T1, MS_FLAIR, MS_MASK, require
 from scipy import ndimage
 
-from models.preprocessing import Channel, PreprocessingSpec, head_mask, preprocess, to_source
+from models.manifest import Preprocessing, Task, default_manifest, parse_manifest
+from models.preprocessing import Channel, head_mask, preprocess, to_source
 from models.resampling import ras_grid, resample
 
-MANIFEST_PREPROCESSING = {
-    "target_spacing_mm": [2, 2, 2],
-    "patch_size": [96, 96, 64],
-    "size_divisible": 16,
-    "normalization": {"method": "zscore-head-mask", "clip_percentiles": [0.5, 99.5]},
-}
-
-
-def _spec(spacing: tuple[float, float, float], patch: tuple[int, int, int] = (96, 96, 64)) -> PreprocessingSpec:
-    return PreprocessingSpec(target_spacing_mm=spacing, patch_size=patch, size_divisible=16)
+def _spec(spacing: tuple[float, float, float], patch: tuple[int, int, int] = (96, 96, 64)) -> Preprocessing:
+    return Preprocessing(target_spacing_mm=spacing, patch_size=patch, size_divisible=16)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -54,21 +47,17 @@ def _smooth_field(shape: tuple[int, ...], spacing: np.ndarray, sigma_mm: float, 
 # --- spec -----------------------------------------------------------------------------------------------------
 
 
-def test_spec_from_manifest_dict_and_validation() -> None:
-    spec = PreprocessingSpec.from_manifest_dict(MANIFEST_PREPROCESSING)
-    assert spec == PreprocessingSpec((2.0, 2.0, 2.0), (96, 96, 64), 16, (0.5, 99.5))
-    for bad in (
-        {**MANIFEST_PREPROCESSING, "normalization": {"method": "minmax"}},
-        {**MANIFEST_PREPROCESSING, "target_spacing_mm": [2, 2]},
-        {**MANIFEST_PREPROCESSING, "patch_size": [96, 96, 0]},
-        {**MANIFEST_PREPROCESSING, "size_divisible": 0},
-        {**MANIFEST_PREPROCESSING, "extra": 1},
-        {k: v for k, v in MANIFEST_PREPROCESSING.items() if k != "patch_size"},
-    ):
-        with pytest.raises(ValueError):
-            PreprocessingSpec.from_manifest_dict(bad)
-    with pytest.raises(ValueError, match="clip_percentiles"):
-        PreprocessingSpec((2, 2, 2), (96, 96, 64), 16, (99.5, 0.5))
+def test_manifest_preprocessing_drives_the_grid() -> None:
+    """The parsed manifest's own `preprocessing` object is what `preprocess` takes: no second schema."""
+    manifest = default_manifest(Task.STROKE_DWI_ADC, 1, plan_sha256="0" * 64, demo=True, description="test")
+    parsed = parse_manifest(manifest.to_json_bytes(), require_files=False)
+    data = np.zeros((40, 40, 30), np.float32)
+    data[8:32, 8:32, 5:25] = 100 + np.random.default_rng(0).random((24, 24, 20))
+    case = preprocess([Channel(data, np.diag([1.0, 1.0, 1.0, 1.0]), "dwi")], parsed.preprocessing)
+    assert np.allclose(np.linalg.norm(case.affine[:3, :3], axis=0), parsed.preprocessing.target_spacing_mm)
+    assert all(n >= p and n % 16 == 0 for n, p in zip(case.image.shape[1:], parsed.preprocessing.patch_size))
+    with pytest.raises(ValueError, match="Preprocessing"):
+        preprocess([Channel(data, np.eye(4), "dwi")], {"target_spacing_mm": [2, 2, 2]})  # type: ignore[arg-type]
 
 
 def test_resample_grid_conventions() -> None:
