@@ -1,0 +1,119 @@
+"""A limited center installs the node without torch, MONAI or onnx (design.md §1).
+
+In a fresh interpreter where those packages cannot be imported, the node's packages import and do real work:
+a synthetic study is generated and written as NIfTI and DICOM, preprocessed with a signed model package's
+manifest, run through onnxruntime from the package's bytes, mapped back and scored.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from onnx import TensorProto, helper
+
+from models.manifest import Task, default_manifest
+from models.package import build_package
+from models.signing import demo_private_key
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BLOCKED = ("torch", "monai", "onnx", "onnxscript")
+
+SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    from pathlib import Path
+
+    BLOCKED = {blocked!r}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ModuleNotFoundError(f"{{name}} is blocked: not part of a limited center's install")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    for name in list(sys.modules):
+        assert name.split(".")[0] not in BLOCKED, name
+
+    import dicom_gateway, inference, training
+    import fedlesion.cli  # every subcommand's module
+    import models.manifest, models.metrics, models.package, models.postprocessing, models.preprocessing
+    import models.registry, models.resampling, models.signing
+    import training.synthetic
+    from training.synthetic.dicom_writer import write_dicom_study
+    # The model contract and the CLI load without the runtime; only the engine needs onnxruntime.
+    assert "onnxruntime" not in sys.modules, "models/ imported onnxruntime eagerly"
+
+    import numpy as np
+    import onnxruntime
+    from models.metrics import compute_metrics
+    from models.package import TrustPolicy
+    from models.postprocessing import voxel_volume_ml
+    from models.preprocessing import Channel, preprocess, to_source
+    from models.registry import Registry
+
+    out = Path(sys.argv[1])
+    case = training.synthetic.generate_case("stroke", seed=11, size="medium", pattern="single")
+    paths = training.synthetic.write_nifti_case(case, out / "nifti")
+    dicom_files = write_dicom_study(case, out / "dicom")
+    assert paths["mask"].exists() and len(dicom_files) >= 3 * case.mask.shape[2]
+
+    registry = Registry(out / "registry", TrustPolicy.demo())
+    package = registry.publish(Path(sys.argv[2]))
+    assert registry.latest(package.manifest.task).manifest.version == package.manifest.version
+
+    channels = [Channel(case.images["dwi_b1000"], case.affine, "dwi"), Channel(case.images["adc"], case.affine, "adc")]
+    prepared = preprocess(channels, package.manifest.preprocessing)
+    session = onnxruntime.InferenceSession(package.onnx_bytes, providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(None, {{"image": prepared.image[None]}})
+    on_source = to_source(probabilities[0, 0], prepared)
+    assert on_source.shape == case.mask.shape
+    # sigmoid(z-scored DWI) > 0.5 marks voxels brighter than the head's mean; the bright lesion is among them.
+    metrics = compute_metrics(on_source > 0.5, case.mask, voxel_volume_ml(case.affine))
+    assert metrics.voxel_sensitivity > 0.9, metrics
+    assert abs(metrics.gt_volume_ml - sum(lesion.volume_ml for lesion in case.lesions)) < 0.05
+
+    leaked = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+    print("torch-free OK", round(metrics.gt_volume_ml, 2), "ml")
+    """
+).format(blocked=BLOCKED)
+
+
+def sigmoid_over_dwi() -> bytes:
+    """probabilities = sigmoid(DWI channel): a real ONNX graph with the contract's names and dynamic axes."""
+    dims = [1, 2, "x", "y", "z"]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Split", ["image"], ["dwi", "adc"], axis=1, num_outputs=2),
+            helper.make_node("Sigmoid", ["dwi"], ["probabilities"]),
+        ],
+        "sigmoid-dwi",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 1, "x", "y", "z"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    return model.SerializeToString()
+
+
+def test_node_packages_work_without_torch_monai_onnx(tmp_path: Path) -> None:
+    manifest = default_manifest(
+        Task.STROKE_DWI_ADC, 1, plan_sha256="a" * 64, demo=True, description="test model; not for clinical use"
+    )
+    package = build_package(tmp_path / "package", sigmoid_over_dwi(), manifest, demo_private_key())
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "work"), str(package)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch-free OK" in result.stdout
+
+
+def test_the_blocker_really_blocks(tmp_path: Path) -> None:
+    """Negative control: the same guard makes an import of MONAI fail, so the test above could fail."""
+    code = SCRIPT.split("import dicom_gateway")[0] + "import monai\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode != 0 and "monai is blocked" in result.stderr
