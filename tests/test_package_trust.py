@@ -17,6 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, external_data_helper, helper, numpy_helper  # noqa: E402
 
 from fedlesion.cli import main  # noqa: E402
+from onnx_graphs import first_channel_sigmoid  # noqa: E402
 from models.errors import (  # noqa: E402
     DemoPackageRefused,
     ExternalDataRefused,
@@ -52,19 +53,6 @@ from models.signing import (  # noqa: E402
 )
 
 PLAN = "d" * 64
-
-
-def sigmoid_model() -> bytes:
-    """The smallest real model: probabilities = sigmoid(image), any spatial size."""
-    shape = [1, 2, "x", "y", "z"]
-    graph = helper.make_graph(
-        [helper.make_node("Sigmoid", ["image"], ["probabilities"])],
-        "sigmoid",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, shape)],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    return model.SerializeToString()
 
 
 def external_model(tmp_path: Path, in_attribute: bool) -> bytes:
@@ -107,7 +95,7 @@ def write_signed(directory: Path, files: dict[str, bytes], listed: Manifest, key
 
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
-    return build_package(tmp_path / "pkg", sigmoid_model(), manifest(), demo_private_key())
+    return build_package(tmp_path / "pkg", first_channel_sigmoid(), manifest(), demo_private_key())
 
 
 @pytest.fixture
@@ -130,7 +118,7 @@ def test_round_trip_directory(package: Path) -> None:
     assert loaded.signer_fingerprint == public_key_fingerprint(demo_public_key())
     assert loaded.demo is True
     probabilities = run_session(loaded.onnx_bytes)
-    assert probabilities.shape == (1, 2, 3, 4, 5)
+    assert probabilities.shape == (1, 1, 3, 4, 5)
     np.testing.assert_allclose(probabilities, 0.5)
 
 
@@ -140,11 +128,11 @@ def test_round_trip_tar(package: Path, tmp_path: Path) -> None:
         assert sorted(tar.getnames()) == ["manifest.json", "manifest.sig", "model.onnx"]
     loaded = load_package(tar_path, TrustPolicy.demo())
     assert loaded.manifest == load_package(package, TrustPolicy.demo()).manifest
-    assert run_session(loaded.onnx_bytes).shape == (1, 2, 3, 4, 5)
+    assert run_session(loaded.onnx_bytes).shape == (1, 1, 3, 4, 5)
 
 
 def test_enrolled_node_loads_its_publishers_package(tmp_path: Path, publisher: Ed25519PrivateKey) -> None:
-    path = build_package(tmp_path / "pkg", sigmoid_model(), manifest(demo=False), publisher)
+    path = build_package(tmp_path / "pkg", first_channel_sigmoid(), manifest(demo=False), publisher)
     loaded = load_package(path, TrustPolicy.enrolled([publisher.public_key()]))
     assert loaded.demo is False
     assert loaded.signer_fingerprint == public_key_fingerprint(publisher.public_key())
@@ -157,7 +145,7 @@ def test_unsigned(package: Path) -> None:
 
 
 def test_tampered_model_file(package: Path) -> None:
-    (package / "model.onnx").write_bytes(sigmoid_model() + b"\x00")
+    (package / "model.onnx").write_bytes(first_channel_sigmoid() + b"\x00")
     with pytest.raises(TamperedPackage, match=r"model\.onnx was changed after signing: sha256"):
         load_package(package, TrustPolicy.demo())
 
@@ -170,7 +158,7 @@ def test_tampered_manifest(package: Path) -> None:
 
 
 def test_listed_file_missing(tmp_path: Path) -> None:
-    files = {"model.onnx": sigmoid_model(), "notes.txt": b"x"}
+    files = {"model.onnx": first_channel_sigmoid(), "notes.txt": b"x"}
     path = write_signed(tmp_path / "pkg", files, manifest(), demo_private_key())
     assert load_package(path, TrustPolicy.demo()).files["notes.txt"] == b"x"
     (path / "notes.txt").unlink()
@@ -179,7 +167,7 @@ def test_listed_file_missing(tmp_path: Path) -> None:
 
 
 def test_wrongly_signed(tmp_path: Path, publisher: Ed25519PrivateKey) -> None:
-    path = build_package(tmp_path / "pkg", sigmoid_model(), manifest(), publisher)
+    path = build_package(tmp_path / "pkg", first_channel_sigmoid(), manifest(), publisher)
     fingerprint = public_key_fingerprint(publisher.public_key())
     with pytest.raises(UntrustedSigner, match=f"signed by key {fingerprint}, which this node does not trust"):
         load_package(path, TrustPolicy.demo())
@@ -253,7 +241,7 @@ def test_external_data(tmp_path: Path, in_attribute: bool) -> None:
 
 
 def test_external_data_walker_on_plain_and_broken_bytes() -> None:
-    assert external_data_tensors(sigmoid_model()) == []
+    assert external_data_tensors(first_channel_sigmoid()) == []
     for broken in (b"", b"\x3a\xff\xff\xff\xff\x0f", b"not a protobuf at all"):
         with pytest.raises(ValueError):
             external_data_tensors(broken)
@@ -266,7 +254,7 @@ def test_not_an_onnx_model(tmp_path: Path) -> None:
 
 
 def test_version_not_newer(tmp_path: Path) -> None:
-    path = build_package(tmp_path / "pkg", sigmoid_model(), manifest(version=3), demo_private_key())
+    path = build_package(tmp_path / "pkg", first_channel_sigmoid(), manifest(version=3), demo_private_key())
     for served in (3, 4):
         with pytest.raises(VersionNotNewer, match=f"version 3 is not newer than version {served}"):
             load_package(path, TrustPolicy.demo(), served={Task.STROKE_DWI_ADC: served})
@@ -279,7 +267,7 @@ def test_demo_signed_refused_when_enrolled(package: Path, publisher: Ed25519Priv
 
 
 def test_demo_manifest_refused_when_enrolled(tmp_path: Path, publisher: Ed25519PrivateKey) -> None:
-    path = build_package(tmp_path / "pkg", sigmoid_model(), manifest(demo=True), publisher)
+    path = build_package(tmp_path / "pkg", first_channel_sigmoid(), manifest(demo=True), publisher)
     with pytest.raises(DemoPackageRefused, match="demo: true"):
         load_package(path, TrustPolicy.enrolled([publisher.public_key()]))
 
@@ -309,11 +297,11 @@ def test_trust_policy_validation(publisher: Ed25519PrivateKey) -> None:
 
 def test_build_package_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="demo key signs only demo manifests"):
-        build_package(tmp_path / "a", sigmoid_model(), manifest(demo=False), demo_private_key())
+        build_package(tmp_path / "a", first_channel_sigmoid(), manifest(demo=False), demo_private_key())
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("x")
     with pytest.raises(ValueError, match="new or empty directory"):
-        build_package(tmp_path / "b", sigmoid_model(), manifest(), demo_private_key())
+        build_package(tmp_path / "b", first_channel_sigmoid(), manifest(), demo_private_key())
     with pytest.raises(ValueError, match="onnx_bytes"):
         build_package(tmp_path / "c", b"", manifest(), demo_private_key())
 

@@ -17,25 +17,15 @@ from onnx import TensorProto, helper  # noqa: E402
 from fedlesion.cli import main  # noqa: E402
 from models.errors import DemoPackageRefused, MalformedPackage, VersionNotNewer  # noqa: E402
 from models.manifest import Task, default_manifest  # noqa: E402
+from onnx_graphs import first_channel_sigmoid  # noqa: E402
 from models.package import TrustPolicy, build_package, pack_tar  # noqa: E402
 from models.registry import INCOMING, Registry  # noqa: E402
 from models.signing import demo_private_key  # noqa: E402
 
 
-def sigmoid_model() -> bytes:
-    shape = [1, 1, "x", "y", "z"]
-    graph = helper.make_graph(
-        [helper.make_node("Sigmoid", ["image"], ["probabilities"])],
-        "sigmoid",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, shape)],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10).SerializeToString()
-
-
 def make_package(where: Path, version: int, task: Task = Task.MS_FLAIR) -> Path:
     manifest = default_manifest(task, version, plan_sha256="e" * 64, demo=True, description=f"v{version}")
-    return build_package(where / f"{task.value}-{version}", sigmoid_model(), manifest, demo_private_key())
+    return build_package(where / f"{task.value}-{version}", first_channel_sigmoid(channels=1), manifest, demo_private_key())
 
 
 @pytest.fixture
@@ -155,7 +145,7 @@ def test_reader_never_sees_half_a_package(registry: Registry, tmp_path: Path) ->
             try:
                 latest = registry.latest(Task.MS_FLAIR)
                 if latest is not None:
-                    assert latest.onnx_bytes == sigmoid_model()
+                    assert latest.onnx_bytes == first_channel_sigmoid(channels=1)
                     seen.append(latest.manifest.version)
             except BaseException as error:  # any failure, reported below
                 errors.append(error)

@@ -12,7 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from onnx import TensorProto, helper
+from onnx_graphs import first_channel_sigmoid
 
 from models.manifest import Task, default_manifest
 from models.package import build_package
@@ -83,27 +83,11 @@ SCRIPT = textwrap.dedent(
 ).format(blocked=BLOCKED)
 
 
-def sigmoid_over_dwi() -> bytes:
-    """probabilities = sigmoid(DWI channel): a real ONNX graph with the contract's names and dynamic axes."""
-    dims = [1, 2, "x", "y", "z"]
-    graph = helper.make_graph(
-        [
-            helper.make_node("Split", ["image"], ["dwi", "adc"], axis=1, num_outputs=2),
-            helper.make_node("Sigmoid", ["dwi"], ["probabilities"]),
-        ],
-        "sigmoid-dwi",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, dims)],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 1, "x", "y", "z"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
-    return model.SerializeToString()
-
-
 def test_node_packages_work_without_torch_monai_onnx(tmp_path: Path) -> None:
     manifest = default_manifest(
         Task.STROKE_DWI_ADC, 1, plan_sha256="a" * 64, demo=True, description="test model; not for clinical use"
     )
-    package = build_package(tmp_path / "package", sigmoid_over_dwi(), manifest, demo_private_key())
+    package = build_package(tmp_path / "package", first_channel_sigmoid(channels=2), manifest, demo_private_key())
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "work"), str(package)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
