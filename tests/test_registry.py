@@ -12,7 +12,6 @@ import pytest
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
-from onnx import TensorProto, helper  # noqa: E402
 
 from fedlesion.cli import main  # noqa: E402
 from models.errors import DemoPackageRefused, MalformedPackage, VersionNotNewer  # noqa: E402
