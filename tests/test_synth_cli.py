@@ -40,3 +40,25 @@ def test_synth_dicom_study(tmp_path: Path) -> None:
     meta = json.loads((out / "case-000" / "lesions.json").read_text())
     assert meta["geometry"] == "oblique" and meta["skull_stripped"] is True
     assert len(list((out / "case-000" / "dicom").rglob("*.dcm"))) > 10
+
+
+def test_synth_dicom_latin1_with_negative_fixtures(tmp_path: Path) -> None:
+    import pydicom
+
+    out = tmp_path / "out"
+    argv = ["synth", "--out", str(out), "--kind", "stroke", "--dicom", "--charset", "ISO_IR 100", "--negatives"]
+    assert main(argv) == 0
+    series = {}
+    for path in sorted((out / "case-000" / "dicom").rglob("*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        series.setdefault(ds.SeriesDescription, ds)
+    assert len(series) == 6  # DWI, ADC, FLAIR + T1-FLAIR, post-contrast FLAIR, eADC
+    some = next(iter(series.values()))
+    assert some.SpecificCharacterSet == "ISO_IR 100" and str(some.PatientName) == "Müller^Jürgen"
+    assert any("ContrastBolusAgent" in ds for ds in series.values())
+    assert any("EADC" in ds.ImageType for ds in series.values())
+
+
+def test_negatives_need_dicom(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["synth", "--out", str(tmp_path), "--kind", "ms", "--negatives"]) == 2
+    assert "--negatives needs --dicom" in capsys.readouterr().err

@@ -10,6 +10,8 @@ import numpy as np
 from tqdm import tqdm
 
 GEOMETRIES = ("axial", "flipped", "oblique", "sagittal")
+# A patient name per character set that only survives if the set is declared and encoded right.
+PATIENT_NAMES = {"ISO_IR 100": "Müller^Jürgen", "ISO_IR 192": "山田^太郎"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--skull-stripped", action="store_true", help="brain only, zero background")
     parser.add_argument("--site-seed", type=int, metavar="S", help="draw one random site profile for all cases")
     parser.add_argument("--dicom", action="store_true", help="also write a DICOM study under case-NNN/dicom/")
+    parser.add_argument(
+        "--charset", choices=tuple(PATIENT_NAMES), default="ISO_IR 192",
+        help="DICOM SpecificCharacterSet, with a patient name that needs it (default ISO_IR 192)",
+    )
+    parser.add_argument(
+        "--negatives", action="store_true",
+        help="with --dicom, also write the series that must get no role: T1-FLAIR, post-contrast FLAIR, eADC",
+    )
     parser.set_defaults(func=run)
 
 
@@ -38,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--cases must be at least 1, got {args.cases}")
     if args.seed < 0:
         raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    if args.negatives and not args.dicom:
+        raise ValueError("--negatives needs --dicom")
     if args.site_seed is not None and args.site_seed < 0:
         raise ValueError(f"--site-seed must be non-negative, got {args.site_seed}")
     out = Path(args.out)
@@ -58,5 +70,8 @@ def run(args: argparse.Namespace) -> int:
         if args.dicom:
             from training.synthetic.dicom_writer import write_dicom_study
 
-            write_dicom_study(case, case_dir / "dicom", patient_name=f"SYNTHETIC^{case.case_id}")
+            write_dicom_study(
+                case, case_dir / "dicom", patient_name=PATIENT_NAMES[args.charset], patient_id=case.case_id,
+                charset=args.charset, negatives=args.negatives,
+            )
     return 0
