@@ -1,0 +1,288 @@
+"""Training datasets on disk (ISLES'22 BIDS, one-folder-per-case MS, CSV manifests) and seeded synthetic ones.
+
+Torch-free, so a site can index, check and fingerprint its data without the `train` extra. Finding files and loading
+them are separate steps: a site's data is messy, so a case that cannot be used is skipped with a reason (logged,
+and returned to the caller) instead of stopping a run that has hundreds of other cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import logging
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from models.adc import detect_adc_unit, to_micrometre2_per_s
+from models.manifest import Role, Task, default_inputs
+from models.preprocessing import Channel, head_mask
+from models.resampling import resample
+
+__all__ = [
+    "CaseError",
+    "CaseFiles",
+    "DatasetIndex",
+    "Skipped",
+    "TrainingCase",
+    "find_isles",
+    "find_ms",
+    "load_case",
+    "load_cases",
+    "mask_on",
+    "open_dataset",
+    "read_csv_manifest",
+    "synthetic_cases",
+]
+
+log = logging.getLogger(__name__)
+
+# The mask must lie on the first channel's grid: the loss is computed there, so no silent resampling of labels.
+AFFINE_TOLERANCE_MM = 1e-3
+# What a broken file raises: nibabel's ImageFileError for unreadable headers, the others for truncated/corrupt data.
+_READ_ERRORS = (ValueError, OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError)
+# ISLES'22 file names: <case>_dwi.nii.gz, <case>_adc.nii.gz, <case>_msk.nii.gz, case = sub-…_ses-…
+_ISLES_FILE = re.compile(r"^(?P<case>sub-[^/]+?)_(?P<kind>dwi|adc|msk)\.nii(\.gz)?$")
+_ISLES_KINDS = {"dwi": "dwi", "adc": "adc", "msk": "mask"}
+_GEOMETRIES = ("axial", "flipped", "oblique")
+SKULL_STRIPPED_PROBABILITY = 0.3
+# Network channel → SyntheticCase image (whose ADC is already in 10⁻⁶ mm²/s).
+_SYNTHETIC_IMAGES = {"dwi": "dwi_b1000", "adc": "adc", "flair": "flair"}
+
+
+class CaseError(ValueError):
+    """One case cannot be used for training; the message says why."""
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The files of one case; `channels` is in network order (first = the grid everything goes onto)."""
+
+    case_id: str
+    channels: dict[str, Path]
+    mask: Path | None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    case_id: str
+    reason: str
+
+
+@dataclass
+class DatasetIndex:
+    task: Task
+    cases: list[CaseFiles]
+    skipped: list[Skipped]
+
+
+@dataclass
+class TrainingCase:
+    """A loaded case: channels on their own grids (preprocessing resamples them), ADC in 10⁻⁶ mm²/s, mask on the
+    first channel's grid; `adc_unit_detected` records what the file was in (None without a detected ADC)."""
+
+    case_id: str
+    channels: list[Channel]
+    mask: np.ndarray
+    adc_unit_detected: str | None = None
+
+
+def find_isles(root: str | Path) -> DatasetIndex:
+    """ISLES'22 cases under `root`, BIDS-nested (rawdata/…, derivatives/…) or flat; matched by file name."""
+    root = _existing_dir(root)
+    found: dict[str, dict[str, list[Path]]] = {}
+    for path in sorted(root.rglob("sub-*")):
+        match = _ISLES_FILE.match(path.name)
+        if match and path.is_file():
+            kinds = found.setdefault(match["case"], {})
+            kinds.setdefault(_ISLES_KINDS[match["kind"]], []).append(path)
+    cases, skipped = [], []
+    for case_id, kinds in sorted(found.items()):
+        problems = [f"no {name} file" for name in ("dwi", "adc") if name not in kinds]
+        problems += [f"{len(paths)} {name} files" for name, paths in kinds.items() if len(paths) > 1]
+        if problems:
+            skipped.append(Skipped(case_id, ", ".join(problems)))
+            continue
+        masks = kinds.get("mask")
+        cases.append(CaseFiles(case_id, {"dwi": kinds["dwi"][0], "adc": kinds["adc"][0]}, masks[0] if masks else None))
+    return DatasetIndex(Task.STROKE_DWI_ADC, cases, skipped)
+
+
+# Defaults fit open_ms_data (FLAIR_….nii.gz, GOLD_STANDARD_…, consensus_gt) and BIDS (…_FLAIR.nii.gz). Not "*FLAIR*":
+# co-registered files are often named "…regtoFLAIR…"; not "*mask*": that also matches brainmask.nii.gz.
+MS_FLAIR_PATTERN = "flair*.nii*|*_flair.nii*"
+MS_MASK_PATTERN = "*gold_standard*.nii*|*consensus*.nii*|*lesion*.nii*|*_mask.nii*|mask.nii*"
+
+
+def find_ms(
+    root: str | Path, flair: str = MS_FLAIR_PATTERN, mask: str = MS_MASK_PATTERN, t1: str | None = None
+) -> DatasetIndex:
+    """One MS case per folder holding a file that matches `flair`; patterns are case-insensitive globs on the file
+    name, alternatives separated by `|`. With `t1`, each case also gets a `t1` channel after FLAIR."""
+    root = _existing_dir(root)
+    patterns = {"flair": flair, "t1": t1, "mask": mask}
+    cases, skipped = [], []
+    for folder in sorted({root, *(p for p in root.rglob("*") if p.is_dir())}):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        matched = {role: [p for p in files if _matches(p.name, pattern)] for role, pattern in patterns.items() if pattern}
+        if not matched["flair"]:
+            continue
+        case_id = folder.relative_to(root).as_posix() if folder != root else root.name
+        problems = [f"{len(paths)} files match the {role} pattern" for role, paths in matched.items() if len(paths) > 1]
+        problems += [f"no file matches the {role} pattern" for role in ("t1",) if t1 and not matched["t1"]]
+        if len({p for paths in matched.values() for p in paths}) < sum(map(len, matched.values())):
+            problems.append("one file matches two patterns")
+        if problems:
+            skipped.append(Skipped(case_id, ", ".join(problems)))
+            continue
+        channels = {role: matched[role][0] for role in ("flair", "t1") if matched.get(role)}
+        cases.append(CaseFiles(case_id, channels, matched["mask"][0] if matched["mask"] else None))
+    return DatasetIndex(Task.MS_FLAIR, cases, skipped)
+
+
+def read_csv_manifest(path: str | Path, task: Task | str) -> DatasetIndex:
+    """Columns `case_id`, one per channel of the task (e.g. dwi, adc) and `mask`; relative paths are relative to
+    the CSV. A row with an empty channel cell is skipped; an empty mask cell means no mask."""
+    path, task = Path(path), Task(task)
+    names = [channel.name for channel in default_inputs(task)]
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in ("case_id", *names, "mask") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} for task {task.value}")
+        rows = list(reader)
+    cases, skipped, seen = [], [], set()
+    for number, row in enumerate(rows, start=2):
+        case_id = (row["case_id"] or "").strip()
+        if not case_id:
+            raise ValueError(f"{path}, line {number}: empty case_id")
+        if case_id in seen:
+            raise ValueError(f"{path}, line {number}: case_id {case_id!r} appears twice")
+        seen.add(case_id)
+        empty = [name for name in names if not (row[name] or "").strip()]
+        if empty:
+            skipped.append(Skipped(case_id, f"no {', '.join(empty)} path in the CSV"))
+            continue
+        mask = (row["mask"] or "").strip()
+        channels = {name: _relative_to(path.parent, row[name].strip()) for name in names}
+        cases.append(CaseFiles(case_id, channels, _relative_to(path.parent, mask) if mask else None))
+    return DatasetIndex(task, cases, skipped)
+
+
+def open_dataset(spec: str | Path, task: Task | str) -> DatasetIndex:
+    """`*.csv` → CSV manifest; a folder with `rawdata/` or `sub-*` entries → ISLES'22; any other folder → MS."""
+    path, task = Path(spec), Task(task)
+    if path.suffix.lower() == ".csv":
+        return read_csv_manifest(path, task)
+    root = _existing_dir(path)
+    isles = (root / "rawdata").is_dir() or any(root.glob("sub-*"))
+    if isles != (task is Task.STROKE_DWI_ADC):
+        layout = "an ISLES'22 (BIDS) layout" if isles else "one folder per MS case"
+        raise ValueError(f"{root} looks like {layout}, which does not fit task {task.value}; use a CSV manifest")
+    return find_isles(root) if isles else find_ms(root)
+
+
+def load_case(files: CaseFiles, task: Task | str) -> TrainingCase:
+    """Load one case; raises `CaseError` (or a file error) when it cannot be trained on."""
+    task = Task(task)
+    inputs = default_inputs(task)
+    missing = [channel.name for channel in inputs if channel.name not in files.channels]
+    if missing:
+        raise CaseError(f"case {files.case_id}: no {', '.join(missing)} channel")
+    if next(iter(files.channels)) != inputs[0].name:
+        raise CaseError(f"case {files.case_id}: the first channel must be {inputs[0].name}")
+    if files.mask is None:
+        raise CaseError(f"case {files.case_id}: no lesion mask")
+    roles = {channel.name: channel.role for channel in inputs}
+    channels = [Channel.from_nifti(path, name) for name, path in files.channels.items()]
+    first = channels[0]
+    unit_detected = None
+    for channel in channels:
+        if roles.get(channel.name) is Role.ADC:
+            try:
+                unit = detect_adc_unit(channel.data, mask_on(head_mask(first.data), first, channel))
+            except ValueError as error:
+                raise CaseError(f"case {files.case_id}: {error}") from error
+            channel.data = to_micrometre2_per_s(channel.data, unit)
+            unit_detected = unit.value
+    mask_img = nib.funcs.squeeze_image(nib.load(files.mask))
+    if mask_img.shape != first.data.shape:
+        raise CaseError(f"case {files.case_id}: mask shape {mask_img.shape} differs from {first.name}'s "
+                        f"{first.data.shape}")
+    if not np.allclose(mask_img.affine, first.affine, atol=AFFINE_TOLERANCE_MM):
+        raise CaseError(f"case {files.case_id}: mask affine differs from {first.name}'s by more than "
+                        f"{AFFINE_TOLERANCE_MM} mm")
+    mask = (np.asarray(mask_img.dataobj) > 0).astype(np.uint8)
+    return TrainingCase(files.case_id, channels, mask, unit_detected)
+
+
+def load_cases(index: DatasetIndex) -> tuple[list[TrainingCase], list[Skipped]]:
+    """Every loadable case of `index`; the rest (including the index's own skips) come back as `Skipped`, each
+    logged as a warning."""
+    cases, skipped = [], list(index.skipped)
+    for files in index.cases:
+        try:
+            cases.append(load_case(files, index.task))
+        except _READ_ERRORS as error:
+            reason = str(error).removeprefix(f"case {files.case_id}: ")
+            skipped.append(Skipped(files.case_id, reason or type(error).__name__))
+    for item in skipped:
+        log.warning("skipped case %s: %s", item.case_id, item.reason)
+    return cases, skipped
+
+
+def synthetic_cases(
+    task: Task | str, n: int, seed: int, *, domain_randomization: bool = True
+) -> Iterator[TrainingCase]:
+    """`n` seeded synthetic cases. With domain randomization each draws a site profile, a geometry (axial, flipped,
+    oblique) and skull-stripping (p = 0.3); stroke size and pattern are always drawn by `generate_case` itself."""
+    from training.synthetic import generate_case, generate_site
+
+    task = Task(task)
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
+    kind = "stroke" if task is Task.STROKE_DWI_ADC else "ms"
+    for index in range(n):
+        case_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        options = {}
+        if domain_randomization:
+            rng = np.random.default_rng(case_seed)
+            options = {
+                "site": generate_site(int(rng.integers(2**31))),
+                "geometry": _GEOMETRIES[int(rng.integers(len(_GEOMETRIES)))],
+                "skull_stripped": bool(rng.random() < SKULL_STRIPPED_PROBABILITY),
+            }
+        case = generate_case(kind, case_seed, **options)
+        channels = [
+            Channel(case.images[_SYNTHETIC_IMAGES[channel.name]], case.affine, channel.name)
+            for channel in default_inputs(task)
+        ]
+        yield TrainingCase(case.case_id, channels, case.mask, None)
+
+
+def mask_on(mask: np.ndarray, source: Channel, target: Channel) -> np.ndarray:
+    """A boolean mask on `source`'s grid carried onto `target`'s (nearest neighbour; as is when the grids agree)."""
+    if target.data.shape == source.data.shape and np.allclose(target.affine, source.affine, atol=AFFINE_TOLERANCE_MM):
+        return np.asarray(mask, dtype=bool)
+    return resample(mask.astype(np.float32), source.affine, target.affine, target.data.shape, order=0) > 0.5
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(name.lower(), alternative.strip().lower()) for alternative in pattern.split("|"))
+
+
+def _relative_to(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _existing_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"dataset folder not found: {path}")
+    return path
