@@ -8,7 +8,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import ISLES_ADC, ISLES_CASE, ISLES_DWI, ISLES_MASK, MS_CASE, MS_FLAIR, MS_MASK, require
+from conftest import (
+    ISLES_ADC,
+    ISLES_CASE,
+    ISLES_DWI,
+    ISLES_MASK,
+    MS_CASE,
+    MS_FLAIR,
+    MS_MASK,
+    require,
+)
 
 from models.manifest import Task
 from training.datasets import (
