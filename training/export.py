@@ -17,9 +17,10 @@ import math
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,8 +36,8 @@ from models.manifest import (
     default_inputs,
     default_manifest,
 )
-from models.package import build_package, external_data_tensors, sha256_hex
 from models.networks import NetworkPlan, build_network
+from models.package import build_package, external_data_tensors, sha256_hex
 from models.preprocessing import Channel, preprocess
 from models.registry import Registry
 from models.signing import demo_public_key, public_key_fingerprint
@@ -155,7 +156,7 @@ def export_onnx(
     return data
 
 
-def _session(onnx_bytes: bytes):  # noqa: ANN202 - onnxruntime is imported lazily
+def _session(onnx_bytes: bytes):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -289,7 +290,7 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - torch.load fails in many ways on a bad file
         raise ExportError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
@@ -299,6 +300,8 @@ def _read_checkpoint(path: Path) -> _Checkpoint:
         plan = raw["plan"]
         if not isinstance(plan, dict):
             raise ExportError("checkpoint plan: must be a dict")
+        if "task" in plan and plan["task"] != task.value:
+            raise ExportError(f"{path}: checkpoint task {task.value} but its plan says {plan['task']!r}")
         network_plan = NetworkPlan(**plan["network"])
         in_channels = plan["in_channels"]
         pre = plan["preprocessing"]

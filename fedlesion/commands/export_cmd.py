@@ -36,9 +36,13 @@ def run(args: argparse.Namespace) -> int:
     key = load_private_key(args.key)
     trust = TrustPolicy.demo() if is_demo_key(key) else TrustPolicy.enrolled([key.public_key()])
     registry = Registry(args.registry, trust)
-    options = dict(
-        private_key=key, version=args.version, demo=args.demo, description=args.description, registry=registry
-    )
+    options = {
+        "private_key": key,
+        "version": args.version,
+        "demo": args.demo,
+        "description": args.description,
+        "registry": registry,
+    }
     if args.out is not None:
         result = export_package(args.checkpoint, args.out, **options)
     else:
