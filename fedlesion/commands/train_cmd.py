@@ -1,0 +1,110 @@
+"""`fedlesion train`: train one site's model (single-site loop; the federated layer reuses its local step)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TASKS = ("stroke-dwi-adc", "ms-flair")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("train", help="train a segmentation model on one site's data")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--data", required=True, metavar="SPEC",
+                        help="dataset folder or CSV manifest, or synthetic:N for N seeded synthetic cases")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: last.pt, best.pt, metrics.csv, curves.png, plan.json")
+    parser.add_argument("--epochs", type=int, metavar="N", help="epochs (default: the plan's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--resume", action="store_true", help="continue from DIR/last.pt")
+    parser.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                        help="fraction of cases held out for validation (default 0.2)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="plan seed and case split seed (default 0)")
+    # For tests and experiments: a JSON object (or a file holding one) merged into the default plan.
+    parser.add_argument("--plan", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    parser.set_defaults(func=run)
+
+
+def _plan_overrides(text: str | None) -> dict:
+    if not text:
+        return {}
+    source = text
+    if text.lstrip()[:1] not in ("{", "["):
+        source = Path(text).read_text(encoding="utf-8")
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--plan: not valid JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError("--plan: must be a JSON object")
+    return value
+
+
+def load_training_cases(spec: str, task: str, seed: int) -> tuple[list, list]:
+    """(cases, skipped) for a dataset SPEC or synthetic:N."""
+    from training import datasets
+
+    if spec.startswith("synthetic:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--data {spec}: synthetic:N needs a whole number N ≥ 1")
+        return list(datasets.synthetic_cases(task, int(count), seed)), []
+    index = datasets.open_dataset(spec, task)
+    return datasets.load_cases(index)  # its skipped list includes the index's own
+
+
+def split_cases(cases: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded shuffle, then hold out round(F·n) cases (at least one when F > 0 and n ≥ 2; one always trains)."""
+    import numpy as np
+
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = int(round(val_fraction * len(cases)))
+    if val_fraction > 0 and len(cases) >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, len(cases) - 1)
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be non-negative, got {args.seed}")
+    if not 0.0 <= args.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    overrides = _plan_overrides(args.plan)
+
+    from training.plan import default_plan
+    from training.trainer import resolve_device, train_model
+
+    resolve_device(args.device)  # fail before loading any data
+    overrides.setdefault("seed", args.seed)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    plan = default_plan(args.task, args.device).with_overrides(overrides)
+
+    cases, skipped = load_training_cases(args.data, args.task, args.seed)
+    for item in skipped:
+        print(f"skipped {item.case_id}: {item.reason}", file=sys.stderr)
+    if not cases:
+        raise ValueError(f"--data {args.data}: no usable cases")
+    train, val = split_cases(cases, args.val_fraction, args.seed)
+    print(f"training on {len(train)} case(s), validating on {len(val)}; plan sha256 {plan.sha256()}",
+          file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    checkpoint = train_model(plan, train, val, out, resume=args.resume, device=args.device,
+                             progress=not args.no_progress)
+    print(checkpoint)
+    return 0
