@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import tempfile
 import time
@@ -47,6 +48,8 @@ MAX_ABS_DIFF = 1e-4  # design.md §8
 THRESHOLD_BAND = 1e-3  # mask disagreements are tolerated only this close to the threshold
 PARITY_SEED = 20240611
 DEMO_PHRASE = "not for clinical use"
+# The exporter's passes log every rewrite at INFO; the CLI logs at INFO.
+_CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo")
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -125,6 +128,10 @@ def export_onnx(
     wrapper = _Probabilities(network).eval()
     example = torch.zeros((1, in_channels, *(int(n) for n in example_size)), dtype=torch.float32)
     dims = [torch.export.Dim(axis, min=2, max=4096) for axis in ("x", "y", "z")]
+    quiet = {name: logging.getLogger(name) for name in _CHATTY_LOGGERS}
+    levels = {name: logger.level for name, logger in quiet.items()}
+    for logger in quiet.values():
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     try:
         with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="fedlesion-export-") as tmp:
             warnings.simplefilter("ignore")
@@ -150,6 +157,8 @@ def export_onnx(
         raise ExportError(f"ONNX export failed: {type(error).__name__}: {error}") from error
     finally:
         network.train(was_training)
+        for name, logger in quiet.items():
+            logger.setLevel(levels[name])
     external = external_data_tensors(data)
     if external:
         raise ExportError(f"exported ONNX keeps tensors in external data: {', '.join(external)}")
@@ -402,6 +411,9 @@ def export_package(
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"{checkpoint_path}: weights do not fit the plan's network ({first})") from None
     network.eval()
+    served = registry.versions(checkpoint.task) if registry is not None else []
+    if version is not None and served and version <= served[-1]:
+        raise ExportError(f"{checkpoint.task.value} version {version} is not newer than {served[-1]} in the registry")
     size_divisible = max(checkpoint.preprocessing.size_divisible, checkpoint.network_plan.size_divisible)
     inputs = parity_inputs(checkpoint.task, checkpoint.preprocessing, checkpoint.in_channels, size_divisible)
 
