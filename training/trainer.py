@@ -419,6 +419,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(8, 3.5))
@@ -429,6 +430,8 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     if val:
         dice_axes.plot(*zip(*val), marker="o", color="tab:green")
     dice_axes.set(xlabel="epoch", ylabel="validation Dice", title="validation Dice", ylim=(0, 1))
+    for axes in (loss_axes, dice_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
