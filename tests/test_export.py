@@ -15,64 +15,47 @@ pytest.importorskip("onnxscript")
 
 from fedlesion.cli import main  # noqa: E402
 from models.manifest import Task  # noqa: E402
-from models.networks import NetworkPlan, build_network  # noqa: E402
+from models.networks import build_network  # noqa: E402
 from models.package import TrustPolicy, external_data_tensors, load_package  # noqa: E402
 from models.registry import Registry  # noqa: E402
 from models.signing import DEMO_PRIVATE_KEY_FILE, demo_private_key, generate_key_pair, load_private_key  # noqa: E402
 from training import export as export_module  # noqa: E402
+from training.checkpoint import save_checkpoint  # noqa: E402
+from training.plan import default_plan  # noqa: E402
 from training.export import (  # noqa: E402
-    CHECKPOINT_FORMAT,
     ExportError,
     check_parity,
     export_checkpoint,
     export_onnx,
-    plan_sha256,
 )
 
-TINY = NetworkPlan(depth=3, base_filters=4, max_filters=16)
 IN_CHANNELS = 2  # stroke: DWI + ADC
 
 
 def tiny_network(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_network(IN_CHANNELS, 1, TINY).eval()
+    return build_network(IN_CHANNELS, 1, TINY_PLAN.network).eval()
 
 
-def plan_dict() -> dict:
-    return {
-        "task": "stroke-dwi-adc",
-        "network": {"architecture": "dynunet", "base_filters": 4, "depth": 3, "max_filters": 16, "norm": "instance"},
-        "in_channels": IN_CHANNELS,
-        "preprocessing": {
-            "target_spacing_mm": [2.0, 2.0, 2.0],
-            "patch_size": [96, 96, 64],
-            "size_divisible": 16,
-            "normalization": {"method": "zscore-head-mask", "clip_percentiles": [0.5, 99.5]},
-        },
-        "threshold": 0.5,
-    }
+TINY_PLAN = default_plan(Task.STROKE_DWI_ADC).with_overrides(
+    {"network": {"depth": 3, "base_filters": 4, "max_filters": 16}}
+)
 
 
 def write_checkpoint(path: Path, seed: int = 1) -> Path:
     network = tiny_network(seed)
-    torch.save(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "task": "stroke-dwi-adc",
-            "plan": plan_dict(),
-            "epoch": 3,
-            "model": network.state_dict(),
-            "optimizer": {},
-            "scheduler": {},
-            "history": [
-                {"epoch": 1, "train_loss": 0.9, "val_dice": 0.1},
-                {"epoch": 3, "train_loss": 0.7, "val_dice": 0.25, "val_loss": 0.6},
-            ],
-            "best_val_dice": 0.25,
-            "federated_round": 2,
-            "strategy": "fedavg",
-        },
+    save_checkpoint(
         path,
+        plan=TINY_PLAN,
+        epoch=3,
+        model=network.state_dict(),
+        history=[
+            {"epoch": 1, "train_loss": 0.9, "val_dice": 0.1},
+            {"epoch": 3, "train_loss": 0.7, "val_dice": 0.25, "val_loss": 0.6},
+        ],
+        best_val_dice=0.25,
+        federated_round=2,
+        strategy="fedavg",
     )
     return path
 
@@ -132,7 +115,7 @@ def test_export_checkpoint_builds_a_verified_package(tmp_path: Path) -> None:
         manifest = loaded.manifest
         assert manifest.task is Task.STROKE_DWI_ADC and manifest.version == 1
         assert manifest.demo and loaded.demo and "not for clinical use" in manifest.description
-        assert manifest.training.plan_sha256 == plan_sha256(plan_dict())
+        assert manifest.training.plan_sha256 == TINY_PLAN.sha256()
         assert manifest.training.federated_round == 2 and manifest.training.strategy == "fedavg"
         assert manifest.training.site_metrics == {"local": {"dice": 0.25, "loss": 0.6}}
         assert manifest.preprocessing.target_spacing_mm == (2.0, 2.0, 2.0)

@@ -11,8 +11,6 @@ and nothing is written or published.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import math
 import tempfile
@@ -28,8 +26,6 @@ import torch
 
 from models.manifest import (
     Manifest,
-    Normalization,
-    NormalizationMethod,
     OnnxSpec,
     OutputSpec,
     Preprocessing,
@@ -37,13 +33,13 @@ from models.manifest import (
     default_inputs,
     default_manifest,
 )
-from models.networks import NetworkPlan, build_network
+from models.networks import build_network
 from models.package import build_package, external_data_tensors, sha256_hex
 from models.preprocessing import Channel, preprocess
 from models.registry import Registry
 from models.signing import demo_public_key, public_key_fingerprint
+from training.checkpoint import checkpoint_plan, load_checkpoint
 
-CHECKPOINT_FORMAT = "fedlesion-checkpoint-1"
 MAX_ABS_DIFF = 1e-4  # design.md §8
 THRESHOLD_BAND = 1e-3  # mask disagreements are tolerated only this close to the threshold
 PARITY_SEED = 20240611
@@ -52,7 +48,6 @@ DEMO_PHRASE = "not for clinical use"
 _CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "torch.onnx", "torch.export", "torch._dynamo")
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
     "ExportError",
     "ExportResult",
     "ParityReport",
@@ -62,7 +57,6 @@ __all__ = [
     "export_package",
     "is_demo_key",
     "parity_inputs",
-    "plan_sha256",
 ]
 
 
@@ -261,97 +255,8 @@ def parity_inputs(
     return [_crop(image, centre, size) for size in sizes]
 
 
-def plan_sha256(plan: Mapping[str, Any]) -> str:
-    """The training plan's hash: `TrainingPlan.sha256()` when `training.plan` exists, else canonical JSON's."""
-    try:
-        from training.plan import TrainingPlan  # type: ignore[import-not-found]
-    except ImportError:
-        canonical = json.dumps(plan, sort_keys=True, separators=(",", ":"), allow_nan=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-    try:
-        return TrainingPlan.from_dict(dict(plan)).sha256()
-    except (TypeError, ValueError, KeyError) as error:
-        raise ExportError(f"checkpoint plan: {error}") from error
-
-
 def is_demo_key(private_key: Any) -> bool:
     return public_key_fingerprint(private_key.public_key()) == public_key_fingerprint(demo_public_key())
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    task: Task
-    plan: dict[str, Any]
-    network_plan: NetworkPlan
-    in_channels: int
-    preprocessing: Preprocessing
-    threshold: float
-    state_dict: Mapping[str, torch.Tensor]
-    epoch: int | None
-    federated_round: int | None
-    strategy: str | None
-    history: list[Any]
-
-
-def _read_checkpoint(path: Path) -> _Checkpoint:
-    path = Path(path)
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # noqa: BLE001 - torch.load fails in many ways on a bad file
-        raise ExportError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error})") from None
-    if not isinstance(raw, dict) or raw.get("format") != CHECKPOINT_FORMAT:
-        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise ExportError(f"{path}: checkpoint format is {found!r}, expected {CHECKPOINT_FORMAT!r}")
-    try:
-        task = Task(raw["task"])
-        plan = raw["plan"]
-        if not isinstance(plan, dict):
-            raise ExportError("checkpoint plan: must be a dict")
-        if "task" in plan and plan["task"] != task.value:
-            raise ExportError(f"{path}: checkpoint task {task.value} but its plan says {plan['task']!r}")
-        network_plan = NetworkPlan(**plan["network"])
-        in_channels = plan["in_channels"]
-        pre = plan["preprocessing"]
-        norm = pre.get("normalization", {})
-        preprocessing = Preprocessing(
-            target_spacing_mm=tuple(float(v) for v in pre["target_spacing_mm"]),
-            patch_size=tuple(int(v) for v in pre["patch_size"]),
-            size_divisible=int(pre["size_divisible"]),
-            normalization=Normalization(
-                method=NormalizationMethod(norm.get("method", NormalizationMethod.ZSCORE_HEAD_MASK.value)),
-                clip_percentiles=tuple(float(v) for v in norm.get("clip_percentiles", (0.5, 99.5))),
-            ),
-        )
-        threshold = float(plan.get("threshold", 0.5))
-        state_dict = raw["model"]
-    except ExportError:
-        raise
-    except (KeyError, TypeError, ValueError) as error:
-        raise ExportError(f"{path}: checkpoint plan is incomplete or invalid ({type(error).__name__}: {error})") from None
-    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-        raise ExportError(f"{path}: plan.in_channels must be an integer ≥ 1, got {in_channels!r}")
-    if not 0.0 < threshold < 1.0:
-        raise ExportError(f"{path}: plan.threshold must lie in (0, 1), got {threshold}")
-    if preprocessing.size_divisible % network_plan.size_divisible:
-        raise ExportError(
-            f"{path}: preprocessing.size_divisible {preprocessing.size_divisible} is not a multiple of "
-            f"the network's {network_plan.size_divisible}"
-        )
-    return _Checkpoint(
-        task=task,
-        plan=plan,
-        network_plan=network_plan,
-        in_channels=in_channels,
-        preprocessing=preprocessing,
-        threshold=threshold,
-        state_dict=state_dict,
-        epoch=raw.get("epoch"),
-        federated_round=raw.get("federated_round"),
-        strategy=raw.get("strategy"),
-        history=list(raw.get("history") or []),
-    )
 
 
 def _numbers(values: Any) -> dict[str, float] | None:
@@ -403,27 +308,32 @@ def export_package(
     registry: Registry | None = None,
 ) -> ExportResult:
     """Everything `export_checkpoint` does, returning the numbers as well (the CLI prints them)."""
-    checkpoint = _read_checkpoint(Path(checkpoint_path))
-    network = build_network(checkpoint.in_channels, 1, checkpoint.network_plan)
     try:
-        network.load_state_dict(checkpoint.state_dict, strict=True)
+        state = load_checkpoint(checkpoint_path)
+        plan = checkpoint_plan(state)
+    except (TypeError, KeyError, ValueError) as error:
+        raise ExportError(f"{checkpoint_path}: {error}") from None
+    task = Task(plan.task)
+    network = build_network(plan.in_channels, 1, plan.network)
+    try:
+        network.load_state_dict(state["model"], strict=True)
     except (RuntimeError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"{checkpoint_path}: weights do not fit the plan's network ({first})") from None
     network.eval()
-    served = registry.versions(checkpoint.task) if registry is not None else []
+    served = registry.versions(task) if registry is not None else []
     if version is not None and served and version <= served[-1]:
-        raise ExportError(f"{checkpoint.task.value} version {version} is not newer than {served[-1]} in the registry")
-    size_divisible = max(checkpoint.preprocessing.size_divisible, checkpoint.network_plan.size_divisible)
-    inputs = parity_inputs(checkpoint.task, checkpoint.preprocessing, checkpoint.in_channels, size_divisible)
+        raise ExportError(f"{task.value} version {version} is not newer than {served[-1]} in the registry")
+    size_divisible = max(plan.preprocessing.size_divisible, plan.network.size_divisible)
+    inputs = parity_inputs(task, plan.preprocessing, plan.in_channels, size_divisible)
 
     started = time.perf_counter()
-    onnx_bytes = export_onnx(network, checkpoint.in_channels, OnnxSpec.opset)
+    onnx_bytes = export_onnx(network, plan.in_channels, OnnxSpec.opset)
     export_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
     session = _session(onnx_bytes)
-    reports = tuple(check_parity(network, onnx_bytes, image, checkpoint.threshold, session=session) for image in inputs)
+    reports = tuple(check_parity(network, onnx_bytes, image, plan.threshold, session=session) for image in inputs)
     parity_seconds = time.perf_counter() - started
     failed = [report for report in reports if not report.passed]
     if failed:
@@ -437,20 +347,20 @@ def export_package(
     if demo and DEMO_PHRASE not in description.lower():
         description = f"{description} (demo model, {DEMO_PHRASE})".strip()
     if version is None:
-        version = (registry.versions(checkpoint.task)[-1] + 1) if registry and registry.versions(checkpoint.task) else 1
+        version = (registry.versions(task)[-1] + 1) if registry and registry.versions(task) else 1
     try:
         manifest = default_manifest(
-            checkpoint.task,
+            task,
             version,
-            plan_sha256=plan_sha256(checkpoint.plan),
+            plan_sha256=plan.sha256(),
             demo=demo,
             description=description,
-            federated_round=checkpoint.federated_round,
-            strategy=checkpoint.strategy,
-            site_metrics=site_metrics_from_history(checkpoint.history),
-            preprocessing=checkpoint.preprocessing,
+            federated_round=state["federated_round"],
+            strategy=state["strategy"],
+            site_metrics=site_metrics_from_history(state["history"]),
+            preprocessing=plan.preprocessing,
             onnx=OnnxSpec(),
-            output=OutputSpec(threshold=checkpoint.threshold),
+            output=OutputSpec(threshold=plan.threshold),
         )
     except ExportError:
         raise
