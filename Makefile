@@ -7,7 +7,7 @@ VENV ?= .venv
 PIP := $(VENV)/bin/pip
 PYTEST_ARGS ?=
 
-.PHONY: run test clean
+.PHONY: run test default-models clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,26 @@ run: $(VENV)/.installed-cpu
 
 test: $(VENV)/.installed-test
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The embedded default models: trained on synthetic data on the CPU, exported with ONNX parity, signed with the
+# demo key, then scored on the real shared test cases (n = 1 per task). CI never runs this.
+DEMO_KEY := models/demo-keys/DEMO_PRIVATE_KEY_DO_NOT_TRUST.pem
+DEFAULT_MODELS_BUILD := build/default-models
+STROKE_EPOCHS ?= 30
+MS_EPOCHS ?= 12
+
+default-models: $(VENV)/.installed-test
+	$(VENV)/bin/fedlesion train --task stroke-dwi-adc --data synthetic:30 --seed 1 --epochs $(STROKE_EPOCHS) \
+		--out $(DEFAULT_MODELS_BUILD)/stroke-dwi-adc
+	$(VENV)/bin/fedlesion train --task ms-flair --data synthetic:12 --seed 1 --epochs $(MS_EPOCHS) \
+		--out $(DEFAULT_MODELS_BUILD)/ms-flair
+	rm -rf models/defaults $(DEFAULT_MODELS_BUILD)/registry
+	for task in stroke-dwi-adc ms-flair; do \
+		$(VENV)/bin/fedlesion export $(DEFAULT_MODELS_BUILD)/$$task/best.pt --key $(DEMO_KEY) --version 1 \
+			--registry $(DEFAULT_MODELS_BUILD)/registry --out models/defaults/$$task \
+			--description "trained on synthetic data; not for clinical use" || exit 1; \
+	done
+	$(VENV)/bin/python benchmarks/default_models.py
 
 clean:
 	rm -rf $(VENV) .venv-cpu .pytest_cache
