@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import nibabel as nib
 import numpy as np
@@ -285,19 +284,15 @@ def test_head_mask_whole_head_in_noisy_air() -> None:
 
 
 @pytest.mark.parametrize(
-    ("paths", "spacing", "limit_s"),
-    [((ISLES_DWI, ISLES_ADC), (2.0, 2.0, 2.0), 2.0), ((MS_FLAIR,), (1.0, 1.0, 1.0), 10.0)],
+    ("paths", "spacing"),
+    [((ISLES_DWI, ISLES_ADC), (2.0, 2.0, 2.0)), ((MS_FLAIR,), (1.0, 1.0, 1.0))],
     ids=["isles", "ms"],
 )
-def test_preprocess_time_and_lesions_inside_mask(paths, spacing, limit_s, record_property) -> None:
+def test_every_lesion_voxel_is_inside_the_head_mask(paths, spacing) -> None:
+    """Speed is benchmarks/preprocessing.py's business; this checks the mask never cuts a lesion out."""
     require(*paths)
     channels = [Channel.from_nifti(path, path.name) for path in paths]
-    start = time.perf_counter()
     case = preprocess(channels, _spec(spacing))
-    elapsed = time.perf_counter() - start
-    print(f"preprocess {[c.data.shape for c in channels]} at {spacing} mm: {elapsed:.3f} s")
-    record_property("seconds", elapsed)
-    assert elapsed < limit_s  # a loose guard against pathological regressions, not a benchmark
     lesion = np.asarray(nib.load(ISLES_MASK if paths[0] == ISLES_DWI else MS_MASK).dataobj) > 0
     inside = to_source(case.head_mask.astype(np.float32), case) > 0.5
     assert inside[lesion].all()  # normalisation must never zero a lesion
