@@ -32,7 +32,7 @@ test: $(VENV)/.installed-test
 # demo key, then scored on the real shared test cases (n = 1 per task). CI never runs this.
 DEMO_KEY := models/demo-keys/DEMO_PRIVATE_KEY_DO_NOT_TRUST.pem
 DEFAULT_MODELS_BUILD := build/default-models
-STROKE_EPOCHS ?= 30
+STROKE_EPOCHS ?= 24
 MS_EPOCHS ?= 12
 
 default-models: $(VENV)/.installed-test
