@@ -40,19 +40,21 @@ SCRIPT = textwrap.dedent(
 
     import dicom_gateway, inference, training
     import fedlesion.cli  # every subcommand's module
-    import models.manifest, models.metrics, models.package, models.postprocessing, models.preprocessing
+    import models.adc, models.manifest, models.metrics, models.package, models.postprocessing, models.preprocessing
     import models.registry, models.resampling, models.signing
+    import inference.engine
     import training.synthetic
     from training.synthetic.dicom_writer import write_dicom_study
-    # The model contract and the CLI load without the runtime; only the engine needs onnxruntime.
-    assert "onnxruntime" not in sys.modules, "models/ imported onnxruntime eagerly"
+    # The model contract, the engine module and the CLI load without the runtime; an Engine needs onnxruntime.
+    assert "onnxruntime" not in sys.modules, "onnxruntime imported eagerly"
 
     import numpy as np
-    import onnxruntime
+    from inference.engine import Engine
+    from models.adc import AdcUnit, detect_adc_unit, to_micrometre2_per_s
     from models.metrics import compute_metrics
     from models.package import TrustPolicy
     from models.postprocessing import voxel_volume_ml
-    from models.preprocessing import Channel, preprocess, to_source
+    from models.preprocessing import Channel
     from models.registry import Registry
 
     out = Path(sys.argv[1])
@@ -65,11 +67,12 @@ SCRIPT = textwrap.dedent(
     package = registry.publish(Path(sys.argv[2]))
     assert registry.latest(package.manifest.task).manifest.version == package.manifest.version
 
-    channels = [Channel(case.images["dwi_b1000"], case.affine, "dwi"), Channel(case.images["adc"], case.affine, "adc")]
-    prepared = preprocess(channels, package.manifest.preprocessing)
-    session = onnxruntime.InferenceSession(package.onnx_bytes, providers=["CPUExecutionProvider"])
-    (probabilities,) = session.run(None, {{"image": prepared.image[None]}})
-    on_source = to_source(probabilities[0, 0], prepared)
+    adc_mm2_s = case.images["adc"] / 1e6  # as some scanners export it
+    unit = detect_adc_unit(adc_mm2_s, case.brain_mask > 0)
+    assert unit is AdcUnit.MM2_PER_S, unit
+    adc = to_micrometre2_per_s(adc_mm2_s, unit)
+    channels = [Channel(case.images["dwi_b1000"], case.affine, "dwi"), Channel(adc, case.affine, "adc")]
+    on_source = Engine(package, threads=1).predict(channels).probabilities
     assert on_source.shape == case.mask.shape
     # sigmoid(z-scored DWI) > 0.5 marks voxels brighter than the head's mean; the bright lesion is among them.
     metrics = compute_metrics(on_source > 0.5, case.mask, voxel_volume_ml(case.affine))
