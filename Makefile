@@ -33,7 +33,7 @@ test: $(VENV)/.installed-test
 DEMO_KEY := models/demo-keys/DEMO_PRIVATE_KEY_DO_NOT_TRUST.pem
 DEFAULT_MODELS_BUILD := build/default-models
 STROKE_EPOCHS ?= 24
-MS_EPOCHS ?= 12
+MS_EPOCHS ?= 6
 
 default-models: $(VENV)/.installed-test
 	$(VENV)/bin/fedlesion train --task stroke-dwi-adc --data synthetic:30 --seed 1 --epochs $(STROKE_EPOCHS) \
