@@ -7,9 +7,7 @@ import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
 import pytest
 from conftest import REPO_ROOT, SHARED_DATA
 

@@ -180,12 +180,7 @@ class TrainingPlan:
         for key in ("task", "in_channels", "network", "preprocessing"):
             if key not in data:
                 raise ValueError(f"plan: missing key {key!r}")
-        network = data["network"]
-        if not isinstance(network, Mapping):
-            raise ValueError("plan.network: must be an object")
-        network_fields = {f.name for f in fields(NetworkPlan)}
-        if set(network) - network_fields:
-            raise ValueError(f"plan.network: unknown key(s) {', '.join(sorted(set(network) - network_fields))}")
+        network = _known_fields(data["network"], NetworkPlan, "plan.network")
         try:
             data["network"] = NetworkPlan(**network)
         except (TypeError, ValueError) as error:
@@ -193,13 +188,7 @@ class TrainingPlan:
         # The manifest's own parser validates the preprocessing object (same keys, same rules).
         data["preprocessing"] = _preprocessing(_Obj(data["preprocessing"], "plan.preprocessing"))
         if "augmentation" in data:
-            aug = data["augmentation"]
-            if not isinstance(aug, Mapping):
-                raise ValueError("plan.augmentation: must be an object")
-            aug_fields = {f.name for f in fields(AugmentationPlan)}
-            if set(aug) - aug_fields:
-                raise ValueError(f"plan.augmentation: unknown key(s) {', '.join(sorted(set(aug) - aug_fields))}")
-            aug = dict(aug)
+            aug = _known_fields(data["augmentation"], AugmentationPlan, "plan.augmentation")
             if "gamma_range" in aug:
                 aug["gamma_range"] = tuple(aug["gamma_range"])
             data["augmentation"] = AugmentationPlan(**aug)
@@ -218,6 +207,16 @@ class TrainingPlan:
     def with_overrides(self, overrides: Mapping[str, Any]) -> TrainingPlan:
         """A plan with `overrides` merged into `to_dict()` (nested objects merged key by key), validated again."""
         return TrainingPlan.from_dict(_merge(self.to_dict(), overrides))
+
+
+def _known_fields(value: Any, dataclass_type: type, path: str) -> dict[str, Any]:
+    """A nested plan object as a dict, refused when it is not an object or has keys `dataclass_type` lacks."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{path}: must be an object")
+    unknown = set(value) - {f.name for f in fields(dataclass_type)}
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}")
+    return dict(value)
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
