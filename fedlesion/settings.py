@@ -51,6 +51,71 @@ class NodeSettings:
     web_port: int = field(default=8080, metadata=_check(_port))
 
 
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or more"
+
+
+def _ae_titles(values: tuple[str, ...]) -> str | None:
+    bad = [v for v in values if _ae_title(v)]
+    return f"holds {bad[0]!r}, which is not a DICOM AE title" if bad else None
+
+
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>[0-9]{1,5})$")
+
+
+def _destinations(values: tuple[str, ...]) -> str | None:
+    for value in values:
+        match = _DESTINATION.match(value)
+        if not match or _ae_title(match["ae"]) or _port(int(match["port"])):
+            return f"holds {value!r}; each destination is written AE_TITLE@host:port"
+    return None
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer the node sends its outputs to."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, value: str) -> Destination:
+        """`AE_TITLE@host:port`, as written in `dicom.destinations`."""
+        match = _DESTINATION.match(value)
+        if not match:
+            raise ValueError(f"destination {value!r} is not written AE_TITLE@host:port")
+        return cls(match["ae"], match["host"], int(match["port"]))
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    """The SCP's policy and the SCU's destinations (design.md §4); sizes in bytes, times in seconds."""
+
+    allowed_calling_aes: tuple[str, ...] = field(default=(), metadata=_check(_ae_titles))  # empty: any
+    complete_on_release: tuple[str, ...] = field(default=(), metadata=_check(_ae_titles))
+    max_associations: int = field(default=8, metadata=_check(_positive))
+    max_instance_bytes: int = field(default=1 << 30, metadata=_check(_positive))
+    max_frame_pixels: int = field(default=4096 * 4096, metadata=_check(_positive))
+    max_frames: int = field(default=5000, metadata=_check(_positive))
+    max_series_decoded_bytes: int = field(default=2 << 30, metadata=_check(_positive))
+    min_free_disk_bytes: int = field(default=2 << 30, metadata=_check(_non_negative))
+    inactivity_timeout_s: float = field(default=10.0, metadata=_check(_positive))
+    destinations: tuple[str, ...] = field(default=(), metadata=_check(_destinations))
+    send_attempts: int = field(default=5, metadata=_check(_positive))
+    send_backoff_s: float = field(default=2.0, metadata=_check(_non_negative))
+    spool_retention_days: float = field(default=7.0, metadata=_check(_positive))
+    output_retention_days: float = field(default=30.0, metadata=_check(_positive))
+
+    @property
+    def parsed_destinations(self) -> tuple[Destination, ...]:
+        return tuple(Destination.parse(value) for value in self.destinations)
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     """Everything the node keeps lives under one data directory (design.md §1)."""
@@ -74,6 +139,7 @@ class LoggingSettings:
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = NodeSettings()
+    dicom: DicomSettings = DicomSettings()
     storage: StorageSettings = StorageSettings()
     models: ModelSettings = ModelSettings()
     logging: LoggingSettings = LoggingSettings()
@@ -85,7 +151,7 @@ class Settings:
     def as_dict(self) -> dict[str, dict[str, Any]]:
         return {
             section.name: {
-                key: (str(value) if isinstance(value, Path) else value)
+                key: (str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value)
                 for key, value in dataclasses.asdict(getattr(self, section.name)).items()
             }
             for section in dataclasses.fields(self)
@@ -154,10 +220,17 @@ def _build_section(section: str, section_type: type, values: Mapping[str, tuple[
 def _convert(dotted: str, hint: Any, value: Any, from_env: bool) -> Any:
     """Coerce a TOML value or an environment string to the schema type, or say which key is wrong."""
     optional = type(None) in getattr(hint, "__args__", ())
-    target = next((a for a in getattr(hint, "__args__", (hint,)) if a is not type(None)), hint)
+    union_members = () if getattr(hint, "__origin__", None) is tuple else getattr(hint, "__args__", ())
+    target = next((a for a in union_members if a is not type(None)), hint)
     if optional and from_env and value == "":
         return None
     try:
+        if getattr(target, "__origin__", None) is tuple:
+            if from_env:  # a comma-separated list; empty means none
+                return tuple(item.strip() for item in value.split(",") if item.strip())
+            if isinstance(value, list) and all(isinstance(item, str) for item in value):
+                return tuple(value)
+            raise ValueError
         if target is bool:
             if isinstance(value, bool):
                 return value

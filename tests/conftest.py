@@ -24,3 +24,12 @@ def require(*paths: Path) -> None:
     for path in paths:
         if not path.exists():
             pytest.skip(f"shared test data missing: {path}")
+
+
+@pytest.fixture(scope="session")
+def shared_dicom(tmp_path_factory: pytest.TempPathFactory):
+    """`shared_dicom("dcm_qa_xa30i/dicom")`: that shared folder, gunzipped, cached for the session."""
+    from tests.dicom_support import unpack_shared
+
+    root = tmp_path_factory.mktemp("shared-dicom")
+    return lambda relative: unpack_shared(relative, root)

@@ -10,7 +10,9 @@ import pytest
 
 from fedlesion.cli import build_parser, main
 
-EXPECTED_COMMANDS = {"settings", "evaluate", "synth", "model", "fingerprint", "train", "export"}
+EXPECTED_COMMANDS = {
+    "settings", "receive", "study", "inspect", "convert", "evaluate", "synth", "model", "fingerprint", "train", "export",
+}
 
 
 def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlesion.settings import SettingsError, load_settings
+from fedlesion.settings import Destination, SettingsError, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -60,3 +60,27 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
         load_settings(tmp_path / "missing.toml", environ={})
     with pytest.raises(SettingsError, match="not valid TOML"):
         load_settings(write(tmp_path, "[node\n"), environ={})
+
+
+def test_dicom_lists_come_from_toml_or_comma_separated_environment(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('[dicom]\nallowed_calling_aes = ["PACS"]\ndestinations = ["PACS@10.0.0.5:104"]\n')
+    settings = load_settings(config, environ={"FEDLESION_DICOM__COMPLETE_ON_RELEASE": "MODALITY1, PACS"})
+    assert settings.dicom.allowed_calling_aes == ("PACS",)
+    assert settings.dicom.complete_on_release == ("MODALITY1", "PACS")
+    assert settings.dicom.parsed_destinations == (Destination("PACS", "10.0.0.5", 104),)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("FEDLESION_DICOM__DESTINATIONS", "PACS@host", "AE_TITLE@host:port"),
+        ("FEDLESION_DICOM__DESTINATIONS", "PACS@host:99999", "AE_TITLE@host:port"),
+        ("FEDLESION_DICOM__ALLOWED_CALLING_AES", "A\\\\B", "not a DICOM AE title"),
+        ("FEDLESION_DICOM__MAX_ASSOCIATIONS", "0", "greater than 0"),
+    ],
+)
+def test_bad_dicom_values_name_their_key(variable: str, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message) as error:
+        load_settings(environ={variable: value})
+    assert f"dicom.{variable.split('__')[1].lower()}" in str(error.value)
