@@ -1,0 +1,366 @@
+"""Diffusion b-value and gradient direction of an image or frame, and the key that splits a series into volumes.
+
+Vendors store these in different places (design.md §4); the standard tags come first, then each vendor's private
+element, always found through its private creator because the element block (xx in (gggg,xxee)) is assigned per
+file. The split key is shared with the volume assembler so that a series is cut into volumes exactly as the role
+rules counted them.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+B0_THRESHOLD = 50.0  # below this a b-value counts as b0 (scanners store 0, 0.001, 5, ... for their b0 images)
+B_ROUNDING = 5.0  # b-values are rounded to a multiple of this
+DIRECTION_DECIMALS = 4
+GE_B_OFFSET = 1e9  # GE adds 1e9 (or multiples) to the b-value in (0043,xx39) for some sequences
+
+_SIEMENS_MR = "SIEMENS MR HEADER"
+_SIEMENS_CSA = "SIEMENS CSA HEADER"
+_GE_PARM = "GEMS_PARM_01"
+_GE_ACQU = "GEMS_ACQU_01"
+_PHILIPS_IMAGING = "Philips Imaging DD 001"
+_PHILIPS_MR_IMAGING = "Philips MR Imaging DD 001"
+_UIH_IMAGE = "Image Private Header"
+
+
+@dataclass(frozen=True)
+class DiffusionInfo:
+    """b-value (rounded, 0.0 for b0, None when no tag says) and unit gradient direction (None when it has none).
+
+    `isotropic` marks a scanner-made trace image (DiffusionDirectionality ISOTROPIC, Philips direction "I");
+    `stored_b_value` is the value as written, which tells apart repeated b0 volumes (Philips 0, 0.001 … 0.004).
+    """
+
+    b_value: float | None
+    direction: tuple[float, float, float] | None
+    isotropic: bool = False
+    stored_b_value: float | None = None
+
+
+@dataclass(frozen=True, order=True)
+class VolumeKey:
+    """Which volume of its series a frame belongs to: (b, direction) plus a repeat index for equal pairs."""
+
+    b_value: float
+    direction: tuple[float, float, float] | None
+    repeat: int = 0
+
+    def label(self) -> str:
+        """Short human form for logs and inspect output."""
+        if self.direction is None:
+            text = f"b={self.b_value:g}"
+        else:
+            text = f"b={self.b_value:g} dir=({self.direction[0]:.3f},{self.direction[1]:.3f},{self.direction[2]:.3f})"
+        return text if self.repeat == 0 else f"{text} #{self.repeat + 1}"
+
+
+def round_b_value(stored: float) -> float:
+    """Round to a multiple of B_ROUNDING; anything below B0_THRESHOLD is b0."""
+    if stored < B0_THRESHOLD:
+        return 0.0
+    return float(round(stored / B_ROUNDING) * B_ROUNDING)
+
+
+def diffusion_info(dataset: Dataset, frame_index: int | None = None) -> DiffusionInfo:
+    """b-value and direction of a classic image, or of frame `frame_index` (0-based) of an enhanced image."""
+    if frame_index is not None and frame_index < 0:
+        raise ValueError(f"frame_index must be >= 0, got {frame_index}")
+    diffusion_item = _enhanced_diffusion_item(dataset, frame_index)
+    stored_b = _stored_b_value(dataset, diffusion_item)
+    direction = _direction(dataset, diffusion_item)
+    isotropic = _is_isotropic(dataset, diffusion_item)
+    if stored_b is None:
+        return DiffusionInfo(None, direction, isotropic, None)
+    b_value = round_b_value(stored_b)
+    if b_value == 0.0:
+        direction = None  # a b0 image has no meaningful gradient direction (Philips writes one anyway)
+    return DiffusionInfo(b_value, direction, isotropic, stored_b)
+
+
+def number_of_frames(dataset: Dataset) -> int:
+    """NumberOfFrames, 1 for single-frame images."""
+    value = dataset.get("NumberOfFrames")
+    try:
+        return max(int(value), 1) if value not in (None, "") else 1
+    except (TypeError, ValueError):
+        return 1
+
+
+def volume_keys(datasets: Sequence[Dataset]) -> list[list[VolumeKey]]:
+    """For each dataset of one series, the VolumeKey of each of its frames.
+
+    Frames are first grouped by (rounded b, direction). Where one group holds several frames at the same image
+    position (repeated b0s, b-values without directions, mosaics or one volume per multi-frame instance) they are
+    numbered apart by acquisition order: stored b, then acquisition number and time, then file and frame order.
+    Images without any b-value count as b=0.
+    """
+    frames: list[tuple[int, int, DiffusionInfo, tuple[float, ...] | None, tuple]] = []
+    for dataset_index, dataset in enumerate(datasets):
+        count = number_of_frames(dataset)
+        for frame in range(count):
+            frame_index = frame if count > 1 or _is_enhanced(dataset) else None
+            info = diffusion_info(dataset, frame_index)
+            position = _frame_position(dataset, frame_index)
+            order = (
+                info.stored_b_value if info.stored_b_value is not None else 0.0,
+                _acquisition_number(dataset, frame_index),
+                _acquisition_time(dataset, frame_index),
+                dataset_index,
+                frame,
+            )
+            frames.append((dataset_index, frame, info, position, order))
+
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for number, (_, _, info, position, _) in enumerate(frames):
+        groups[(info.b_value or 0.0, info.direction, position)].append(number)
+    repeat_of: dict[int, int] = {}
+    for members in groups.values():
+        for repeat, number in enumerate(sorted(members, key=lambda n: frames[n][4])):
+            repeat_of[number] = repeat
+
+    keys: list[list[VolumeKey]] = [[] for _ in datasets]
+    for number, (dataset_index, _, info, _, _) in enumerate(frames):
+        keys[dataset_index].append(VolumeKey(info.b_value or 0.0, info.direction, repeat_of[number]))
+    return keys
+
+
+def ordered_volume_keys(datasets: Sequence[Dataset], keys: list[list[VolumeKey]] | None = None) -> list[VolumeKey]:
+    """The series' volumes in acquisition order, as dcm2niix writes them (and the shared `ref/*.bval` list them).
+
+    A volume's place is its earliest frame by (acquisition date/time, instance number, file and frame order):
+    Philips gives every image the same AcquisitionTime but numbers instances volume-interleaved, so the instance
+    number decides there.
+    """
+    keys = volume_keys(datasets) if keys is None else keys
+    first: dict[VolumeKey, tuple] = {}
+    for dataset_index, (dataset, frame_keys) in enumerate(zip(datasets, keys, strict=True)):
+        instance = _number(dataset.get("InstanceNumber"))
+        for frame, key in enumerate(frame_keys):
+            frame_index = frame if len(frame_keys) > 1 or _is_enhanced(dataset) else None
+            rank = (
+                _acquisition_time(dataset, frame_index),
+                instance if instance is not None else math.inf,
+                dataset_index,
+                frame,
+            )
+            if key not in first or rank < first[key]:
+                first[key] = rank
+    return sorted(first, key=lambda key: first[key])
+
+
+def volume_key(dataset: Dataset, frame_index: int | None = None, repeat: int = 0) -> VolumeKey:
+    """The key of one frame when its repeat index is already known (0 for the first frame at its position)."""
+    info = diffusion_info(dataset, frame_index)
+    return VolumeKey(info.b_value or 0.0, info.direction, repeat)
+
+
+# --- where the values live ---------------------------------------------------------------------------------------
+
+
+def _is_enhanced(dataset: Dataset) -> bool:
+    return "PerFrameFunctionalGroupsSequence" in dataset or "SharedFunctionalGroupsSequence" in dataset
+
+
+def _functional_item(dataset: Dataset, frame_index: int | None, keyword: str) -> Dataset | None:
+    """The first item of `keyword` in the frame's per-frame group, else in the shared group."""
+    groups: list[Dataset] = []
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame_index is not None and frame_index < len(per_frame):
+        groups.append(per_frame[frame_index])
+    shared = dataset.get("SharedFunctionalGroupsSequence")
+    if shared:
+        groups.append(shared[0])
+    for group in groups:
+        sequence = group.get(keyword)
+        if sequence:
+            return sequence[0]
+    return None
+
+
+def _enhanced_diffusion_item(dataset: Dataset, frame_index: int | None) -> Dataset | None:
+    if not _is_enhanced(dataset):
+        return None
+    return _functional_item(dataset, frame_index or 0, "MRDiffusionSequence")
+
+
+def _number(value: object) -> float | None:
+    """A finite float from a DS/IS/FD/FL value (first of several), else None."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        values = list(value)  # type: ignore[arg-type]
+        if not values:
+            return None
+        value = values[0]
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _private_value(dataset: Dataset, group: int, creator: str, element_offset: int) -> object | None:
+    """The value of (group, xx element_offset) in the block reserved by `creator`, or None."""
+    try:
+        block = dataset.private_block(group, creator)
+    except KeyError:
+        return None
+    if element_offset not in block:
+        return None
+    return block[element_offset].value
+
+
+def _stored_b_value(dataset: Dataset, diffusion_item: Dataset | None) -> float | None:
+    if diffusion_item is not None:
+        value = _number(diffusion_item.get("DiffusionBValue"))
+        if value is not None:
+            return value
+    value = _number(dataset.get("DiffusionBValue"))
+    if value is not None:
+        return value
+    value = _number(_private_value(dataset, 0x0019, _SIEMENS_MR, 0x0C))
+    if value is not None:
+        return value
+    value = _siemens_csa_b_value(dataset)
+    if value is not None:
+        return value
+    value = _number(_private_value(dataset, 0x0043, _GE_PARM, 0x39))
+    if value is not None:
+        while value >= GE_B_OFFSET:
+            value -= GE_B_OFFSET
+        return value
+    value = _number(_private_value(dataset, 0x2001, _PHILIPS_IMAGING, 0x03))
+    if value is not None:
+        return value
+    return _number(_private_value(dataset, 0x0065, _UIH_IMAGE, 0x09))
+
+
+def _unit_direction(values: Sequence[float | None]) -> tuple[float, float, float] | None:
+    """Rounded unit vector, None when missing or (near) zero."""
+    if len(values) != 3 or any(value is None for value in values):
+        return None
+    x, y, z = (float(value) for value in values)  # type: ignore[arg-type]
+    norm = math.sqrt(x * x + y * y + z * z)
+    if norm < 1e-3:
+        return None
+    return (
+        round(x / norm, DIRECTION_DECIMALS) + 0.0,
+        round(y / norm, DIRECTION_DECIMALS) + 0.0,
+        round(z / norm, DIRECTION_DECIMALS) + 0.0,
+    )
+
+
+def _triple(value: object) -> list[float | None]:
+    if value is None:
+        return []
+    try:
+        return [_number(item) for item in value]  # type: ignore[union-attr]
+    except TypeError:
+        return []
+
+
+def _direction(dataset: Dataset, diffusion_item: Dataset | None) -> tuple[float, float, float] | None:
+    if diffusion_item is not None:
+        gradient = diffusion_item.get("DiffusionGradientDirectionSequence")
+        if gradient:
+            direction = _unit_direction(_triple(gradient[0].get("DiffusionGradientOrientation")))
+            if direction is not None:
+                return direction
+    candidates = [
+        _triple(dataset.get("DiffusionGradientOrientation")),
+        _triple(_private_value(dataset, 0x0019, _SIEMENS_MR, 0x0E)),
+        [_number(_private_value(dataset, 0x0019, _GE_ACQU, offset)) for offset in (0xBB, 0xBC, 0xBD)],
+        [_number(_private_value(dataset, 0x2005, _PHILIPS_MR_IMAGING, offset)) for offset in (0xB0, 0xB1, 0xB2)],
+    ]
+    for values in candidates:
+        direction = _unit_direction(values)
+        if direction is not None:
+            return direction
+    return None
+
+
+def _is_isotropic(dataset: Dataset, diffusion_item: Dataset | None) -> bool:
+    for source in (diffusion_item, dataset):
+        if source is not None and str(source.get("DiffusionDirectionality", "")).upper() == "ISOTROPIC":
+            return True
+    philips_direction = _private_value(dataset, 0x2001, _PHILIPS_IMAGING, 0x04)
+    return str(philips_direction or "").strip().upper() == "I"
+
+
+def _frame_position(dataset: Dataset, frame_index: int | None) -> tuple[float, ...] | None:
+    item = _functional_item(dataset, frame_index, "PlanePositionSequence") if _is_enhanced(dataset) else None
+    source = item if item is not None else dataset
+    values = _triple(source.get("ImagePositionPatient"))
+    if len(values) != 3 or any(value is None for value in values):
+        return None
+    return tuple(round(float(value), 3) for value in values)  # type: ignore[arg-type]
+
+
+def _acquisition_number(dataset: Dataset, frame_index: int | None) -> float:
+    if frame_index is not None and _is_enhanced(dataset):
+        content = _functional_item(dataset, frame_index, "FrameContentSequence")
+        if content is not None:
+            number = _number(content.get("FrameAcquisitionNumber"))
+            if number is not None:
+                return number
+    number = _number(dataset.get("AcquisitionNumber"))
+    return number if number is not None else 0.0
+
+
+def _acquisition_time(dataset: Dataset, frame_index: int | None) -> str:
+    if frame_index is not None and _is_enhanced(dataset):
+        content = _functional_item(dataset, frame_index, "FrameContentSequence")
+        if content is not None and content.get("FrameAcquisitionDateTime"):
+            return str(content.FrameAcquisitionDateTime)
+    return f"{dataset.get('AcquisitionDate', '')}{dataset.get('AcquisitionTime', '')}"
+
+
+# --- Siemens CSA image header ------------------------------------------------------------------------------------
+
+
+def _siemens_csa_b_value(dataset: Dataset) -> float | None:
+    raw = _private_value(dataset, 0x0029, _SIEMENS_CSA, 0x10)
+    if not isinstance(raw, (bytes, bytearray)):
+        return None
+    items = read_csa_items(bytes(raw)).get("B_value")
+    return _number(items[0]) if items else None
+
+
+def read_csa_items(raw: bytes) -> dict[str, list[str]]:
+    """Parse a Siemens CSA header (SV10 or the older unsigned layout) into name → item strings.
+
+    Malformed input yields what was read before the damage; no exception, because the CSA header is only a fallback.
+    """
+    tags: dict[str, list[str]] = {}
+    offset = 8 if raw[:4] == b"SV10" else 0
+    try:
+        (count, _) = struct.unpack_from("<2I", raw, offset)
+        offset += 8
+        if not 0 < count <= 1000:
+            return tags
+        for _ in range(count):
+            name, vm, _vr, _syngodt, n_items, _ = struct.unpack_from("<64si4s3i", raw, offset)
+            offset += 84
+            if not 0 <= n_items <= 1000:
+                return tags
+            values: list[str] = []
+            for item in range(n_items):
+                (_, length, _, _) = struct.unpack_from("<4i", raw, offset)
+                offset += 16
+                if length < 0 or offset + length > len(raw):
+                    return tags
+                text = raw[offset : offset + length].split(b"\0", 1)[0].decode("latin-1").strip()
+                if text and (vm == 0 or item < vm):
+                    values.append(text)
+                offset += length + (-length % 4)
+            tags[name.split(b"\0", 1)[0].decode("latin-1")] = values
+    except struct.error:
+        return tags
+    return tags
