@@ -167,19 +167,34 @@ class Outbox:
         `datasets` are not written: only destinations not yet queued get pending rows, and rows already sent stay
         sent. Files are fsynced before the rows are committed, so a committed row always has its file.
         """
-        existing = self.stored(key)
-        if not existing:
+        directory = self._batch_directory(key)
+        written: list[OutputInstance] = []
+        if not self.stored(key):
             _check_outputs(key, datasets)
-            directory = self._batch_directory(key)
             written = [_write_part10(dataset, directory) for dataset in datasets]
             _fsync_directory(directory)
             _fsync_directory(directory.parent)
+        try:
+            recorded = self._record(key, directory, written, destinations)
+        finally:
+            kept = {instance.path for instance in self.stored(key)}
+            for orphan in (instance.path for instance in written if instance.path not in kept):
+                orphan.unlink(missing_ok=True)  # rejected, or another enqueue of this key committed first
+        return self.stored(key) if recorded else self.enqueue(key, datasets, destinations)
+
+    def _record(
+        self, key: OutputKey, directory: Path, written: list[OutputInstance], destinations: Sequence[Destination]
+    ) -> bool:
+        """Record the batch (unless stored meanwhile) and its pending rows; False when the batch vanished meanwhile
+        (purged between the check and the transaction) and nothing was written for it."""
         now = self._clock()
         with self._transaction() as db:
             row = db.execute(
                 "SELECT batch_id FROM output_batches WHERE study_uid=? AND revision=? AND task=? AND model_version=?",
                 (key.study_uid, key.revision, key.task, key.model_version),
             ).fetchone()
+            if row is None and not written:
+                return False
             if row is None:
                 batch_id = db.execute(
                     "INSERT INTO output_batches (study_uid, revision, task, model_version, directory, created_at)"
@@ -209,7 +224,7 @@ class Outbox:
                     for d in destinations
                 ],
             )
-        return self.stored(key)
+        return True
 
     def stored(self, key: OutputKey) -> list[OutputInstance]:
         """The outputs recorded under `key`, in the order they were enqueued; empty when none are."""

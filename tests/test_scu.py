@@ -289,6 +289,10 @@ def test_enqueue_validates_and_new_destinations_get_rows_without_resending(tmp_p
     outbox.enqueue(KEY, outputs, [first])
     (row, _) = outbox.deliveries(KEY)
     outbox.mark_sent(row.instance.sop_instance_uid, row.destination)
+    other_key = OutputKey(KEY.study_uid, 2, KEY.task, KEY.model_version)
+    with pytest.raises(ValueError, match="another output key"):
+        outbox.enqueue(other_key, outputs, [first])  # a writer must not reuse one revision's UIDs in the next
+    assert outbox.stored(other_key) == [] and len(list((tmp_path / "data" / "outputs").rglob("*.dcm"))) == 2
     second = Destination("ARCHIVE", "127.0.0.1", 105)
     outbox.enqueue(KEY, outputs, [first, second])
     states = Counter((d.destination, d.state) for d in outbox.deliveries(KEY))
