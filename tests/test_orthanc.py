@@ -75,7 +75,7 @@ def test_orthanc_in_its_namespace_echoes_both_ways_and_takes_our_c_store(tmp_pat
     assert orthanc.run(["echoscu", "-aec", ORTHANC_AET, "127.0.0.1", str(ORTHANC_DICOM_PORT)]).returncode == 0
 
     # Our SCU → Orthanc: outputs recorded in the outbox outside, sent from inside the namespace.
-    source = sorted(write_dicom_study(generate_case("stroke", 11, anatomy="procedural"), tmp_path / "study"))
+    source = sorted(write_dicom_study(generate_case("stroke", 11, anatomy="procedural", site=SMALL_SITE), tmp_path / "study"))
     adc = [pydicom.dcmread(p) for p in source if p.parent.name.endswith("_adc")][:3]
     key = OutputKey(adc[0].StudyInstanceUID, 1, "stroke", "test")
     for number, dataset in enumerate(adc, start=1):

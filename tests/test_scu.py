@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -317,3 +318,22 @@ def test_retention_purges_old_outputs_only(tmp_path, source_instances):
     assert outbox.stored(KEY) == [] and not old[0].path.exists() and not old[0].path.parent.exists()
     assert outbox.stored(newer_key) == newer and newer[0].path.is_file()
     assert outbox.counts()[DeliveryState.PENDING] == 1
+
+
+def test_sender_loop_sends_what_is_enqueued_while_it_runs_and_stops_on_the_event(tmp_path, source_instances, storescp):
+    directory, destination = storescp("loop")
+    outbox = Outbox(tmp_path / "data")
+    stop = threading.Event()
+    loop = threading.Thread(target=Sender(outbox, [destination], poll_s=0.05).run, args=(stop,))
+    loop.start()
+    try:
+        outputs = as_outputs(source_instances, "loop", 2)
+        outbox.enqueue(KEY, outputs, [destination])
+        deadline = time.monotonic() + 10
+        while outbox.counts()[DeliveryState.SENT] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+    assert not loop.is_alive()
+    assert received(directory) == Counter({d.SOPInstanceUID: 1 for d in outputs})
