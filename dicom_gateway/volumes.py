@@ -15,15 +15,16 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_gateway.diffusion import VolumeKey, volume_keys
+from dicom_gateway.diffusion import VolumeKey, ordered_volume_keys, volume_keys
 from dicom_gateway.mosaic import is_mosaic, unpack_mosaic
+from dicom_gateway.study_files import open_dicom
 
 __all__ = [
     "SeriesVolume",
@@ -105,9 +106,10 @@ class _Slice:
 
 
 def series_volumes(datasets: Sequence[Dataset]) -> list[SeriesVolume]:
-    """All volumes of one series in acquisition order; raises VolumeNotProcessed with the reason when one fails.
+    """All volumes of one series in acquisition order (`diffusion.ordered_volume_keys`, as dcm2niix orders them);
+    raises VolumeNotProcessed with the reason when one fails.
 
-    Datasets read without pixel data (stop_before_pixels) are re-read from their `filename`.
+    Datasets read without pixel data (stop_before_pixels) are re-read from their `filename` (gzip allowed).
     """
     if not datasets:
         raise ValueError("no datasets given")
@@ -124,7 +126,8 @@ def series_volumes(datasets: Sequence[Dataset]) -> list[SeriesVolume]:
     groups: dict[Hashable, list[_Slice]] = {}
     for item in slices:
         groups.setdefault(item.group, []).append(item)
-    ordered = sorted(groups.values(), key=lambda members: min(m.order for m in members))
+    rank = {key: place for place, key in enumerate(ordered_volume_keys(datasets, keys))}
+    ordered = sorted(groups.values(), key=lambda members: (rank[members[0].key], min(m.order for m in members)))
     return [_assemble(series_uid, members) for members in ordered]
 
 
@@ -149,7 +152,7 @@ def _pixel_array(dataset: Dataset) -> np.ndarray:
         filename = getattr(dataset, "filename", None)
         if not isinstance(filename, str) or not filename:
             raise VolumeNotProcessed(f"instance {dataset.get('SOPInstanceUID', '?')} has no pixel data")
-        dataset = pydicom.dcmread(filename)
+        dataset = open_dicom(Path(filename))
     return dataset.pixel_array
 
 
