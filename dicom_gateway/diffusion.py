@@ -73,9 +73,10 @@ def diffusion_info(dataset: Dataset, frame_index: int | None = None) -> Diffusio
     if frame_index is not None and frame_index < 0:
         raise ValueError(f"frame_index must be >= 0, got {frame_index}")
     diffusion_item = _enhanced_diffusion_item(dataset, frame_index)
-    stored_b = _stored_b_value(dataset, diffusion_item)
-    direction = _direction(dataset, diffusion_item)
-    isotropic = _is_isotropic(dataset, diffusion_item)
+    creators = _private_creators(dataset)
+    stored_b = _stored_b_value(dataset, creators, diffusion_item)
+    direction = _direction(dataset, creators, diffusion_item)
+    isotropic = _is_isotropic(dataset, creators, diffusion_item)
     if stored_b is None:
         return DiffusionInfo(None, direction, isotropic, None)
     b_value = round_b_value(stored_b)
@@ -93,20 +94,33 @@ def number_of_frames(dataset: Dataset) -> int:
         return 1
 
 
-def volume_keys(datasets: Sequence[Dataset]) -> list[list[VolumeKey]]:
-    """For each dataset of one series, the VolumeKey of each of its frames.
+def frame_diffusion_infos(datasets: Sequence[Dataset]) -> list[list[DiffusionInfo]]:
+    """`diffusion_info` of every frame of every dataset (frame_index None for classic single-frame images)."""
+    return [
+        [diffusion_info(dataset, _frame_argument(dataset, frame)) for frame in range(number_of_frames(dataset))]
+        for dataset in datasets
+    ]
+
+
+def _frame_argument(dataset: Dataset, frame: int) -> int | None:
+    return frame if number_of_frames(dataset) > 1 or _is_enhanced(dataset) else None
+
+
+def volume_keys(
+    datasets: Sequence[Dataset], infos: list[list[DiffusionInfo]] | None = None
+) -> list[list[VolumeKey]]:
+    """For each dataset of one series, the VolumeKey of each of its frames (`infos`: frame_diffusion_infos).
 
     Frames are first grouped by (rounded b, direction). Where one group holds several frames at the same image
     position (repeated b0s, b-values without directions, mosaics or one volume per multi-frame instance) they are
     numbered apart by acquisition order: stored b, then acquisition number and time, then file and frame order.
     Images without any b-value count as b=0.
     """
+    infos = frame_diffusion_infos(datasets) if infos is None else infos
     frames: list[tuple[int, int, DiffusionInfo, tuple[float, ...] | None, tuple]] = []
     for dataset_index, dataset in enumerate(datasets):
-        count = number_of_frames(dataset)
-        for frame in range(count):
-            frame_index = frame if count > 1 or _is_enhanced(dataset) else None
-            info = diffusion_info(dataset, frame_index)
+        for frame, info in enumerate(infos[dataset_index]):
+            frame_index = _frame_argument(dataset, frame)
             position = _frame_position(dataset, frame_index)
             order = (
                 info.stored_b_value if info.stored_b_value is not None else 0.0,
@@ -143,7 +157,7 @@ def ordered_volume_keys(datasets: Sequence[Dataset], keys: list[list[VolumeKey]]
     for dataset_index, (dataset, frame_keys) in enumerate(zip(datasets, keys, strict=True)):
         instance = _number(dataset.get("InstanceNumber"))
         for frame, key in enumerate(frame_keys):
-            frame_index = frame if len(frame_keys) > 1 or _is_enhanced(dataset) else None
+            frame_index = _frame_argument(dataset, frame)
             rank = (
                 _acquisition_time(dataset, frame_index),
                 instance if instance is not None else math.inf,
@@ -206,18 +220,39 @@ def _number(value: object) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _private_value(dataset: Dataset, group: int, creator: str, element_offset: int) -> object | None:
-    """The value of (group, xx element_offset) in the block reserved by `creator`, or None."""
-    try:
-        block = dataset.private_block(group, creator)
-    except KeyError:
+def _private_value(
+    dataset: Dataset, creators: dict[tuple[int, str], int], group: int, creator: str, element_offset: int
+) -> object | None:
+    """The value of (group, xx element_offset) in the block reserved by `creator`, or None.
+
+    Same lookup as `Dataset.private_block`, which slices the whole dataset on every call: far too slow for a
+    per-frame lookup over thousands of images; `creators` comes from `_private_creators`, read once per image.
+    """
+    block = creators.get((group, creator))
+    if block is None:
         return None
-    if element_offset not in block:
-        return None
-    return block[element_offset].value
+    element = dataset.get((group << 16) | (block << 8) | element_offset)
+    return None if element is None else element.value
 
 
-def _stored_b_value(dataset: Dataset, diffusion_item: Dataset | None) -> float | None:
+def _private_creators(dataset: Dataset) -> dict[tuple[int, str], int]:
+    """(group, creator) → block number, from the private creator elements (gggg,0010-00FF) of odd groups."""
+    creators: dict[tuple[int, str], int] = {}
+    tags = dataset.keys()
+    for tag in tags:
+        group, element = tag >> 16, tag & 0xFFFF
+        if group % 2 == 1 and 0x10 <= element <= 0xFF:
+            value = dataset[tag].value
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            if isinstance(value, str):
+                creators.setdefault((group, value.strip()), element)
+    return creators
+
+
+def _stored_b_value(
+    dataset: Dataset, creators: dict[tuple[int, str], int], diffusion_item: Dataset | None
+) -> float | None:
     if diffusion_item is not None:
         value = _number(diffusion_item.get("DiffusionBValue"))
         if value is not None:
@@ -225,21 +260,21 @@ def _stored_b_value(dataset: Dataset, diffusion_item: Dataset | None) -> float |
     value = _number(dataset.get("DiffusionBValue"))
     if value is not None:
         return value
-    value = _number(_private_value(dataset, 0x0019, _SIEMENS_MR, 0x0C))
+    value = _number(_private_value(dataset, creators, 0x0019, _SIEMENS_MR, 0x0C))
     if value is not None:
         return value
-    value = _siemens_csa_b_value(dataset)
+    value = _siemens_csa_b_value(dataset, creators)
     if value is not None:
         return value
-    value = _number(_private_value(dataset, 0x0043, _GE_PARM, 0x39))
+    value = _number(_private_value(dataset, creators, 0x0043, _GE_PARM, 0x39))
     if value is not None:
         while value >= GE_B_OFFSET:
             value -= GE_B_OFFSET
         return value
-    value = _number(_private_value(dataset, 0x2001, _PHILIPS_IMAGING, 0x03))
+    value = _number(_private_value(dataset, creators, 0x2001, _PHILIPS_IMAGING, 0x03))
     if value is not None:
         return value
-    return _number(_private_value(dataset, 0x0065, _UIH_IMAGE, 0x09))
+    return _number(_private_value(dataset, creators, 0x0065, _UIH_IMAGE, 0x09))
 
 
 def _unit_direction(values: Sequence[float | None]) -> tuple[float, float, float] | None:
@@ -266,7 +301,9 @@ def _triple(value: object) -> list[float | None]:
         return []
 
 
-def _direction(dataset: Dataset, diffusion_item: Dataset | None) -> tuple[float, float, float] | None:
+def _direction(
+    dataset: Dataset, creators: dict[tuple[int, str], int], diffusion_item: Dataset | None
+) -> tuple[float, float, float] | None:
     if diffusion_item is not None:
         gradient = diffusion_item.get("DiffusionGradientDirectionSequence")
         if gradient:
@@ -275,9 +312,12 @@ def _direction(dataset: Dataset, diffusion_item: Dataset | None) -> tuple[float,
                 return direction
     candidates = [
         _triple(dataset.get("DiffusionGradientOrientation")),
-        _triple(_private_value(dataset, 0x0019, _SIEMENS_MR, 0x0E)),
-        [_number(_private_value(dataset, 0x0019, _GE_ACQU, offset)) for offset in (0xBB, 0xBC, 0xBD)],
-        [_number(_private_value(dataset, 0x2005, _PHILIPS_MR_IMAGING, offset)) for offset in (0xB0, 0xB1, 0xB2)],
+        _triple(_private_value(dataset, creators, 0x0019, _SIEMENS_MR, 0x0E)),
+        [_number(_private_value(dataset, creators, 0x0019, _GE_ACQU, offset)) for offset in (0xBB, 0xBC, 0xBD)],
+        [
+            _number(_private_value(dataset, creators, 0x2005, _PHILIPS_MR_IMAGING, offset))
+            for offset in (0xB0, 0xB1, 0xB2)
+        ],
     ]
     for values in candidates:
         direction = _unit_direction(values)
@@ -286,11 +326,11 @@ def _direction(dataset: Dataset, diffusion_item: Dataset | None) -> tuple[float,
     return None
 
 
-def _is_isotropic(dataset: Dataset, diffusion_item: Dataset | None) -> bool:
+def _is_isotropic(dataset: Dataset, creators: dict[tuple[int, str], int], diffusion_item: Dataset | None) -> bool:
     for source in (diffusion_item, dataset):
         if source is not None and str(source.get("DiffusionDirectionality", "")).upper() == "ISOTROPIC":
             return True
-    philips_direction = _private_value(dataset, 0x2001, _PHILIPS_IMAGING, 0x04)
+    philips_direction = _private_value(dataset, creators, 0x2001, _PHILIPS_IMAGING, 0x04)
     return str(philips_direction or "").strip().upper() == "I"
 
 
@@ -325,8 +365,8 @@ def _acquisition_time(dataset: Dataset, frame_index: int | None) -> str:
 # --- Siemens CSA image header ------------------------------------------------------------------------------------
 
 
-def _siemens_csa_b_value(dataset: Dataset) -> float | None:
-    raw = _private_value(dataset, 0x0029, _SIEMENS_CSA, 0x10)
+def _siemens_csa_b_value(dataset: Dataset, creators: dict[tuple[int, str], int]) -> float | None:
+    raw = _private_value(dataset, creators, 0x0029, _SIEMENS_CSA, 0x10)
     if not isinstance(raw, (bytes, bytearray)):
         return None
     items = read_csa_items(bytes(raw)).get("B_value")

@@ -165,7 +165,9 @@ def test_no_tags_means_no_b_value() -> None:
     assert diffusion_info(Dataset()) == DiffusionInfo(None, None)
 
 
-@pytest.mark.parametrize(("stored", "rounded"), [(0.004, 0.0), (49.9, 0.0), (50.0, 50.0), (2497.0, 2495.0), (1002.6, 1005.0)])
+@pytest.mark.parametrize(
+    ("stored", "rounded"), [(0.004, 0.0), (49.9, 0.0), (50.0, 50.0), (2497.0, 2495.0), (1002.6, 1005.0)]
+)
 def test_rounding(stored: float, rounded: float) -> None:
     assert round_b_value(stored) == rounded
 

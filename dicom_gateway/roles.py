@@ -1,0 +1,935 @@
+"""Series roles of a study from headers alone: which series is the DWI, the ADC and the FLAIR, and why.
+
+The rules are data (role_rules.toml, design.md §4); this module applies them and records, for every series, one
+decision with a human reason, so `fedlesion inspect` and the web page can show why a series was used or not. The
+result (`StudyRoles`) is stored as the studies table's roles_json and read by the jobs and the volume assembler,
+which split series into volumes with `diffusion.volume_keys` exactly as counted here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import tomllib
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from dicom_gateway.diffusion import (
+    DiffusionInfo,
+    VolumeKey,
+    frame_diffusion_infos,
+    number_of_frames,
+    ordered_volume_keys,
+    volume_keys,
+)
+from dicom_gateway.study_files import SeriesHeaders, StudyHeaders, read_files
+from dicom_gateway.uids import OWN_MANUFACTURER
+
+logger = logging.getLogger(__name__)
+
+ROLES_JSON_VERSION = 1
+
+
+class SeriesRole(StrEnum):
+    DWI = "dwi"
+    ADC = "adc"
+    FLAIR = "flair"
+    DWI_SOURCE = "dwi-source"  # directional DWI kept only as the source of a computed trace or ADC
+    IGNORED = "ignored"
+
+
+class DwiKind(StrEnum):
+    TRACE = "trace"  # made by the scanner
+    COMPUTED = "computed"  # geometric mean over directions at one b
+
+
+class AdcSource(StrEnum):
+    SCANNER = "scanner"
+    COMPUTED = "computed"  # 10⁶·ln(S0/Sb)/b from a DWI series' b0 and b volumes
+
+
+# --- rules -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MatchRule:
+    """Matches a series when any condition does: a whole ImageType token, or a SeriesDescription regex."""
+
+    image_type_any: frozenset[str] = frozenset()
+    description_regex: tuple[re.Pattern[str], ...] = ()
+    reason: str = ""
+
+    def matches(self, tokens: frozenset[str], description: str) -> bool:
+        return bool(tokens & self.image_type_any) or any(p.search(description) for p in self.description_regex)
+
+
+@dataclass(frozen=True)
+class RoleRules:
+    """role_rules.toml, validated: unknown keys or bad values are a ValueError naming the key."""
+
+    image_sop_classes: frozenset[str]
+    modalities: frozenset[str]
+    exclusions: tuple[MatchRule, ...]
+    adc: MatchRule
+    trace_image_type_any: frozenset[str]
+    min_directions_for_computed_trace: int
+    dwi_preference: tuple[str, ...]
+    flair_scanning_sequence_any: frozenset[str]
+    flair_sequence_name_regex: tuple[re.Pattern[str], ...]
+    flair_description_regex: tuple[re.Pattern[str], ...]
+    flair_inversion_time_min_ms: float
+    flair_repetition_time_min_ms: float
+    t1_flair_description_regex: tuple[re.Pattern[str], ...]
+    post_contrast_description_regex: tuple[re.Pattern[str], ...]
+    flair_acquisition_preference: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> RoleRules:
+        """The packaged rules, or those at `path`."""
+        if path is None:
+            text = resources.files("dicom_gateway").joinpath("role_rules.toml").read_text(encoding="utf-8")
+            source = "dicom_gateway/role_rules.toml"
+        else:
+            text = path.read_text(encoding="utf-8")
+            source = str(path)
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ValueError(f"{source}: {error}") from error
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "rules") -> RoleRules:
+        _known(data, {"version", "image", "exclude", "adc", "dwi", "flair"}, source)
+        if data.get("version") != 1:
+            raise ValueError(f"{source}: version must be 1, got {data.get('version')!r}")
+        image = _table(data, "image", source, {"sop_classes", "modalities"})
+        dwi = _table(data, "dwi", source, {"trace_image_type_any", "min_directions_for_computed_trace", "prefer"})
+        flair = _table(
+            data,
+            "flair",
+            source,
+            {
+                "scanning_sequence_any",
+                "sequence_name_regex",
+                "description_regex",
+                "inversion_time_min_ms",
+                "repetition_time_min_ms",
+                "t1_flair_description_regex",
+                "post_contrast_description_regex",
+                "prefer_acquisition_type",
+            },
+        )
+        preference = tuple(_strings(dwi, "prefer", f"{source}: dwi"))
+        unknown = set(preference) - {"trace", "in_range", "closest_b", "latest"}
+        if unknown or len(set(preference)) != len(preference):
+            raise ValueError(f"{source}: dwi.prefer has unknown or repeated entries: {preference}")
+        exclusions = data.get("exclude", [])
+        if not isinstance(exclusions, list):
+            raise ValueError(f"{source}: exclude must be an array of tables")  # noqa: TRY004 (file content)
+        return cls(
+            image_sop_classes=frozenset(_strings(image, "sop_classes", f"{source}: image")),
+            modalities=frozenset(token.upper() for token in _strings(image, "modalities", f"{source}: image")),
+            exclusions=tuple(
+                _match_rule(rule, f"{source}: exclude[{index}]", need_reason=True)
+                for index, rule in enumerate(exclusions)
+            ),
+            adc=_match_rule(_table(data, "adc", source, {"image_type_any", "description_regex"}), f"{source}: adc"),
+            trace_image_type_any=frozenset(_tokens(dwi, "trace_image_type_any", f"{source}: dwi")),
+            min_directions_for_computed_trace=_positive_int(dwi, "min_directions_for_computed_trace", source),
+            dwi_preference=preference,
+            flair_scanning_sequence_any=frozenset(_tokens(flair, "scanning_sequence_any", f"{source}: flair")),
+            flair_sequence_name_regex=_patterns(flair, "sequence_name_regex", f"{source}: flair"),
+            flair_description_regex=_patterns(flair, "description_regex", f"{source}: flair"),
+            flair_inversion_time_min_ms=_positive_float(flair, "inversion_time_min_ms", source),
+            flair_repetition_time_min_ms=_positive_float(flair, "repetition_time_min_ms", source),
+            t1_flair_description_regex=_patterns(flair, "t1_flair_description_regex", f"{source}: flair"),
+            post_contrast_description_regex=_patterns(flair, "post_contrast_description_regex", f"{source}: flair"),
+            flair_acquisition_preference=tuple(
+                token.upper() for token in _strings(flair, "prefer_acquisition_type", f"{source}: flair")
+            ),
+        )
+
+
+def _known(table: dict[str, Any], keys: set[str], where: str) -> None:
+    unknown = set(table) - keys
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+
+
+def _table(data: dict[str, Any], key: str, source: str, keys: set[str]) -> dict[str, Any]:
+    table = data.get(key)
+    if not isinstance(table, dict):
+        raise ValueError(f"{source}: [{key}] table missing")  # noqa: TRY004 (file content)
+    _known(table, keys, f"{source}: {key}")
+    return table
+
+
+def _strings(table: dict[str, Any], key: str, where: str) -> list[str]:
+    values = table.get(key, [])
+    if not isinstance(values, list) or not all(isinstance(value, str) and value for value in values):
+        raise ValueError(f"{where}.{key}: must be a list of non-empty strings")
+    return values
+
+
+def _tokens(table: dict[str, Any], key: str, where: str) -> list[str]:
+    return [token.strip().upper() for token in _strings(table, key, where)]
+
+
+def _patterns(table: dict[str, Any], key: str, where: str) -> tuple[re.Pattern[str], ...]:
+    patterns = []
+    for text in _strings(table, key, where):
+        try:
+            patterns.append(re.compile(text))
+        except re.error as error:
+            raise ValueError(f"{where}.{key}: bad regex {text!r}: {error}") from error
+    return tuple(patterns)
+
+
+def _positive_float(table: dict[str, Any], key: str, source: str) -> float:
+    value = table.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(table: dict[str, Any], key: str, source: str) -> int:
+    value = table.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _match_rule(table: Any, where: str, need_reason: bool = False) -> MatchRule:
+    if not isinstance(table, dict):
+        raise ValueError(f"{where}: must be a table")  # noqa: TRY004 (file content)
+    _known(table, {"reason", "image_type_any", "description_regex"}, where)
+    reason = table.get("reason", "")
+    if need_reason and (not isinstance(reason, str) or not reason):
+        raise ValueError(f"{where}: needs a reason")
+    rule = MatchRule(
+        image_type_any=frozenset(_tokens(table, "image_type_any", where)),
+        description_regex=_patterns(table, "description_regex", where),
+        reason=reason,
+    )
+    if not rule.image_type_any and not rule.description_regex:
+        raise ValueError(f"{where}: needs image_type_any or description_regex")
+    return rule
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VolumeSummary:
+    """One split volume of a series, in acquisition order."""
+
+    b_value: float
+    direction: tuple[float, float, float] | None
+    repeat: int
+    frames: int
+    trace: bool
+
+    @property
+    def key(self) -> VolumeKey:
+        return VolumeKey(self.b_value, self.direction, self.repeat)
+
+
+@dataclass
+class SeriesDecision:
+    series_uid: str
+    sop_class_uid: str
+    number: int | None
+    description: str
+    modality: str
+    role: SeriesRole
+    reason: str
+    b_values: list[float]
+    volumes: list[VolumeSummary]
+    instances: int
+    frames: int
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DwiChoice:
+    series_uid: str
+    sop_class_uid: str
+    series_number: int | None
+    b_value: float
+    kind: DwiKind
+    volumes: list[VolumeKey]  # the trace volume, or the directional volumes to average geometrically
+
+
+@dataclass
+class AdcChoice:
+    source: AdcSource
+    series_uid: str
+    sop_class_uid: str
+    series_number: int | None
+    b_value: float | None = None  # computed only: the b of `b_volumes`
+    b0_volumes: list[VolumeKey] = field(default_factory=list)  # computed only: averaged into S0
+    b_volumes: list[VolumeKey] = field(default_factory=list)  # computed only: their geometric mean is Sb
+
+
+@dataclass
+class FlairChoice:
+    series_uid: str
+    sop_class_uid: str
+    series_number: int | None
+    acquisition_type: str
+
+
+@dataclass
+class StudyRoles:
+    study_uid: str
+    series: list[SeriesDecision]
+    dwi: DwiChoice | None
+    adc: AdcChoice | None
+    flair: FlairChoice | None
+    warnings: list[str]
+    dwi_b_value: int
+    dwi_b_range: tuple[int, int]
+
+    def decision(self, series_uid: str, sop_class_uid: str | None = None) -> SeriesDecision:
+        """The decision for a series (UID, and SOP class where one UID holds several); KeyError when absent."""
+        for decision in self.series:
+            if decision.series_uid == series_uid and sop_class_uid in (None, decision.sop_class_uid):
+                return decision
+        raise KeyError(series_uid)
+
+    def by_number(self, number: int) -> SeriesDecision:
+        """The image series with this SeriesNumber (tests and people think in numbers); KeyError when absent."""
+        matches = [d for d in self.series if d.number == number]
+        images = [d for d in matches if d.volumes and d.role != SeriesRole.IGNORED] or matches
+        if not images:
+            raise KeyError(number)
+        return images[0]
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["version"] = ROLES_JSON_VERSION
+        for decision in data["series"]:
+            for volume in decision["volumes"]:
+                volume["direction"] = list(volume["direction"]) if volume["direction"] else None
+        for choice in ("dwi", "adc"):
+            if data[choice] is not None:
+                for key in ("volumes", "b0_volumes", "b_volumes"):
+                    if key in data[choice]:
+                        data[choice][key] = [_key_to_dict(k) for k in getattr(getattr(self, choice), key)]
+        data["dwi_b_range"] = list(self.dwi_b_range)
+        return data
+
+    @classmethod
+    def from_json(cls, text: str) -> StudyRoles:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"roles_json is not JSON: {error}") from error
+        if not isinstance(data, dict) or data.get("version") != ROLES_JSON_VERSION:
+            raise ValueError(f"roles_json version must be {ROLES_JSON_VERSION}")
+        try:
+            return cls._from_dict(data)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"roles_json is malformed: {error!r}") from error
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> StudyRoles:
+        series = [
+            SeriesDecision(
+                **{
+                    **decision,
+                    "role": SeriesRole(decision["role"]),
+                    "volumes": [
+                        VolumeSummary(**{**volume, "direction": _direction(volume["direction"])})
+                        for volume in decision["volumes"]
+                    ],
+                }
+            )
+            for decision in data["series"]
+        ]
+        dwi = data["dwi"]
+        adc = data["adc"]
+        flair = data["flair"]
+        return cls(
+            study_uid=data["study_uid"],
+            series=series,
+            dwi=None
+            if dwi is None
+            else DwiChoice(
+                **{**dwi, "kind": DwiKind(dwi["kind"]), "volumes": [_key_from_dict(k) for k in dwi["volumes"]]}
+            ),
+            adc=None
+            if adc is None
+            else AdcChoice(
+                **{
+                    **adc,
+                    "source": AdcSource(adc["source"]),
+                    "b0_volumes": [_key_from_dict(k) for k in adc["b0_volumes"]],
+                    "b_volumes": [_key_from_dict(k) for k in adc["b_volumes"]],
+                }
+            ),
+            flair=None if flair is None else FlairChoice(**flair),
+            warnings=list(data["warnings"]),
+            dwi_b_value=int(data["dwi_b_value"]),
+            dwi_b_range=(int(data["dwi_b_range"][0]), int(data["dwi_b_range"][1])),
+        )
+
+
+def _key_to_dict(key: VolumeKey) -> dict[str, Any]:
+    return {"b_value": key.b_value, "direction": list(key.direction) if key.direction else None, "repeat": key.repeat}
+
+
+def _direction(value: Any) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    x, y, z = (float(item) for item in value)
+    return (x, y, z)
+
+
+def _key_from_dict(data: dict[str, Any]) -> VolumeKey:
+    return VolumeKey(float(data["b_value"]), _direction(data["direction"]), int(data["repeat"]))
+
+
+# --- classification ----------------------------------------------------------------------------------------------
+
+
+def classify_study(
+    paths: list[Path],
+    dwi_b_value: int = 1000,
+    dwi_b_range: tuple[int, int] = (700, 1500),
+    rules: RoleRules | None = None,
+) -> StudyRoles:
+    """Roles of the one study whose instance files are `paths` (header reads only)."""
+    study = read_files(paths).only_study()
+    return classify_headers(study, dwi_b_value, dwi_b_range, rules)
+
+
+def classify_headers(
+    study: StudyHeaders,
+    dwi_b_value: int = 1000,
+    dwi_b_range: tuple[int, int] = (700, 1500),
+    rules: RoleRules | None = None,
+) -> StudyRoles:
+    """Roles of a study already read with study_files; `dwi_b_value`/`dwi_b_range` come from the model manifest."""
+    _check_b_parameters(dwi_b_value, dwi_b_range)
+    rules = rules if rules is not None else default_rules()
+    profiles = [_profile(series, rules) for series in study.series]
+    warnings: list[str] = []
+
+    dwi_options = [option for profile in profiles for option in profile.dwi_options]
+    dwi_pick = _choose_dwi(dwi_options, rules, dwi_b_value, dwi_b_range)
+    if dwi_pick is not None and not dwi_b_range[0] <= dwi_pick.b_value <= dwi_b_range[1]:
+        warnings.append(
+            f"DWI b={_b_text(dwi_pick.b_value)} outside the model's trained range {dwi_b_range[0]}–{dwi_b_range[1]}"
+        )
+    adc_choice, adc_profile, adc_warnings = _choose_adc(profiles, dwi_pick)
+    warnings += adc_warnings
+    flair_profile = _choose_flair(profiles, rules)
+
+    for profile in profiles:
+        _decide(profile, dwi_pick, dwi_options, adc_choice, adc_profile, flair_profile)
+        if profile.role != SeriesRole.IGNORED or profile.dwi_options:
+            logger.info("series %s (%s): %s", profile.series.number, profile.series.description, profile.reason)
+
+    return StudyRoles(
+        study_uid=study.study_uid,
+        series=[profile.decision() for profile in profiles],
+        dwi=None
+        if dwi_pick is None
+        else DwiChoice(
+            dwi_pick.profile.series.series_uid,
+            dwi_pick.profile.series.sop_class_uid,
+            dwi_pick.profile.series.number,
+            dwi_pick.b_value,
+            dwi_pick.kind,
+            dwi_pick.volumes,
+        ),
+        adc=adc_choice,
+        flair=None
+        if flair_profile is None
+        else FlairChoice(
+            flair_profile.series.series_uid,
+            flair_profile.series.sop_class_uid,
+            flair_profile.series.number,
+            flair_profile.acquisition_type,
+        ),
+        warnings=warnings,
+        dwi_b_value=dwi_b_value,
+        dwi_b_range=dwi_b_range,
+    )
+
+
+_DEFAULT_RULES: list[RoleRules] = []
+
+
+def default_rules() -> RoleRules:
+    """The packaged rule set, parsed once."""
+    if not _DEFAULT_RULES:
+        _DEFAULT_RULES.append(RoleRules.load())
+    return _DEFAULT_RULES[0]
+
+
+def _check_b_parameters(dwi_b_value: int, dwi_b_range: tuple[int, int]) -> None:
+    if isinstance(dwi_b_value, bool) or not isinstance(dwi_b_value, (int, float)) or dwi_b_value <= 0:
+        raise ValueError(f"dwi_b_value must be a positive number, got {dwi_b_value!r}")
+    if (
+        not isinstance(dwi_b_range, (tuple, list))
+        or len(dwi_b_range) != 2
+        or not dwi_b_range[0] <= dwi_b_value <= dwi_b_range[1]
+    ):
+        raise ValueError(f"dwi_b_range must be (low, high) around dwi_b_value {dwi_b_value}, got {dwi_b_range!r}")
+
+
+def _b_text(b_value: float) -> str:
+    return f"{b_value:g}"
+
+
+@dataclass
+class _DwiOption:
+    profile: _Profile
+    b_value: float
+    kind: DwiKind
+    volumes: list[VolumeKey]
+
+
+@dataclass
+class _Profile:
+    """What the headers say about one series, and (after the choices) its role and reason."""
+
+    series: SeriesHeaders
+    volumes: list[VolumeSummary]
+    tokens: frozenset[str]
+    acquired: str
+    exclusion: str | None = None  # "ignored: ..." when a rule excludes the series before any role
+    is_scanner_adc: bool = False
+    is_diffusion: bool = False
+    flair_verdict: str | None = None  # None: not IR; "" candidate; else an "ignored: ..." reason
+    acquisition_type: str = ""
+    geometry: tuple = ()
+    dwi_options: list[_DwiOption] = field(default_factory=list)
+    role: SeriesRole = SeriesRole.IGNORED
+    reason: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    def decision(self) -> SeriesDecision:
+        series = self.series
+        return SeriesDecision(
+            series_uid=series.series_uid,
+            sop_class_uid=series.sop_class_uid,
+            number=series.number,
+            description=series.description,
+            modality=series.modality,
+            role=self.role,
+            reason=self.reason,
+            b_values=sorted({volume.b_value for volume in self.volumes}) if self.is_diffusion else [],
+            volumes=self.volumes,
+            instances=len(series.instances),
+            frames=sum(number_of_frames(dataset) for dataset in series.datasets),
+            warnings=self.warnings,
+        )
+
+    def has_b0(self) -> bool:
+        return any(volume.b_value == 0.0 for volume in self.volumes)
+
+
+def _profile(series: SeriesHeaders, rules: RoleRules) -> _Profile:
+    datasets = series.datasets
+    tokens = frozenset(token for dataset in datasets for token in _image_type_tokens(dataset))
+    profile = _Profile(series, [], tokens, _acquired(datasets))
+    if series.sop_class_uid not in rules.image_sop_classes:
+        profile.exclusion = f"ignored: not an MR image ({_sop_class_name(series.sop_class_uid)})"
+        return profile
+    if series.modality.upper() not in rules.modalities:
+        profile.exclusion = f"ignored: modality {series.modality or 'missing'}"
+        return profile
+    if any(str(dataset.get("Manufacturer", "")) == OWN_MANUFACTURER for dataset in datasets):
+        profile.exclusion = "ignored: a fedlesion output"
+        return profile
+
+    infos = frame_diffusion_infos(datasets)
+    keys = volume_keys(datasets, infos)
+    profile.volumes = _volume_summaries(datasets, infos, keys, rules)
+    profile.geometry = _geometry(datasets)
+    frame_counts = Counter(volume.frames for volume in profile.volumes)
+    if len(frame_counts) > 1:
+        usual = frame_counts.most_common(1)[0][0]
+        odd = [f"{volume.key.label()} ({volume.frames})" for volume in profile.volumes if volume.frames != usual]
+        profile.warnings.append(f"volumes with a frame count other than {usual}: {', '.join(odd)}")
+
+    for rule in rules.exclusions:
+        if rule.matches(tokens, series.description):
+            profile.exclusion = f"ignored: {rule.reason}"
+            return profile
+    if rules.adc.matches(tokens, series.description):
+        profile.is_scanner_adc = True
+        return profile
+
+    all_infos = [info for frame_infos in infos for info in frame_infos]
+    with_b = [info for info in all_infos if info.b_value is not None]
+    if with_b and any(info.b_value > 0 for info in with_b):
+        profile.is_diffusion = True
+        if len(with_b) < len(all_infos):
+            missing = len(all_infos) - len(with_b)
+            profile.warnings.append(f"{missing} of {len(all_infos)} frames have no b-value (taken as b0)")
+        profile.dwi_options = _dwi_options(profile, rules)
+        if not profile.dwi_options:
+            profile.exclusion = "ignored: diffusion series without a usable trace (too few directions)"
+        return profile
+    if with_b:
+        profile.exclusion = "ignored: diffusion series with b=0 only"
+        return profile
+
+    profile.flair_verdict, profile.acquisition_type = _flair_verdict(datasets, series.description, rules)
+    return profile
+
+
+def _image_type_tokens(dataset: Dataset) -> list[str]:
+    values = list(_multi(dataset.get("ImageType")))
+    for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in dataset.get(group_name) or []:
+            frame_type = group.get("MRImageFrameTypeSequence")
+            if frame_type:
+                values += list(_multi(frame_type[0].get("FrameType")))
+    return [str(value).strip().upper() for value in values if str(value).strip()]
+
+
+def _multi(value: Any) -> list[Any]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes, int, float)):
+        return [value]
+    return list(value)
+
+
+def _sop_class_name(uid: str) -> str:
+    name = UID(uid).name if uid else "no SOP class"
+    return name if name != uid else f"private SOP class {uid}"
+
+
+def _acquired(datasets: Sequence[Dataset]) -> str:
+    """Earliest acquisition date+time of the series (else series date+time), comparable as text."""
+    stamps = []
+    for dataset in datasets:
+        for date_key, time_key in (("AcquisitionDate", "AcquisitionTime"), ("SeriesDate", "SeriesTime")):
+            date, time = str(dataset.get(date_key, "") or ""), str(dataset.get(time_key, "") or "")
+            if time:
+                stamps.append(f"{date:0>8}{time.split('.')[0]:0>6}.{(time.split('.') + [''])[1]:0<6}")
+                break
+    return min(stamps) if stamps else ""
+
+
+def _volume_summaries(
+    datasets: Sequence[Dataset], infos: list[list[DiffusionInfo]], keys: list[list[VolumeKey]], rules: RoleRules
+) -> list[VolumeSummary]:
+    frames = Counter(key for frame_keys in keys for key in frame_keys)
+    trace_keys: set[VolumeKey] = set()
+    for dataset, frame_infos, frame_keys in zip(datasets, infos, keys, strict=True):
+        dataset_tokens: set[str] | None = None
+        for frame, (info, key) in enumerate(zip(frame_infos, frame_keys, strict=True)):
+            if key.b_value <= 0 or key in trace_keys:
+                continue
+            if info.isotropic or info.direction is None:
+                trace_keys.add(key)
+                continue
+            tokens = _per_frame_tokens(dataset, frame)
+            if tokens is None:
+                dataset_tokens = dataset_tokens if dataset_tokens is not None else set(_image_type_tokens(dataset))
+                tokens = dataset_tokens
+            if tokens & rules.trace_image_type_any:
+                trace_keys.add(key)
+    return [
+        VolumeSummary(key.b_value, key.direction, key.repeat, frames[key], key in trace_keys)
+        for key in ordered_volume_keys(datasets, keys)
+    ]
+
+
+def _per_frame_tokens(dataset: Dataset, frame: int) -> set[str] | None:
+    """The FrameType tokens of an enhanced image's frame, None when it has no per-frame FrameType."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame < len(per_frame):
+        frame_type = per_frame[frame].get("MRImageFrameTypeSequence")
+        if frame_type:
+            return {str(value).strip().upper() for value in _multi(frame_type[0].get("FrameType"))}
+    return None
+
+
+def _geometry(datasets: Sequence[Dataset]) -> tuple:
+    """(rows, columns, orientation, slice positions) rounded, to tell whether two series share a grid."""
+    first = datasets[0]
+    orientation = _multi(first.get("ImageOrientationPatient"))
+    positions = set()
+    for dataset in datasets:
+        position = _multi(dataset.get("ImagePositionPatient"))
+        if len(position) == 3:
+            positions.add(tuple(round(float(value), 1) for value in position))
+        for group in dataset.get("PerFrameFunctionalGroupsSequence") or []:
+            plane = group.get("PlanePositionSequence")
+            if plane and len(_multi(plane[0].get("ImagePositionPatient"))) == 3:
+                positions.add(tuple(round(float(value), 1) for value in plane[0].ImagePositionPatient))
+            orientation_item = group.get("PlaneOrientationSequence")
+            if orientation_item and not orientation:
+                orientation = _multi(orientation_item[0].get("ImageOrientationPatient"))
+    shared = first.get("SharedFunctionalGroupsSequence")
+    if shared and not orientation and shared[0].get("PlaneOrientationSequence"):
+        orientation = _multi(shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient"))
+    return (
+        first.get("Rows"),
+        first.get("Columns"),
+        tuple(round(float(value), 3) for value in orientation),
+        tuple(sorted(positions)),
+    )
+
+
+def _dwi_options(profile: _Profile, rules: RoleRules) -> list[_DwiOption]:
+    options = []
+    for b_value in sorted({volume.b_value for volume in profile.volumes if volume.b_value > 0}):
+        at_b = [volume for volume in profile.volumes if volume.b_value == b_value]
+        traces = [volume.key for volume in at_b if volume.trace]
+        directional = [volume.key for volume in at_b if not volume.trace and volume.direction is not None]
+        if traces:
+            options.append(_DwiOption(profile, b_value, DwiKind.TRACE, traces[-1:]))
+        elif len({key.direction for key in directional}) >= rules.min_directions_for_computed_trace:
+            options.append(_DwiOption(profile, b_value, DwiKind.COMPUTED, directional))
+    return options
+
+
+def _choose_dwi(
+    options: list[_DwiOption], rules: RoleRules, nominal: float, b_range: tuple[int, int]
+) -> _DwiOption | None:
+    def rank(option: _DwiOption) -> tuple:
+        parts = {
+            "trace": 0 if option.kind == DwiKind.TRACE else 1,
+            "in_range": 0 if b_range[0] <= option.b_value <= b_range[1] else 1,
+            "closest_b": abs(option.b_value - nominal),
+            "latest": _negated(option.profile.acquired, option.profile.series.number),
+        }
+        return tuple(parts[name] for name in rules.dwi_preference) + (option.profile.series.series_uid,)
+
+    return min(options, key=rank) if options else None
+
+
+def _negated(acquired: str, number: int | None) -> tuple:
+    """Sorts the latest (then the highest series number) first."""
+    return (tuple(-ord(char) for char in acquired) + (math.inf,), -(number or 0))
+
+
+def _scanner_adc(profile: _Profile) -> AdcChoice:
+    series = profile.series
+    return AdcChoice(AdcSource.SCANNER, series.series_uid, series.sop_class_uid, series.number)
+
+
+def _choose_adc(
+    profiles: list[_Profile], dwi: _DwiOption | None
+) -> tuple[AdcChoice | None, _Profile | None, list[str]]:
+    """The scanner's ADC on the DWI's grid, else one computed from a b0 + b series on that grid."""
+    warnings: list[str] = []
+    scanner = [profile for profile in profiles if profile.is_scanner_adc]
+    if dwi is None:
+        if scanner:
+            warnings.append("ADC series present but no DWI: ADC not used")
+        return None, None, warnings
+    grid = dwi.profile.geometry
+    matching = [profile for profile in scanner if profile.geometry == grid]
+    if matching:
+        chosen = max(matching, key=lambda p: (p.acquired, p.series.number or 0))
+        return _scanner_adc(chosen), chosen, warnings
+
+    sources = [dwi.profile] + [
+        p for p in profiles if p is not dwi.profile and p.is_diffusion and p.geometry == grid and p.exclusion is None
+    ]
+    for source in sources:
+        b0 = [volume.key for volume in source.volumes if volume.b_value == 0.0]
+        option = next((o for o in source.dwi_options if o.b_value == dwi.b_value and o.kind == dwi.kind), None)
+        option = option or next((o for o in source.dwi_options if o.b_value == dwi.b_value), None)
+        if b0 and option is not None:
+            if scanner:
+                numbers = ", ".join(str(p.series.number) for p in scanner)
+                warnings.append(f"scanner ADC series {numbers} not on the DWI's slice grid: ADC computed instead")
+            return (
+                AdcChoice(
+                    AdcSource.COMPUTED,
+                    source.series.series_uid,
+                    source.series.sop_class_uid,
+                    source.series.number,
+                    b_value=dwi.b_value,
+                    b0_volumes=b0,
+                    b_volumes=option.volumes,
+                ),
+                source,
+                warnings,
+            )
+    if scanner:
+        chosen = max(scanner, key=lambda p: (p.acquired, p.series.number or 0))
+        warnings.append(f"ADC series {chosen.series.number} is not on the DWI's slice grid")
+        return _scanner_adc(chosen), chosen, warnings
+    warnings.append(f"no ADC: no scanner ADC and no b0 volume with the DWI's b={_b_text(dwi.b_value)}")
+    return None, None, warnings
+
+
+def _first_number(dataset: Dataset, keyword: str, functional: tuple[str, ...] = ()) -> float | None:
+    """A numeric attribute at top level, else inside the enhanced functional groups' `functional` sequences."""
+    values = _multi(dataset.get(keyword))
+    if not values:
+        for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+            groups = dataset.get(group_name) or []
+            for sequence_keyword in functional:
+                item = groups[0].get(sequence_keyword) if groups else None
+                if item:
+                    values = _multi(item[0].get(keyword))
+                    if values:
+                        break
+            if values:
+                break
+    try:
+        number = float(values[0]) if values else None
+    except (TypeError, ValueError):
+        return None
+    return number if number is not None and math.isfinite(number) else None
+
+
+def _flair_verdict(datasets: Sequence[Dataset], description: str, rules: RoleRules) -> tuple[str | None, str]:
+    """None when the series is not inversion recovery; "" for a FLAIR candidate; else the ignore reason."""
+    first = datasets[0]
+    scanning = {str(token).strip().upper() for token in _multi(first.get("ScanningSequence"))}
+    sequence_name = str(first.get("SequenceName", "") or first.get("PulseSequenceName", "") or "")
+    enhanced_ir = str(first.get("InversionRecovery", "") or "").upper() == "YES"
+    is_ir = (
+        bool(scanning & rules.flair_scanning_sequence_any)
+        or enhanced_ir
+        or any(pattern.search(sequence_name) for pattern in rules.flair_sequence_name_regex)
+    )
+    named_flair = any(pattern.search(description) for pattern in rules.flair_description_regex)
+    acquisition_type = str(first.get("MRAcquisitionType", "") or "").upper()
+    if not is_ir and not named_flair:
+        return None, acquisition_type
+    inversion = _first_number(first, "InversionTime") or _first_number(
+        first, "InversionTimes", ("MRModifierSequence",)
+    )
+    repetition = _first_number(first, "RepetitionTime", ("MRTimingAndRelatedParametersSequence",))
+    contrast = str(first.get("ContrastBolusAgent", "") or "").strip()
+    if contrast or any(pattern.search(description) for pattern in rules.post_contrast_description_regex):
+        return "ignored: post-contrast FLAIR" + (f" (contrast agent {contrast})" if contrast else ""), acquisition_type
+    minimum_ti = rules.flair_inversion_time_min_ms
+    if any(pattern.search(description) for pattern in rules.t1_flair_description_regex):
+        return f"ignored: T1-FLAIR (described as T1; TI {_ms(inversion)})", acquisition_type
+    if inversion is None:
+        return "ignored: inversion recovery without an inversion time", acquisition_type
+    if inversion < minimum_ti:
+        return f"ignored: T1-FLAIR (TI < {minimum_ti:g} ms)", acquisition_type
+    if repetition is None or repetition < rules.flair_repetition_time_min_ms:
+        minimum_tr = rules.flair_repetition_time_min_ms
+        return f"ignored: not FLAIR (TR {_ms(repetition)} < {minimum_tr:g} ms)", acquisition_type
+    if not is_ir:
+        return "ignored: described as FLAIR but not inversion recovery", acquisition_type
+    return "", acquisition_type
+
+
+def _ms(value: float | None) -> str:
+    return "missing" if value is None else f"{value:g} ms"
+
+
+def _choose_flair(profiles: list[_Profile], rules: RoleRules) -> _Profile | None:
+    candidates = [profile for profile in profiles if profile.flair_verdict == ""]
+    if not candidates:
+        return None
+    preference = rules.flair_acquisition_preference
+
+    def rank(profile: _Profile) -> tuple:
+        kind = profile.acquisition_type
+        order = preference.index(kind) if kind in preference else len(preference)
+        return (order, _negated(profile.acquired, profile.series.number))
+
+    return min(candidates, key=rank)
+
+
+def _decide(
+    profile: _Profile,
+    dwi: _DwiOption | None,
+    dwi_options: list[_DwiOption],
+    adc: AdcChoice | None,
+    adc_profile: _Profile | None,
+    flair: _Profile | None,
+) -> None:
+    """Set the profile's role and reason from the study-level choices."""
+    number = profile.series.number
+    if profile.exclusion is not None:
+        profile.role, profile.reason = SeriesRole.IGNORED, profile.exclusion
+        return
+    if dwi is not None and profile is dwi.profile:
+        how = (
+            f"scanner trace at b={_b_text(dwi.b_value)}"
+            if dwi.kind == DwiKind.TRACE
+            else f"computed trace at b={_b_text(dwi.b_value)} (geometric mean of {len(dwi.volumes)} directions)"
+        )
+        profile.role, profile.reason = SeriesRole.DWI, f"dwi: {how}"
+        if adc is not None and adc.source == AdcSource.COMPUTED and adc_profile is profile:
+            profile.reason += f"; ADC computed from the mean of {len(adc.b0_volumes)} b0 volume(s)"
+        return
+    if profile.is_scanner_adc:
+        if adc_profile is profile:
+            profile.role, profile.reason = SeriesRole.ADC, "adc: scanner ADC (ImageType ADC)"
+        else:
+            if adc is None:
+                chosen = "none"
+            else:
+                chosen = "computed" if adc.source == AdcSource.COMPUTED else f"series {adc.series_number}"
+            profile.role, profile.reason = SeriesRole.IGNORED, f"ignored: ADC not used (chosen ADC: {chosen})"
+        return
+    if profile.is_diffusion:
+        _decide_diffusion(profile, dwi, dwi_options, adc, adc_profile)
+        return
+    if profile.flair_verdict is None:
+        profile.role, profile.reason = SeriesRole.IGNORED, "ignored: not diffusion"
+    elif profile.flair_verdict:
+        profile.role, profile.reason = SeriesRole.IGNORED, profile.flair_verdict
+    elif profile is flair:
+        profile.role = SeriesRole.FLAIR
+        profile.reason = f"flair: inversion recovery, {profile.acquisition_type or 'acquisition type unknown'}"
+    else:
+        profile.role = SeriesRole.IGNORED
+        profile.reason = f"ignored: another FLAIR preferred (series {flair.series.number if flair else '?'})"
+    logger.debug("series %s decided: %s", number, profile.reason)
+
+
+def _decide_diffusion(
+    profile: _Profile,
+    dwi: _DwiOption | None,
+    dwi_options: list[_DwiOption],
+    adc: AdcChoice | None,
+    adc_profile: _Profile | None,
+) -> None:
+    assert dwi is not None  # a diffusion series always offers an option, so a DWI was chosen
+    chosen = f"series {dwi.profile.series.number} ({dwi.kind.value} at b={_b_text(dwi.b_value)}) chosen"
+    if adc_profile is profile:
+        profile.role = SeriesRole.DWI_SOURCE
+        profile.reason = f"dwi-source: source of the computed ADC (b0 and b={_b_text(dwi.b_value)}); {chosen}"
+        return
+    equivalent = [o for o in profile.dwi_options if o.kind == dwi.kind and o.b_value == dwi.b_value]
+    if equivalent:
+        profile.role = SeriesRole.IGNORED
+        profile.reason = f"ignored: equivalent DWI; the latest acquired, {chosen}"
+        logger.info("equivalent DWI series %s not used: %s", profile.series.number, chosen)
+        return
+    if any(volume.direction is not None for volume in profile.volumes):
+        directions = len({v.direction for v in profile.volumes if v.direction is not None})
+        b_values = "/".join(_b_text(b) for b in sorted({v.b_value for v in profile.volumes}))
+        profile.role = SeriesRole.DWI_SOURCE
+        profile.reason = f"dwi-source: directional DWI (b={b_values}, {directions} directions); {chosen}"
+        return
+    profile.role = SeriesRole.IGNORED
+    b_values = "/".join(_b_text(option.b_value) for option in profile.dwi_options)
+    profile.reason = f"ignored: DWI at b={b_values} not chosen; {chosen}"
