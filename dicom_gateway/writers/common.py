@@ -552,6 +552,10 @@ def stamp(dataset: Dataset, when: dt.datetime, kind: OutputKind) -> None:
     dataset.ContentDate, dataset.ContentTime = date, time
     dataset.SeriesDate, dataset.SeriesTime = date, time
     dataset.SeriesDescription = SERIES_DESCRIPTIONS[kind]
+    acquisition = hd.sr.CodedConcept.from_code(codes.DCM.AcquisitionEquipment)
+    for item in dataset.get("ContributingEquipmentSequence", []):
+        if item.PurposeOfReferenceCodeSequence[0] != acquisition:
+            item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
 
 
 def _source_datetime(ds: Dataset) -> dt.datetime | None:

@@ -302,6 +302,7 @@ def build_overlay(
             transfer_syntax_uid="1.2.840.10008.1.2.1",
             contributing_equipment=[contributing_equipment(context.model)],
         )
+        sc.copy_patient_and_study_information(source)
         sc.PatientOrientation = orientation
         _mark_secondary_capture(sc, when, OutputKind.OVERLAY)
         sc.ManufacturerModelName = context.model.name
@@ -342,14 +343,18 @@ def draw_lesions(gray: np.ndarray, lesion: np.ndarray, factor: int) -> np.ndarra
     reduced by `factor`, is exactly the lesion mask.
     """
     big_gray = np.repeat(np.repeat(gray, factor, axis=0), factor, axis=1)
+    rgb = np.repeat(big_gray[..., None], 3, axis=2)
+    if not lesion.any():
+        return rgb
     big = np.repeat(np.repeat(lesion, factor, axis=0), factor, axis=1)
-    rgb = np.repeat(big_gray[..., None], 3, axis=2).astype(np.float32)
     colour = np.array(LESION_RGB, dtype=np.float32)
-    rgb[big] = (1.0 - FILL_OPACITY) * rgb[big] + FILL_OPACITY * colour
+    rgb[big] = np.rint((1.0 - FILL_OPACITY) * rgb[big] + FILL_OPACITY * colour).astype(
+        np.uint8
+    )
     thickness = max(1, factor // 3)
     outline = big & ~ndimage.binary_erosion(big, iterations=thickness, border_value=0)
-    rgb[outline] = colour
-    return np.rint(rgb).astype(np.uint8)
+    rgb[outline] = LESION_RGB
+    return rgb
 
 
 def banner_lines(

@@ -125,5 +125,9 @@ def build_seg(
         series_date=when.date(),
         series_time=when.time(),
     )
+    # highdicom draws the dimension organization UID at random; ours follows the SEG's identity.
+    dimension_uid = context.uid(OutputKind.SEG, "dimension-organization")
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimension_uid
     stamp(seg, when, OutputKind.SEG)
     return seg
