@@ -12,7 +12,7 @@ values); real values (Real World Value Mapping when present, else Rescale Slope/
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Collection, Hashable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -105,10 +105,11 @@ class _Slice:
     multiframe_instance_uid: str | None
 
 
-def series_volumes(datasets: Sequence[Dataset]) -> list[SeriesVolume]:
+def series_volumes(datasets: Sequence[Dataset], wanted: Collection[VolumeKey] | None = None) -> list[SeriesVolume]:
     """All volumes of one series in acquisition order (`diffusion.ordered_volume_keys`, as dcm2niix orders them);
     raises VolumeNotProcessed with the reason when one fails.
 
+    `wanted` limits the work to those volumes (a trace needs neither the b0 nor the other b-values of its series).
     Datasets read without pixel data (stop_before_pixels) are re-read from their `filename` (gzip allowed).
     """
     if not datasets:
@@ -121,7 +122,15 @@ def series_volumes(datasets: Sequence[Dataset]) -> list[SeriesVolume]:
     multiframe_count = sum(1 for ds in datasets if _frame_count(ds) > 1)
     slices: list[_Slice] = []
     for index, (dataset, frame_keys) in enumerate(zip(datasets, keys, strict=True)):
+        if wanted is not None and not set(frame_keys) & set(wanted):
+            continue
         slices += _slices_of(dataset, index, frame_keys, split_per_instance=multiframe_count > 1)
+    if wanted is not None:
+        slices = [item for item in slices if item.key in wanted]
+        missing = set(wanted) - {item.key for item in slices}
+        if missing:
+            labels = ", ".join(sorted(key.label() for key in missing))
+            raise VolumeNotProcessed(f"series {series_uid} holds no volume {labels}")
 
     groups: dict[Hashable, list[_Slice]] = {}
     for item in slices:
