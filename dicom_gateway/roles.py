@@ -824,12 +824,12 @@ def _flair_verdict(datasets: Sequence[Dataset], description: str, rules: RoleRul
     if contrast or any(pattern.search(description) for pattern in rules.post_contrast_description_regex):
         return "ignored: post-contrast FLAIR" + (f" (contrast agent {contrast})" if contrast else ""), acquisition_type
     minimum_ti = rules.flair_inversion_time_min_ms
+    if inversion is not None and inversion < minimum_ti:
+        return f"ignored: T1-FLAIR (TI < {minimum_ti:g} ms)", acquisition_type
     if any(pattern.search(description) for pattern in rules.t1_flair_description_regex):
         return f"ignored: T1-FLAIR (described as T1; TI {_ms(inversion)})", acquisition_type
     if inversion is None:
         return "ignored: inversion recovery without an inversion time", acquisition_type
-    if inversion < minimum_ti:
-        return f"ignored: T1-FLAIR (TI < {minimum_ti:g} ms)", acquisition_type
     if repetition is None or repetition < rules.flair_repetition_time_min_ms:
         minimum_tr = rules.flair_repetition_time_min_ms
         return f"ignored: not FLAIR (TR {_ms(repetition)} < {minimum_tr:g} ms)", acquisition_type
