@@ -1,0 +1,176 @@
+"""Ingest speed: dcmtk `storescu` (TCP_NODELAY=1) sends the same small instances to our Storage SCP (fsync on,
+group commit) and to dcmtk's `storescp` (which does not fsync), over 1 and over 4 parallel associations (4 storescu
+processes, a quarter of the files each). Prints instances/s of each and the ratio ours/storescp.
+
+The instances are pydicom's MR_small.dcm (64×64, 16-bit, explicit VR little endian) cloned with new, seeded
+Study/Series/SOP Instance UIDs, so per-instance overhead dominates: the hard case for a Python SCP.
+
+Run: `.venv/bin/python benchmarks/ingest.py [--instances 1200] [--repeats 3]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pydicom
+from pydicom.data import get_testdata_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicom_gateway.records import StoredInstance  # noqa: E402
+from dicom_gateway.scp import StorageScp  # noqa: E402
+from dicom_gateway.spool import Spool  # noqa: E402
+from fedlesion.settings import DicomSettings  # noqa: E402
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+class CountingSink:
+    """The studies table's place: counts what the SCP hands on."""
+
+    def __init__(self) -> None:
+        self.instances = 0
+        self.commits = 0
+
+    def instances_stored(self, instances: list[StoredInstance]) -> None:
+        self.instances += len(instances)
+        self.commits += 1
+
+    def association_released(self, calling_ae: str, study_uids: set[str]) -> None:
+        pass
+
+
+def make_instances(folder: Path, count: int, seed: int = 4) -> list[Path]:
+    """`count` clones of MR_small.dcm in 4 studies of one series each, with seeded unique UIDs."""
+    rng = random.Random(seed)
+    source = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
+    studies = [(f"2.25.{rng.getrandbits(96)}", f"2.25.{rng.getrandbits(96)}") for _ in range(4)]
+    paths = []
+    for index in range(count):
+        study_uid, series_uid = studies[index % len(studies)]
+        source.StudyInstanceUID = study_uid
+        source.SeriesInstanceUID = series_uid
+        source.SOPInstanceUID = source.file_meta.MediaStorageSOPInstanceUID = f"2.25.{rng.getrandbits(96)}"
+        source.InstanceNumber = index + 1
+        path = folder / f"{index:05d}.dcm"
+        source.save_as(path)
+        paths.append(path)
+    return paths
+
+
+def send(port: int, files: list[Path], associations: int) -> float:
+    """Seconds for `associations` storescu processes to send `files` (split in equal parts) to port."""
+    parts = [files[index::associations] for index in range(associations)]
+    started = time.perf_counter()
+    processes = [
+        subprocess.Popen(
+            ["storescu", "-aet", "BENCH", "-aec", "FEDLESION", "127.0.0.1", str(port), *map(str, part)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for part in parts
+    ]
+    for process in processes:
+        _, errors = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-400:]}")
+    return time.perf_counter() - started
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ours(files: list[Path], associations: int, work: Path) -> float:
+    data_dir = Path(tempfile.mkdtemp(dir=work))
+    sink = CountingSink()
+    spool = Spool(data_dir, sink, fsync=True)
+    scp = StorageScp("FEDLESION", DicomSettings(min_free_disk_bytes=0), spool)
+    port = scp.start("127.0.0.1", 0)
+    try:
+        seconds = send(port, files, associations)
+    finally:
+        scp.stop()
+        spool.close()
+    if sink.instances != len(files):
+        raise RuntimeError(f"our SCP stored {sink.instances} of {len(files)}")
+    print(f"    ours: {len(files)} instances in {sink.commits} group commits", flush=True)
+    shutil.rmtree(data_dir)
+    return len(files) / seconds
+
+
+def storescp(files: list[Path], associations: int, work: Path) -> float:
+    output = Path(tempfile.mkdtemp(dir=work))
+    port = free_port()
+    server = subprocess.Popen(
+        ["storescp", "-od", str(output), str(port)], env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait_listening(port)
+        seconds = send(port, files, associations)
+    finally:
+        server.terminate()
+        server.wait()
+    stored = sum(1 for _ in output.iterdir())
+    if stored != len(files):
+        raise RuntimeError(f"storescp stored {stored} of {len(files)}")
+    shutil.rmtree(output)
+    return len(files) / seconds
+
+
+def _wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("storescp did not start listening")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instances", type=int, default=1200)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is printed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if not shutil.which("storescu") or not shutil.which("storescp"):
+        sys.exit("dcmtk's storescu and storescp are needed (Debian package dcmtk)")
+    with tempfile.TemporaryDirectory(prefix="fedlesion-ingest-") as temp:
+        work = Path(temp)
+        (work / "instances").mkdir()
+        files = make_instances(work / "instances", args.instances)
+        size = files[0].stat().st_size
+        print(f"{len(files)} instances of {size} bytes; {os.cpu_count()} CPUs; median of {args.repeats} runs")
+        for associations in (1, 4):
+            rates: dict[str, list[float]] = {"ours": [], "storescp": []}
+            for _ in range(args.repeats):
+                rates["storescp"].append(storescp(files, associations, work))
+                rates["ours"].append(ours(files, associations, work))
+            median = {name: statistics.median(values) for name, values in rates.items()}
+            print(
+                f"{associations} association(s): ours {median['ours']:.0f}/s "
+                f"(runs {', '.join(f'{v:.0f}' for v in rates['ours'])}), "
+                f"storescp {median['storescp']:.0f}/s (runs {', '.join(f'{v:.0f}' for v in rates['storescp'])}), "
+                f"ratio {median['ours'] / median['storescp']:.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
