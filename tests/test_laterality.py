@@ -36,9 +36,7 @@ CENTROID_TOLERANCE_MM = 2.0
 
 
 @pytest.mark.parametrize("geometry", ["axial", "flipped", "oblique", "sagittal"])
-def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(
-    tmp_path: Path, geometry: str
-) -> None:
+def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(tmp_path: Path, geometry: str) -> None:
     case = generate_case(
         "stroke",
         SEED,
@@ -57,24 +55,18 @@ def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(
         if float(ds.DiffusionBValue) == 1000.0
     ]
     volume = hd.get_volume_from_series(b1000)
-    labels, count = label_components(
-        labels_on_volume_grid(case.lesion_labels, case.affine, volume) > 0
-    )
+    labels, count = label_components(labels_on_volume_grid(case.lesion_labels, case.affine, volume) > 0)
     assert count == 1
     lesions = lesions_from_labels(labels, volume)
     total = math.fsum(lesion.volume_ml for lesion in lesions)
-    outputs = write_outputs(
-        b1000, labels, lesions, MODEL, "stroke", 1, [2, 4, 5], total, 0.0
-    )
+    outputs = write_outputs(b1000, labels, lesions, MODEL, "stroke", 1, [2, 4, 5], total, 0.0)
 
     seg_path = tmp_path / "seg.dcm"
     outputs.seg.save_as(seg_path, enforce_file_format=True)
     seg_volume = hd.seg.segread(seg_path).get_volume(combine_segments=True)
     voxels = np.argwhere(seg_volume.array > 0)
     assert len(voxels) == lesions[0].voxel_count
-    centroid_lps = (
-        seg_volume.affine[:3, :3] @ voxels.mean(axis=0) + seg_volume.affine[:3, 3]
-    )
+    centroid_lps = seg_volume.affine[:3, :3] @ voxels.mean(axis=0) + seg_volume.affine[:3, 3]
     truth_lps = RAS_TO_LPS @ np.asarray(truth_lesion.centroid_ras_mm)
     assert centroid_lps[0] > 0, f"{geometry}: SEG lesion on the patient's right"
     assert np.linalg.norm(centroid_lps - truth_lps) <= CENTROID_TOLERANCE_MM
@@ -90,8 +82,6 @@ def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(
         i, j, k = to_case[:3, :3] @ ras + to_case[:3, 3]
         assert abs(i) < 1e-3 and abs(j) < 1e-3 and abs(k - round(k)) < 1e-3
         expected = case.lesion_labels[:, :, round(k)].T > 0  # the writer convention
-        np.testing.assert_array_equal(
-            overlay_mask(sc.pixel_array, rows, columns, factor), expected
-        )
+        np.testing.assert_array_equal(overlay_mask(sc.pixel_array, rows, columns, factor), expected)
         frames_with_lesion += int(expected.any())
     assert frames_with_lesion >= 1

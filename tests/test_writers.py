@@ -47,9 +47,7 @@ from training.synthetic.dicom_writer import write_dicom_study
 PATIENT_NAME = "Müller^Jürgen"
 PATIENT_ID = "PID-ÄÖÜ-1"
 MODEL = ModelInfo("stroke-dwi-adc", "1", 3, "0123456789abcdef" * 4)
-SITE = SiteProfile(
-    name="writers", in_plane_mm=3.0, slice_thickness_mm=3.0, slice_spacing_mm=3.0
-)
+SITE = SiteProfile(name="writers", in_plane_mm=3.0, slice_thickness_mm=3.0, slice_spacing_mm=3.0)
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 EXISTING = [2, 4, 5]
 
@@ -79,9 +77,7 @@ class Study:
         }
         return write_outputs(**{**arguments, **overrides})
 
-    def seg_and_sr(
-        self, **overrides
-    ) -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
+    def seg_and_sr(self, **overrides) -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
         """SEG and SR through the individual writers: what write_outputs makes, without the slower overlay."""
         arguments = {
             "label_map": self.labels,
@@ -94,13 +90,8 @@ class Study:
             "adc_core_volume_ml": 0.25,
         }
         arguments.update(overrides)
-        seg_arguments = {
-            key: arguments[key]
-            for key in ("model", "task", "study_revision", "existing_series_numbers")
-        }
-        extra = {
-            key: arguments[key] for key in ("max_lesion_segments",) if key in arguments
-        }
+        seg_arguments = {key: arguments[key] for key in ("model", "task", "study_revision", "existing_series_numbers")}
+        extra = {key: arguments[key] for key in ("max_lesion_segments",) if key in arguments}
         seg = write_seg(
             self.datasets,
             arguments["label_map"],
@@ -138,28 +129,20 @@ def lesions_from_labels(labels: np.ndarray, volume: hd.Volume) -> list[Lesion]:
     return lesions
 
 
-def labels_on_volume_grid(
-    case_labels: np.ndarray, case_affine: np.ndarray, volume: hd.Volume
-) -> np.ndarray:
+def labels_on_volume_grid(case_labels: np.ndarray, case_affine: np.ndarray, volume: hd.Volume) -> np.ndarray:
     """Nearest case voxel of every volume voxel, through patient space (the volume grid is the case grid permuted)."""
-    index = np.stack(
-        np.meshgrid(*[np.arange(n) for n in volume.spatial_shape], indexing="ij"), -1
-    ).reshape(-1, 3)
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in volume.spatial_shape], indexing="ij"), -1).reshape(-1, 3)
     ras = (index @ volume.affine[:3, :3].T + volume.affine[:3, 3]) @ RAS_TO_LPS.T
     inverse = np.linalg.inv(case_affine)
     case_index = ras @ inverse[:3, :3].T + inverse[:3, 3]
     rounded = np.rint(case_index).astype(int)
     np.testing.assert_allclose(case_index, rounded, atol=1e-3)
-    return case_labels[rounded[:, 0], rounded[:, 1], rounded[:, 2]].reshape(
-        volume.spatial_shape
-    )
+    return case_labels[rounded[:, 0], rounded[:, 1], rounded[:, 2]].reshape(volume.spatial_shape)
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
-    case = generate_case(
-        "stroke", 4, site=SITE, size="small", pattern="embolic", anatomy="procedural"
-    )
+    case = generate_case("stroke", 4, site=SITE, size="small", pattern="embolic", anatomy="procedural")
     out = tmp_path_factory.mktemp("writers-study")
     paths = write_dicom_study(
         case,
@@ -168,9 +151,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Study:
         patient_id=PATIENT_ID,
         charset="ISO_IR 192",
     )
-    datasets = [
-        pydicom.dcmread(path) for path in paths if path.parent.name.endswith("_adc")
-    ]
+    datasets = [pydicom.dcmread(path) for path in paths if path.parent.name.endswith("_adc")]
     volume = hd.get_volume_from_series(datasets)
     truth = labels_on_volume_grid(case.lesion_labels, case.affine, volume)
     labels, count = label_components(truth > 0)
@@ -196,22 +177,16 @@ def negative(study: Study) -> OutputSet:
 def volume_order(datasets: list[pydicom.Dataset]) -> list[str]:
     """SOP Instance UIDs in highdicom's spatial order (label_map axis 0)."""
     _, positions = get_series_volume_positions(datasets)
-    return [
-        str(datasets[positions.index(k)].SOPInstanceUID) for k in range(len(datasets))
-    ]
+    return [str(datasets[positions.index(k)].SOPInstanceUID) for k in range(len(datasets))]
 
 
 def dciodvfy(dataset: pydicom.Dataset, path: Path) -> tuple[list[str], list[str]]:
     if shutil.which("dciodvfy") is None:
         pytest.skip("dciodvfy (dicom3tools) is not installed")
     dataset.save_as(path, enforce_file_format=True)
-    result = subprocess.run(
-        ["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60
-    )
+    result = subprocess.run(["dciodvfy", str(path)], check=False, capture_output=True, text=True, timeout=60)
     lines = (result.stdout + result.stderr).splitlines()
-    return [line for line in lines if line.startswith("Error")], [
-        line for line in lines if line.startswith("Warning")
-    ]
+    return [line for line in lines if line.startswith("Error")], [line for line in lines if line.startswith("Warning")]
 
 
 def round_trip(dataset: pydicom.Dataset) -> pydicom.Dataset:
@@ -234,9 +209,7 @@ def overlay_mask(frame: np.ndarray, rows: int, columns: int, factor: int) -> np.
 
 
 @pytest.mark.parametrize("kind", ["lesions", "negative"])
-def test_outputs_pass_dciodvfy(
-    outputs: OutputSet, negative: OutputSet, tmp_path: Path, kind: str
-) -> None:
+def test_outputs_pass_dciodvfy(outputs: OutputSet, negative: OutputSet, tmp_path: Path, kind: str) -> None:
     chosen = outputs if kind == "lesions" else negative
     with_lesion = max(
         chosen.overlay,
@@ -249,14 +222,10 @@ def test_outputs_pass_dciodvfy(
     for name, dataset in (("seg", chosen.seg), ("sc", with_lesion), ("sr", chosen.sr)):
         errors, warnings = dciodvfy(dataset, tmp_path / f"{name}.dcm")
         assert errors == [], f"{name}: {errors}"
-        assert all(allowed.get(name, "\0") in line for line in warnings), (
-            f"{name}: {warnings}"
-        )
+        assert all(allowed.get(name, "\0") in line for line in warnings), f"{name}: {warnings}"
 
 
-def test_seg_reads_back_as_the_written_label_map(
-    study: Study, outputs: OutputSet, tmp_path: Path
-) -> None:
+def test_seg_reads_back_as_the_written_label_map(study: Study, outputs: OutputSet, tmp_path: Path) -> None:
     path = tmp_path / "seg.dcm"
     outputs.seg.save_as(path, enforce_file_format=True)
     seg = hd.seg.segread(path)
@@ -266,14 +235,11 @@ def test_seg_reads_back_as_the_written_label_map(
     expected = np.zeros(study.labels.shape, dtype=np.uint8)
     for number, lesion in enumerate(by_volume, start=1):
         expected[study.labels == lesion.id] = number
-    read = seg.get_pixels_by_source_instance(
-        volume_order(study.datasets), combine_segments=True
-    )
+    read = seg.get_pixels_by_source_instance(volume_order(study.datasets), combine_segments=True)
     np.testing.assert_array_equal(read, expected)
     # Only frames holding lesion pixels are stored (omit_empty_frames), one per (segment, slice).
     assert seg.NumberOfFrames == sum(
-        int((study.labels == lesion.id).any(axis=(1, 2)).sum())
-        for lesion in study.lesions
+        int((study.labels == lesion.id).any(axis=(1, 2)).sum()) for lesion in study.lesions
     )
     for number, item in enumerate(seg.SegmentSequence, start=1):
         assert item.SegmentNumber == number
@@ -286,15 +252,10 @@ def test_seg_reads_back_as_the_written_label_map(
     assert [item.SegmentLabel for item in ms_seg.SegmentSequence] == [
         f"Lesion {n}" for n in range(1, len(study.lesions) + 1)
     ]
-    assert {
-        item.SegmentedPropertyTypeCodeSequence[0].CodeValue
-        for item in ms_seg.SegmentSequence
-    } == {"52988006"}
+    assert {item.SegmentedPropertyTypeCodeSequence[0].CodeValue for item in ms_seg.SegmentSequence} == {"52988006"}
 
 
-def test_negative_study_gives_one_empty_frame_and_zero_report(
-    study: Study, negative: OutputSet
-) -> None:
+def test_negative_study_gives_one_empty_frame_and_zero_report(study: Study, negative: OutputSet) -> None:
     seg = round_trip(negative.seg)
     assert seg.NumberOfFrames == 1 and len(seg.SegmentSequence) == 1
     assert not np.any(seg.pixel_array)
@@ -310,21 +271,14 @@ def test_negative_study_gives_one_empty_frame_and_zero_report(
     assert len(negative.overlay) == len(study.datasets)
     rows, columns = int(study.datasets[0].Rows), int(study.datasets[0].Columns)
     factor = upscale_factor(rows, columns)
-    assert not any(
-        overlay_mask(sc.pixel_array, rows, columns, factor).any()
-        for sc in negative.overlay
-    )
+    assert not any(overlay_mask(sc.pixel_array, rows, columns, factor).any() for sc in negative.overlay)
     lines = banner_lines(MODEL, 0, 0.0)
     assert lines[-1] == "AI: no lesion detected"
     banner = render_banner(lines, columns * factor)
-    np.testing.assert_array_equal(
-        negative.overlay[0].pixel_array[rows * factor :], banner
-    )
+    np.testing.assert_array_equal(negative.overlay[0].pixel_array[rows * factor :], banner)
 
 
-def test_uids_and_bytes_are_stable_and_follow_revision_and_model_version(
-    study: Study, outputs: OutputSet
-) -> None:
+def test_uids_and_bytes_are_stable_and_follow_revision_and_model_version(study: Study, outputs: OutputSet) -> None:
     common = {
         "model": MODEL,
         "task": "stroke",
@@ -350,9 +304,7 @@ def test_uids_and_bytes_are_stable_and_follow_revision_and_model_version(
     again = OutputSet(seg, overlay, sr)
     assert again.sop_instance_uids == outputs.sop_instance_uids
     assert again.series_uids == outputs.series_uids
-    assert [to_bytes(ds) for ds in again.datasets] == [
-        to_bytes(ds) for ds in outputs.datasets
-    ]
+    assert [to_bytes(ds) for ds in again.datasets] == [to_bytes(ds) for ds in outputs.datasets]
     uids = set(outputs.sop_instance_uids) | set(outputs.series_uids.values())
     assert len(uids) == len(outputs.datasets) + 3
     for changed in (
@@ -372,18 +324,14 @@ def test_uids_and_bytes_are_stable_and_follow_revision_and_model_version(
         assert dataset.Manufacturer == OWN_MANUFACTURER
         assert "not for diagnosis" in dataset.SeriesDescription
         (model_item,) = [
-            item
-            for item in dataset.ContributingEquipmentSequence
-            if item.Manufacturer == OWN_MANUFACTURER
+            item for item in dataset.ContributingEquipmentSequence if item.Manufacturer == OWN_MANUFACTURER
         ]
         assert model_item.ManufacturerModelName == MODEL.name
         assert list(model_item.SoftwareVersions) == ["1", "federated round 3"]
         assert model_item.DeviceSerialNumber == MODEL.manifest_sha256
 
 
-def test_series_numbers_skip_by_10000_past_existing_series(
-    study: Study, outputs: OutputSet
-) -> None:
+def test_series_numbers_skip_by_10000_past_existing_series(study: Study, outputs: OutputSet) -> None:
     source = study.datasets[0]
     assert source.SeriesNumber == 5
     assert (
@@ -401,12 +349,7 @@ def test_lesions_beyond_the_cap_merge_into_other_lesions(study: Study) -> None:
     # 55 cubes of distinct sizes 2 voxels apart: 26-connectivity keeps them separate lesions.
     shape = study.labels.shape
     labels = np.zeros(shape, dtype=np.int32)
-    centres = [
-        (k, r, c)
-        for k in range(3, shape[0] - 3, 6)
-        for r in range(10, shape[1] - 10, 8)
-        for c in (20, 32, 44)
-    ]
+    centres = [(k, r, c) for k in range(3, shape[0] - 3, 6) for r in range(10, shape[1] - 10, 8) for c in (20, 32, 44)]
     for label, (k, r, c) in enumerate(centres[:55], start=1):
         size = 1 + label % 4
         labels[k : k + 1 + label % 2, r : r + size, c : c + size] = label
@@ -416,32 +359,21 @@ def test_lesions_beyond_the_cap_merge_into_other_lesions(study: Study) -> None:
     seg, sr = study.seg_and_sr(label_map=labels, lesions=lesions, total_volume_ml=total)
     items = seg.SegmentSequence
     assert len(items) == 51
-    assert (
-        items[49].SegmentLabel == "Infarct 50"
-        and items[50].SegmentLabel == "Other lesions"
-    )
+    assert items[49].SegmentLabel == "Infarct 50" and items[50].SegmentLabel == "Other lesions"
     ranked = sorted(lesions, key=lambda lesion: (-lesion.volume_ml, lesion.id))
     rest = [lesion.id for lesion in ranked[50:]]
-    read = hd.seg.Segmentation.from_dataset(
-        round_trip(seg)
-    ).get_pixels_by_source_instance(volume_order(study.datasets), segment_numbers=[51])
+    read = hd.seg.Segmentation.from_dataset(round_trip(seg)).get_pixels_by_source_instance(
+        volume_order(study.datasets), segment_numbers=[51]
+    )
     np.testing.assert_array_equal(read[..., 0] > 0, np.isin(labels, rest))
-    groups = hd.sr.Comprehensive3DSR.from_dataset(
-        round_trip(sr)
-    ).content.get_volumetric_roi_measurement_groups()
+    groups = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr)).content.get_volumetric_roi_measurement_groups()
     assert len(groups) == 51
     assert groups[50].get_measurements()[0].value == pytest.approx(
         math.fsum(lesion.volume_ml for lesion in ranked[50:])
     )
-    (summary,) = hd.sr.Comprehensive3DSR.from_dataset(
-        round_trip(sr)
-    ).content.get_image_measurement_groups()
-    assert {m.name.meaning: m.value for m in summary.get_measurements()}[
-        "Number of lesions"
-    ] == 55
-    small_cap, _ = study.seg_and_sr(
-        label_map=labels, lesions=lesions, total_volume_ml=total, max_lesion_segments=3
-    )
+    (summary,) = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr)).content.get_image_measurement_groups()
+    assert {m.name.meaning: m.value for m in summary.get_measurements()}["Number of lesions"] == 55
+    small_cap, _ = study.seg_and_sr(label_map=labels, lesions=lesions, total_volume_ml=total, max_lesion_segments=3)
     assert [item.SegmentLabel for item in small_cap.SegmentSequence] == [
         "Infarct 1",
         "Infarct 2",
@@ -453,12 +385,8 @@ def test_lesions_beyond_the_cap_merge_into_other_lesions(study: Study) -> None:
 def test_sr_numbers_equal_the_inputs(study: Study) -> None:
     total, core = 3.125, 1.5
     lesions = list(study.lesions)
-    lesions[0] = dataclasses.replace(
-        lesions[0], volume_ml=lesions[0].volume_ml + total - study.total_ml
-    )
-    seg, written = study.seg_and_sr(
-        lesions=lesions, total_volume_ml=total, adc_core_volume_ml=core
-    )
+    lesions[0] = dataclasses.replace(lesions[0], volume_ml=lesions[0].volume_ml + total - study.total_ml)
+    seg, written = study.seg_and_sr(lesions=lesions, total_volume_ml=total, adc_core_volume_ml=core)
     sr = hd.sr.Comprehensive3DSR.from_dataset(round_trip(written))
     assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
         "COMPLETE",
@@ -468,31 +396,23 @@ def test_sr_numbers_equal_the_inputs(study: Study) -> None:
     groups = sr.content.get_volumetric_roi_measurement_groups()
     by_volume = sorted(lesions, key=lambda lesion: (-lesion.volume_ml, lesion.id))
     segments = {item.SegmentNumber: item for item in seg.SegmentSequence}
-    for number, (group, lesion) in enumerate(
-        zip(groups, by_volume, strict=True), start=1
-    ):
+    for number, (group, lesion) in enumerate(zip(groups, by_volume, strict=True), start=1):
         (measurement,) = group.get_measurements()
         assert (measurement.name.value, measurement.unit.value) == ("118565006", "ml")
         assert measurement.value == pytest.approx(lesion.volume_ml, rel=1e-12)
         assert group.referenced_segment.referenced_segment_numbers == [number]
-        assert (
-            group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
-        )
+        assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert group.tracking_uid == segments[number].TrackingUID
     (summary,) = sr.content.get_image_measurement_groups()
     assert summary.tracking_identifier == "All lesions"
-    values = {
-        m.name.meaning: (m.value, m.unit.value) for m in summary.get_measurements()
-    }
+    values = {m.name.meaning: (m.value, m.unit.value) for m in summary.get_measurements()}
     assert values == {
         "Volume": (total, "ml"),
         "Number of lesions": (len(lesions), "{lesions}"),
         "Infarct core volume confirmed by ADC": (core, "ml"),
     }
     _, ms_written = study.seg_and_sr(task="ms", adc_core_volume_ml=None)
-    (ms_summary,) = hd.sr.Comprehensive3DSR.from_dataset(
-        round_trip(ms_written)
-    ).content.get_image_measurement_groups()
+    (ms_summary,) = hd.sr.Comprehensive3DSR.from_dataset(round_trip(ms_written)).content.get_image_measurement_groups()
     assert [m.name.meaning for m in ms_summary.get_measurements()] == [
         "Volume",
         "Number of lesions",
@@ -512,34 +432,20 @@ def test_sr_numbers_equal_the_inputs(study: Study) -> None:
         )
 
 
-def test_overlay_series_copies_patient_module_and_burns_in_only_the_banner(
-    study: Study, outputs: OutputSet
-) -> None:
+def test_overlay_series_copies_patient_module_and_burns_in_only_the_banner(study: Study, outputs: OutputSet) -> None:
     source = study.datasets[0]
     assert len(outputs.overlay) == len(study.datasets)
-    assert [sc.InstanceNumber for sc in outputs.overlay] == list(
-        range(1, len(study.datasets) + 1)
-    )
+    assert [sc.InstanceNumber for sc in outputs.overlay] == list(range(1, len(study.datasets) + 1))
     by_uid = {str(ds.SOPInstanceUID): ds for ds in study.datasets}
-    referenced = [
-        by_uid[str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)]
-        for sc in outputs.overlay
-    ]
-    assert [ds.InstanceNumber for ds in referenced] == sorted(
-        ds.InstanceNumber for ds in study.datasets
-    )
+    referenced = [by_uid[str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)] for sc in outputs.overlay]
+    assert [ds.InstanceNumber for ds in referenced] == sorted(ds.InstanceNumber for ds in study.datasets)
     rows, columns = int(source.Rows), int(source.Columns)
     factor = upscale_factor(rows, columns)
     assert min(rows, columns) * factor >= 512 > min(rows, columns) * (factor - 1)
     lines = banner_lines(MODEL, len(study.lesions), study.total_ml)
     assert lines[0] == NOT_FOR_DIAGNOSIS
-    assert any(
-        MODEL.name in line and MODEL.version in line and "federated round 3" in line
-        for line in lines
-    )
-    assert (
-        f"{len(study.lesions)} lesions, total volume {study.total_ml:.2f} ml" in lines
-    )
+    assert any(MODEL.name in line and MODEL.version in line and "federated round 3" in line for line in lines)
+    assert f"{len(study.lesions)} lesions, total volume {study.total_ml:.2f} ml" in lines
     joined = " ".join(lines).upper()
     for identifier in (
         "MÜLLER",
@@ -591,9 +497,7 @@ def test_window_maps_head_percentiles_to_full_range() -> None:
     low, high = np.percentile(values[head], [1.0, 99.5])
     assert gray[values <= low].max() == 0 and gray[values >= high].min() == 255
     inside = (values > low) & (values < high)
-    np.testing.assert_allclose(
-        gray[inside], np.rint((values[inside] - low) / (high - low) * 255), atol=1
-    )
+    np.testing.assert_allclose(gray[inside], np.rint((values[inside] - low) / (high - low) * 255), atol=1)
 
 
 def test_not_processed_notice(study: Study, tmp_path: Path) -> None:
@@ -609,13 +513,8 @@ def test_not_processed_notice(study: Study, tmp_path: Path) -> None:
         study_revision=1,
         existing_series_numbers=EXISTING,
     )
-    assert (
-        notice.SOPInstanceUID == again.SOPInstanceUID
-        and notice.SeriesInstanceUID == again.SeriesInstanceUID
-    )
-    assert (
-        notice.ImageComments == "AI analysis not performed: no task matched the study"
-    )
+    assert notice.SOPInstanceUID == again.SOPInstanceUID and notice.SeriesInstanceUID == again.SeriesInstanceUID
+    assert notice.ImageComments == "AI analysis not performed: no task matched the study"
     assert (notice.SeriesNumber, notice.Manufacturer, notice.BurnedInAnnotation) == (
         2005,
         OWN_MANUFACTURER,
@@ -626,9 +525,7 @@ def test_not_processed_notice(study: Study, tmp_path: Path) -> None:
     errors, _ = dciodvfy(notice, tmp_path / "notice.dcm")
     assert errors == []
     with pytest.raises(ValueError, match="reason"):
-        write_not_processed(
-            study.datasets[:1], " ", study_revision=1, existing_series_numbers=EXISTING
-        )
+        write_not_processed(study.datasets[:1], " ", study_revision=1, existing_series_numbers=EXISTING)
 
 
 def _other_series(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
@@ -658,9 +555,7 @@ def _other_series(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
         ({"max_lesion_segments": 0}, "max_lesion_segments"),
     ],
 )
-def test_bad_inputs_raise_clear_value_errors(
-    study: Study, overrides: dict, message: str
-) -> None:
+def test_bad_inputs_raise_clear_value_errors(study: Study, overrides: dict, message: str) -> None:
     resolved = dict(overrides)
     datasets = study.datasets
     special = {
@@ -671,9 +566,7 @@ def test_bad_inputs_raise_clear_value_errors(
         "float": lambda: study.labels.astype(np.float32),
         "missing": lambda: study.lesions[1:],
         "count": lambda: [
-            dataclasses.replace(
-                study.lesions[0], voxel_count=study.lesions[0].voxel_count + 1
-            ),
+            dataclasses.replace(study.lesions[0], voxel_count=study.lesions[0].voxel_count + 1),
             *study.lesions[1:],
         ],
         "shape": lambda: np.ones(study.labels.shape[::-1], dtype=bool),

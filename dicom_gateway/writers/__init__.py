@@ -106,9 +106,7 @@ def write_outputs(
 ) -> OutputSet:
     """SEG, overlay series and SR of one job; every input is checked before anything is built."""
     grid = reference_grid(reference_datasets)
-    context = make_context(
-        str(grid.first.StudyInstanceUID), study_revision, task, model
-    )
+    context = make_context(str(grid.first.StudyInstanceUID), study_revision, task, model)
     items = check_lesions(lesions)
     labels = check_label_map(label_map, items, grid)
     check_total_volume(items, total_volume_ml)

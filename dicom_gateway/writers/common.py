@@ -102,12 +102,7 @@ class ModelInfo:
     def __post_init__(self) -> None:
         for field in ("name", "version"):
             value = getattr(self, field)
-            if (
-                not isinstance(value, str)
-                or not value.strip()
-                or len(value) > 64
-                or "\\" in value
-            ):
+            if not isinstance(value, str) or not value.strip() or len(value) > 64 or "\\" in value:
                 raise ValueError(
                     f"ModelInfo.{field} must be a non-empty string of at most 64 characters, got {value!r}"
                 )
@@ -116,23 +111,13 @@ class ModelInfo:
             or not isinstance(self.federated_round, int)
             or self.federated_round < 0
         ):
-            raise ValueError(
-                f"ModelInfo.federated_round must be None or an integer ≥ 0, got {self.federated_round!r}"
-            )
-        if not isinstance(self.manifest_sha256, str) or not _SHA256.match(
-            self.manifest_sha256
-        ):
-            raise ValueError(
-                f"ModelInfo.manifest_sha256 must be 64 lowercase hex digits, got {self.manifest_sha256!r}"
-            )
+            raise ValueError(f"ModelInfo.federated_round must be None or an integer ≥ 0, got {self.federated_round!r}")
+        if not isinstance(self.manifest_sha256, str) or not _SHA256.match(self.manifest_sha256):
+            raise ValueError(f"ModelInfo.manifest_sha256 must be 64 lowercase hex digits, got {self.manifest_sha256!r}")
 
     @property
     def round_text(self) -> str:
-        return (
-            "not federated"
-            if self.federated_round is None
-            else f"federated round {self.federated_round}"
-        )
+        return "not federated" if self.federated_round is None else f"federated round {self.federated_round}"
 
 
 @dataclass(frozen=True)
@@ -148,21 +133,11 @@ class Lesion:
     voxel_count: int
 
     def __post_init__(self) -> None:
-        if (
-            isinstance(self.id, bool)
-            or not isinstance(self.id, (int, np.integer))
-            or self.id < 1
-        ):
-            raise ValueError(
-                f"Lesion.id must be an integer ≥ 1 (its label value), got {self.id!r}"
-            )
+        if isinstance(self.id, bool) or not isinstance(self.id, (int, np.integer)) or self.id < 1:
+            raise ValueError(f"Lesion.id must be an integer ≥ 1 (its label value), got {self.id!r}")
         if not _finite_number(self.volume_ml) or self.volume_ml <= 0:
-            raise ValueError(
-                f"Lesion {self.id}: volume_ml must be a finite number > 0, got {self.volume_ml!r}"
-            )
-        if len(self.centroid_mm) != 3 or not all(
-            _finite_number(c) for c in self.centroid_mm
-        ):
+            raise ValueError(f"Lesion {self.id}: volume_ml must be a finite number > 0, got {self.volume_ml!r}")
+        if len(self.centroid_mm) != 3 or not all(_finite_number(c) for c in self.centroid_mm):
             raise ValueError(
                 f"Lesion {self.id}: centroid_mm must be 3 finite LPS coordinates, got {self.centroid_mm!r}"
             )
@@ -171,9 +146,7 @@ class Lesion:
             or not isinstance(self.voxel_count, (int, np.integer))
             or self.voxel_count < 1
         ):
-            raise ValueError(
-                f"Lesion {self.id}: voxel_count must be an integer ≥ 1, got {self.voxel_count!r}"
-            )
+            raise ValueError(f"Lesion {self.id}: voxel_count must be an integer ≥ 1, got {self.voxel_count!r}")
 
 
 @dataclass(frozen=True)
@@ -213,22 +186,16 @@ class OutputContext:
         return self.uid(kind, str(instance_number))
 
 
-def make_context(
-    study_uid: str, revision: int, task: str, model: ModelInfo
-) -> OutputContext:
+def make_context(study_uid: str, revision: int, task: str, model: ModelInfo) -> OutputContext:
     """Validate the identity arguments (clear ValueError) and bundle them."""
     if not is_valid_uid(study_uid):
-        raise ValueError(
-            f"StudyInstanceUID of the reference instances is not a valid UID: {study_uid!r}"
-        )
+        raise ValueError(f"StudyInstanceUID of the reference instances is not a valid UID: {study_uid!r}")
     if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
         raise ValueError(f"study_revision must be an integer ≥ 1, got {revision!r}")
     try:
         task_value = Task(task)
     except ValueError:
-        raise ValueError(
-            f"task must be one of {[t.value for t in Task]}, got {task!r}"
-        ) from None
+        raise ValueError(f"task must be one of {[t.value for t in Task]}, got {task!r}") from None
     if not isinstance(model, ModelInfo):
         raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
     return OutputContext(study_uid, revision, task_value, model)
@@ -256,9 +223,6 @@ class ReferenceGrid:
     def volume(self, array: np.ndarray) -> hd.Volume:
         return self.geometry.with_array(array)
 
-    def voxel_volume_ml(self) -> float:
-        return float(self.geometry.voxel_volume) / 1000.0
-
     def pixel_volume(self) -> np.ndarray:
         """Modality values (Rescale or Real World Value Mapping applied), float32, in grid order."""
         return hd.get_volume_from_series(list(self.datasets), dtype=np.float32).array
@@ -268,19 +232,11 @@ def reference_grid(reference_datasets: Sequence[Dataset]) -> ReferenceGrid:
     """Validate the source instances (one series, single-frame, one per slice, regular spacing) and sort them."""
     datasets = list(reference_datasets) if reference_datasets is not None else []
     if not datasets:
-        raise ValueError(
-            "reference_datasets is empty: pass the chosen volume's source instances"
-        )
+        raise ValueError("reference_datasets is empty: pass the chosen volume's source instances")
     for index, ds in enumerate(datasets):
         if not isinstance(ds, Dataset):
-            raise TypeError(
-                f"reference_datasets[{index}] is a {type(ds).__name__}, not a pydicom Dataset"
-            )
-        missing = [
-            name
-            for name in (*_REQUIRED_SOURCE_ATTRIBUTES, *_GRID_ATTRIBUTES)
-            if name not in ds
-        ]
+            raise TypeError(f"reference_datasets[{index}] is a {type(ds).__name__}, not a pydicom Dataset")
+        missing = [name for name in (*_REQUIRED_SOURCE_ATTRIBUTES, *_GRID_ATTRIBUTES) if name not in ds]
         if missing:
             raise ValueError(f"reference_datasets[{index}] lacks {', '.join(missing)}")
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
@@ -290,34 +246,22 @@ def reference_grid(reference_datasets: Sequence[Dataset]) -> ReferenceGrid:
     for name in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         values = {str(ds.get(name, "")) for ds in datasets}
         if len(values) != 1:
-            raise ValueError(
-                f"reference_datasets must share one {name}, got {sorted(values)}"
-            )
+            raise ValueError(f"reference_datasets must share one {name}, got {sorted(values)}")
     uids = [str(ds.SOPInstanceUID) for ds in datasets]
     if len(set(uids)) != len(uids):
-        raise ValueError(
-            "reference_datasets hold a SOPInstanceUID twice: pass each slice's instance once"
-        )
+        raise ValueError("reference_datasets hold a SOPInstanceUID twice: pass each slice's instance once")
     if not all(is_valid_uid(uid) for uid in uids):
         raise ValueError("reference_datasets hold an invalid SOPInstanceUID")
     if len({(int(ds.Rows), int(ds.Columns)) for ds in datasets}) != 1:
-        raise ValueError(
-            "reference_datasets differ in Rows/Columns: they are not one volume"
-        )
+        raise ValueError("reference_datasets differ in Rows/Columns: they are not one volume")
     if len(datasets) == 1:
         ordered = datasets
-        spacing = float(
-            datasets[0].get("SpacingBetweenSlices")
-            or datasets[0].get("SliceThickness")
-            or 1.0
-        )
+        spacing = float(datasets[0].get("SpacingBetweenSlices") or datasets[0].get("SliceThickness") or 1.0)
     else:
         try:
             spacing_found, positions = get_series_volume_positions(datasets)
         except (ValueError, AttributeError) as exc:
-            raise ValueError(
-                f"reference_datasets do not form one volume: {exc}"
-            ) from exc
+            raise ValueError(f"reference_datasets do not form one volume: {exc}") from exc
         if spacing_found is None or positions is None:
             raise ValueError(
                 "reference_datasets are not a regularly spaced stack of parallel slices (a gap, a duplicate "
@@ -340,9 +284,7 @@ def reference_grid(reference_datasets: Sequence[Dataset]) -> ReferenceGrid:
     return ReferenceGrid(tuple(ordered), geometry)
 
 
-def check_label_map(
-    label_map: np.ndarray, lesions: Sequence[Lesion], grid: ReferenceGrid
-) -> np.ndarray:
+def check_label_map(label_map: np.ndarray, lesions: Sequence[Lesion], grid: ReferenceGrid) -> np.ndarray:
     """An integer label map on the grid whose nonzero labels are exactly the lesions' ids with their voxel counts."""
     array = np.asarray(label_map)
     if array.shape != grid.shape:
@@ -351,13 +293,9 @@ def check_label_map(
             "(slices in highdicom Volume order, Rows, Columns)"
         )
     if array.dtype == bool or not np.issubdtype(array.dtype, np.integer):
-        raise ValueError(
-            f"label_map must hold integer labels 0..N, got dtype {array.dtype}"
-        )
+        raise ValueError(f"label_map must hold integer labels 0..N, got dtype {array.dtype}")
     if array.size and int(array.min()) < 0:
-        raise ValueError(
-            "label_map holds negative labels; 0 is background, lesions are 1..N"
-        )
+        raise ValueError("label_map holds negative labels; 0 is background, lesions are 1..N")
     ids = [int(lesion.id) for lesion in lesions]
     if len(set(ids)) != len(ids):
         raise ValueError(f"lesions repeat an id: {sorted(ids)}")
@@ -380,9 +318,7 @@ def check_lesions(lesions: Sequence[Lesion]) -> list[Lesion]:
     items = list(lesions)
     for index, lesion in enumerate(items):
         if not isinstance(lesion, Lesion):
-            raise TypeError(
-                f"lesions[{index}] is a {type(lesion).__name__}, not a dicom_gateway.writers.Lesion"
-            )
+            raise TypeError(f"lesions[{index}] is a {type(lesion).__name__}, not a dicom_gateway.writers.Lesion")
     return items
 
 
@@ -396,18 +332,10 @@ def plan_segments(
     At most `max_lesion_segments` lesions get a segment of their own; all smaller ones merge into one extra segment.
     A negative study gets one segment with no lesion (the SEG then holds one empty frame).
     """
-    if (
-        isinstance(max_lesion_segments, bool)
-        or not isinstance(max_lesion_segments, int)
-        or max_lesion_segments < 1
-    ):
-        raise ValueError(
-            f"max_lesion_segments must be an integer ≥ 1, got {max_lesion_segments!r}"
-        )
+    if isinstance(max_lesion_segments, bool) or not isinstance(max_lesion_segments, int) or max_lesion_segments < 1:
+        raise ValueError(f"max_lesion_segments must be an integer ≥ 1, got {max_lesion_segments!r}")
     name = FINDING_NAMES[context.task]
-    ordered = sorted(
-        lesions, key=lambda lesion: (-float(lesion.volume_ml), int(lesion.id))
-    )
+    ordered = sorted(lesions, key=lambda lesion: (-float(lesion.volume_ml), int(lesion.id)))
     if not ordered:
         return [
             SegmentSpec(
@@ -443,9 +371,7 @@ def plan_segments(
     return specs
 
 
-def segment_label_map(
-    label_map: np.ndarray, segments: Sequence[SegmentSpec]
-) -> np.ndarray:
+def segment_label_map(label_map: np.ndarray, segments: Sequence[SegmentSpec]) -> np.ndarray:
     """The label map relabelled to segment numbers (uint8/uint16), the SEG's label-map-style input."""
     lookup = np.zeros(int(label_map.max(initial=0)) + 1, dtype=np.uint16)
     for segment in segments:
@@ -457,36 +383,23 @@ def segment_label_map(
 def check_total_volume(lesions: Sequence[Lesion], total_volume_ml: float) -> None:
     """The report's total: finite, ≥ 0 and equal to the lesions' summed volume (up to report rounding)."""
     if not _finite_number(total_volume_ml) or total_volume_ml < 0:
-        raise ValueError(
-            f"total_volume_ml must be a finite number ≥ 0, got {total_volume_ml!r}"
-        )
+        raise ValueError(f"total_volume_ml must be a finite number ≥ 0, got {total_volume_ml!r}")
     summed = math.fsum(float(lesion.volume_ml) for lesion in lesions)
     # Rounded report values may differ from the sum by half a unit in the last place per lesion.
-    if (
-        abs(summed - float(total_volume_ml))
-        > 0.005 * max(1, len(lesions)) + 1e-6 * summed
-    ):
-        raise ValueError(
-            f"total_volume_ml {total_volume_ml} differs from the lesions' summed volume {summed:.6g} ml"
-        )
+    if abs(summed - float(total_volume_ml)) > 0.005 * max(1, len(lesions)) + 1e-6 * summed:
+        raise ValueError(f"total_volume_ml {total_volume_ml} differs from the lesions' summed volume {summed:.6g} ml")
 
 
 def check_adc_core_volume(adc_core_volume_ml: float | None, task: Task) -> None:
     """The ADC-confirmed core volume: a finite number ≥ 0 for stroke, None for every other task."""
     if task is Task.STROKE:
         if not _finite_number(adc_core_volume_ml) or adc_core_volume_ml < 0:  # type: ignore[operator]
-            raise ValueError(
-                f"stroke outputs need adc_core_volume_ml, a finite number ≥ 0, got {adc_core_volume_ml!r}"
-            )
+            raise ValueError(f"stroke outputs need adc_core_volume_ml, a finite number ≥ 0, got {adc_core_volume_ml!r}")
     elif adc_core_volume_ml is not None:
-        raise ValueError(
-            f"adc_core_volume_ml applies to stroke only; task {task.value!r} got {adc_core_volume_ml!r}"
-        )
+        raise ValueError(f"adc_core_volume_ml applies to stroke only; task {task.value!r} got {adc_core_volume_ml!r}")
 
 
-def output_series_number(
-    source: Dataset, kind: OutputKind, existing_series_numbers: Collection[int]
-) -> int:
+def output_series_number(source: Dataset, kind: OutputKind, existing_series_numbers: Collection[int]) -> int:
     """Source SeriesNumber (0 when empty) + the kind's offset, plus 10000 until no series of the study has it."""
     existing = {int(n) for n in existing_series_numbers}
     raw = source.get("SeriesNumber")
@@ -494,9 +407,7 @@ def output_series_number(
     while number in existing:
         number += SERIES_NUMBER_STEP
     if number > 2**31 - 1:
-        raise ValueError(
-            f"no free SeriesNumber for {kind.value}: every candidate up to {number} is taken"
-        )
+        raise ValueError(f"no free SeriesNumber for {kind.value}: every candidate up to {number} is taken")
     return number
 
 
@@ -527,21 +438,15 @@ def algorithm_identification(model: ModelInfo) -> hd.AlgorithmIdentificationSequ
     )
 
 
-def output_datetime(
-    datasets: Sequence[Dataset], created: dt.datetime | None
-) -> dt.datetime:
+def output_datetime(datasets: Sequence[Dataset], created: dt.datetime | None) -> dt.datetime:
     """`created`, else the latest source content/series/study date-time: equal inputs give equal bytes."""
     if created is not None:
         if not isinstance(created, dt.datetime):
-            raise ValueError(
-                f"created must be a datetime, got {type(created).__name__}"
-            )
+            raise ValueError(f"created must be a datetime, got {type(created).__name__}")
         return created.replace(tzinfo=None, microsecond=0)
     found = [when for ds in datasets if (when := _source_datetime(ds)) is not None]
     if not found:
-        raise ValueError(
-            "reference_datasets carry no Content/Series/Study date and time: pass created=datetime"
-        )
+        raise ValueError("reference_datasets carry no Content/Series/Study date and time: pass created=datetime")
     return max(found)
 
 

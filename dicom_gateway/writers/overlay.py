@@ -102,10 +102,7 @@ _FONT: dict[str, tuple[str, ...]] = {
     "'": ("..#..", "..#..", ".#...", ".....", ".....", ".....", "....."),
     "?": (".###.", "#...#", "....#", "...#.", "..#..", ".....", "..#.."),
 }
-_GLYPHS = {
-    char: np.array([[cell == "#" for cell in row] for row in rows], dtype=bool)
-    for char, rows in _FONT.items()
-}
+_GLYPHS = {char: np.array([[cell == "#" for cell in row] for row in rows], dtype=bool) for char, rows in _FONT.items()}
 
 
 def write_overlay(
@@ -123,9 +120,7 @@ def write_overlay(
 ) -> list[hd.sc.SCImage]:
     """One SC instance per source slice (InstanceNumber 1…N in the source's InstanceNumber order)."""
     grid = reference_grid(reference_datasets)
-    context = make_context(
-        str(grid.first.StudyInstanceUID), study_revision, task, model
-    )
+    context = make_context(str(grid.first.StudyInstanceUID), study_revision, task, model)
     items = check_lesions(lesions)
     labels = check_label_map(label_map, items, grid)
     check_total_volume(items, total_volume_ml)
@@ -159,19 +154,11 @@ def write_not_processed(
     """
     datasets = list(reference_datasets) if reference_datasets is not None else []
     if not datasets or not all(isinstance(ds, Dataset) for ds in datasets):
-        raise ValueError(
-            "reference_datasets must hold at least one pydicom Dataset of the study"
-        )
+        raise ValueError("reference_datasets must hold at least one pydicom Dataset of the study")
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError(f"reason must be a non-empty string, got {reason!r}")
-    if (
-        isinstance(study_revision, bool)
-        or not isinstance(study_revision, int)
-        or study_revision < 1
-    ):
-        raise ValueError(
-            f"study_revision must be an integer ≥ 1, got {study_revision!r}"
-        )
+    if isinstance(study_revision, bool) or not isinstance(study_revision, int) or study_revision < 1:
+        raise ValueError(f"study_revision must be an integer ≥ 1, got {study_revision!r}")
     first = datasets[0]
     missing = [
         name
@@ -188,9 +175,7 @@ def write_not_processed(
         raise ValueError(f"reference_datasets[0] lacks {', '.join(missing)}")
     study_uid = str(first.StudyInstanceUID)
     if not is_valid_uid(study_uid):
-        raise ValueError(
-            f"StudyInstanceUID of the reference instances is not a valid UID: {study_uid!r}"
-        )
+        raise ValueError(f"StudyInstanceUID of the reference instances is not a valid UID: {study_uid!r}")
     parts = (
         study_uid,
         str(study_revision),
@@ -213,37 +198,27 @@ def write_not_processed(
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=output_uid(*parts, "series"),
-        series_number=output_series_number(
-            first, OutputKind.NOT_PROCESSED, existing_series_numbers
-        ),
+        series_number=output_series_number(first, OutputKind.NOT_PROCESSED, existing_series_numbers),
         sop_instance_uid=output_uid(*parts, "1"),
         instance_number=1,
         manufacturer=OWN_MANUFACTURER,
         patient_orientation=("L", "P"),
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
-    sc.PatientOrientation = (
-        ""  # Type 2C, empty: a text page has no anatomy (highdicom demands a value)
-    )
+    sc.PatientOrientation = ""  # Type 2C, empty: a text page has no anatomy (highdicom demands a value)
     _mark_secondary_capture(sc, when, OutputKind.NOT_PROCESSED)
     sc.ImageComments = f"AI analysis not performed: {reason.strip()}"[:10240]
     return sc
 
 
-def check_head_mask(
-    head_mask: np.ndarray | None, grid: ReferenceGrid
-) -> np.ndarray | None:
+def check_head_mask(head_mask: np.ndarray | None, grid: ReferenceGrid) -> np.ndarray | None:
     if head_mask is None:
         return None
     mask = np.asarray(head_mask)
     if mask.shape != grid.shape:
-        raise ValueError(
-            f"head_mask has shape {mask.shape}, the reference grid is {grid.shape}"
-        )
+        raise ValueError(f"head_mask has shape {mask.shape}, the reference grid is {grid.shape}")
     if mask.dtype != bool and not np.issubdtype(mask.dtype, np.integer):
-        raise ValueError(
-            f"head_mask must be boolean or integer (nonzero = head), got dtype {mask.dtype}"
-        )
+        raise ValueError(f"head_mask must be boolean or integer (nonzero = head), got dtype {mask.dtype}")
     if not mask.any():
         raise ValueError("head_mask is empty: no voxel to window on")
     return mask != 0
@@ -261,30 +236,18 @@ def build_overlay(
 ) -> list[hd.sc.SCImage]:
     """The overlay series from already validated inputs."""
     values = grid.pixel_volume()
-    gray = window(
-        values, head_mask if head_mask is not None else threshold_head_mask(values)
-    )
+    gray = window(values, head_mask if head_mask is not None else threshold_head_mask(values))
     rows, columns = grid.shape[1:]
     factor = upscale_factor(rows, columns)
-    banner = render_banner(
-        banner_lines(context.model, lesion_count, total_volume_ml), columns * factor
-    )
+    banner = render_banner(banner_lines(context.model, lesion_count, total_volume_ml), columns * factor)
     series_uid = context.series_uid(OutputKind.OVERLAY)
-    series_number = output_series_number(
-        grid.first, OutputKind.OVERLAY, existing_series_numbers
-    )
-    order = sorted(
-        range(len(grid.datasets)), key=lambda k: (_instance_number(grid.datasets[k]), k)
-    )
+    series_number = output_series_number(grid.first, OutputKind.OVERLAY, existing_series_numbers)
+    order = sorted(range(len(grid.datasets)), key=lambda k: (_instance_number(grid.datasets[k]), k))
     pixel_spacing = [float(x) / factor for x in grid.first.PixelSpacing]
-    orientation = patient_orientation(
-        [float(x) for x in grid.first.ImageOrientationPatient]
-    )
+    orientation = patient_orientation([float(x) for x in grid.first.ImageOrientationPatient])
     images = []
     for instance_number, k in enumerate(order, start=1):
-        frame = np.concatenate(
-            [draw_lesions(gray[k], label_map[k] > 0, factor), banner], axis=0
-        )
+        frame = np.concatenate([draw_lesions(gray[k], label_map[k] > 0, factor), banner], axis=0)
         source = grid.datasets[k]
         sc = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=source,
@@ -327,9 +290,7 @@ def window(values: np.ndarray, head_mask: np.ndarray) -> np.ndarray:
     low, high = (float(x) for x in np.percentile(inside, WINDOW_PERCENTILES))
     if high <= low:
         high = low + 1.0
-    return np.rint(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(
-        np.uint8
-    )
+    return np.rint(np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def upscale_factor(rows: int, columns: int) -> int:
@@ -348,18 +309,14 @@ def draw_lesions(gray: np.ndarray, lesion: np.ndarray, factor: int) -> np.ndarra
         return rgb
     big = np.repeat(np.repeat(lesion, factor, axis=0), factor, axis=1)
     colour = np.array(LESION_RGB, dtype=np.float32)
-    rgb[big] = np.rint((1.0 - FILL_OPACITY) * rgb[big] + FILL_OPACITY * colour).astype(
-        np.uint8
-    )
+    rgb[big] = np.rint((1.0 - FILL_OPACITY) * rgb[big] + FILL_OPACITY * colour).astype(np.uint8)
     thickness = max(1, factor // 3)
     outline = big & ~ndimage.binary_erosion(big, iterations=thickness, border_value=0)
     rgb[outline] = LESION_RGB
     return rgb
 
 
-def banner_lines(
-    model: ModelInfo, lesion_count: int, total_volume_ml: float
-) -> list[str]:
+def banner_lines(model: ModelInfo, lesion_count: int, total_volume_ml: float) -> list[str]:
     """The banner text: what this is, which model, and the result; built from no patient attribute."""
     lines = [
         NOT_FOR_DIAGNOSIS,
@@ -377,9 +334,7 @@ def render_banner(lines: Sequence[str], width: int) -> np.ndarray:
     """A black strip `width` px wide with the lines drawn in it (title yellow, the rest white)."""
     scale = _text_scale(lines, width)
     line_height = (_GLYPH_ROWS + 3) * scale
-    strip = np.zeros(
-        (len(lines) * line_height + 2 * scale + 4, width, 3), dtype=np.uint8
-    )
+    strip = np.zeros((len(lines) * line_height + 2 * scale + 4, width, 3), dtype=np.uint8)
     _draw_lines(strip, lines, top=scale + 2, scale=scale)
     return strip
 
@@ -389,9 +344,7 @@ def render_text(text: str, scale: int) -> np.ndarray:
     cell = _GLYPH_COLUMNS + 1
     out = np.zeros((_GLYPH_ROWS, max(1, len(text)) * cell), dtype=bool)
     for index, char in enumerate(text.upper()):
-        out[:, index * cell : index * cell + _GLYPH_COLUMNS] = _GLYPHS.get(
-            char, _GLYPHS["?"]
-        )
+        out[:, index * cell : index * cell + _GLYPH_COLUMNS] = _GLYPHS.get(char, _GLYPHS["?"])
     return np.repeat(np.repeat(out, scale, axis=0), scale, axis=1)
 
 
@@ -401,13 +354,7 @@ def patient_orientation(image_orientation: Sequence[float]) -> list[str]:
     out = []
     for direction in (image_orientation[:3], image_orientation[3:]):
         ranked = sorted(range(3), key=lambda axis: -abs(direction[axis]))
-        out.append(
-            "".join(
-                letters[axis][direction[axis] > 0]
-                for axis in ranked
-                if abs(direction[axis]) > 1e-3
-            )
-        )
+        out.append("".join(letters[axis][direction[axis] > 0] for axis in ranked if abs(direction[axis]) > 1e-3))
     return out
 
 
@@ -416,9 +363,7 @@ def _text_scale(lines: Sequence[str], width: int) -> int:
     return max(1, min(3, (width - 8) // (longest * (_GLYPH_COLUMNS + 1))))
 
 
-def _draw_lines(
-    image: np.ndarray, lines: Sequence[str], *, top: int, scale: int | None = None
-) -> None:
+def _draw_lines(image: np.ndarray, lines: Sequence[str], *, top: int, scale: int | None = None) -> None:
     scale = scale if scale is not None else _text_scale(lines, image.shape[1])
     fits = (image.shape[1] - 8) // ((_GLYPH_COLUMNS + 1) * scale)
     y = top
@@ -445,9 +390,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def _mark_secondary_capture(
-    sc: hd.sc.SCImage, when: dt.datetime, kind: OutputKind
-) -> None:
+def _mark_secondary_capture(sc: hd.sc.SCImage, when: dt.datetime, kind: OutputKind) -> None:
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.Laterality = ""  # Type 2C (paired body parts); the brain as a whole has none
     sc.ConversionType = "WSD"

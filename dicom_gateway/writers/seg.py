@@ -56,9 +56,7 @@ def write_seg(
 ) -> hd.seg.Segmentation:
     """The SEG of `label_map` (shape (slices, Rows, Columns) in highdicom Volume order of `reference_datasets`)."""
     grid = reference_grid(reference_datasets)
-    context = make_context(
-        str(grid.first.StudyInstanceUID), study_revision, task, model
-    )
+    context = make_context(str(grid.first.StudyInstanceUID), study_revision, task, model)
     items = check_lesions(lesions)
     labels = check_label_map(label_map, items, grid)
     segments = plan_segments(items, context, max_lesion_segments)
@@ -81,7 +79,8 @@ def build_seg(
     when: dt.datetime,
 ) -> hd.seg.Segmentation:
     """The SEG from already validated inputs (write_outputs validates once for all three outputs)."""
-    if any(segment.lesion_ids for segment in segments):
+    positive = any(segment.lesion_ids for segment in segments)
+    if positive:
         pixels = grid.volume(segment_label_map(label_map, segments))
     else:
         # Negative study: highdicom keeps every frame of an all-empty mask, so hand it one slice → one empty frame.
@@ -106,9 +105,7 @@ def build_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=context.series_uid(OutputKind.SEG),
-        series_number=output_series_number(
-            grid.first, OutputKind.SEG, existing_series_numbers
-        ),
+        series_number=output_series_number(grid.first, OutputKind.SEG, existing_series_numbers),
         sop_instance_uid=context.instance_uid(OutputKind.SEG, 1),
         instance_number=1,
         manufacturer=OWN_MANUFACTURER,
@@ -118,7 +115,7 @@ def build_seg(
         content_label=CONTENT_LABEL,
         content_description="AI result, not for primary diagnosis",
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        omit_empty_frames=True,
+        omit_empty_frames=positive,
         contributing_equipment=[contributing_equipment(context.model)],
         content_date=when.date(),
         content_time=when.time(),

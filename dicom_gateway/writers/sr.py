@@ -45,9 +45,7 @@ NUMBER_OF_LESIONS = hd.sr.CodedConcept("246206008", "SCT", "Number of lesions")
 MR_BRAIN = hd.sr.CodedConcept("24590-2", "LN", "MR Brain")
 # The ADC-confirmed infarct core has no standard concept; a private scheme, declared in the SOP Common module.
 LOCAL_SCHEME = "99FEDLES"
-ADC_CORE_VOLUME = hd.sr.CodedConcept(
-    "ADC-CORE-VOL", LOCAL_SCHEME, "Infarct core volume confirmed by ADC"
-)
+ADC_CORE_VOLUME = hd.sr.CodedConcept("ADC-CORE-VOL", LOCAL_SCHEME, "Infarct core volume confirmed by ADC")
 ALL_LESIONS = "All lesions"
 
 
@@ -67,9 +65,7 @@ def write_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """The SR for `segmentation` (written by `write_seg` from the same lesions and cap): it must hold the segments."""
     grid = reference_grid(reference_datasets)
-    context = make_context(
-        str(grid.first.StudyInstanceUID), study_revision, task, model
-    )
+    context = make_context(str(grid.first.StudyInstanceUID), study_revision, task, model)
     items = check_lesions(lesions)
     check_total_volume(items, total_volume_ml)
     check_adc_core_volume(adc_core_volume_ml, context.task)
@@ -88,26 +84,17 @@ def write_sr(
     )
 
 
-def check_segmentation(
-    segmentation: Dataset, segments: Sequence[SegmentSpec], grid: ReferenceGrid
-) -> None:
+def check_segmentation(segmentation: Dataset, segments: Sequence[SegmentSpec], grid: ReferenceGrid) -> None:
     """The SEG belongs to this study and holds exactly the planned segments (labels and tracking UIDs)."""
     if not isinstance(segmentation, Dataset) or "SegmentSequence" not in segmentation:
-        raise ValueError(
-            "segmentation must be the DICOM SEG dataset written by write_seg"
-        )
+        raise ValueError("segmentation must be the DICOM SEG dataset written by write_seg")
     if segmentation.StudyInstanceUID != grid.first.StudyInstanceUID:
-        raise ValueError(
-            "segmentation belongs to another study than reference_datasets"
-        )
+        raise ValueError("segmentation belongs to another study than reference_datasets")
     found = [
         (int(item.SegmentNumber), str(item.SegmentLabel), str(item.TrackingUID))
         for item in segmentation.SegmentSequence
     ]
-    planned = [
-        (segment.number, segment.label, str(segment.tracking_uid))
-        for segment in segments
-    ]
+    planned = [(segment.number, segment.label, str(segment.tracking_uid)) for segment in segments]
     if found != planned:
         raise ValueError(
             f"segmentation segments {[(n, label) for n, label, _ in found]} differ from the lesions' "
@@ -128,20 +115,13 @@ def build_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """The SR from already validated inputs."""
     model = context.model
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=model.name, version=model.version, manufacturer=OWN_MANUFACTURER
-    )
+    algorithm = hd.sr.AlgorithmIdentification(name=model.name, version=model.version, manufacturer=OWN_MANUFACTURER)
     finding_type = FINDING_TYPES[context.task]
     source_series = hd.sr.SourceSeriesForSegmentation(str(grid.first.SeriesInstanceUID))
-    groups: list[
-        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
-        | hd.sr.MeasurementsAndQualitativeEvaluations
-    ]
+    groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations]
     groups = [
         hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=segment.tracking_uid, identifier=segment.label
-            ),
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=segment.tracking_uid, identifier=segment.label),
             referenced_segment=hd.sr.ReferencedSegment(
                 sop_class_uid=segmentation.SOPClassUID,
                 sop_instance_uid=segmentation.SOPInstanceUID,
@@ -151,22 +131,17 @@ def build_sr(
             finding_type=finding_type,
             finding_category=FINDING_CATEGORY,
             algorithm_id=algorithm,
-            measurements=[_volume(codes.SCT.Volume, segment.volume_ml, algorithm)],
+            measurements=[_volume(codes.SCT.Volume, segment.volume_ml)],
         )
         for segment in segments
         if segment.lesion_ids
     ]
     summary = [
-        _volume(codes.SCT.Volume, total_volume_ml, algorithm),
-        hd.sr.Measurement(
-            name=NUMBER_OF_LESIONS,
-            value=lesion_count,
-            unit=LESION_COUNT_UNIT,
-            algorithm_id=algorithm,
-        ),
+        _volume(codes.SCT.Volume, total_volume_ml),
+        hd.sr.Measurement(name=NUMBER_OF_LESIONS, value=lesion_count, unit=LESION_COUNT_UNIT),
     ]
     if context.task is Task.STROKE:
-        summary.append(_volume(ADC_CORE_VOLUME, adc_core_volume_ml, algorithm))  # type: ignore[arg-type]
+        summary.append(_volume(ADC_CORE_VOLUME, adc_core_volume_ml))  # type: ignore[arg-type]
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -198,9 +173,7 @@ def build_sr(
         evidence=[*grid.datasets, segmentation],
         content=report,
         series_instance_uid=context.series_uid(OutputKind.SR),
-        series_number=output_series_number(
-            grid.first, OutputKind.SR, existing_series_numbers
-        ),
+        series_number=output_series_number(grid.first, OutputKind.SR, existing_series_numbers),
         sop_instance_uid=context.instance_uid(OutputKind.SR, 1),
         instance_number=1,
         manufacturer=OWN_MANUFACTURER,
@@ -214,18 +187,15 @@ def build_sr(
     )
     sr.ManufacturerModelName = model.name
     sr.SoftwareVersions = model.version
-    scheme = Dataset()
-    scheme.CodingSchemeDesignator = LOCAL_SCHEME
-    scheme.CodingSchemeName = "fedlesion local codes"
-    scheme.CodingSchemeResponsibleOrganization = OWN_MANUFACTURER
-    sr.CodingSchemeIdentificationSequence = [scheme]
+    if context.task is Task.STROKE:
+        scheme = Dataset()
+        scheme.CodingSchemeDesignator = LOCAL_SCHEME
+        scheme.CodingSchemeName = "fedlesion local codes"
+        scheme.CodingSchemeResponsibleOrganization = OWN_MANUFACTURER
+        sr.CodingSchemeIdentificationSequence = [scheme]
     stamp(sr, when, OutputKind.SR)
     return sr
 
 
-def _volume(
-    name: hd.sr.CodedConcept, value_ml: float, algorithm: hd.sr.AlgorithmIdentification
-) -> hd.sr.Measurement:
-    return hd.sr.Measurement(
-        name=name, value=float(value_ml), unit=MILLILITER, algorithm_id=algorithm
-    )
+def _volume(name: hd.sr.CodedConcept, value_ml: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=float(value_ml), unit=MILLILITER)
