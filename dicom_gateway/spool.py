@@ -54,7 +54,7 @@ class Spool:
     """Durable, idempotent storage of received instances, shared by every association of one receiver."""
 
     def __init__(self, data_dir: Path, sink: InstanceSink, *, fsync: bool = True) -> None:
-        self.root = Path(data_dir) / SPOOL_DIRNAME
+        self.root = Path(os.path.abspath(data_dir)) / SPOOL_DIRNAME  # absolute: the studies table keys on paths
         self.root.mkdir(parents=True, exist_ok=True)
         self._sink = sink
         self._fsync = fsync
