@@ -169,6 +169,8 @@ def _slices_of(
     dataset: Dataset, index: int, frame_keys: list[VolumeKey], *, split_per_instance: bool
 ) -> list[_Slice]:
     sop_uid = str(dataset.SOPInstanceUID)
+    if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
+        raise VolumeNotProcessed(f"instance {sop_uid}: colour images ({dataset.SamplesPerPixel} samples) are not used")
     frames = _frame_count(dataset)
     instance_number = _float(dataset.get("InstanceNumber"), 0.0)
     pixels = _pixel_array(dataset)

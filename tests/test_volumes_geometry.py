@@ -2,12 +2,13 @@
 
 Split volume k must equal `ref[..., k]` in stored values (the NIfTI's raw integers, before its scl_slope), and
 the affines must agree within 1e-3 mm and 1e-5 in direction cosines after `nibabel.as_closest_canonical` on both.
-Secondary Capture series (XA30 15001, colour FA) have no geometry oracle and are left out; nibabel's
-siemens_dwi mosaics have no reference NIfTI (the mosaic path is checked by tests/test_transfer_syntaxes.py).
+Secondary Capture series (XA30 15001, colour FA) have no geometry oracle and are left out. nibabel's siemens_dwi
+mosaics have no reference NIfTI: nibabel.nicom's MosaicWrapper (an independent implementation) is their oracle.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -132,3 +133,22 @@ def assert_sources_in_slice_order(volume: SeriesVolume) -> None:
         else:
             position = dataset.ImagePositionPatient
         np.testing.assert_allclose(corners[i], [float(x) for x in position], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["siemens_dwi_0", "siemens_dwi_1000"])
+def test_nibabel_siemens_dwi_mosaics_match_nibabels_mosaic_wrapper(shared_dicom, name):
+    """No reference NIfTI ships with these; nibabel.nicom's MosaicWrapper is the independent oracle instead."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nibabel.nicom: "DICOM readers are highly experimental"
+        from nibabel.nicom.dicomwrappers import wrapper_from_data
+
+    dataset = pydicom.dcmread(shared_dicom("pypi/nibabel_5.4.2") / f"{name}.dcm")
+    (volume,) = series_volumes([dataset])
+    assert volume.key.b_value == float(name.rsplit("_", 1)[1])
+    wrapper = wrapper_from_data(dataset)
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
+    expected = nib.as_closest_canonical(nib.Nifti1Image(wrapper.get_unscaled_data(), lps_to_ras @ wrapper.affine))
+    values, affine = canonical(volume)
+    assert values.shape == (128, 128, 48)
+    assert np.array_equal(values, np.asarray(expected.dataobj))
+    assert_affine_close(affine, expected.affine)
