@@ -922,7 +922,6 @@ def _decide_diffusion(
     if equivalent:
         profile.role = SeriesRole.IGNORED
         profile.reason = f"ignored: equivalent DWI; the latest acquired, {chosen}"
-        logger.info("equivalent DWI series %s not used: %s", profile.series.number, chosen)
         return
     if any(volume.direction is not None for volume in profile.volumes):
         directions = len({v.direction for v in profile.volumes if v.direction is not None})

@@ -270,7 +270,7 @@ def _dicomdir_files(path: Path) -> tuple[list[Path], list[SkippedFile]]:
 
 
 def _skip(skipped: list[SkippedFile], path: Path, reason: str) -> None:
-    logger.info("skipped %s: %s", path, reason)
+    logger.debug("skipped %s: %s", path, reason)
     skipped.append(SkippedFile(path, reason))
 
 
