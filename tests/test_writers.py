@@ -587,3 +587,22 @@ def test_model_info_and_lesion_validate_themselves() -> None:
         Lesion(1, 0.0, (0.0, 0.0, 0.0), 1)
     with pytest.raises(ValueError, match="centroid_mm"):
         Lesion(1, 1.0, (0.0, float("inf"), 0.0), 1)
+
+
+def test_wrong_types_raise_type_errors(study: Study) -> None:
+    with pytest.raises(TypeError, match="not a dicom_gateway.writers.Lesion"):
+        study.outputs(lesions=[{"id": 1}])
+    with pytest.raises(TypeError, match="model must be a ModelInfo"):
+        study.outputs(model={"name": "m"})
+    with pytest.raises(TypeError, match="not a pydicom Dataset"):
+        study.outputs(reference_datasets=[*study.datasets[:-1], b"DICM"])
+
+
+def test_seg_needs_only_headers_the_overlay_needs_pixels(study: Study, outputs: OutputSet) -> None:
+    headers = [copy.deepcopy(ds) for ds in study.datasets]
+    for ds in headers:
+        del ds.PixelData
+    seg = write_seg(headers, study.labels, study.lesions, MODEL, "stroke", 1, EXISTING)
+    assert to_bytes(seg) == to_bytes(outputs.seg)
+    with pytest.raises(ValueError, match="carry no PixelData"):
+        study.outputs(reference_datasets=headers)

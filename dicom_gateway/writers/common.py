@@ -225,6 +225,9 @@ class ReferenceGrid:
 
     def pixel_volume(self) -> np.ndarray:
         """Modality values (Rescale or Real World Value Mapping applied), float32, in grid order."""
+        without = [index for index, ds in enumerate(self.datasets) if "PixelData" not in ds]
+        if without:
+            raise ValueError(f"{len(without)} reference instances carry no PixelData: the overlay needs the pixels")
         return hd.get_volume_from_series(list(self.datasets), dtype=np.float32).array
 
 
@@ -372,12 +375,12 @@ def plan_segments(
 
 
 def segment_label_map(label_map: np.ndarray, segments: Sequence[SegmentSpec]) -> np.ndarray:
-    """The label map relabelled to segment numbers (uint8/uint16), the SEG's label-map-style input."""
-    lookup = np.zeros(int(label_map.max(initial=0)) + 1, dtype=np.uint16)
-    for segment in segments:
-        lookup[list(segment.lesion_ids)] = segment.number
-    out = lookup[label_map]
-    return out.astype(np.uint8) if len(segments) < 256 else out
+    """The label map relabelled to segment numbers (uint8, or uint16 past 255 segments): the SEG's input."""
+    values, inverse = np.unique(label_map, return_inverse=True)
+    number_of = {lesion_id: segment.number for segment in segments for lesion_id in segment.lesion_ids}
+    dtype = np.uint8 if len(segments) < 256 else np.uint16
+    numbers = np.array([number_of.get(int(value), 0) for value in values], dtype=dtype)
+    return numbers[inverse].reshape(label_map.shape)
 
 
 def check_total_volume(lesions: Sequence[Lesion], total_volume_ml: float) -> None:
