@@ -173,7 +173,10 @@ def _scanner_adc_volume(series: SeriesHeaders) -> tuple[RoleVolume, str]:
     volumes = series_volumes(series.datasets)
     if len(volumes) != 1:
         raise VolumeNotProcessed(f"ADC series {series.number} holds {len(volumes)} volumes, expected one")
-    conversion = scanner_adc(volumes[0])
+    try:
+        conversion = scanner_adc(volumes[0])
+    except ValueError as error:  # no positive value, or a median in no known unit's range
+        raise VolumeNotProcessed(f"ADC series {series.number}: {error}") from error
     detected = f"{conversion.unit.value} ({conversion.unit_source})"
     return _role_volume("adc", series, conversion.adc, volumes[0]), detected
 

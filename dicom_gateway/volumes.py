@@ -162,7 +162,13 @@ def _pixel_array(dataset: Dataset) -> np.ndarray:
         if not isinstance(filename, str) or not filename:
             raise VolumeNotProcessed(f"instance {dataset.get('SOPInstanceUID', '?')} has no pixel data")
         dataset = open_dicom(Path(filename))
-    return dataset.pixel_array
+    try:
+        return dataset.pixel_array
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError) as error:
+        # a transfer syntax without an installed decoder, or damaged pixel data
+        raise VolumeNotProcessed(
+            f"instance {dataset.get('SOPInstanceUID', '?')}: pixel data cannot be decoded ({error})"
+        ) from error
 
 
 def _slices_of(

@@ -163,6 +163,21 @@ def test_adc_with_a_real_world_value_mapping_in_mm2_per_s(axial_study, tmp_path)
     assert np.abs(adc - np.clip(truth, 0, 5000)).max() <= 0.5 + 1e-3
 
 
+def test_adc_in_no_known_unit_is_not_processed(axial_study, tmp_path):
+    """A median inside the head in none of the three unit ranges is refused, not guessed; the DWI still converts."""
+    _, folder = axial_study
+    copy = tmp_path / "dicom"
+    shutil.copytree(folder, copy)
+    for path in sorted((copy / "5_adc").glob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.RescaleSlope = "10"  # median ≈ 9000: neither mm²/s, 10⁻³ mm²/s nor 10⁻⁶ mm²/s
+        dataset.save_as(path)
+    out = tmp_path / "out"
+    written = convert_study(copy, out)
+    assert [p.name for p in written] == ["dwi.nii.gz", "flair.nii.gz", "study.json"]
+    assert "ADC unit not recognised" in load_json(out)["not_processed"]["adc"]
+
+
 def test_slice_gap_site_gives_the_spacing_between_positions(tmp_path):
     case = generate_case("stroke", 5, site=GAP_SITE)
     folder = tmp_path / "dicom"
