@@ -710,21 +710,28 @@ def _dwi_options(profile: _Profile, rules: RoleRules) -> list[_DwiOption]:
 def _choose_dwi(
     options: list[_DwiOption], rules: RoleRules, nominal: float, b_range: tuple[int, int]
 ) -> _DwiOption | None:
+    recency = _recency([option.profile for option in options])
+
     def rank(option: _DwiOption) -> tuple:
         parts = {
             "trace": 0 if option.kind == DwiKind.TRACE else 1,
             "in_range": 0 if b_range[0] <= option.b_value <= b_range[1] else 1,
             "closest_b": abs(option.b_value - nominal),
-            "latest": _negated(option.profile.acquired, option.profile.series.number),
+            "latest": recency[id(option.profile)],
         }
         return tuple(parts[name] for name in rules.dwi_preference) + (option.profile.series.series_uid,)
 
     return min(options, key=rank) if options else None
 
 
-def _negated(acquired: str, number: int | None) -> tuple:
-    """Sorts the latest (then the highest series number) first."""
-    return (tuple(-ord(char) for char in acquired) + (math.inf,), -(number or 0))
+def _recency(profiles: list[_Profile]) -> dict[int, int]:
+    """id(profile) → 0 for the latest acquired (then highest series number), 1 for the one before, ..."""
+    ordered = sorted(
+        {id(profile): profile for profile in profiles}.values(),
+        key=lambda profile: (profile.acquired, profile.series.number or 0),
+        reverse=True,
+    )
+    return {id(profile): rank for rank, profile in enumerate(ordered)}
 
 
 def _scanner_adc(profile: _Profile) -> AdcChoice:
@@ -847,11 +854,12 @@ def _choose_flair(profiles: list[_Profile], rules: RoleRules) -> _Profile | None
     if not candidates:
         return None
     preference = rules.flair_acquisition_preference
+    recency = _recency(candidates)
 
     def rank(profile: _Profile) -> tuple:
         kind = profile.acquisition_type
         order = preference.index(kind) if kind in preference else len(preference)
-        return (order, _negated(profile.acquired, profile.series.number))
+        return (order, recency[id(profile)])
 
     return min(candidates, key=rank)
 

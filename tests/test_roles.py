@@ -27,7 +27,7 @@ from dicom_gateway.roles import (
     classify_headers,
     classify_study,
 )
-from dicom_gateway.study_files import read_path
+from dicom_gateway.study_files import StudyHeaders, read_path
 
 SHARED = SHARED_DATA / "dicom"
 OUT_OF_RANGE = "DWI b=2500 outside the model's trained range 700–1500"
@@ -82,6 +82,20 @@ def test_xa30_whole_study(xa30) -> None:
     assert (source.instances, source.frames) == (819, 819)
     assert {volume.frames for volume in source.volumes} == {39}
     assert StudyRoles.from_json(roles.to_json()) == roles
+
+
+def test_xa30_without_the_scanner_adc_computes_it_from_the_directional_series(xa30) -> None:
+    """TRACEW 13001 has no b0, so the ADC comes from 11001's b0 and its 20 directions at b=2500."""
+    without_adc = StudyHeaders(xa30.study_uid, [s for s in xa30.series if s.number != 12001])
+    roles = classify_headers(without_adc)
+    assert roles.dwi is not None and roles.dwi.series_number == 13001
+    assert roles.adc is not None and (roles.adc.source, roles.adc.series_number) == (AdcSource.COMPUTED, 11001)
+    assert (roles.adc.b_value, len(roles.adc.b0_volumes), len(roles.adc.b_volumes)) == (2500.0, 1, 20)
+    assert roles.by_number(11001).reason.startswith("dwi-source: source of the computed ADC (b0 and b=2500)")
+    with pytest.raises(ValueError, match="roles_json"):
+        StudyRoles.from_json(roles.to_json().replace('"version": 1', '"version": 9'))
+    with pytest.raises(ValueError, match="malformed"):
+        StudyRoles.from_json('{"version": 1, "series": []}')
 
 
 def test_xa30_with_a_model_trained_at_high_b(xa30) -> None:
