@@ -331,6 +331,17 @@ def test_dwi_preferences(tmp_path) -> None:
     assert roles.warnings == []
 
 
+def test_isotropic_volume_in_a_directional_series_is_the_scanner_trace(tmp_path) -> None:
+    """Philips and Canon keep their isotropic image inside the DTI series (DiffusionDirectionality ISOTROPIC)."""
+    study = HeaderStudy(tmp_path)
+    isotropic = {"DiffusionBValue": 1000.0, "DiffusionDirectionality": "ISOTROPIC"}
+    study.series(3, "080000", directional(1000) + [{**isotropic, "DiffusionGradientOrientation": [0.0, 0.0, 0.0]}])
+    roles = classify_study(study.paths)
+    assert roles.dwi is not None and (roles.dwi.kind, roles.dwi.series_number) == (DwiKind.TRACE, 3)
+    assert [(key.b_value, key.direction) for key in roles.dwi.volumes] == [(1000.0, None)]
+    assert roles.adc is not None and roles.adc.b_volumes == roles.dwi.volumes
+
+
 def test_dwi_outside_the_range_takes_the_closest_b_and_warns(tmp_path) -> None:
     study = HeaderStudy(tmp_path)
     study.series(7, "080000", trace(2500))
