@@ -347,7 +347,7 @@ class StorageScp:
                 OUT_OF_RESOURCES, f"instance of {len(dataset)} bytes over max_instance_bytes"
             )
         self._check_disk(len(dataset))
-        transfer_syntax = str(event.context.transfer_syntax[0])
+        transfer_syntax = str(event.context.transfer_syntax)  # the accepted syntax (a UID, not a list)
         header = parse_header(
             dataset, transfer_syntax, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
         )
