@@ -46,6 +46,23 @@ except urllib.error.HTTPError as error:
     sys.exit(3)
 """
 
+# Runs inside the namespace: find instances by SOP Instance UID and save each file as <out_dir>/<n>.dcm.
+_FETCHER = """
+import json, sys, urllib.request
+base, out_dir, uids = sys.argv[1], sys.argv[2], sys.argv[3:]
+found = {}
+for n, uid in enumerate(uids):
+    lookup = urllib.request.Request(base + "/tools/lookup", data=uid.encode(), method="POST")
+    with urllib.request.urlopen(lookup, timeout=60) as response:
+        ids = [m["ID"] for m in json.load(response) if m["Type"] == "Instance"]
+    if len(ids) == 1:
+        with urllib.request.urlopen(f"{base}/instances/{ids[0]}/file", timeout=60) as response:
+            with open(f"{out_dir}/{n}.dcm", "wb") as handle:
+                handle.write(response.read())
+        found[uid] = f"{out_dir}/{n}.dcm"
+print(json.dumps(found))
+"""
+
 # Runs inside the namespace: POST each file to /instances in one process.
 _UPLOADER = """
 import json, sys, urllib.request
@@ -121,11 +138,12 @@ class Orthanc:
         out = self.python(_REST_CLIENT, method, f"http://127.0.0.1:{self.http_port}{path}", kind, input=data or b"")
         return json.loads(out) if out.strip() else None
 
-    def download(self, path: str) -> bytes:
-        """Raw bytes of a GET (e.g. `/instances/{id}/file`)."""
-        result = self.run([sys.executable, "-c", _REST_CLIENT, "GET", f"http://127.0.0.1:{self.http_port}{path}",
-                           "application/json"])
-        return result.stdout
+    def fetch_instances(self, sop_instance_uids: Sequence[str], out_dir: Path) -> dict[str, Path]:
+        """The files Orthanc stored for these SOP Instance UIDs (one in-namespace process); absent ones are left out."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = self.python(_FETCHER, f"http://127.0.0.1:{self.http_port}", str(out_dir), *sop_instance_uids,
+                          timeout=300)
+        return {uid: Path(path) for uid, path in json.loads(out).items()}
 
     def upload(self, paths: Sequence[Path]) -> list[str]:
         """POST files to /instances in one in-namespace process; returns Orthanc's instance IDs."""
