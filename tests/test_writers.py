@@ -373,7 +373,7 @@ def test_lesions_beyond_the_cap_merge_into_other_lesions(study: Study) -> None:
     )
     (summary,) = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr)).content.get_image_measurement_groups()
     assert {m.name.meaning: m.value for m in summary.get_measurements()}["Number of lesions"] == 55
-    small_cap, _ = study.seg_and_sr(label_map=labels, lesions=lesions, total_volume_ml=total, max_lesion_segments=3)
+    small_cap = write_seg(study.datasets, labels, lesions, MODEL, "stroke", 1, EXISTING, max_lesion_segments=3)
     assert [item.SegmentLabel for item in small_cap.SegmentSequence] == [
         "Infarct 1",
         "Infarct 2",
