@@ -95,7 +95,7 @@ def load_study_inputs(roles: StudyRoles, study: StudyHeaders | Path) -> StudyInp
         try:
             dwi = _dwi_volume(_series(study, choice.series_uid, choice.sop_class_uid), choice.kind, choice.volumes)
         except VolumeNotProcessed as error:
-            not_processed["dwi"] = str(error)
+            not_processed["dwi"] = f"series {choice.series_number}: {error}"
 
     adc: RoleVolume | None = None
     unit_detected: str | None = None
@@ -109,7 +109,7 @@ def load_study_inputs(roles: StudyRoles, study: StudyHeaders | Path) -> StudyInp
                 adc = _computed_adc_volume(series, choice_adc.b0_volumes, choice_adc.b_volumes, choice_adc.b_value)
                 unit_detected = f"computed ({ADC_UNIT})"
         except VolumeNotProcessed as error:
-            not_processed["adc"] = str(error)
+            not_processed["adc"] = f"series {choice_adc.series_number}: {error}"
 
     flair: RoleVolume | None = None
     if roles.flair is not None:
@@ -117,7 +117,7 @@ def load_study_inputs(roles: StudyRoles, study: StudyHeaders | Path) -> StudyInp
         try:
             flair = _flair_volume(series)
         except VolumeNotProcessed as error:
-            not_processed["flair"] = str(error)
+            not_processed["flair"] = f"series {roles.flair.series_number}: {error}"
 
     if dwi is not None and adc is not None and not dwi.volume.geometry_equal(adc.volume, tol=GRID_ATOL_MM):
         warnings.append(f"ADC series {adc.series_number} is not on the DWI's grid (series {dwi.series_number})")
@@ -172,11 +172,11 @@ def _dwi_volume(series: SeriesHeaders, kind: DwiKind, keys: Sequence[VolumeKey])
 def _scanner_adc_volume(series: SeriesHeaders) -> tuple[RoleVolume, str]:
     volumes = series_volumes(series.datasets)
     if len(volumes) != 1:
-        raise VolumeNotProcessed(f"ADC series {series.number} holds {len(volumes)} volumes, expected one")
+        raise VolumeNotProcessed(f"{len(volumes)} volumes where one ADC map was expected")
     try:
         conversion = scanner_adc(volumes[0])
     except ValueError as error:  # no positive value, or a median in no known unit's range
-        raise VolumeNotProcessed(f"ADC series {series.number}: {error}") from error
+        raise VolumeNotProcessed(str(error)) from error
     detected = f"{conversion.unit.value} ({conversion.unit_source})"
     return _role_volume("adc", series, conversion.adc, volumes[0]), detected
 
@@ -185,7 +185,7 @@ def _computed_adc_volume(
     series: SeriesHeaders, b0_keys: Sequence[VolumeKey], b_keys: Sequence[VolumeKey], b_value: float | None
 ) -> RoleVolume:
     if not b0_keys or not b_keys or b_value is None:
-        raise VolumeNotProcessed(f"series {series.number}: a computed ADC needs b0 volumes and a b-value")
+        raise VolumeNotProcessed("a computed ADC needs b0 volumes and a b-value")
     volumes = _volumes_by_key(series, [*b0_keys, *b_keys])
     b0 = mean_volume([v.real for v in volumes[: len(b0_keys)]])
     sb = geometric_mean([v.real for v in volumes[len(b0_keys) :]])
@@ -195,5 +195,5 @@ def _computed_adc_volume(
 def _flair_volume(series: SeriesHeaders) -> RoleVolume:
     volumes = series_volumes(series.datasets)
     if len(volumes) != 1:
-        raise VolumeNotProcessed(f"FLAIR series {series.number} holds {len(volumes)} volumes, expected one")
+        raise VolumeNotProcessed(f"{len(volumes)} volumes where one FLAIR volume was expected")
     return _role_volume("flair", series, volumes[0].real, volumes[0])

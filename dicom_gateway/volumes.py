@@ -119,6 +119,7 @@ def series_volumes(datasets: Sequence[Dataset], wanted: Collection[VolumeKey] | 
         raise ValueError(f"datasets belong to {len(series_uids)} series; assemble one series at a time")
     series_uid = series_uids.pop()
     keys = volume_keys(datasets)
+    _check_slices_present(datasets, keys, set(wanted) if wanted is not None else {k for ks in keys for k in ks})
     multiframe_count = sum(1 for ds in datasets if _frame_count(ds) > 1)
     slices: list[_Slice] = []
     for index, (dataset, frame_keys) in enumerate(zip(datasets, keys, strict=True)):
@@ -137,7 +138,44 @@ def series_volumes(datasets: Sequence[Dataset], wanted: Collection[VolumeKey] | 
         groups.setdefault(item.group, []).append(item)
     rank = {key: place for place, key in enumerate(ordered_volume_keys(datasets, keys))}
     ordered = sorted(groups.values(), key=lambda members: (rank[members[0].key], min(m.order for m in members)))
-    return [_assemble(series_uid, members) for members in ordered]
+    single = len(rank) == 1
+    return [_assemble(series_uid, members, "the volume" if single else f"volume {members[0].key.label()}") for members in ordered]
+
+
+def _check_slices_present(datasets: Sequence[Dataset], keys: list[list[VolumeKey]], targets: set[VolumeKey]) -> None:
+    """Refuse a volume whose slice positions are a strict subset of another volume's in its series.
+
+    Why: a slice lost at either end of a stack leaves no gap between positions, but the series' other volumes (b0
+    and b, or other directions) still hold that position. Mosaics carry a whole volume per image: nothing to compare.
+    """
+    positions: dict[VolumeKey, set[tuple[float, float, float]]] = {}
+    normal: np.ndarray | None = None
+    for dataset, frame_keys in zip(datasets, keys, strict=True):
+        if is_mosaic(dataset):
+            return
+        enhanced = _is_enhanced(dataset)
+        for frame, key in enumerate(frame_keys):
+            frame_index = frame if enhanced else None
+            position = _frame_item(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient")
+            orientation = _frame_item(dataset, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient")
+            if position is None or orientation is None:
+                continue
+            if normal is None:
+                cosines = np.asarray([float(v) for v in orientation], dtype=np.float64)
+                normal = np.cross(cosines[:3], cosines[3:])
+            positions.setdefault(key, set()).add(tuple(round(float(v), 2) for v in position))  # type: ignore[arg-type]
+    if normal is None:
+        return
+    for key in sorted(targets & positions.keys()):
+        own = positions[key]
+        fuller = [other for other, held in positions.items() if own < held]
+        if fuller:
+            lost = sorted(float(np.asarray(p) @ normal) for p in positions[fuller[0]] - own)
+            where = ", ".join(f"{d:.2f} mm" for d in lost[:10]) + (f" and {len(lost) - 10} more" if len(lost) > 10 else "")
+            raise VolumeNotProcessed(
+                f"volume {key.label()}: {len(lost)} slice(s) missing at {where} along the slice normal "
+                f"(present in volume {fuller[0].label()} of the series)"
+            )
 
 
 def volume_to_nifti(volume: hd.Volume) -> nib.Nifti1Image:
@@ -307,23 +345,23 @@ def _float(value: object, default: float) -> float:
         return default
 
 
-def _assemble(series_uid: str, members: list[_Slice]) -> SeriesVolume:
+def _assemble(series_uid: str, members: list[_Slice], label: str) -> SeriesVolume:
+    """One group of slices as a volume; `label` names it in reasons ("the volume", "volume b=1000 dir=...")."""
     first = members[0]
-    label = first.key.label()
     if len(members) < 2:
-        raise VolumeNotProcessed(f"volume {label}: a single slice is not a volume")
+        raise VolumeNotProcessed(f"{label}: a single slice is not a volume")
     shapes = {m.pixels.shape for m in members}
     if len(shapes) != 1:
-        raise VolumeNotProcessed(f"volume {label}: slices differ in size {sorted(shapes)}")
+        raise VolumeNotProcessed(f"{label}: slices differ in size {sorted(shapes)}")
     if any(not np.allclose(m.orientation, first.orientation, atol=ORIENTATION_ATOL) for m in members):
-        raise VolumeNotProcessed(f"volume {label}: slices differ in orientation")
+        raise VolumeNotProcessed(f"{label}: slices differ in orientation")
     if any(not np.allclose(m.pixel_spacing, first.pixel_spacing, rtol=1e-5) for m in members):
-        raise VolumeNotProcessed(f"volume {label}: slices differ in pixel spacing")
+        raise VolumeNotProcessed(f"{label}: slices differ in pixel spacing")
     positions = np.stack([m.position for m in members])
     orientation = first.orientation.tolist()
     spacing, indices = hd.spatial.get_volume_positions(positions, orientation, rtol=SPACING_RTOL)
     if spacing is None or indices is None:
-        raise VolumeNotProcessed(f"volume {label}: {_spacing_problem(positions, first.orientation)}")
+        raise VolumeNotProcessed(f"{label}: {_spacing_problem(positions, first.orientation)}")
     ordered = [members[i] for i in np.argsort(indices)]
     stored = np.stack([m.pixels for m in ordered])
     real = np.stack(
@@ -332,7 +370,7 @@ def _assemble(series_uid: str, members: list[_Slice]) -> SeriesVolume:
     units = {m.unit for m in ordered}
     sources = {m.value_source for m in ordered}
     if len(units) > 1 or len(sources) > 1:
-        raise VolumeNotProcessed(f"volume {label}: slices carry different value mappings {sorted(map(str, units))}")
+        raise VolumeNotProcessed(f"{label}: slices carry different value mappings {sorted(map(str, units))}")
 
     def make(array: np.ndarray) -> hd.Volume:
         return hd.Volume.from_attributes(

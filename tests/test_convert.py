@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicom_gateway.convert import convert_study
+from dicom_gateway.volumes import VolumeNotProcessed, series_volumes
 from fedlesion.cli import main as fedlesion_main
 from training.synthetic.case import SiteProfile, SyntheticCase
 from training.synthetic.dicom_writer import write_dicom_study
@@ -175,7 +176,7 @@ def test_adc_in_no_known_unit_is_not_processed(axial_study, tmp_path):
     out = tmp_path / "out"
     written = convert_study(copy, out)
     assert [p.name for p in written] == ["dwi.nii.gz", "flair.nii.gz", "study.json"]
-    assert "ADC unit not recognised" in load_json(out)["not_processed"]["adc"]
+    assert load_json(out)["not_processed"]["adc"].startswith("series 5: ADC unit not recognised")
 
 
 def test_slice_gap_site_gives_the_spacing_between_positions(tmp_path):
@@ -192,13 +193,15 @@ def test_slice_gap_site_gives_the_spacing_between_positions(tmp_path):
         assert load_json(out)["roles"][role]["voxel_volume_mm3"] == pytest.approx(54.0, abs=1e-3)
 
 
-def test_deleted_middle_slice_is_not_processed_with_the_gap_position(axial_study, tmp_path):
+@pytest.mark.parametrize("where", ["middle", "top"])
+def test_deleted_dwi_slice_is_not_processed_with_its_position(where, axial_study, tmp_path):
+    """A slice lost from the b=1000 trace, in the middle or at an end where no gap shows: DWI not processed."""
     case, folder = axial_study
     copy = tmp_path / "dicom"
     shutil.copytree(folder, copy)
     n_slices = case.images["adc"].shape[2]
-    middle = n_slices // 2
-    deleted = copy / "4_dwi" / f"IM_{n_slices + middle + 1:04d}.dcm"  # the b=1000 trace volume's middle slice
+    index = n_slices // 2 if where == "middle" else n_slices - 1
+    deleted = copy / "4_dwi" / f"IM_{n_slices + index + 1:04d}.dcm"  # the second volume is the b=1000 trace
     dataset = pydicom.dcmread(deleted, stop_before_pixels=True)
     assert float(dataset.DiffusionBValue) == 1000.0
     slice_z = float(dataset.ImagePositionPatient[2])  # axial: the slice normal is +z (LPS S)
@@ -208,8 +211,25 @@ def test_deleted_middle_slice_is_not_processed_with_the_gap_position(axial_study
     written = convert_study(copy, out)
     assert [p.name for p in written] == ["adc.nii.gz", "flair.nii.gz", "study.json"]
     reason = load_json(out)["not_processed"]["dwi"]
-    assert "missing or unevenly spaced slices" in reason and "expected 3.00 mm" in reason
-    assert f"{slice_z - 3:.2f}→{slice_z + 3:.2f} mm (6.00 mm)" in reason
+    assert reason == (
+        f"series 4: volume b=1000: 1 slice(s) missing at {slice_z:.2f} mm along the slice normal (present in volume b=0 "
+        "of the series)"
+    )
+
+
+def test_single_volume_with_a_missing_middle_slice_names_the_gap(axial_study):
+    """Without another volume to compare with, the gap between positions is reported, in mm along the normal."""
+    _, folder = axial_study
+    paths = sorted((folder / "5_adc").glob("*.dcm"))
+    middle = len(paths) // 2
+    datasets = [pydicom.dcmread(path) for i, path in enumerate(paths) if i != middle]
+    slice_z = float(pydicom.dcmread(paths[middle], stop_before_pixels=True).ImagePositionPatient[2])
+    with pytest.raises(VolumeNotProcessed) as error:
+        series_volumes(datasets)
+    assert str(error.value) == (
+        "the volume: missing or unevenly spaced slices: expected 3.00 mm between slices along the normal, "
+        f"gaps at {slice_z - 3:.2f}→{slice_z + 3:.2f} mm (6.00 mm)"
+    )
 
 
 def test_cli_writes_the_files_and_study_json(axial_study, tmp_path, capsys):
