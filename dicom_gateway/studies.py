@@ -133,10 +133,19 @@ class StudyReady:
     study_uid: str
     revision: int
     spool_dir: Path
-    roles: dict[str, Any]  # describe_roles' result, or {"error": reason} when it failed
+    roles_json: str  # roles.StudyRoles.to_json() (read back with StudyRoles.from_json), or {"error": reason}
     trigger: str
     created_at: float
     handed_off_at: float | None
+
+    @property
+    def roles(self) -> dict[str, Any]:
+        return json.loads(self.roles_json)
+
+    @property
+    def error(self) -> str | None:
+        """Why the roles could not be determined; the job queue marks the study not processed with it."""
+        return self.roles.get("error")
 
 
 @dataclass(frozen=True)
@@ -540,7 +549,7 @@ class StudyIndex:
                 study_uid=row["study_uid"],
                 revision=row["revision"],
                 spool_dir=Path(row["spool_dir"]),
-                roles=json.loads(row["roles_json"]),
+                roles_json=row["roles_json"],
                 trigger=row["trigger"],
                 created_at=row["created_at"],
                 handed_off_at=row["handed_off_at"],

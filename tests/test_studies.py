@@ -17,6 +17,7 @@ import pytest
 from pydicom import dcmread
 
 from dicom_gateway.records import StoredInstance
+from dicom_gateway.roles import StudyRoles, classify_study
 from dicom_gateway.studies import (
     DATABASE_NAME,
     SPOOL_DIRNAME,
@@ -145,7 +146,8 @@ def test_explicit_completion_inserts_one_row_with_roles(make_index, data_dir, st
     [row] = index.ready_rows()
     assert (row.id, row.study_uid, row.revision, row.trigger) == (first.ready_id, STUDY_UID, 1, "explicit")
     assert row.spool_dir == data_dir / SPOOL_DIRNAME / spool_name(STUDY_UID)
-    assert "error" not in row.roles
+    assert row.error is None
+    assert StudyRoles.from_json(row.roles_json).dwi.series_uid == series_uid(study_files["4_dwi"])
     assert (row.roles["dwi"]["series_uid"], row.roles["adc"]["series_uid"]) == (
         series_uid(study_files["4_dwi"]),
         series_uid(study_files["5_adc"]),
@@ -292,7 +294,7 @@ def test_failed_roles_still_get_a_row_with_the_reason(data_dir, study_files, clo
     index.instances_stored(spool(stroke_series(study_files), data_dir / SPOOL_DIRNAME))
     assert index.complete(STUDY_UID).outcome == CompletionOutcome.NEW_REVISION
     [row] = index.ready_rows()
-    assert row.roles == {"error": f"series roles could not be determined: RuntimeError: cannot read {2 * 6 + 6} files"}
+    assert row.error == f"series roles could not be determined: RuntimeError: cannot read {2 * 6 + 6} files"
 
 
 def test_reopened_study_handed_off_meanwhile_settles_handed_off(make_index, data_dir, study_files) -> None:
@@ -412,8 +414,6 @@ def test_recording_while_the_monitor_completes_gives_one_row(data_dir, study_fil
 
 
 def test_an_instance_arriving_while_roles_are_computed_is_not_lost(data_dir, study_files) -> None:
-    from dicom_gateway.roles import classify_study
-
     computing, go_on = threading.Event(), threading.Event()
     counts: list[int] = []
 
