@@ -1,15 +1,19 @@
-"""Siemens and UIH mosaics: one stored image holding a tiled grid of slices, unpacked before any volume is built.
+"""Siemens mosaics and UIH grids: one stored image holding tiled slices, unpacked before any volume is built.
 
 Why: a mosaic's ImagePositionPatient is the top-left corner of the whole tiled image, not of a slice, and its
-pixel matrix is `tiles × tiles` slices. Unpacking (design.md §4) gives one 2-D slice per tile with its own
-position, so the rest of the node treats mosaic data like any other stack of slices.
+pixel matrix holds a grid of slices. Unpacking (design.md §4) gives one 2-D slice per tile with its own position,
+so the rest of the node treats mosaic data like any other stack of slices. Tiles fill the grid row by row,
+ceil(√n) tiles per grid row.
 
-Geometry, as in nibabel.nicom (MosaicWrapper, "dicom_mosaic" theory note) and dcm2niix: the position of tile 0 is
-the stored position shifted by half the difference between the mosaic size and the tile size, along the row and
-column cosines; tile i lies i slice steps further along the slice normal. The normal is the CSA header's
+Siemens geometry, as in nibabel.nicom (MosaicWrapper, "dicom_mosaic" theory note) and dcm2niix: the position of
+tile 0 is the stored position shifted by half the difference between the mosaic size and the tile size, along the
+row and column cosines; tile i lies i slice steps further along the slice normal. The normal is the CSA header's
 SliceNormalVector when present (it encodes the slice order), else the cross product of the cosines; the step is
 the distance between the protocol's slice centres (`sSliceArray.asSlice[i].sPosition`) when the CSA series header
 lists them, else SpacingBetweenSlices. SliceThickness is never used: with a gap it is smaller than the step.
+
+UIH grids (GDCM's SplitUihGridFilter): the slice count is (0065,xx50) and each tile's own ImagePositionPatient is
+an item of the sequence (0065,xx51), both under "Image Private Header"; the grid has ceil(n / ceil(√n)) rows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 
 with warnings.catch_warnings():
     # nibabel.nicom warns on import that its DICOM *readers* are experimental; only its CSA parser is used here.
@@ -34,7 +39,8 @@ _UIH_HEADER = "Image Private Header"
 _CSA_IMAGE_OFFSET = 0x10
 _CSA_SERIES_OFFSET = 0x20
 _SIEMENS_IMAGES_IN_MOSAIC_OFFSET = 0x0A  # (0019,xx0A) NumberOfImagesInMosaic, US
-_UIH_IMAGES_IN_GRID_OFFSET = 0x50  # (0065,xx50) NumberOfImagesInGrid, DS (dcm2niix)
+_UIH_IMAGES_IN_GRID_OFFSET = 0x50  # (0065,xx50) number of slices in the grid, DS
+_UIH_FRAME_SEQUENCE_OFFSET = 0x51  # (0065,xx51) one item per slice, with its ImagePositionPatient
 _ASCCONV_SLICE = re.compile(r"^sSliceArray\.asSlice\[(\d+)\]\.sPosition\.d(Sag|Cor|Tra)\s*=\s*(\S+)", re.MULTILINE)
 _LPS_AXIS = {"Sag": 0, "Cor": 1, "Tra": 2}
 
@@ -49,13 +55,18 @@ class MosaicSlices:
 
 
 def is_mosaic(dataset: Dataset) -> bool:
-    """True for a single-frame image whose ImageType carries the whole token MOSAIC."""
+    """True for a single-frame image with the whole ImageType token MOSAIC (Siemens), or a UIH grid."""
+    if int(dataset.get("NumberOfFrames", 1) or 1) != 1:
+        return False
     image_type = [str(token).upper() for token in dataset.get("ImageType", [])]
-    return "MOSAIC" in image_type and int(dataset.get("NumberOfFrames", 1) or 1) == 1
+    return "MOSAIC" in image_type or _uih_grid_positions(dataset) is not None
 
 
 def mosaic_image_count(dataset: Dataset) -> int:
-    """Slices in the mosaic: (0019,xx0A) under SIEMENS MR HEADER, the CSA image header, or UIH (0065,xx50)."""
+    """Slices in the mosaic: UIH (0065,xx50), (0019,xx0A) under SIEMENS MR HEADER, or the CSA image header."""
+    uih = _uih_grid_positions(dataset)
+    if uih is not None:
+        return len(uih)
     count = _private_value(dataset, 0x0019, _SIEMENS_MR_HEADER, _SIEMENS_IMAGES_IN_MOSAIC_OFFSET)
     if count is None:
         csa = _csa_header(dataset, _CSA_IMAGE_OFFSET)
@@ -65,9 +76,7 @@ def mosaic_image_count(dataset: Dataset) -> int:
             except KeyError:
                 count = None
     if count is None:
-        count = _private_value(dataset, 0x0065, _UIH_HEADER, _UIH_IMAGES_IN_GRID_OFFSET)
-    if count is None:
-        raise ValueError("mosaic image without NumberOfImagesInMosaic (Siemens MR/CSA header, UIH grid count)")
+        raise ValueError("mosaic image without NumberOfImagesInMosaic (Siemens MR or CSA image header)")
     count = int(float(count))
     if count <= 0:
         raise ValueError(f"mosaic announces {count} images")
@@ -80,16 +89,22 @@ def unpack_mosaic(dataset: Dataset, pixels: np.ndarray | None = None) -> MosaicS
     stored = dataset.pixel_array if pixels is None else pixels
     if stored.ndim != 2:
         raise ValueError(f"mosaic pixel data must be 2-D, got shape {stored.shape}")
-    tiles_per_side = int(np.ceil(np.sqrt(count)))
+    tiles_per_row = int(np.ceil(np.sqrt(count)))
+    uih_positions = _uih_grid_positions(dataset)
+    grid_rows = int(np.ceil(count / tiles_per_row)) if uih_positions is not None else tiles_per_row
     rows, columns = stored.shape
-    if rows % tiles_per_side or columns % tiles_per_side:
-        raise ValueError(f"mosaic of {rows}×{columns} pixels cannot hold {tiles_per_side}² equal tiles")
-    tile_rows, tile_columns = rows // tiles_per_side, columns // tiles_per_side
+    if rows % grid_rows or columns % tiles_per_row:
+        raise ValueError(f"mosaic of {rows}×{columns} pixels cannot hold {grid_rows}×{tiles_per_row} equal tiles")
+    tile_rows, tile_columns = rows // grid_rows, columns // tiles_per_row
     tiles = (
-        stored.reshape(tiles_per_side, tile_rows, tiles_per_side, tile_columns)
+        stored.reshape(grid_rows, tile_rows, tiles_per_row, tile_columns)
         .transpose(0, 2, 1, 3)
-        .reshape(tiles_per_side * tiles_per_side, tile_rows, tile_columns)[:count]
+        .reshape(grid_rows * tiles_per_row, tile_rows, tile_columns)[:count]
     )
+    if uih_positions is not None:
+        steps = np.linalg.norm(np.diff(uih_positions, axis=0), axis=1)
+        step = float(steps.mean()) if steps.size else 1.0
+        return MosaicSlices(pixels=np.ascontiguousarray(tiles), positions=uih_positions, slice_step_mm=step)
 
     orientation = np.asarray(dataset.ImageOrientationPatient, dtype=np.float64)
     row_cosine, column_cosine = orientation[:3], orientation[3:]
@@ -105,6 +120,26 @@ def unpack_mosaic(dataset: Dataset, pixels: np.ndarray | None = None) -> MosaicS
     step = _slice_step(dataset, normal, count)
     positions = first + np.arange(count)[:, None] * step * normal[None, :]
     return MosaicSlices(pixels=np.ascontiguousarray(tiles), positions=positions, slice_step_mm=step)
+
+
+def _uih_grid_positions(dataset: Dataset) -> np.ndarray | None:
+    """(n, 3) tile positions of a UIH grid; None when the image is no UIH grid of two or more slices."""
+    count = _private_value(dataset, 0x0065, _UIH_HEADER, _UIH_IMAGES_IN_GRID_OFFSET)
+    try:
+        block = dataset.private_block(0x0065, _UIH_HEADER)
+        items = block[_UIH_FRAME_SEQUENCE_OFFSET].value
+    except KeyError:
+        return None
+    if count is None or not isinstance(items, Sequence):
+        return None
+    try:
+        count = int(float(count))  # type: ignore[arg-type]
+        positions = np.asarray([[float(v) for v in item.ImagePositionPatient] for item in items], dtype=np.float64)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if count < 2 or positions.shape != (count, 3):
+        return None
+    return positions
 
 
 def _slice_normal(dataset: Dataset, cross: np.ndarray) -> np.ndarray:

@@ -15,7 +15,10 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
 
+from dicom_gateway.mosaic import is_mosaic, mosaic_image_count
 from dicom_gateway.volumes import SeriesVolume, series_volumes, volume_to_nifti
 
 AFFINE_ATOL_MM = 1e-3
@@ -152,3 +155,52 @@ def test_nibabel_siemens_dwi_mosaics_match_nibabels_mosaic_wrapper(shared_dicom,
     assert values.shape == (128, 128, 48)
     assert np.array_equal(values, np.asarray(expected.dataobj))
     assert_affine_close(affine, expected.affine)
+
+
+def test_uih_grid_unpacks_row_by_row_with_its_own_slice_positions():
+    """A UIH grid (no shared sample here): 5 slices in a 2 × 3 grid, positions from (0065,xx51), oblique planes.
+
+    The layout follows GDCM's SplitUihGridFilter: ceil(√5) = 3 tiles per grid row, filled row by row.
+    """
+    rng = np.random.default_rng(3)
+    slices = rng.integers(0, 4000, size=(5, 4, 6), dtype=np.uint16)
+    row_cosine = np.array([np.cos(0.2), np.sin(0.2), 0.0])
+    column_cosine = np.array([-np.sin(0.2) * np.cos(0.3), np.cos(0.2) * np.cos(0.3), -np.sin(0.3)])
+    normal = np.cross(row_cosine, column_cosine)
+    positions = np.array([10.0, -20.0, 30.0]) + np.arange(5)[:, None] * 4.5 * normal
+    grid = np.zeros((8, 18), dtype=np.uint16)
+    for k in range(5):
+        r, c = divmod(k, 3)
+        grid[r * 4 : (r + 1) * 4, c * 6 : (c + 1) * 6] = slices[k]
+
+    dataset = Dataset()
+    dataset.SOPClassUID = pydicom.uid.MRImageStorage
+    dataset.SOPInstanceUID, dataset.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1", "1.2.826.0.1.3680043.2.2"
+    dataset.StudyInstanceUID, dataset.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.3", "1.2.826.0.1.3680043.2.4"
+    dataset.Modality, dataset.Manufacturer, dataset.ImageType = "MR", "UIH", ["ORIGINAL", "PRIMARY", "M"]
+    dataset.ImageOrientationPatient = [float(v) for v in (*row_cosine, *column_cosine)]
+    dataset.ImagePositionPatient = [float(v) for v in positions[0]]
+    dataset.PixelSpacing = [2.0, 1.5]
+    dataset.Rows, dataset.Columns = grid.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    dataset.PixelData = grid.tobytes()
+    block = dataset.private_block(0x0065, "Image Private Header", create=True)
+    block.add_new(0x50, "DS", "5")
+    items = []
+    for position in positions:
+        item = Dataset()
+        item.ImagePositionPatient = [float(v) for v in position]
+        items.append(item)
+    block.add_new(0x51, "SQ", DicomSequence(items))
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+
+    assert is_mosaic(dataset) and mosaic_image_count(dataset) == 5
+    (volume,) = series_volumes([dataset])
+    tiles = [source.mosaic_tile for source in volume.sources]
+    assert tiles in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0])  # highdicom stacks right-handed: either way along the normal
+    assert np.array_equal(volume.stored.array, slices[tiles])
+    assert volume.spacing_mm == pytest.approx((4.5, 2.0, 1.5))
+    corners = volume.stored.map_indices_to_reference(np.array([[k, 0, 0] for k in range(5)]))
+    np.testing.assert_allclose(corners, positions[tiles], atol=1e-6)
