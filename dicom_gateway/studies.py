@@ -34,17 +34,16 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_gateway.records import StoredInstance
+from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.uids import is_valid_uid
 from fedlesion.settings import DicomSettings, Settings
 
 logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "dicom.sqlite3"  # under [storage] data_dir; the receiver and the CLI open the same file
-SPOOL_DIRNAME = "spool"  # under [storage] data_dir
 BUSY_TIMEOUT_MS = 5000
 COMPLETION_ATTEMPTS = 5  # roles recomputed when instances keep arriving during a completion; then left to the monitor
 MONITOR_MAX_POLL_S = 1.0
-_TEMPORARY_SUFFIXES = (".tmp", ".part", ".partial")
 _HEADER_TAGS = [
     "SOPInstanceUID",
     "SOPClassUID",
@@ -676,10 +675,11 @@ def _common_dir(paths: list[Path]) -> Path:
 
 
 def _spool_files(root: Path) -> Iterator[Path]:
+    """Every spooled file; hidden names are the spool's half-written temporaries, never acknowledged."""
     for folder, dirs, names in os.walk(root):
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         for name in sorted(names):
-            if not name.startswith(".") and not name.endswith(_TEMPORARY_SUFFIXES):
+            if not name.startswith("."):
                 yield Path(folder) / name
 
 
