@@ -166,7 +166,7 @@ def _check_slices_present(datasets: Sequence[Dataset], keys: list[list[VolumeKey
             positions.setdefault(key, set()).add(tuple(round(float(v), 2) for v in position))  # type: ignore[arg-type]
     if normal is None:
         return
-    for key in sorted(targets & positions.keys()):
+    for key in sorted(targets & positions.keys(), key=VolumeKey.label):  # a trace (no direction) sorts by text
         own = positions[key]
         fuller = [other for other, held in positions.items() if own < held]
         if fuller:
