@@ -48,6 +48,8 @@ def convert_study(
         raise ValueError(f"no role of study {study.study_uid} could be processed: {reasons}")
 
     outdir.mkdir(parents=True, exist_ok=True)
+    for role in _role_volumes(inputs).keys() - built.keys():  # a file from an earlier run would pass for this one's
+        (outdir / f"{role}.nii.gz").unlink(missing_ok=True)
     written: list[Path] = []
     for role, volume in built.items():
         target = outdir / f"{role}.nii.gz"

@@ -208,8 +208,10 @@ def test_deleted_dwi_slice_is_not_processed_with_its_position(where, axial_study
     deleted.unlink()
 
     out = tmp_path / "out"
+    convert_study(folder, out)  # an earlier, complete run into the same folder
     written = convert_study(copy, out)
     assert [p.name for p in written] == ["adc.nii.gz", "flair.nii.gz", "study.json"]
+    assert not (out / "dwi.nii.gz").exists()
     reason = load_json(out)["not_processed"]["dwi"]
     assert reason == (
         f"series 4: volume b=1000: 1 slice(s) missing at {slice_z:.2f} mm along the slice normal (present in volume b=0 "
