@@ -407,7 +407,8 @@ class StudyIndex:
             previous = json.loads(study["usable_series"]) if study["usable_series"] else None
             if study["revision"] > 0 and previous == fingerprint:
                 conn.execute(
-                    "UPDATE studies SET state = settled_state, settled_state = NULL WHERE study_uid = ?",
+                    "UPDATE studies SET state = COALESCE(settled_state, 'complete'), settled_state = NULL"
+                    " WHERE study_uid = ?",
                     (study_uid,),
                 )
                 logger.info("study %s: usable series unchanged, stays at revision %d", study_uid, study["revision"])
@@ -463,8 +464,9 @@ class StudyIndex:
         for study_uid, trigger in work:
             try:
                 done.append(self.complete(study_uid, trigger))
-            except (sqlite3.Error, ValueError):
+            except sqlite3.Error:
                 logger.exception("study %s: completion (%s) failed; retried on the next pass", study_uid, trigger)
+                self.request_completion(study_uid, trigger)
         return done
 
     def start(self) -> None:
@@ -476,6 +478,7 @@ class StudyIndex:
         self._monitor.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop the monitor thread after its current pass; a study left receiving completes after the restart."""
         if self._monitor is None:
             return
         self._stopping.set()
@@ -560,12 +563,17 @@ class StudyIndex:
         """The job queue took this revision. False when no such row exists; repeating the call changes nothing."""
         now = self._clock()
         with self._write() as conn:
-            taken = conn.execute(
-                "UPDATE study_ready SET handed_off_at = COALESCE(handed_off_at, ?) WHERE study_uid = ? AND revision = ?",
-                (now, study_uid, revision),
-            ).rowcount
-            if not taken:
+            row = conn.execute(
+                "SELECT handed_off_at FROM study_ready WHERE study_uid = ? AND revision = ?", (study_uid, revision)
+            ).fetchone()
+            if row is None:
                 return False
+            if row["handed_off_at"] is not None:
+                return True
+            conn.execute(
+                "UPDATE study_ready SET handed_off_at = ? WHERE study_uid = ? AND revision = ?",
+                (now, study_uid, revision),
+            )
             conn.execute(
                 """
                 UPDATE studies SET

@@ -469,6 +469,7 @@ def test_purge_spool_after_the_retention_time(make_index, data_dir, study_files,
     assert index.purge_spool() == []  # complete but not handed off yet
     index.mark_handed_off(STUDY_UID, 1)
     clock.now += 86400.0 - 1.0
+    assert index.mark_handed_off(STUDY_UID, 1)  # repeated: the retention still counts from the first hand-off
     assert index.purge_spool() == []
 
     clock.now += 1.0
