@@ -52,6 +52,9 @@ _HEADER_TAGS = [
     "NumberOfStudyRelatedInstances",
 ]
 
+# Handed off long enough, not purged yet, not reopened by a late push.
+_PURGE_DUE = "state != 'receiving' AND purged_at IS NULL AND handed_off_at IS NOT NULL AND handed_off_at <= ?"
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid TEXT PRIMARY KEY,
@@ -367,7 +370,8 @@ class StudyIndex:
                 if study is None:
                     raise ValueError(f"unknown study {study_uid}: no instance of it was received")
                 files = conn.execute(
-                    "SELECT series_uid, sop_class_uid, path FROM instances WHERE study_uid = ? ORDER BY series_uid, path",
+                    "SELECT series_uid, sop_class_uid, path FROM instances WHERE study_uid = ?"
+                    " ORDER BY series_uid, path",
                     (study_uid,),
                 ).fetchall()
             if study["state"] != StudyState.RECEIVING:
@@ -606,9 +610,9 @@ class StudyIndex:
     def purge_spool(self, older_than_s: float | None = None) -> list[str]:
         """Delete the spooled files of studies handed off more than `older_than_s` ago (default: retention days).
 
-        Only instances received before the hand-off go, so a study reopened by a late push keeps its new files.
-        Files are removed before their rows: a crash in between leaves rows whose files are already gone (the next
-        purge finishes), never orphan files that recover() would take for new instances.
+        Rows go first, in one transaction that re-checks the study, so an instance arriving meanwhile (a new file)
+        is never touched. A crash before the files are gone leaves files that recover() records anew: the study
+        reopens, its usable series are unchanged, it settles back without a new row and is purged again.
         """
         if older_than_s is None:
             older_than_s = self.settings.spool_retention_days * 86400.0
@@ -616,37 +620,32 @@ class StudyIndex:
             raise ValueError(f"older_than_s must be 0 or more, got {older_than_s}")
         cutoff = self._clock() - older_than_s
         with self._read() as conn:
-            studies = conn.execute(
-                "SELECT study_uid, handed_off_at FROM studies WHERE handed_off_at IS NOT NULL AND handed_off_at <= ?"
-                " AND purged_at IS NULL AND state != 'receiving'",
-                (cutoff,),
-            ).fetchall()
+            due = conn.execute(f"SELECT study_uid FROM studies WHERE {_PURGE_DUE}", (cutoff,))
+            candidates = [row["study_uid"] for row in due]
         purged = []
-        for study in studies:
-            with self._read() as conn:
-                paths = [
-                    row["path"]
-                    for row in conn.execute(
-                        "SELECT path FROM instances WHERE study_uid = ? AND received_at <= ?",
-                        (study["study_uid"], study["handed_off_at"]),
-                    )
-                ]
+        for study_uid in candidates:
+            paths = self._forget_instances(study_uid, cutoff)
+            if paths is None:
+                continue  # reopened by a late push since the first look
             for path in paths:
-                Path(path).unlink(missing_ok=True)
-            self._remove_empty_dirs({Path(path).parent for path in paths})
-            with self._write() as conn:
-                conn.execute(
-                    "DELETE FROM instances WHERE study_uid = ? AND received_at <= ?",
-                    (study["study_uid"], study["handed_off_at"]),
-                )
-                conn.execute(
-                    "UPDATE studies SET purged_at = ?,"
-                    " instance_count = (SELECT COUNT(*) FROM instances WHERE study_uid = ?) WHERE study_uid = ?",
-                    (self._clock(), study["study_uid"], study["study_uid"]),
-                )
-            purged.append(study["study_uid"])
-            logger.info("study %s: %d spool files purged", study["study_uid"], len(paths))
+                path.unlink(missing_ok=True)
+            self._remove_empty_dirs({path.parent for path in paths})
+            purged.append(study_uid)
+            logger.info("study %s: %d spool files purged", study_uid, len(paths))
         return purged
+
+    def _forget_instances(self, study_uid: str, cutoff: float) -> list[Path] | None:
+        """Drop a study's instance rows if it is still due for purging; returns their files, or None."""
+        with self._write() as conn:
+            still_due = conn.execute(f"SELECT 1 FROM studies WHERE study_uid = ? AND {_PURGE_DUE}", (study_uid, cutoff))
+            if still_due.fetchone() is None:
+                return None
+            rows = conn.execute("SELECT path FROM instances WHERE study_uid = ?", (study_uid,)).fetchall()
+            conn.execute("DELETE FROM instances WHERE study_uid = ?", (study_uid,))
+            conn.execute(
+                "UPDATE studies SET purged_at = ?, instance_count = 0 WHERE study_uid = ?", (self._clock(), study_uid)
+            )
+        return [Path(row["path"]) for row in rows]
 
     def _remove_empty_dirs(self, folders: set[Path]) -> None:
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):

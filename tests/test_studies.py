@@ -483,6 +483,15 @@ def test_purge_spool_after_the_retention_time(make_index, data_dir, study_files,
     assert index.purge_spool(older_than_s=0) == []
     assert make_index().recover().recovered == 0
 
+    # Files back in the spool after the purge (a re-push, or a crash before the unlinks): no new revision, and
+    # the study is purged again.
+    stroke = spool(stroke_series(study_files), root)
+    assert make_index().recover().recovered == len(stroke)
+    assert index.complete(STUDY_UID).outcome == CompletionOutcome.UNCHANGED
+    assert state_of(index) == StudyState.HANDED_OFF and ready_count(data_dir) == 1
+    assert index.purge_spool() == [STUDY_UID]
+    assert not (root / spool_name(STUDY_UID)).exists()
+
 
 # --- CLI -------------------------------------------------------------------------------------------------------
 
