@@ -24,7 +24,7 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_gateway.records import StoredInstance
@@ -87,25 +87,32 @@ class RunningScp:
         return sorted(path for path in self.spool.root.rglob("*") if path.is_file())
 
 
+    def stop(self) -> None:
+        self.scp.stop(grace_s=1.0)
+        self.spool.close()
+
+
+def launch_scp(data_dir: Path, **policy: object) -> RunningScp:
+    """An SCP on a free loopback port over a fresh spool in `data_dir`, with these DicomSettings (no watermark)."""
+    sink = RecordingSink()
+    spool = Spool(data_dir, sink)
+    settings = DicomSettings(**{"min_free_disk_bytes": 0, **policy})  # type: ignore[arg-type]
+    scp = StorageScp(SCP_AE, settings, spool)
+    return RunningScp(scp, spool, sink, scp.start("127.0.0.1", 0))
+
+
 @pytest.fixture
 def start_scp(tmp_path: Path) -> Iterator[Callable[..., RunningScp]]:
-    """`start_scp(**dicom_settings)`: an SCP on a free loopback port over a fresh spool; stopped at teardown."""
+    """`start_scp(**dicom_settings)`: launch_scp in a fresh data dir; stopped at teardown."""
     running: list[RunningScp] = []
 
     def start(**policy: object) -> RunningScp:
-        data_dir = tmp_path / f"data{len(running)}"
-        sink = RecordingSink()
-        spool = Spool(data_dir, sink)
-        settings = DicomSettings(**{"min_free_disk_bytes": 0, **policy})  # type: ignore[arg-type]
-        scp = StorageScp(SCP_AE, settings, spool)
-        port = scp.start("127.0.0.1", 0)
-        running.append(RunningScp(scp, spool, sink, port))
+        running.append(launch_scp(tmp_path / f"data{len(running)}", **policy))
         return running[-1]
 
     yield start
     for item in running:
-        item.scp.stop(grace_s=1.0)
-        item.spool.close()
+        item.stop()
 
 
 def storescu(port: int, *paths: Path, calling_ae: str = "STORESCU", extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -158,13 +165,19 @@ def instance(
 
 def pynetdicom_scu(port: int, calling_ae: str = "PYSCU", contexts: tuple[str, ...] = (MRImageStorage,)):
     ae = AE(ae_title=calling_ae)
-    for context in contexts:
-        ae.add_requested_context(context, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    for context in contexts:  # one context per syntax: the SCP accepts the first syntax of each context
+        ae.add_requested_context(context, ExplicitVRLittleEndian)
+        ae.add_requested_context(context, ImplicitVRLittleEndian)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE)
+    assoc = ae.associate("127.0.0.1", port, ae_title=SCP_AE, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     assert assoc.is_established
     return assoc
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Without TCP_NODELAY a small PDU after another waits for a delayed ACK (~40 ms per C-STORE)."""
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def send_raw(assoc, path: Path) -> int:
