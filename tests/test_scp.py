@@ -6,9 +6,13 @@ The studies table's place is taken by a sink that records the calls: this tests 
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import sqlite3
 import struct
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -30,9 +34,11 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_gateway.records import StoredInstance
 from dicom_gateway.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StorageScp
 from dicom_gateway.spool import Spool
+from dicom_gateway.studies import DATABASE_NAME
 from dicom_gateway.uids import OWN_MANUFACTURER, spool_name
 from fedlesion.settings import DicomSettings
-from tests.dicom_support import dcmtk_env
+from tests.conftest import REPO_ROOT
+from tests.dicom_support import dcmtk_env, free_port
 
 SCP_AE = "FEDLESION"
 # storescu proposes explicit VR little endian first and no compressed syntax unless told which one to propose
@@ -463,3 +469,35 @@ def test_stop_finishes_in_flight_stores_and_refuses_new_associations(start_scp) 
     late = ae.associate("127.0.0.1", running.port, ae_title=SCP_AE)
     assert not late.is_established
     assert running.spool.path_for(ds.StudyInstanceUID, ds.SOPInstanceUID).is_file()
+
+
+# -- fedlesion receive ----------------------------------------------------------------------------------------------
+
+
+def test_fedlesion_receive_stores_into_the_studies_table_and_stops_on_sigterm(tmp_path: Path) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    files = []
+    study = generate_uid()
+    for index in range(5):
+        files.append(tmp_path / f"{index}.dcm")
+        instance(study=study).save_as(files[-1], enforce_file_format=True)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FEDLESION_")}
+    env.update(PYTHONPATH=str(REPO_ROOT), FEDLESION_STORAGE__DATA_DIR=str(data_dir))
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "fedlesion", "receive", "--port", str(port)],
+        env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        assert receiver.stdout is not None
+        start_line = receiver.stdout.readline()
+        assert start_line.strip() == f"fedlesion receive: AE {SCP_AE} on 0.0.0.0:{port}, data in {data_dir.resolve()}"
+        sent = storescu(port, *files)
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        receiver.send_signal(signal.SIGTERM)
+        exit_status = receiver.wait(30)
+    assert exit_status == 0
+    with sqlite3.connect(data_dir / DATABASE_NAME) as db:
+        (count,) = db.execute("SELECT COUNT(*) FROM instances").fetchone()
+    assert count == 5
+    assert len([path for path in (data_dir / "spool").rglob("*.dcm")]) == 5
