@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -137,6 +138,7 @@ class Sender:
         if not assoc.is_established:
             failure = _association_failure(assoc, destination, connected.is_set())
             return [self._fail(d, failure) for d in deliveries]
+        _keep_responses_for_the_sender(assoc)
         outcomes: list[str] = []
         try:
             for message_id, delivery in enumerate(deliveries, start=1):
@@ -168,6 +170,28 @@ class Sender:
         LOGGER.info("send %s → %s failed (%s); retry at attempt %d", delivery.instance.sop_instance_uid,
                     delivery.destination, failure.reason, attempt + 1)
         return "retrying"
+
+
+def _keep_responses_for_the_sender(assoc: Association) -> None:
+    """Work around a race in pynetdicom 3.0: a response taken by the association's reactor goes back to the sender.
+
+    `send_c_store` pauses the reactor thread by clearing `_reactor_checkpoint` and waiting for `_is_paused`, but
+    the flag is still True for a moment after the reactor passed the checkpoint. A reactor preempted in that
+    moment (two busy cores, the sender holding the GIL while it encodes and sends a large instance) later takes
+    the C-STORE response off the DIMSE queue, logs "Received unexpected C-STORE service message" and drops it:
+    `send_c_store` then waits out the DIMSE timeout and the retry sends the destination an instance it already
+    acknowledged. Our associations only send requests, so whatever the reactor takes that is not a request is put
+    back on the queue, where `send_c_store` is waiting for it.
+    """
+    serve_request = assoc._serve_request
+
+    def requeue_responses(message: Any, context_id: int) -> None:
+        if message.is_valid_request:
+            serve_request(message, context_id)
+        else:
+            assoc.dimse.msg_queue.put((context_id, message))
+
+    assoc._serve_request = requeue_responses  # type: ignore[method-assign]
 
 
 def _add(report: PassReport, outcomes: list[str]) -> PassReport:

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -28,6 +29,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 
+from dicom_gateway import writers
 from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey, destination_name
 from dicom_gateway.scu import PassReport, Sender
 from dicom_gateway.uids import output_uid
@@ -177,18 +179,12 @@ def test_dead_destination_retries_with_exponential_backoff_then_dead_letters(tmp
     assert sender.send_pending() == PassReport()  # dead letters are never retried
 
 
-def test_rejected_association_is_dead_lettered_with_the_peers_reason(tmp_path, source_instances, storescp):
-    _, refusing = storescp("refusing", "--refuse")
-    outbox = Outbox(tmp_path / "data")
-    outbox.enqueue(KEY, as_outputs(source_instances, "rejected", 1), [refusing])
-    assert Sender(outbox, [refusing], attempts=1).send_pending().dead_lettered == 1
-    (letter,) = outbox.dead_letters()
-    assert letter.last_error.startswith(f"association rejected by {destination_name(refusing)}: ")
-
-
-def start_pynetdicom_scp(sop_classes: list[str], status: int) -> tuple[object, Destination]:
-    """A pynetdicom SCP answering every C-STORE with `status`."""
+def start_pynetdicom_scp(
+    sop_classes: list[str], status: int, calling_aes: list[str] | None = None
+) -> tuple[object, Destination]:
+    """A pynetdicom SCP answering every C-STORE with `status`, rejecting calling AEs not in `calling_aes`."""
     ae = AE(ae_title="FORCED")
+    ae.require_calling_aet = calling_aes or []
     for sop_class in sop_classes:
         ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
@@ -215,6 +211,21 @@ def test_failure_statuses_and_refused_contexts(tmp_path, source_instances, sop_c
         server.shutdown()
     (letter,) = outbox.dead_letters()
     assert reason in letter.last_error and letter.attempts == attempts_used
+
+
+def test_rejected_association_is_dead_lettered_with_the_peers_reason(tmp_path, source_instances):
+    """A pynetdicom peer, not `storescp --refuse`: dcmtk closes the connection right after its A-ASSOCIATE-RJ, and
+    pynetdicom then sometimes reports an abort instead of the rejection (both end in a dead letter)."""
+    server, refusing = start_pynetdicom_scp([MRImageStorage], 0x0000, calling_aes=["SOMEONE"])
+    try:
+        outbox = Outbox(tmp_path / "data")
+        outbox.enqueue(KEY, as_outputs(source_instances, "rejected", 1), [refusing])
+        assert Sender(outbox, [refusing], attempts=1).send_pending().dead_lettered == 1
+    finally:
+        server.shutdown()
+    (letter,) = outbox.dead_letters()
+    assert letter.last_error.startswith(f"association rejected by {destination_name(refusing)}: ")
+    assert "Calling AE title not recognised" in letter.last_error
 
 
 def test_destination_taking_only_implicit_vr_gets_converted_copies(tmp_path, source_instances, storescp):
@@ -336,4 +347,62 @@ def test_sender_loop_sends_what_is_enqueued_while_it_runs_and_stops_on_the_event
         stop.set()
         loop.join(timeout=5)
     assert not loop.is_alive()
+    assert received(directory) == Counter({d.SOPInstanceUID: 1 for d in outputs})
+
+
+def test_writer_outputs_reach_storescp_once_each_and_unchanged(tmp_path, source_instances, storescp):
+    """SEG, SC overlay series and SR from dicom_gateway.writers, as a job enqueues them."""
+    volume = hd.get_volume_from_series(source_instances)
+    label_map = np.zeros(volume.spatial_shape, dtype=np.int32)
+    label_map[2:4, 8:12, 6:10] = 1
+    voxels = np.argwhere(label_map == 1)
+    voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    centroid = tuple(float(c) for c in voxels.mean(axis=0) @ volume.affine[:3, :3].T + volume.affine[:3, 3])
+    lesion = writers.Lesion(1, len(voxels) * voxel_ml, centroid, len(voxels))
+    model = writers.ModelInfo("stroke-dwi-adc", "1.0.0", None, "a" * 64)
+    outputs = writers.write_outputs(
+        source_instances, label_map, [lesion], model, "stroke", 1, {2, 4, 5}, lesion.volume_ml, lesion.volume_ml
+    )
+    directory, destination = storescp("writers")
+    outbox = Outbox(tmp_path / "data")
+    stored = outbox.enqueue(OutputKey(KEY.study_uid, 1, "stroke", model.version), outputs.datasets, [destination])
+
+    assert Sender(outbox, [destination]).send_pending().sent == len(outputs.datasets)
+    assert received(directory) == Counter({uid: 1 for uid in outputs.sop_instance_uids})
+    arrived = {ds.SOPInstanceUID: ds for ds in map(pydicom.dcmread, directory.iterdir())}
+    for instance in stored:
+        sent = pydicom.dcmread(instance.path)
+        assert arrived[instance.sop_instance_uid].SOPClassUID == sent.SOPClassUID
+        assert arrived[instance.sop_instance_uid].get("PixelData") == sent.get("PixelData")
+
+
+def test_a_response_taken_by_the_pynetdicom_reactor_still_reaches_the_sender(
+    tmp_path, source_instances, storescp, monkeypatch
+):
+    """pynetdicom's reactor thread can take a C-STORE response meant for `send_c_store` (a race on busy cores, seen
+    here as "Received unexpected C-STORE service message" and a DIMSE timeout). The steal is made certain: after each
+    request the response goes down the reactor's path (`dimse.get_msg`, then `Association._serve_request`)."""
+    directory, destination = storescp("race")
+    outbox = Outbox(tmp_path / "data")
+    outputs = as_outputs(source_instances, "race", 3)
+    outbox.enqueue(KEY, outputs, [destination])
+    sender = Sender(outbox, [destination], timeout_s=5.0)
+    associate = sender._ae.associate
+
+    def associate_with_a_thieving_reactor(*args, **kwargs):
+        assoc = associate(*args, **kwargs)
+        send_msg = assoc.dimse.send_msg
+
+        def send_then_the_reactor_takes_the_response(primitive, context_id):
+            send_msg(primitive, context_id)
+            taken_context, response = assoc.dimse.get_msg(block=True)
+            assoc._serve_request(response, taken_context)
+
+        monkeypatch.setattr(assoc.dimse, "send_msg", send_then_the_reactor_takes_the_response)
+        return assoc
+
+    monkeypatch.setattr(sender._ae, "associate", associate_with_a_thieving_reactor)
+    started = time.monotonic()
+    assert sender.send_pending().sent == 3
+    assert time.monotonic() - started < 3.0  # no DIMSE timeout was waited out
     assert received(directory) == Counter({d.SOPInstanceUID: 1 for d in outputs})
