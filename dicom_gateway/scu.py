@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -97,10 +98,18 @@ class Sender:
         )
 
     def run(self, stop_event: threading.Event) -> None:
-        """Send passes until `stop_event` is set, waking when the next row is due or every `poll_s` for new ones."""
+        """Send passes until `stop_event` is set, waking when the next row is due or every `poll_s` for new ones.
+
+        A pass that fails on the database or the disk (locked past busy_timeout, disk full) is logged and tried again
+        after `poll_s`: the node keeps sending once the condition clears instead of losing its sender thread.
+        """
         while not stop_event.is_set():
-            self.send_pending()
-            next_due = self.outbox.next_due_at()
+            try:
+                self.send_pending()
+                next_due = self.outbox.next_due_at()
+            except (sqlite3.Error, OSError):
+                LOGGER.exception("send pass failed; trying again in %.1f s", self.poll_s)
+                next_due = None
             wait = self.poll_s if next_due is None else min(self.poll_s, max(0.0, next_due - self._clock()))
             stop_event.wait(wait)
 
