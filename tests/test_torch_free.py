@@ -43,6 +43,9 @@ SCRIPT = textwrap.dedent(
     import models.adc, models.manifest, models.metrics, models.package, models.postprocessing, models.preprocessing
     import models.registry, models.resampling, models.signing
     import inference.engine
+    import dicom_gateway.convert, dicom_gateway.outbox, dicom_gateway.receiver, dicom_gateway.roles
+    import dicom_gateway.scp, dicom_gateway.scu, dicom_gateway.studies, dicom_gateway.study_inputs
+    import dicom_gateway.writers
     import training.synthetic
     from training.synthetic.dicom_writer import write_dicom_study
     # The model contract, the engine module and the CLI load without the runtime; an Engine needs onnxruntime.
@@ -78,6 +81,25 @@ SCRIPT = textwrap.dedent(
     metrics = compute_metrics(on_source > 0.5, case.mask, voxel_volume_ml(case.affine))
     assert metrics.voxel_sensitivity > 0.9, metrics
     assert abs(metrics.gt_volume_ml - sum(lesion.volume_ml for lesion in case.lesions)) < 0.05
+
+    # DICOM in and out: roles and volumes from the synthetic study, SEG/SC/SR written from its ground truth.
+    import pydicom
+    from dicom_gateway.convert import convert_study
+    from dicom_gateway.roles import classify_study
+    from dicom_gateway.writers import Lesion, ModelInfo, write_outputs
+
+    written = {{path.name for path in convert_study(out / "dicom", out / "converted")}}
+    assert {{"dwi.nii.gz", "adc.nii.gz", "flair.nii.gz", "study.json"}} <= written, written
+    roles = classify_study(sorted((out / "dicom").rglob("*.dcm")))
+    assert roles.dwi is not None and roles.adc is not None
+    adc_files = [pydicom.dcmread(f) for f in dicom_files]
+    references = [d for d in adc_files if d.SeriesInstanceUID == roles.adc.series_uid]  # the writers sort them
+    label_map = np.zeros((len(references), references[0].Rows, references[0].Columns), np.uint8)
+    label_map[len(references) // 2, 10:14, 10:14] = 1
+    lesion = Lesion(1, 0.1, (0.0, 0.0, 0.0), 16)
+    model = ModelInfo("stroke-dwi-adc", "1", None, "b" * 64)
+    outputs = write_outputs(references, label_map, [lesion], model, "stroke", 1, set(), 0.1, 0.0)
+    assert len(outputs.datasets) == 2 + len(references)
 
     leaked = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
     assert not leaked, leaked
