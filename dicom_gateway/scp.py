@@ -493,7 +493,9 @@ class _HeaderScanner:
     def unsigned_short(self, value: bytes | None) -> int | None:
         if value is None or value == b"":
             return None
-        return int(struct.unpack_from(self.order + "H", value)[0])
+        if len(value) < 2:
+            raise ValueError("a US value shorter than 2 bytes")
+        return int(_LAYOUTS[self.order].short_length.unpack_from(value)[0])
 
     def _element_header(self, position: int, implicit: bool, order: str) -> tuple[int, bytes | None, int, int]:
         data = self.data
