@@ -18,7 +18,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dicom_gateway.receiver import run_receiver
-
     from fedlesion.settings import load_settings
 
     settings = load_settings(Path(args.config) if args.config else None)
