@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import socketserver
 import struct
 import threading
 import time
@@ -32,6 +33,7 @@ from pynetdicom import (
     evt,
 )
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_gateway.records import StoredInstance
 from dicom_gateway.spool import Spool, SpoolClosedError, SpoolOutcome
@@ -68,6 +70,7 @@ MAX_PDU_BYTES = 1 << 20  # large PDUs: fewer Python round trips per instance
 DUL_POLL_INTERVAL_S = 0.0005  # pynetdicom: 0.001; lower answers sooner, costs idle CPU per open association
 _PER_MESSAGE_LOG_EVENTS = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
 _DISK_CHECK_INTERVAL_S = 0.5
+_ACCEPT_POLL_INTERVAL_S = 0.05  # how soon stop() takes effect (socketserver's default is 0.5 s)
 _ERROR_COMMENT_MAX = 64  # LO
 
 # Everything the policy needs lies at or before (0028,0100) Bits Allocated; the scan stops at the first tag after it.
@@ -190,6 +193,24 @@ class _UnrestrictedStorage:
                 _config.UNRESTRICTED_STORAGE_SERVICE = cls._previous
 
 
+class _AcceptorServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, bound with SO_REUSEPORT when several receiver processes share one port, and
+    run by StorageScp itself (its own accept thread, shut down without pynetdicom's AE bookkeeping)."""
+
+    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
+        self._reuse_port = reuse_port
+        super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
 class StorageScp:
     """A pynetdicom Storage SCP in its own threads: `start(host, port)` returns the bound port, `stop()` ends it."""
 
@@ -219,8 +240,12 @@ class StorageScp:
             raise RuntimeError("the SCP is not running")
         return int(self._server.server_address[1])
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen on host:port (0: any free port) in background threads; returns the bound port."""
+    def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> int:
+        """Listen on host:port (0: any free port) in background threads; returns the bound port.
+
+        `reuse_port`: bind with SO_REUSEPORT, so that several receiver processes accept on one port and the kernel
+        spreads new associations over them.
+        """
         if self._server is not None:
             raise RuntimeError("the SCP is already running")
         _UnrestrictedStorage.acquire()
@@ -234,10 +259,16 @@ class StorageScp:
             (evt.EVT_C_STORE, self._on_store),
         ]
         try:
-            self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+            server = self.ae.make_server(
+                (host, port), evt_handlers=handlers, server_class=_AcceptorServer, reuse_port=reuse_port
+            )
         except BaseException:
             _UnrestrictedStorage.release()
             raise
+        threading.Thread(
+            target=server.serve_forever, args=(_ACCEPT_POLL_INTERVAL_S,), name=f"scp-accept-{port}", daemon=True
+        ).start()
+        self._server = server
         LOG.info("storage SCP %s listening on %s:%d", self.ae_title, host, self.port)
         return self.port
 

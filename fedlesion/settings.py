@@ -99,6 +99,7 @@ class DicomSettings:
     allowed_calling_aes: tuple[str, ...] = field(default=(), metadata=_check(_ae_titles))  # empty: any
     complete_on_release: tuple[str, ...] = field(default=(), metadata=_check(_ae_titles))
     max_associations: int = field(default=8, metadata=_check(_positive))
+    receiver_processes: int = field(default=1, metadata=_check(_positive))  # >1: SCP processes sharing the port
     max_instance_bytes: int = field(default=1 << 30, metadata=_check(_positive))
     max_frame_pixels: int = field(default=4096 * 4096, metadata=_check(_positive))
     max_frames: int = field(default=5000, metadata=_check(_positive))
