@@ -14,6 +14,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -474,30 +475,61 @@ def test_stop_finishes_in_flight_stores_and_refuses_new_associations(start_scp) 
 # -- fedlesion receive ----------------------------------------------------------------------------------------------
 
 
-def test_fedlesion_receive_stores_into_the_studies_table_and_stops_on_sigterm(tmp_path: Path) -> None:
-    data_dir, port = tmp_path / "data", free_port()
-    files = []
-    study = generate_uid()
-    for index in range(5):
-        files.append(tmp_path / f"{index}.dcm")
-        instance(study=study).save_as(files[-1], enforce_file_format=True)
+def start_receiver(data_dir: Path, port: int, processes: int) -> subprocess.Popen:
+    """`fedlesion receive` in its own process; returns once it printed its start line (checked here)."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("FEDLESION_")}
-    env.update(PYTHONPATH=str(REPO_ROOT), FEDLESION_STORAGE__DATA_DIR=str(data_dir))
+    env.update(
+        PYTHONPATH=str(REPO_ROOT),
+        FEDLESION_STORAGE__DATA_DIR=str(data_dir),
+        FEDLESION_DICOM__RECEIVER_PROCESSES=str(processes),
+        FEDLESION_DICOM__MIN_FREE_DISK_BYTES="0",
+    )
     receiver = subprocess.Popen(
         [sys.executable, "-m", "fedlesion", "receive", "--port", str(port)],
         env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
+    assert receiver.stdout is not None
+    start_line = receiver.stdout.readline()
+    assert start_line.strip() == f"fedlesion receive: AE {SCP_AE} on 0.0.0.0:{port}, data in {data_dir.resolve()}"
+    return receiver
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_fedlesion_receive_stores_into_the_studies_table_and_stops_on_sigterm(tmp_path: Path, processes: int) -> None:
+    data_dir, port = tmp_path / "data", free_port()
+    study = generate_uid()
+    files = [tmp_path / f"{index}.dcm" for index in range(8)]
+    for path in files:
+        instance(study=study).save_as(path, enforce_file_format=True)
+    receiver = start_receiver(data_dir, port, processes)
     try:
-        assert receiver.stdout is not None
-        start_line = receiver.stdout.readline()
-        assert start_line.strip() == f"fedlesion receive: AE {SCP_AE} on 0.0.0.0:{port}, data in {data_dir.resolve()}"
-        sent = storescu(port, *files)
-        assert sent.returncode == 0, sent.stderr
+        senders = [  # four associations at once: with two processes the kernel spreads them over both
+            subprocess.Popen(
+                ["storescu", "-aet", "STORESCU", "-aec", SCP_AE, "127.0.0.1", str(port), *map(str, files[part::4])],
+                env=dcmtk_env(), stderr=subprocess.PIPE, text=True,
+            )
+            for part in range(4)
+        ]
+        for sender in senders:
+            assert sender.wait(60) == 0, sender.stderr.read() if sender.stderr else ""
     finally:
         receiver.send_signal(signal.SIGTERM)
-        exit_status = receiver.wait(30)
+        exit_status = receiver.wait(60)
     assert exit_status == 0
     with sqlite3.connect(data_dir / DATABASE_NAME) as db:
         (count,) = db.execute("SELECT COUNT(*) FROM instances").fetchone()
-    assert count == 5
-    assert len([path for path in (data_dir / "spool").rglob("*.dcm")]) == 5
+    assert count == len(files) == len(list((data_dir / "spool").rglob("*.dcm")))
+
+
+def test_kill_9_of_the_receiver_takes_its_workers_along(tmp_path: Path) -> None:
+    port = free_port()
+    receiver = start_receiver(tmp_path / "data", port, processes=2)
+    receiver.kill()
+    receiver.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError("an orphaned SCP worker still accepts associations after kill -9 of the receiver")
