@@ -49,6 +49,7 @@ class NodeSettings:
     dicom_port: int = field(default=11112, metadata=_check(_port))
     web_host: str = "127.0.0.1"
     web_port: int = field(default=8080, metadata=_check(_port))
+    web_secure_cookies: bool = False  # true when TLS is terminated in front of the page (cookies get Secure)
 
 
 def _positive(value: float) -> str | None:
@@ -117,6 +118,38 @@ class DicomSettings:
         return tuple(Destination.parse(value) for value in self.destinations)
 
 
+def _regex(value: str) -> str | None:
+    try:
+        re.compile(value)
+    except re.error as error:
+        return f"is not a valid regular expression ({error})"
+    return None
+
+
+@dataclass(frozen=True)
+class TasksSettings:
+    """Which tasks run and on which studies (design.md §4 task routing); a filter is a regex searched in
+    StudyDescription, RequestedProcedureDescription and the calling AE title; empty matches every study."""
+
+    stroke: bool = True
+    ms: bool = True
+    stroke_study_filter: str = field(default="", metadata=_check(_regex))
+    ms_study_filter: str = field(default="", metadata=_check(_regex))
+    notify_not_processed: bool = False  # send one SC image "AI analysis not performed: reason"
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """The workers and the engine (design.md §5)."""
+
+    workers: int = field(default=1, metadata=_check(_positive))
+    threads: int = field(default=0, metadata=_check(_non_negative))  # ONNX Runtime intra-op threads; 0: all cores
+    flip_tta: bool = False
+    adc_core_threshold: float = field(default=620.0, metadata=_check(_positive))  # µm²/s
+    max_attempts: int = field(default=3, metadata=_check(_positive))
+    registry_poll_s: float = field(default=5.0, metadata=_check(_positive))
+
+
 @dataclass(frozen=True)
 class StorageSettings:
     """Everything the node keeps lives under one data directory (design.md §1)."""
@@ -141,6 +174,8 @@ class LoggingSettings:
 class Settings:
     node: NodeSettings = NodeSettings()
     dicom: DicomSettings = DicomSettings()
+    tasks: TasksSettings = TasksSettings()
+    inference: InferenceSettings = InferenceSettings()
     storage: StorageSettings = StorageSettings()
     models: ModelSettings = ModelSettings()
     logging: LoggingSettings = LoggingSettings()
