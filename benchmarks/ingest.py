@@ -1,6 +1,7 @@
-"""Ingest speed: dcmtk `storescu` (TCP_NODELAY=1) sends the same small instances to our Storage SCP (fsync on,
-group commit) and to dcmtk's `storescp` (which does not fsync), over 1 and over 4 parallel associations (4 storescu
-processes, a quarter of the files each). Prints instances/s of each and the ratio ours/storescp.
+"""Ingest speed: dcmtk `storescu` (TCP_NODELAY=1) sends the same instances to `fedlesion receive` (fsync on, group
+commit, the real studies table; with 1 and with `--processes` SCP processes) and to dcmtk's `storescp` (which does
+not fsync), over 1 and over 4 parallel associations (4 storescu processes, a quarter of the files each). Prints
+instances/s of each and the ratio ours/storescp.
 
 Two sets of instances:
 - `small` (default): pydicom's MR_small.dcm (64×64, 16-bit, explicit VR little endian, 9.8 kB) cloned with new,
@@ -9,7 +10,7 @@ Two sets of instances:
   of about 170 kB, gunzipped into a temp dir): the set the issue's baseline (storescp 725/s, a naive per-instance
   fsync handler 217/s = 0.30×) was measured on.
 
-Run: `.venv/bin/python benchmarks/ingest.py [--instances 1200] [--repeats 3] [--xa30]`.
+Run: `.venv/bin/python benchmarks/ingest.py [--instances 1200] [--repeats 3] [--xa30] [--processes 2]`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -34,27 +36,9 @@ from pydicom.data import get_testdata_file
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_gateway.records import StoredInstance
-from dicom_gateway.scp import StorageScp
-from dicom_gateway.spool import Spool
-from fedlesion.settings import DicomSettings
+from dicom_gateway.spool import SPOOL_DIRNAME
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
-
-
-class CountingSink:
-    """The studies table's place: counts what the SCP hands on."""
-
-    def __init__(self) -> None:
-        self.instances = 0
-        self.commits = 0
-
-    def instances_stored(self, instances: list[StoredInstance]) -> None:
-        self.instances += len(instances)
-        self.commits += 1
-
-    def association_released(self, calling_ae: str, study_uids: set[str]) -> None:
-        pass
 
 
 def make_instances(folder: Path, count: int, seed: int = 4) -> list[Path]:
@@ -116,20 +100,34 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ours(files: list[Path], associations: int, work: Path) -> float:
+def ours(files: list[Path], associations: int, work: Path, processes: int) -> float:
+    """`fedlesion receive` as deployed (real studies table, fsync on) with `processes` SCP processes."""
     data_dir = Path(tempfile.mkdtemp(dir=work))
-    sink = CountingSink()
-    spool = Spool(data_dir, sink, fsync=True)
-    scp = StorageScp("FEDLESION", DicomSettings(min_free_disk_bytes=0), spool)
-    port = scp.start("127.0.0.1", 0)
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FEDLESION_")}
+    env.update(
+        PYTHONPATH=str(REPO),
+        FEDLESION_STORAGE__DATA_DIR=str(data_dir),
+        FEDLESION_DICOM__RECEIVER_PROCESSES=str(processes),
+        FEDLESION_DICOM__MIN_FREE_DISK_BYTES="0",
+        FEDLESION_DICOM__INACTIVITY_TIMEOUT_S="3600",  # no study completes (and classifies) during the run
+        FEDLESION_LOGGING__LEVEL="WARNING",
+    )
+    receiver = subprocess.Popen(
+        [sys.executable, "-m", "fedlesion", "receive", "--port", str(port)],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
     try:
+        assert receiver.stdout is not None
+        if not receiver.stdout.readline().startswith("fedlesion receive:"):
+            raise RuntimeError("fedlesion receive did not start")
         seconds = send(port, files, associations)
     finally:
-        scp.stop()
-        spool.close()
-    if sink.instances != len(files):
-        raise RuntimeError(f"our SCP stored {sink.instances} of {len(files)}")
-    print(f"    ours: {len(files)} instances in {sink.commits} group commits", flush=True)
+        receiver.send_signal(signal.SIGTERM)
+        receiver.wait(60)
+    stored = sum(1 for _ in (data_dir / SPOOL_DIRNAME).rglob("*.dcm"))
+    if stored != len(files):
+        raise RuntimeError(f"our SCP stored {stored} of {len(files)}")
     shutil.rmtree(data_dir)
     return len(files) / seconds
 
@@ -163,22 +161,26 @@ def _wait_listening(port: int) -> None:
     raise RuntimeError("storescp did not start listening")
 
 
-def measure(files: list[Path], repeats: int, work: Path) -> None:
+def measure(files: list[Path], repeats: int, work: Path, processes: int) -> None:
     size = statistics.median(path.stat().st_size for path in files)
     print(f"{len(files)} instances, median {size / 1000:.1f} kB; median of {repeats} runs", flush=True)
     for associations in (1, 4):
-        rates: dict[str, list[float]] = {"ours": [], "storescp": []}
+        rates: dict[str, list[float]] = {"storescp": [], "ours, 1 process": []}
+        if processes > 1:
+            rates[f"ours, {processes} processes"] = []
         for _ in range(repeats):
             rates["storescp"].append(storescp(files, associations, work))
-            rates["ours"].append(ours(files, associations, work))
-        median = {name: statistics.median(values) for name, values in rates.items()}
-        print(
-            f"{associations} association(s): ours {median['ours']:.0f}/s "
-            f"(runs {', '.join(f'{v:.0f}' for v in rates['ours'])}), "
-            f"storescp {median['storescp']:.0f}/s (runs {', '.join(f'{v:.0f}' for v in rates['storescp'])}), "
-            f"ratio {median['ours'] / median['storescp']:.2f}",
-            flush=True,
-        )
+            rates["ours, 1 process"].append(ours(files, associations, work, 1))
+            if processes > 1:
+                rates[f"ours, {processes} processes"].append(ours(files, associations, work, processes))
+        reference = statistics.median(rates["storescp"])
+        for name, values in rates.items():
+            median = statistics.median(values)
+            print(
+                f"  {associations} association(s), {name}: {median:.0f}/s "
+                f"(runs {', '.join(f'{value:.0f}' for value in values)}), ratio {median / reference:.2f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -186,19 +188,20 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1200, help="how many small instances")
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is printed")
     parser.add_argument("--xa30", action="store_true", help="also send the shared XA30 study")
+    parser.add_argument("--processes", type=int, default=2, help="dicom.receiver_processes for the second setup")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if not shutil.which("storescu") or not shutil.which("storescp"):
         sys.exit("dcmtk's storescu and storescp are needed (Debian package dcmtk)")
-    print(f"{os.cpu_count()} CPUs; our SCP fsyncs (group commit), storescp does not")
+    print(f"{os.cpu_count()} CPUs; `fedlesion receive` fsyncs (group commit) and records in SQLite, storescp does neither")
     with tempfile.TemporaryDirectory(prefix="fedlesion-ingest-") as temp:
         work = Path(temp)
         (work / "small").mkdir()
         print("small:", end=" ")
-        measure(make_instances(work / "small", args.instances), args.repeats, work)
+        measure(make_instances(work / "small", args.instances), args.repeats, work, args.processes)
         if args.xa30:
             print("xa30:", end=" ")
-            measure(unpack_xa30(work / "xa30"), args.repeats, work)
+            measure(unpack_xa30(work / "xa30"), args.repeats, work, args.processes)
 
 
 if __name__ == "__main__":
