@@ -145,6 +145,7 @@ def test_limits_and_ae_defaults_are_the_settings_defaults() -> None:
     assert ae_rows["node.ae_title"] == NodeSettings().ae_title
     assert ae_rows["node.dicom_port"] == str(NodeSettings().dicom_port)
     assert ae_rows["dicom.max_associations"] == str(defaults.max_associations)
+    assert ae_rows["dicom.receiver_processes"] == str(defaults.receiver_processes)
     assert ae_rows["maximum PDU length received"] == "1 MiB" and MAX_PDU_BYTES == 1 << 20
     text = DOC.read_text(encoding="utf-8")
     assert PYNETDICOM_IMPLEMENTATION_UID in text and PYNETDICOM_IMPLEMENTATION_VERSION in text
