@@ -1,0 +1,351 @@
+"""The models the node serves: one verified package per enabled task, hot-swapped when the registry grows.
+
+Why a service and not a global: a job takes `current(task)` once and keeps that immutable `ServingModel` to the end,
+so a swap in the middle of a job never mixes two models in one result (design.md §5). A new version is verified
+against the trust policy and the versions served (older or equal refused), warmed up by one prediction on a small
+dummy head, and only then swapped in under a lock. Every refusal (design.md §2) leaves the old model serving and is
+kept with its time, path and reason for the models page.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.engine import Engine
+from models.errors import MalformedPackage, PackageRefused
+from models.manifest import Manifest, Role, Task
+from models.package import LoadedPackage, TrustMode, TrustPolicy, load_package
+from models.preprocessing import Channel
+from models.registry import Registry
+from models.signing import load_public_key
+
+LOG = logging.getLogger(__name__)
+
+DEFAULTS_DIR = Path(__file__).resolve().parents[1] / "models" / "defaults"
+MAX_REFUSALS = 200  # the models page shows the recent ones; the log keeps all
+PUBLISHER_KEY_FILE = "publisher.pem"  # inside an enrollment bundle directory
+
+EngineFactory = Callable[[LoadedPackage], Engine]
+
+
+class ModelUnavailable(LookupError):
+    """No verified model serves this task (none in the registry, or every version was refused)."""
+
+
+class WarmUpFailed(PackageRefused):
+    """The package verified but could not run one prediction on a dummy input; the old model keeps serving."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """One model as served: hold it for the whole job, never look the task up again halfway."""
+
+    engine: Engine
+    package: LoadedPackage
+    manifest: Manifest
+    version: int
+    providers: tuple[str, ...]
+    loaded_at: datetime
+
+    @property
+    def task(self) -> Task:
+        return self.manifest.task
+
+    def describe(self) -> dict[str, Any]:
+        """Versions and provenance for the models page and the JSON API (no weights, no keys)."""
+        manifest, training = self.manifest, self.manifest.training
+        return {
+            "task": manifest.task.value,
+            "name": manifest.name,
+            "version": self.version,
+            "demo": self.package.demo,
+            "description": manifest.description,
+            "created": manifest.created.isoformat(),
+            "loaded_at": self.loaded_at.isoformat(),
+            "signer_fingerprint": self.package.signer_fingerprint,
+            "manifest_sha256": self.package.manifest_sha256,
+            "plan_sha256": training.plan_sha256,
+            "federated_round": training.federated_round,
+            "strategy": training.strategy,
+            "validation_metrics": {site: dict(values) for site, values in training.site_metrics.items()},
+            "providers": list(self.providers),
+        }
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A package the node would not serve, and why; `kind` is the refusal class (e.g. TamperedPackage)."""
+
+    time: datetime
+    task: str | None
+    version: int | None
+    path: str
+    kind: str
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "time": self.time.isoformat(),
+            "task": self.task,
+            "version": self.version,
+            "path": self.path,
+            "kind": self.kind,
+            "reason": self.reason,
+        }
+
+
+def enabled_tasks(stroke: bool, ms: bool) -> frozenset[Task]:
+    """The model tasks behind settings [tasks] stroke / ms."""
+    return frozenset(task for task, on in ((Task.STROKE_DWI_ADC, stroke), (Task.MS_FLAIR, ms)) if on)
+
+
+def trust_from_bundle(bundle: Path | None, tasks: Iterable[Task]) -> TrustPolicy:
+    """No bundle: demo mode. A bundle is the publisher's Ed25519 public key as PEM, or a directory holding it
+    as `publisher.pem`; with it, demo-signed packages are refused."""
+    if bundle is None:
+        return TrustPolicy.demo(tasks)
+    bundle = Path(bundle)
+    key_path = bundle / PUBLISHER_KEY_FILE if bundle.is_dir() else bundle
+    if not key_path.is_file():
+        raise ValueError(f"models.enrollment_bundle: {key_path} is not a publisher key file")
+    return TrustPolicy.enrolled([load_public_key(key_path.read_bytes())], tasks)
+
+
+def warm_up_channels(manifest: Manifest) -> list[Channel]:
+    """A small seeded dummy head (an ellipsoid with noise) in the manifest's channel order, 3 mm voxels."""
+    shape, spacing = (40, 44, 20), 3.0
+    grid = np.meshgrid(*(np.linspace(-1.0, 1.0, n) for n in shape), indexing="ij")
+    head = sum(axis**2 for axis in grid) < 0.8
+    rng = np.random.default_rng(0)
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    levels = {Role.DWI: 400.0, Role.ADC: 800.0, Role.FLAIR: 300.0, Role.T1: 500.0}
+    channels = []
+    for channel in manifest.inputs:
+        data = head * levels[channel.role] + rng.normal(0.0, 10.0, shape)
+        channels.append(Channel(np.clip(data, 0, None).astype(np.float32), affine, channel.name))
+    return channels
+
+
+class ModelService:
+    """Serves the newest verified version per enabled task from `registry_dir` and watches it for new ones."""
+
+    def __init__(
+        self,
+        registry_dir: Path,
+        trust: TrustPolicy,
+        tasks: Iterable[Task],
+        *,
+        defaults_dir: Path | None = DEFAULTS_DIR,
+        engine_factory: EngineFactory | None = None,
+        poll_s: float = 5.0,
+    ) -> None:
+        tasks = frozenset(Task(task) for task in tasks)
+        if not tasks:
+            raise ValueError("tasks: at least one task must be enabled")
+        if not isinstance(trust, TrustPolicy):
+            raise TypeError(f"trust must be a TrustPolicy, not {type(trust).__name__}")
+        if poll_s <= 0:
+            raise ValueError(f"poll_s must be greater than 0, got {poll_s}")
+        self.tasks = tasks
+        # A task the node does not run is refused even when the publisher signed it (design.md §2).
+        self.trust = TrustPolicy(trust.publisher_keys, trust.mode, tasks)
+        self.registry = Registry(Path(registry_dir), self.trust)
+        self.defaults_dir = Path(defaults_dir) if defaults_dir is not None else None
+        self._engine_factory = engine_factory or (lambda package: Engine(package))
+        self.poll_s = poll_s
+        self._serving: dict[Task, ServingModel] = {}
+        self._refused: set[tuple[Task, int]] = set()  # registry versions already refused: not retried each poll
+        self._refusals: deque[Refusal] = deque(maxlen=MAX_REFUSALS)
+        self._lock = threading.Lock()  # guards _serving and _refusals
+        self._poll_lock = threading.Lock()  # one verification pass at a time (watcher thread vs install)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @property
+    def demo_mode(self) -> bool:
+        return self.trust.mode is TrustMode.DEMO
+
+    # -- serving ---------------------------------------------------------------------------------------------
+    def current(self, task: Task) -> ServingModel:
+        """The model serving `task` now; keep the returned object for the whole job."""
+        task = Task(task)
+        with self._lock:
+            serving = self._serving.get(task)
+        if serving is None:
+            raise ModelUnavailable(f"no verified model serves {task.value}")
+        return serving
+
+    def served_versions(self) -> dict[Task, int]:
+        with self._lock:
+            return {task: model.version for task, model in self._serving.items()}
+
+    def refusals(self) -> list[Refusal]:
+        """Recent refusals, newest first."""
+        with self._lock:
+            return list(reversed(self._refusals))
+
+    def status(self) -> dict[str, Any]:
+        """Everything the models page and its JSON API show."""
+        with self._lock:
+            serving = dict(self._serving)
+            refusals = list(reversed(self._refusals))
+        return {
+            "demo_mode": self.demo_mode,
+            "trust_mode": self.trust.mode.value,
+            "registry": str(self.registry.root),
+            "tasks": {
+                task.value: {
+                    "serving": serving[task].describe() if task in serving else None,
+                    "registry_versions": self.registry.versions(task),
+                }
+                for task in sorted(self.tasks)
+            },
+            "refusals": [refusal.as_dict() for refusal in refusals],
+        }
+
+    # -- life cycle ------------------------------------------------------------------------------------------
+    def start(self, *, watch: bool = True) -> None:
+        """Seed an empty registry from the embedded defaults, serve the newest verified versions, then watch."""
+        self.registry.root.mkdir(parents=True, exist_ok=True)
+        for task in sorted(self.tasks):
+            if not self.registry.versions(task):
+                self._seed(task)
+        self.poll_once()
+        missing = sorted(task.value for task in self.tasks - set(self.served_versions()))
+        if missing:
+            LOG.error("no verified model for %s; studies for it are not processed", ", ".join(missing))
+        if watch and self._watcher is None:
+            self._stop.clear()
+            self._watcher = threading.Thread(target=self._watch, name="model-registry-watch", daemon=True)
+            self._watcher.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+            self._watcher = None
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.poll_once()
+            except Exception:  # a disk error must not end the watch; the next poll tries again
+                LOG.exception("registry poll failed")
+
+    def _seed(self, task: Task) -> None:
+        source = self.defaults_dir / task.value if self.defaults_dir is not None else None
+        if source is None or not source.is_dir():
+            LOG.warning("registry has no %s model and no embedded default to seed it", task.value)
+            return
+        try:
+            loaded = self.registry.publish(source)
+        except PackageRefused as error:
+            self._record(task, None, source, error)
+            return
+        LOG.info("seeded the registry with the embedded %s version %d", task.value, loaded.manifest.version)
+
+    # -- swapping --------------------------------------------------------------------------------------------
+    def poll_once(self) -> dict[Task, int]:
+        """Try, newest first, every registry version above the one served; swap in the first that verifies and
+        warms up. Returns the tasks that changed version."""
+        swapped: dict[Task, int] = {}
+        with self._poll_lock:
+            for task in sorted(self.tasks):
+                served = self.served_versions().get(task)
+                candidates = [v for v in self.registry.versions(task) if served is None or v > served]
+                for version in reversed(candidates):
+                    if (task, version) in self._refused:
+                        continue
+                    if self._try(task, version, served):
+                        swapped[task] = version
+                        break
+                    self._refused.add((task, version))
+        return swapped
+
+    def install(self, source: Path) -> ServingModel:
+        """Verify a package (directory or .tar, e.g. pulled from the coordinator), publish it to the registry and
+        swap it in now. Raises the refusal, which is also recorded; the old model keeps serving."""
+        source = Path(source)
+        try:
+            loaded = self.registry.publish(source)
+        except PackageRefused as error:
+            self._record(None, None, source, error)
+            raise
+        task, version = loaded.manifest.task, loaded.manifest.version
+        self.poll_once()
+        serving = self.current(task)
+        if serving.version != version:
+            refusal = next((r for r in self.refusals() if (r.task, r.version) == (task.value, version)), None)
+            raise WarmUpFailed(refusal.reason if refusal else f"{task.value} version {version} was not swapped in")
+        return serving
+
+    def _try(self, task: Task, version: int, served: int | None) -> bool:
+        path = self.registry.root / task.value / str(version)
+        try:
+            loaded = load_package(path, self.trust, served={task: served} if served is not None else None)
+            if (loaded.manifest.task, loaded.manifest.version) != (task, version):
+                raise MalformedPackage(
+                    f"{path} holds {loaded.manifest.task.value} version {loaded.manifest.version}, "
+                    "not what its path says"
+                )
+            serving = self._warm_up(loaded)
+        except (PackageRefused, OSError) as error:
+            self._record(task, version, path, error)
+            return False
+        with self._lock:
+            previous = self._serving.get(task)
+            self._serving[task] = serving
+        LOG.info(
+            "serving %s version %d%s on %s (was %s)",
+            task.value, version, " (DEMO)" if loaded.demo else "", ", ".join(serving.providers),
+            previous.version if previous else "none",
+        )
+        return True
+
+    def _warm_up(self, loaded: LoadedPackage) -> ServingModel:
+        try:
+            engine = self._engine_factory(loaded)
+            channels = warm_up_channels(loaded.manifest)
+            probabilities = np.asarray(engine.predict(channels).probabilities)
+        except Exception as error:  # any failure of a new model is a refusal, never a crash of the node
+            raise WarmUpFailed(f"warm-up prediction failed: {error.__class__.__name__}: {error}") from error
+        if probabilities.shape != channels[0].data.shape or not np.all(np.isfinite(probabilities)):
+            raise WarmUpFailed(
+                f"warm-up prediction gave shape {probabilities.shape} or non-finite values "
+                f"(expected {channels[0].data.shape})"
+            )
+        if probabilities.min() < 0.0 or probabilities.max() > 1.0:
+            raise WarmUpFailed("warm-up prediction is not a probability map (values outside [0, 1])")
+        return ServingModel(
+            engine=engine,
+            package=loaded,
+            manifest=loaded.manifest,
+            version=loaded.manifest.version,
+            providers=tuple(engine.providers),
+            loaded_at=datetime.now(UTC).replace(microsecond=0),
+        )
+
+    def _record(self, task: Task | None, version: int | None, path: Path, error: Exception) -> None:
+        refusal = Refusal(
+            time=datetime.now(UTC).replace(microsecond=0),
+            task=task.value if task is not None else None,
+            version=version,
+            path=str(path),
+            kind=error.__class__.__name__,
+            reason=str(error),
+        )
+        with self._lock:
+            self._refusals.append(refusal)
+        LOG.warning(
+            "refused model package %s (%s%s): %s: %s",
+            path, refusal.task or "task unknown", f" v{version}" if version else "", refusal.kind, refusal.reason,
+        )
