@@ -7,7 +7,9 @@ from fedlesion.commands import (
     fingerprint_cmd,
     inspect_cmd,
     model_cmd,
+    node_cmd,
     receive_cmd,
+    send_sample_cmd,
     settings_cmd,
     study_cmd,
     synth_cmd,
@@ -26,4 +28,6 @@ COMMANDS = [
     synth_cmd,
     fingerprint_cmd,
     train_cmd,
+    node_cmd,
+    send_sample_cmd,
 ]

@@ -1,0 +1,257 @@
+"""`fedlesion node`: the composition root. Receiver, models, job workers, sender, web page and retention from one
+Settings, started in dependency order and stopped in reverse (design.md §1, §5).
+
+Start-up: the models are verified and warmed up first (a study must never wait for a model that cannot load),
+crash debris of the spool is cleared and the studies table recovered, jobs of a killed node are queued again, the
+sender and the web page start, and only then does the SCP accept associations. SIGTERM/SIGINT: stop accepting
+associations and let open ones finish for up to 30 s, let each worker finish the job in hand (a job still running
+after `JOB_FINISH_S` is left `running` and queued again by the next start's recovery), drain the sender's pass,
+close the web page, exit 0. Logs carry UIDs and job IDs only: nothing here logs a patient name or ID.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from dicom_gateway.outbox import Outbox
+from dicom_gateway.roles import classify_study
+from dicom_gateway.scp import StorageScp
+from dicom_gateway.scu import Sender
+from dicom_gateway.spool import Spool
+from dicom_gateway.studies import StudyIndex, database_path, spool_root
+from fedlesion.settings import Settings
+from inference.engine import Engine
+from inference.jobs import JobQueue
+from inference.models import (
+    ModelService,
+    ModelUnavailable,
+    enabled_tasks,
+    trust_from_bundle,
+)
+from inference.worker import installed_tasks, start_workers
+from models.manifest import Role, Task
+from models.package import LoadedPackage
+
+LOG = logging.getLogger(__name__)
+
+LISTEN_HOST = "0.0.0.0"  # a PACS reaches the node over the network; the calling-AE allow-list guards it
+ASSOCIATION_GRACE_S = 30.0  # design.md §5: open associations may finish for this long after SIGTERM
+JOB_FINISH_S = 120.0  # a job still running after this is requeued by the next start, not waited for
+RETENTION_EVERY_S = 3600.0
+WEB_THREADS = 4
+ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+def check_onnxruntime_install(installed: Callable[[str], bool] | None = None) -> str:
+    """The one ONNX Runtime distribution installed; both or neither stop the node (design.md §1): the two share
+    the `onnxruntime` module, and whichever was installed last silently wins."""
+    installed = installed or _distribution_installed
+    found = [name for name in ONNXRUNTIME_DISTRIBUTIONS if installed(name)]
+    if len(found) != 1:
+        problem = "both" if found else "neither"
+        raise RuntimeError(
+            f"{problem} of onnxruntime and onnxruntime-gpu installed; install exactly one "
+            "(pip install '.[cpu]' or '.[gpu]')"
+        )
+    return found[0]
+
+
+def _distribution_installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@dataclass
+class Node:
+    """A running node; `start()` then `wait()` (until SIGTERM/SIGINT or `request_stop()`), then `stop()`."""
+
+    settings: Settings
+    dicom_port: int | None = None  # override node.dicom_port (0: any free port)
+    web_port: int | None = None  # override node.web_port (0: any free port)
+    models: ModelService = field(init=False)
+    index: StudyIndex = field(init=False)
+    outbox: Outbox = field(init=False)
+    jobs: JobQueue = field(init=False)
+    _stop: threading.Event = field(init=False, default_factory=threading.Event)
+    _workers_stop: threading.Event = field(init=False, default_factory=threading.Event)
+    _threads: dict[str, list[threading.Thread]] = field(init=False, default_factory=dict)
+    _closers: list[tuple[str, Callable[[], Any]]] = field(init=False, default_factory=list)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.settings.storage.data_dir
+
+    def start(self) -> None:
+        """Everything up, the SCP last; on failure whatever started is stopped again before the error propagates."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        settings = self.settings
+        runtime = check_onnxruntime_install()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        tasks = enabled_tasks(settings.tasks.stroke, settings.tasks.ms)
+        threads = settings.inference.threads or None
+
+        def engine(package: LoadedPackage) -> Engine:
+            return Engine(package, threads=threads)
+
+        self.models = ModelService(
+            settings.registry_dir,
+            trust_from_bundle(settings.models.enrollment_bundle, tasks),
+            tasks,
+            engine_factory=engine,
+            poll_s=settings.inference.registry_poll_s,
+        )
+        self.models.start()
+        self._closers.append(("models", self.models.stop))
+
+        self.index = StudyIndex(database_path(settings), spool_root(settings), settings.dicom, self.describe_roles)
+        self._closers.append(("studies", self.index.close))
+        spool = Spool(self.data_dir, self.index)
+        self._closers.append(("spool", spool.close))
+        stale = spool.remove_stale_temporaries()
+        if stale:
+            LOG.warning("removed %d half-written spool files left by an interrupted node", stale)
+        self.index.recover()
+
+        self.outbox = Outbox(self.data_dir)
+        self._closers.append(("outbox", self.outbox.close))
+        self.jobs = JobQueue(self.data_dir, settings, installed=lambda: installed_tasks(self.models))
+        self._closers.append(("jobs", self.jobs.close))
+        self._threads["workers"] = start_workers(
+            self.jobs, self.index, self.models, self.outbox, settings, self._workers_stop
+        )
+        sender = Sender.from_settings(self.outbox, settings)
+        self._spawn("sender", sender.run, self._stop)
+        self._spawn("retention", self._retention_loop)
+        web_port = self._start_web()
+
+        self.scp = StorageScp(settings.node.ae_title, settings.dicom, spool)
+        requested = settings.node.dicom_port if self.dicom_port is None else self.dicom_port
+        self.dicom_port = self.scp.start(LISTEN_HOST, requested)
+        self.index.start()
+        self.web_port = web_port
+        served = ", ".join(
+            f"{task.value} v{version}" for task, version in sorted(self.models.served_versions().items())
+        ) or "none"
+        print(
+            f"fedlesion node: AE {settings.node.ae_title} on {LISTEN_HOST}:{self.dicom_port}, "
+            f"web http://{settings.node.web_host}:{web_port}/, models {served}"
+            f"{' (DEMO MODE - NOT FOR CLINICAL USE)' if self.models.demo_mode else ''}, {runtime}, "
+            f"data in {self.data_dir.resolve()}",
+            flush=True,
+        )
+
+    def describe_roles(self, paths: list[Path]) -> Any:
+        """Series roles with the b-value and range of the stroke model being served (the defaults without one)."""
+        try:
+            manifest = self.models.current(Task.STROKE_DWI_ADC).manifest
+        except ModelUnavailable:
+            return classify_study(paths)
+        dwi = next((channel for channel in manifest.inputs if channel.role is Role.DWI), None)
+        if dwi is None or dwi.b_value is None or dwi.b_value_range is None:
+            return classify_study(paths)
+        return classify_study(paths, int(dwi.b_value), (int(dwi.b_value_range[0]), int(dwi.b_value_range[1])))
+
+    def _start_web(self) -> int:
+        from waitress.server import create_server
+
+        from inference.web.app import create_app
+
+        app = create_app(
+            self.data_dir, self.settings, studies=self.index, jobs=self.jobs, models=self.models, outbox=self.outbox
+        )
+        port = self.settings.node.web_port if self.web_port is None else self.web_port
+        server = create_server(app, host=self.settings.node.web_host, port=port, threads=WEB_THREADS)
+        self._spawn("web", server.run)
+        self._closers.append(("web", server.close))
+        return int(server.effective_port)
+
+    def _spawn(self, name: str, target: Callable[..., Any], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self._threads.setdefault(name, []).append(thread)
+
+    def _retention_loop(self) -> None:
+        """Retention purges (design.md §4) at start and hourly; a failure is logged and tried at the next turn."""
+        while True:
+            try:
+                report = self.jobs.purge_expired(self.index, self.outbox)
+                if report.results_purged or report.spool_purged or report.output_batches_purged:
+                    LOG.info("retention: %s", report)
+            except Exception:
+                LOG.exception("retention purge failed")
+            if self._stop.wait(RETENTION_EVERY_S):
+                return
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wait(self) -> None:
+        """Until SIGTERM/SIGINT (installed here, main thread only) or `request_stop()`."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        LOG.info("signal %d: stopping", signum)
+        self._stop.set()
+
+    def stop(self) -> None:
+        """design.md §5: no new associations (open ones finish up to 30 s), jobs finish or stay queued, exit clean."""
+        self._stop.set()
+        scp = getattr(self, "scp", None)
+        if scp is not None:
+            LOG.info("stopping: no new associations; open ones may finish for %.0f s", ASSOCIATION_GRACE_S)
+            scp.stop(grace_s=ASSOCIATION_GRACE_S)
+        if hasattr(self, "index"):
+            self.index.stop()
+        self._workers_stop.set()
+        for thread in self._threads.get("workers", []):
+            thread.join(JOB_FINISH_S)
+            if thread.is_alive():
+                LOG.warning("%s still runs a job after %.0f s; the next start queues it again", thread.name,
+                            JOB_FINISH_S)
+        for name in ("sender", "retention"):
+            for thread in self._threads.get(name, []):
+                thread.join(60.0)
+        for name, close in reversed(self._closers):
+            try:
+                close()
+            except Exception:
+                LOG.exception("stopping %s failed", name)
+        self._closers.clear()
+        for thread in self._threads.get("web", []):
+            thread.join(10.0)
+        self._threads.clear()
+        LOG.info("node stopped")
+
+
+def run_node(settings: Settings, *, dicom_port: int | None = None, web_port: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
+    node = Node(settings, dicom_port=dicom_port, web_port=web_port)
+    node.start()
+    try:
+        node.wait()
+    finally:
+        node.stop()
+    return 0
