@@ -223,6 +223,22 @@ def results_dir(data_dir: Path, study_uid: str, revision: int, task: JobTask | s
     return Path(data_dir) / RESULTS_DIRNAME / spool_name(study_uid) / f"r{int(revision)}" / JobTask(task).value
 
 
+def registry_tasks(settings: Settings) -> frozenset[JobTask]:
+    """The tasks a model is installed for, read from disk for a process without a ModelService (the CLI): a
+    version in the registry, or (demo mode) the embedded default the node seeds an empty registry with."""
+    # the node's model service and the registry, imported only here
+    from inference.models import DEFAULTS_DIR
+    from models.registry import Registry, TrustPolicy
+
+    registry = Registry(settings.registry_dir, TrustPolicy.demo())
+    demo = settings.models.enrollment_bundle is None
+    return frozenset(
+        JobTask.for_model(task)
+        for task in ModelTask
+        if registry.versions(task) or (demo and (DEFAULTS_DIR / task.value).is_dir())
+    )
+
+
 def process_owner() -> str:
     """This process as a job owner: host, pid and start time (a reused pid is another process)."""
     return f"{socket.gethostname()}:{os.getpid()}:{_start_ticks(os.getpid())}"
