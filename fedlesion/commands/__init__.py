@@ -15,6 +15,7 @@ from fedlesion.commands import (
     study_cmd,
     synth_cmd,
     train_cmd,
+    user_cmd,
 )
 
 COMMANDS = [
@@ -32,4 +33,5 @@ COMMANDS = [
     train_cmd,
     node_cmd,
     send_sample_cmd,
+    user_cmd,
 ]

@@ -1,0 +1,73 @@
+"""The web page's app factory: plain objects in, a Flask app out; `fedlesion node` serves it with waitress."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, jsonify
+from werkzeug.exceptions import HTTPException
+
+from fedlesion.settings import Settings
+from inference.web import security
+from inference.web.audit import AuditLog
+from inference.web.auth import UserStore, load_secret_key
+from inference.web.data import NodeData
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class WebContext:
+    """What the views reach through `current_app.extensions["fedlesion"]`."""
+
+    data: NodeData
+    users: UserStore
+    audit: AuditLog
+    settings: Settings
+
+
+def create_app(
+    data_dir: Path | str,
+    settings: Settings,
+    *,
+    studies: Any,
+    jobs: Any,
+    models: Any,
+    outbox: Any,
+    clock: Callable[[], float] = time.time,
+) -> Flask:
+    """`studies` a dicom_gateway StudyIndex, `jobs` an inference JobQueue, `models` a ModelService, `outbox` a
+    dicom_gateway Outbox; `clock` drives lockout and session timeout (tests pass a fake one)."""
+    from inference.web import api, ops, pages
+
+    data_dir = Path(data_dir)
+    app = Flask(__name__)
+    app.secret_key = load_secret_key(data_dir)
+    security.install(app, secure_cookies=settings.node.web_secure_cookies)
+    app.extensions["fedlesion"] = WebContext(
+        data=NodeData(data_dir, settings, studies=studies, jobs=jobs, models=models, outbox=outbox),
+        users=UserStore(data_dir, clock=clock),
+        audit=AuditLog(data_dir, clock=clock),
+        settings=settings,
+    )
+    app.register_blueprint(pages.blueprint)
+    app.register_blueprint(api.blueprint)
+    app.register_blueprint(ops.blueprint)
+    app.register_error_handler(HTTPException, _error)
+    return app
+
+
+def _error(error: HTTPException) -> Any:
+    """Errors as a short JSON or text body, never a page that echoes the request."""
+    from flask import request
+
+    if request.path.startswith("/api/"):
+        response = jsonify(error=error.name, detail=error.description)
+        response.status_code = error.code or 500
+        return response
+    return f"{error.code} {error.name}: {error.description}\n", error.code or 500, {"Content-Type": "text/plain"}

@@ -1,0 +1,26 @@
+"""`/healthz` and Prometheus `/metrics`: no login (a load balancer and a scraper call them), so neither carries
+anything but counts, versions and UIDs-free numbers; never a patient name, ID or birth date (design.md §6)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+from fedlesion import __version__
+from inference.web.metrics import render_metrics
+
+blueprint = Blueprint("ops", __name__)
+
+
+@blueprint.get("/healthz")
+def healthz():
+    status = current_app.extensions["fedlesion"].data.models_status()
+    versions = {
+        task: (entry["serving"] or {}).get("version") for task, entry in status.get("tasks", {}).items()
+    }
+    return jsonify(ok=True, fedlesion=__version__, demo_mode=status.get("demo_mode"), models=versions)
+
+
+@blueprint.get("/metrics")
+def metrics():
+    text = render_metrics(current_app.extensions["fedlesion"].data)
+    return Response(text, mimetype="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,114 @@
+"""The HTML pages: login, study list, study page (viewer, lesions, downloads, reprocess), models."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    session,
+    url_for,
+)
+
+from inference.web.audit import AuditAction
+from inference.web.auth import LoginOutcome
+from inference.web.data import RESULT_FILES, Task
+from inference.web.security import safe_next, start_session
+
+LOG = logging.getLogger(__name__)
+blueprint = Blueprint("pages", __name__)
+
+
+def _context():
+    return current_app.extensions["fedlesion"]
+
+
+@blueprint.app_context_processor
+def _banner() -> dict[str, object]:
+    return {"demo_mode": _context().data.demo_mode(), "user": g.get("user")}
+
+
+@blueprint.get("/")
+def index():
+    return redirect(url_for("pages.studies"))
+
+
+@blueprint.route("/login", methods=["GET", "POST"])
+def login():
+    context = _context()
+    message, status = None, 200
+    if request.method == "POST":
+        name = request.form.get("username", "")[:64]
+        result = context.users.login(name, request.form.get("password", ""))
+        if result.outcome is LoginOutcome.OK and result.token:
+            start_session(result.token)
+            context.audit.record(name, AuditAction.LOGIN)
+            return redirect(safe_next(request.args.get("next")))
+        context.audit.record(name, AuditAction.LOGIN_FAILED, outcome=result.outcome.value)
+        LOG.info("login refused (%s)", result.outcome.value)
+        message, status = (
+            ("This account is locked for 5 minutes after 5 failed logins.", 429)
+            if result.outcome is LoginOutcome.LOCKED
+            else ("Wrong user name or password.", 401)
+        )
+    return render_template("login.html", message=message), status
+
+
+@blueprint.post("/logout")
+def logout():
+    context = _context()
+    context.users.logout(str(session.get("sid", "")))
+    context.audit.record(g.user, AuditAction.LOGOUT)
+    session.clear()
+    return redirect(url_for("pages.login"))
+
+
+@blueprint.get("/studies")
+def studies():
+    return render_template("studies.html", studies=_context().data.studies())
+
+
+@blueprint.get("/studies/<uid>")
+def study(uid: str):
+    context = _context()
+    detail = context.data.study(uid)
+    if detail is None:
+        abort(404)
+    context.audit.record(g.user, AuditAction.VIEW, uid)
+    return render_template("study.html", study=detail)
+
+
+@blueprint.post("/studies/<uid>/reprocess")
+def reprocess(uid: str):
+    context = _context()
+    if context.data.study(uid) is None:
+        abort(404)
+    context.data.reprocess(uid)
+    context.audit.record(g.user, AuditAction.REPROCESS, uid)
+    return redirect(url_for("pages.study", uid=uid))
+
+
+@blueprint.get("/studies/<uid>/<task>/<name>")
+def download(uid: str, task: str, name: str):
+    """A result file, looked up by study UID and task in the job table; `name` only picks mask or report."""
+    context = _context()
+    if task not in {t.value for t in Task} or name not in RESULT_FILES:
+        abort(404)
+    path = context.data.result_file(uid, Task(task), name)
+    if path is None:
+        abort(404)
+    context.audit.record(g.user, AuditAction.DOWNLOAD, uid, task=task, file=name)
+    download_name = f"{task}-{name}"
+    return send_file(path, mimetype=RESULT_FILES[name], as_attachment=True, download_name=download_name)
+
+
+@blueprint.get("/models")
+def models():
+    return render_template("models.html", status=_context().data.models_status())
