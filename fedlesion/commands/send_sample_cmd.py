@@ -65,8 +65,10 @@ def run(args: argparse.Namespace) -> int:
 
 def send_files(files: list[Path], host: str, port: int, aet: str, calling_aet: str) -> str:
     """C-STORE every file on one association; a refused instance or a failed association is a ValueError."""
+    import socket
+
     import pydicom
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
 
     datasets = [pydicom.dcmread(path) for path in files]
     study_uids = {str(dataset.StudyInstanceUID) for dataset in datasets}
@@ -75,7 +77,11 @@ def send_files(files: list[Path], host: str, port: int, aet: str, calling_aet: s
     ae = AE(ae_title=calling_aet)
     for sop_class, syntax in sorted({(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(host, port, ae_title=aet)
+
+    def no_delay(event: evt.Event) -> None:  # without it every store waits for a delayed ACK (design.md §4)
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
     if not assoc.is_established:
         raise ValueError(f"{aet}@{host}:{port} did not accept an association from {calling_aet}")
     failures = []
