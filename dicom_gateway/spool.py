@@ -53,11 +53,10 @@ class _PendingWrite:
 class Spool:
     """Durable, idempotent storage of received instances, shared by every association of one receiver."""
 
-    def __init__(self, data_dir: Path, sink: InstanceSink, *, fsync: bool = True) -> None:
+    def __init__(self, data_dir: Path, sink: InstanceSink) -> None:
         self.root = Path(os.path.abspath(data_dir)) / SPOOL_DIRNAME  # absolute: the studies table keys on paths
         self.root.mkdir(parents=True, exist_ok=True)
         self._sink = sink
-        self._fsync = fsync
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._queue: list[_PendingWrite] = []
@@ -72,9 +71,6 @@ class Spool:
     def path_for(self, study_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives; raises ValueError for an invalid UID (never a path from one)."""
         return self.root / spool_name(study_uid) / (spool_name(sop_instance_uid) + SPOOL_SUFFIX)
-
-    def contains(self, study_uid: str, sop_instance_uid: str) -> bool:
-        return self.path_for(study_uid, sop_instance_uid).exists()
 
     def free_bytes(self) -> int:
         """Free space for an unprivileged writer on the spool's filesystem (for the disk watermark)."""
@@ -151,14 +147,12 @@ class Spool:
             except OSError as error:
                 pending.error = error
         try:
-            if self._fsync:
-                for _pending, _temp, descriptor in written:
-                    os.fdatasync(descriptor)
+            for _pending, _temp, descriptor in written:
+                os.fdatasync(descriptor)
             for pending, temp, _descriptor in written:
                 os.replace(temp, pending.instance.path)
-            if self._fsync:
-                for directory in directories | ({self.root} if new_directories else set()):
-                    _fsync_directory(directory)
+            for directory in directories | ({self.root} if new_directories else set()):
+                _fsync_directory(directory)
         except OSError as error:
             for pending, _temp, _descriptor in written:
                 pending.error = error
@@ -172,7 +166,7 @@ class Spool:
         if done:
             try:
                 self._sink.instances_stored([pending.instance for pending in done])
-            except Exception as error:  # the sink's failure becomes a failure status, never a dead committer
+            except Exception as error:  # the sink's failure becomes a failure status for these waiters, not a crash
                 LOG.exception("the instance sink failed on %d instances", len(done))
                 for pending in done:
                     pending.error = error

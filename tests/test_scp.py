@@ -33,7 +33,12 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_gateway.records import StoredInstance
-from dicom_gateway.scp import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, StorageScp
+from dicom_gateway.scp import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    PROCESSING_FAILURE,
+    StorageScp,
+)
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import DATABASE_NAME
 from dicom_gateway.uids import OWN_MANUFACTURER, spool_name
@@ -534,3 +539,74 @@ def test_kill_9_of_the_receiver_takes_its_workers_along(tmp_path: Path) -> None:
                 return
         time.sleep(0.1)
     raise AssertionError("an orphaned SCP worker still accepts associations after kill -9 of the receiver")
+
+
+# -- the spool on its own -------------------------------------------------------------------------------------------
+
+
+def _record(spool: Spool, study: str, sop: str) -> StoredInstance:
+    return StoredInstance(sop, MRImageStorage, study, generate_uid(), spool.path_for(study, sop), "T", 4, 0.0)
+
+
+def test_group_commit_makes_concurrent_stores_durable_together(tmp_path: Path) -> None:
+    class SlowSink(RecordingSink):
+        def instances_stored(self, instances: list[StoredInstance]) -> None:
+            time.sleep(0.2)  # the first commit is slow: everything arriving meanwhile waits for the next one
+            super().instances_stored(instances)
+
+    sink = SlowSink()
+    spool = Spool(tmp_path, sink)
+    study = generate_uid()
+    records = [_record(spool, study, generate_uid()) for _ in range(8)]
+    start = threading.Barrier(len(records))
+    results: list[tuple[StoredInstance, object]] = []
+
+    def store(record: StoredInstance) -> None:
+        start.wait()
+        results.append(spool.store(record, b"DICM"))
+
+    threads = [threading.Thread(target=store, args=(record,)) for record in records]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+
+    assert len(results) == 8 and all(stored.received_at > 0 for stored, _ in results)
+    assert len(sink.batches) <= 3, f"{len(sink.batches)} commits for 8 concurrent stores"
+    assert all(record.path.read_bytes() == b"DICM" for record in records)
+
+
+def test_a_failing_sink_fails_the_store_and_a_resend_succeeds(tmp_path: Path) -> None:
+    class FlakySink(RecordingSink):
+        failures = 1
+
+        def instances_stored(self, instances: list[StoredInstance]) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise RuntimeError("database is locked")
+            super().instances_stored(instances)
+
+    sink = FlakySink()
+    spool = Spool(tmp_path / "data", sink)
+    scp = StorageScp(SCP_AE, DicomSettings(min_free_disk_bytes=0), spool)
+    running = RunningScp(scp, spool, sink, scp.start("127.0.0.1", 0))
+    ds = instance()
+    assoc = pynetdicom_scu(running.port)
+    try:
+        statuses = [assoc.send_c_store(ds).Status, assoc.send_c_store(ds).Status]
+    finally:
+        assoc.release()
+        running.stop()
+    assert statuses == [PROCESSING_FAILURE, 0]
+    assert [record.sop_instance_uid for record in sink.instances] == [ds.SOPInstanceUID]
+
+
+def test_stale_temporaries_of_a_crash_are_removed(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, RecordingSink())
+    study_dir = spool.path_for(generate_uid(), generate_uid()).parent
+    study_dir.mkdir(parents=True)
+    (study_dir / ".incoming-123-1").write_bytes(b"half")
+    kept = study_dir / "kept.dcm"
+    kept.write_bytes(b"whole")
+    assert spool.remove_stale_temporaries() == 1
+    assert [path.name for path in study_dir.iterdir()] == ["kept.dcm"]
