@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 from pydicom import dcmread
 
 from dicom_gateway.outbox import Outbox, OutputKey
+from dicom_gateway.roles import classify_study
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
 from fedlesion.settings import DicomSettings, Settings, StorageSettings, TasksSettings
@@ -34,6 +35,8 @@ from training.synthetic.dicom_writer import write_dicom_study
 
 STUDY_UID = "1.2.826.0.1.3680043.10.543.6.1"
 OTHER_UID = "1.2.826.0.1.3680043.10.543.6.2"
+OLD_FORMAT_UID = "1.2.826.0.1.3680043.10.543.6.3"
+FLAIR_ONLY_UID = "1.2.826.0.1.3680043.10.543.6.4"
 DESTINATION = "PACS@127.0.0.1:11112"  # never contacted here: deliveries stay pending
 SITE = SiteProfile(name="worker", in_plane_mm=3.5, slice_thickness_mm=5.0, slice_spacing_mm=5.0)
 SEG, SC, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"
@@ -190,7 +193,7 @@ def test_a_job_in_flight_finishes_on_its_model(node: Worker, study, service, tmp
     assert node.outbox.stored(OutputKey(STUDY_UID, 1, "stroke", "1"))
 
 
-def test_a_broken_study_fails_or_is_not_processed_and_the_loop_goes_on(node: Worker, study, tmp_path) -> None:
+def test_broken_studies_end_their_own_jobs_and_the_loop_goes_on(node: Worker, study, tmp_path) -> None:
     dwi = [path for path in study[0] if path.parent.name == "4_dwi"]
     adc = [path for path in study[0] if path.parent.name == "5_adc"]
     receive(node, dwi + adc)
@@ -198,23 +201,39 @@ def test_a_broken_study_fails_or_is_not_processed_and_the_loop_goes_on(node: Wor
     adc_sops = {str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in adc}
     middle = sorted(p for p in spooled if str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) in adc_sops)[3]
     middle.unlink()  # the disk lost one ADC slice after the study completed
+    # A study_ready row in a roles format of another release (as after an upgrade): routable, not loadable.
+    other_release = StudyIndex(node.index.db_path, node.index.spool_root, node.index.settings,
+                               describe_roles=lambda paths: {**classify_study(paths).to_dict(), "version": 99})
+    old = spool(write_dicom_study(small_stroke_case(), tmp_path / "old", study_uid=OLD_FORMAT_UID),
+                node.index.spool_root)
+    other_release.instances_stored(old)
+    other_release.complete(OLD_FORMAT_UID)
+    other_release.close()
     receive(node, write_dicom_study(small_stroke_case(), tmp_path / "other", study_uid=OTHER_UID))
+    flair_only = write_dicom_study(small_stroke_case(), tmp_path / "flair", study_uid=FLAIR_ONLY_UID)
+    receive(node, [path for path in flair_only if path.parent.name == "2_flair"])
 
     stop = threading.Event()
     threads = start_workers(node.queue, node.index, node.models, node.outbox, node.settings, stop)
     try:
         for _ in range(600):
-            states = {job.study_uid: job.state for job in node.queue.list_jobs()}
-            if len(states) == 2 and all(state not in (JobState.QUEUED, JobState.RUNNING) for state in states.values()):
+            jobs = node.queue.list_jobs()
+            if len(jobs) == 4 and all(job.state not in (JobState.QUEUED, JobState.RUNNING) for job in jobs):
                 break
             stop.wait(0.1)
     finally:
         stop.set()
         for thread in threads:
             thread.join(60)
-    broken, fine = (node.queue.jobs_for_study(uid)[0] for uid in (STUDY_UID, OTHER_UID))
-    assert broken.state in (JobState.FAILED, JobState.NOT_PROCESSED) and broken.reason, broken
+    missing, cut, fine = (node.queue.jobs_for_study(uid)[0] for uid in (STUDY_UID, OLD_FORMAT_UID, OTHER_UID))
+    assert missing.state is JobState.NOT_PROCESSED and missing.reason.startswith("ADC missing: series 5:"), missing
+    assert "missing or unevenly spaced slices" in missing.reason
+    assert (cut.state, cut.reason) == (JobState.FAILED, "ValueError: roles_json version must be 1")
     assert fine.state is JobState.DONE and not any(thread.is_alive() for thread in threads)
-    if broken.state is JobState.NOT_PROCESSED:  # notify_not_processed: one SC saying why
-        (notice,) = node.outbox.stored(OutputKey(STUDY_UID, 1, "stroke", "none"))
-        assert "AI analysis not performed" in dcmread(notice.path).ImageComments
+    (notice,) = node.outbox.stored(OutputKey(STUDY_UID, 1, "stroke", "none"))  # notify_not_processed
+    assert dcmread(notice.path).ImageComments == f"AI analysis not performed: {missing.reason}"
+    (unmatched,) = node.queue.jobs_for_study(FLAIR_ONLY_UID)
+    assert unmatched.state is JobState.NOT_PROCESSED and unmatched.task is None
+    assert unmatched.reason.startswith("no task matched (stroke: no DWI series; ms: no model installed)")
+    (notice,) = node.outbox.stored(OutputKey(FLAIR_ONLY_UID, 1, "none", "none"))
+    assert dcmread(notice.path).ImageComments.startswith("AI analysis not performed: no task matched")
