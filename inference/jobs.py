@@ -683,7 +683,7 @@ class JobQueue:
             ).fetchall()
         purged_results = []
         for row in expired:
-            if row["result_dir"]:
+            if row["result_dir"] and not self._result_dir_in_use(row["result_dir"], row["id"], output_cutoff):
                 _remove_result_dir(Path(row["result_dir"]), self.data_dir / RESULTS_DIRNAME)
             with self._write() as conn:
                 conn.execute("UPDATE jobs SET purged_at = ? WHERE id = ?", (now, row["id"]))
@@ -707,6 +707,15 @@ class JobQueue:
         if deferred:
             logger.info("spool purge deferred: %d due studies still have active jobs", len(due & active))
         return RetentionReport(purged_results, spool, batches, deferred)
+
+    def _result_dir_in_use(self, result_dir: str, job_id: int, cutoff: float) -> bool:
+        """A later run of the same (study, revision, task) writes the same directory: keep it for that run."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM jobs WHERE result_dir = ? AND id != ? AND (finished_at IS NULL OR finished_at > ?)",
+                (result_dir, job_id, cutoff),
+            ).fetchone()
+        return row is not None
 
 
 def _remove_result_dir(path: Path, root: Path) -> None:

@@ -351,13 +351,22 @@ def test_retention_purges_results_then_spool(studies, index, data_dir, clock) ->
     assert report.spool_purged == [UID_A] and not any(path.exists() for path in spooled)
     assert report.results_purged == [] and out.exists()
 
-    clock.now += 23 * DAY  # 31 days after the stroke job ended, 23 after the MS job
+    clock.now += 15 * DAY  # a re-run of the stroke task writes the same result directory
+    reruns = queue.reprocess(UID_A)
+    stroke_rerun, ms_rerun = (queue.claim("w") for _ in reruns)
+    assert stroke_rerun.task is JobTask.STROKE
+    queue.finish(stroke_rerun.id, JobState.DONE, result=JobResult(model_version="1"), result_dir=out)
+    queue.finish(ms_rerun.id, JobState.DONE, result=JobResult(model_version="1"))
+
+    clock.now += 8 * DAY  # 31 days after the first stroke job ended, 23 after the first MS job, 8 after the re-runs
     report = queue.purge_expired(index)
-    assert report.results_purged == [stroke.id]
+    assert report.results_purged == [stroke.id] and queue.job(stroke.id).purged_at == clock.now
+    assert out.exists()  # still the re-run's results
+
+    clock.now += 30 * DAY
+    report = queue.purge_expired(index)
+    assert sorted(report.results_purged) == sorted([ms.id, stroke_rerun.id, ms_rerun.id])
     assert not out.exists() and not any((data_dir / "results").iterdir())  # the empty folders above it went too
-    assert queue.job(stroke.id).purged_at == clock.now and queue.job(ms.id).purged_at is None
-    clock.now += 8 * DAY
-    assert queue.purge_expired(index).results_purged == [ms.id]
     assert queue.purge_expired(index).results_purged == []
 
 
