@@ -576,6 +576,21 @@ class JobQueue:
             changed += received
         return [self.job(ident) for ident in changed]
 
+    def release_running(self) -> list[int]:
+        """A graceful stop (SIGTERM) that cannot wait for a job: this process's running jobs go back to the queue
+        without spending an attempt, since a stop is no crash. Returns their ids."""
+        with self._write() as conn:
+            ids = [row["id"] for row in conn.execute(
+                "SELECT id FROM jobs WHERE state = 'running' AND owner = ?", (self.owner,))]
+            conn.executemany(
+                "UPDATE jobs SET state = 'queued', attempts = MAX(attempts - 1, 0), queued_at = ?,"
+                " reason = 'requeued: the node stopped during the job' WHERE id = ? AND state = 'running'",
+                [(self._clock(), ident) for ident in ids],
+            )
+        for ident in ids:
+            logger.info("job %d: requeued at stop", ident)
+        return ids
+
     # --- reprocess -----------------------------------------------------------------------------------------------
 
     def reprocess(self, study_uid: str, index: StudyIndex | None = None) -> list[Job]:

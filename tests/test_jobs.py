@@ -258,6 +258,19 @@ def test_recover_leaves_live_workers_jobs_alone(studies, index, data_dir) -> Non
     assert not queue.finish(job.id, JobState.FAILED, "late")  # no longer running: nothing changes
 
 
+def test_a_graceful_stop_requeues_running_jobs_without_spending_an_attempt(studies, index, data_dir) -> None:
+    queue = JobQueue(data_dir, make_settings(data_dir))
+    receive(index, data_dir, everything(studies[UID_A]))
+    queue.intake(index)
+    stroke = queue.claim("w")
+    assert queue.release_running() == [stroke.id]
+    released = queue.job(stroke.id)
+    assert (released.state, released.attempts, released.queue_position) == (JobState.QUEUED, 0, 1)
+    assert released.reason == "requeued: the node stopped during the job"
+    assert not queue.finish(stroke.id, JobState.DONE, result=JobResult(model_version="1"))  # the late worker
+    assert queue.claim("w").id == stroke.id  # stroke still goes first
+
+
 class LockedOnce(StudyIndex):
     """The studies database busy once at the hand-off (another writer held it past busy_timeout)."""
 
