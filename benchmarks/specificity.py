@@ -1,0 +1,88 @@
+"""Specificity of the default stroke model on the healthy Canon and Philips brains of the shared data.
+
+Both are real clinical DTI acquisitions of healthy volunteers, not skull-stripped, with no ADC series: they go the
+node's whole DICOM path (read_path → classify → load_study_inputs, which builds the trace DWI and computes the ADC
+→ segment_study), so every lesion found is a false positive. Goal: < 1 ml per brain.
+Run: `.venv/bin/python benchmarks/specificity.py [--json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicom_gateway.roles import classify_headers
+from dicom_gateway.study_files import read_path
+from dicom_gateway.study_inputs import load_study_inputs
+from inference.engine import Engine
+from inference.pipeline import segment_study
+from models.manifest import Role, Task
+from models.package import TrustPolicy, load_package
+
+SHARED_DICOM = REPO.parent / "shared" / "data" / "dicom"
+HEALTHY_BRAINS = {
+    "canon": SHARED_DICOM / "dcm_qa_canon_61" / "dicom" / "cl_3000_DTI_PA-ortho",  # classic copy only
+    "philips": SHARED_DICOM / "dcm_qa_philips_dwi" / "dicom" / "cl" / "DICOMDIR",
+}
+GOAL_ML = 1.0
+
+
+def false_positives(name: str, path: Path, engine: Engine, flip_tta: bool) -> dict:
+    started = time.perf_counter()
+    study = read_path(path).only_study()
+    dwi = next(channel for channel in engine.manifest.inputs if channel.role is Role.DWI)
+    roles = classify_headers(study, dwi.b_value, dwi.b_value_range)
+    inputs = load_study_inputs(roles, study)
+    result = segment_study(inputs, engine, flip_tta=flip_tta, load_seconds=time.perf_counter() - started)
+    return {
+        "study": name,
+        "dwi": f"series {roles.dwi.series_number} b={roles.dwi.b_value:g} ({roles.dwi.kind.value})",
+        "adc": inputs.adc_unit_detected,
+        "grid": list(result.mask.shape),
+        "false_positive_ml": result.total_volume_ml,
+        "false_positive_lesions": result.lesion_count,
+        "largest_ml": result.lesions[0].volume_ml if result.lesions else 0.0,
+        "adc_core_ml": result.adc_core_volume_ml,
+        "seconds": round(time.perf_counter() - started, 1),
+        "warnings": list(result.warnings),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--flip-tta", action="store_true", help="average the eight mirrorings (8× the inference)")
+    args = parser.parse_args()
+    missing = [str(path) for path in HEALTHY_BRAINS.values() if not path.exists()]
+    if missing:
+        raise SystemExit(f"shared data missing: {', '.join(missing)}")
+    package = load_package(REPO / "models" / "defaults" / Task.STROKE_DWI_ADC.value, TrustPolicy.demo())
+    engine = Engine(package)
+    rows = [false_positives(name, path, engine, args.flip_tta) for name, path in HEALTHY_BRAINS.items()]
+    if args.json:
+        summary = {"model_version": package.manifest.version, "flip_tta": args.flip_tta, "goal_ml": GOAL_ML}
+        print(json.dumps({**summary, "studies": rows}, indent=2))
+        return
+    print(
+        f"default stroke model v{package.manifest.version}{' with flip TTA' if args.flip_tta else ''}, "
+        f"healthy brains (goal < {GOAL_ML:g} ml false positive)"
+    )
+    for row in rows:
+        verdict = "ok" if row["false_positive_ml"] < GOAL_ML else "ABOVE GOAL"
+        print(
+            f"{row['study']:8s} {row['dwi']}, ADC {row['adc']}: {row['false_positive_ml']:.3f} ml in "
+            f"{row['false_positive_lesions']} lesion(s), largest {row['largest_ml']:.3f} ml, ADC-confirmed "
+            f"(< 620 µm²/s) {row['adc_core_ml']:.3f} ml [{verdict}] ({row['seconds']} s)"
+        )
+        for warning in row["warnings"]:
+            print(f"         warning: {warning}")
+
+
+if __name__ == "__main__":
+    main()
