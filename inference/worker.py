@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from models.manifest import Task as ModelTask
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
+FINISH_ATTEMPTS = 5
 NOT_PROCESSED_MODEL = "none"  # the outbox key's model version of a "not performed" notice without a model
 
 
@@ -112,8 +114,23 @@ class Worker:
         outcome = self.process(job)
         if outcome.state is JobState.NOT_PROCESSED:
             self._notify_not_processed(job, outcome.reason or "not processed")
-        self.queue.finish(job.id, outcome.state, outcome.reason, result=outcome.result, result_dir=outcome.result_dir)
+        self._finish(job, outcome)
         return self.queue.job(job.id)
+
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        """Record the outcome, retrying a database busy past its timeout: a job left running by a live process
+        would wait for the next start."""
+        for attempt in range(1, FINISH_ATTEMPTS + 1):
+            try:
+                self.queue.finish(
+                    job.id, outcome.state, outcome.reason, result=outcome.result, result_dir=outcome.result_dir
+                )
+                return
+            except sqlite3.OperationalError:
+                if attempt == FINISH_ATTEMPTS:
+                    raise
+                logger.warning("job %d: recording its end failed (attempt %d); retrying", job.id, attempt)
+                time.sleep(self.poll_s)
 
     def process(self, job: Job) -> Outcome:
         """One claimed job to its outcome; never raises."""

@@ -103,6 +103,7 @@ def test_kill_9_mid_job_then_restart_completes_once_and_sends_each_output_once(s
     pacs_dir = tmp_path / "pacs"
     pacs, destination = start_storescp(pacs_dir)
     log = tmp_path / "worker.log"
+    first = second = None
     try:
         first = start_worker(data_dir, destination_name(destination), log)
         deadline = time.monotonic() + 120
@@ -120,7 +121,7 @@ def test_kill_9_mid_job_then_restart_completes_once_and_sends_each_output_once(s
         second = start_worker(data_dir, destination_name(destination), log)
         assert second.wait(300) == 0, log.read_text()[-3000:]
     finally:
-        for process in (locals().get("first"), locals().get("second"), pacs):
+        for process in (first, second, pacs):
             if process is not None and process.poll() is None:
                 process.kill()
                 process.wait()
