@@ -177,7 +177,10 @@ class Node:
             self.data_dir, self.settings, studies=self.index, jobs=self.jobs, models=self.models, outbox=self.outbox
         )
         port = self.settings.node.web_port if self.web_port is None else self.web_port
-        server = create_server(app, host=self.settings.node.web_host, port=port, threads=WEB_THREADS)
+        server = create_server(
+            app, host=self.settings.node.web_host, port=port, threads=WEB_THREADS, ident="fedlesion",
+            clear_untrusted_proxy_headers=True,
+        )
         self._spawn("web", server.run)
         self._closers.append(("web", server.close))
         return int(server.effective_port)
@@ -246,8 +249,20 @@ class Node:
         LOG.info("node stopped")
 
 
+def configure_logging(level: str) -> None:
+    """settings.logging.level for the node; the libraries' per-instance INFO lines (one per C-STORE, one per
+    copied module) only at DEBUG, so the log stays readable and carries UIDs and job IDs, not headers."""
+    root = logging.getLogger()
+    if root.level != logging.DEBUG:  # `fedlesion -v` keeps everything
+        root.setLevel(level.upper())
+    library_level = logging.DEBUG if root.level == logging.DEBUG else logging.WARNING
+    for name in ("pynetdicom", "highdicom"):
+        logging.getLogger(name).setLevel(library_level)
+
+
 def run_node(settings: Settings, *, dicom_port: int | None = None, web_port: int | None = None) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
+    configure_logging(settings.logging.level)
     node = Node(settings, dicom_port=dicom_port, web_port=web_port)
     node.start()
     try:
