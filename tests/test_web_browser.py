@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_web import PATIENT_ID, Node, make_app, new_user, web_node
+from tests.test_web import PATIENT_ID, PATIENT_SHOWN, Node, make_app, new_user, web_node
 
 __all__ = ["web_node"]  # the session fixture, shared with tests/test_web.py
 
@@ -111,7 +111,7 @@ def test_login_study_list_viewer_overlay_and_download(browser, site: str, web_no
     browser.delete_all_cookies()
     _log_in(browser, site, new_user(web_node))
     table = browser.find_element(By.ID, "studies").text
-    assert PATIENT_ID in table and "stroke" in table
+    assert PATIENT_SHOWN in table and PATIENT_ID in table and "stroke" in table
     assert "DEMO MODEL – NOT FOR CLINICAL USE" in browser.find_element(By.ID, "demo-banner").text
 
     browser.find_element(By.CSS_SELECTOR, f'tr[data-study-uid="{web_node.study_uid}"] a').click()
@@ -135,8 +135,9 @@ def test_login_study_list_viewer_overlay_and_download(browser, site: str, web_no
     ActionChains(browser).click_and_hold(canvas).move_by_offset(60, -40).release().perform()
     _wait(browser, lambda d: canvas.get_attribute("data-rendered").split(":")[4:] != window, "window/level unchanged")
 
-    browser.find_element(By.ID, "role-adc").click()
-    _rendered(browser, "adc", "overlay")
+    for role in ("adc", "flair", "dwi"):
+        browser.find_element(By.ID, f"role-{role}").click()
+        _rendered(browser, role, "overlay")
 
     browser.find_element(By.CSS_SELECTOR, 'a.download[href$="/stroke/mask.nii.gz"]').click()
     target = browser.downloads / "stroke-mask.nii.gz"

@@ -37,6 +37,7 @@ RESULT_FILES = {MASK_FILE: "application/gzip", REPORT_FILE: "application/json"}
 VIEWER_ROLES = ("dwi", "adc", "flair")
 OVERLAY_TASK = {"dwi": JobTask.STROKE, "adc": JobTask.STROKE, "flair": JobTask.MS}  # the mask drawn on each role
 CACHE_DIRNAME = "web-cache"
+STUDY_LIST_LIMIT = 500
 DEMO_BANNER = "DEMO MODEL – NOT FOR CLINICAL USE"  # design.md §2: on every page in demo mode
 _HEADER_ERRORS = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, InvalidDicomError)
 
@@ -92,7 +93,7 @@ class NodeData:
                 LOG.warning("study %s: header unreadable for the study list: %s", study_uid, type(error).__name__)
                 return context
             context = PatientContext(
-                patient_name=str(ds.get("PatientName", "") or ""),
+                patient_name=_person_name(ds.get("PatientName")),
                 patient_id=str(ds.get("PatientID", "") or ""),
                 accession=str(ds.get("AccessionNumber", "") or ""),
                 study_date=_date(str(ds.get("StudyDate", "") or "")),
@@ -101,9 +102,9 @@ class NodeData:
             self._patients[study_uid] = context
         return context
 
-    def studies(self) -> list[dict[str, Any]]:
-        """The study list, most recent activity first."""
-        records = sorted(self.studies_index.list_studies(), key=lambda r: r.last_activity, reverse=True)
+    def studies(self, limit: int = STUDY_LIST_LIMIT) -> list[dict[str, Any]]:
+        """The study list, most recent activity first (the newest `limit`; one job query per study)."""
+        records = sorted(self.studies_index.list_studies(), key=lambda r: r.last_activity, reverse=True)[:limit]
         rows = []
         for record in records:
             jobs = _latest_jobs(self.jobs.jobs_for_study(record.study_uid))
@@ -194,9 +195,10 @@ class NodeData:
             return {}
         folder = self.data_dir / CACHE_DIRNAME / spool_name(study_uid) / f"r{job.revision}"
         marker = folder / "complete"
-        with self._build_lock:
-            if not marker.exists():
-                self._build_volumes(job, folder)
+        if not marker.exists():  # built once; later slice requests do not wait on another study's build
+            with self._build_lock:
+                if not marker.exists():
+                    self._build_volumes(job, folder)
         return {role: folder / f"{role}.nii.gz" for role in VIEWER_ROLES if (folder / f"{role}.nii.gz").is_file()}
 
     def _build_volumes(self, job: Job, folder: Path) -> None:
@@ -302,6 +304,14 @@ def _job_summary(job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "duration_s": job.duration_s,
     }
+
+
+def _person_name(value: Any) -> str:
+    """DICOM PN `Family^Given^Middle` as "Family, Given Middle" for reading."""
+    text = str(value or "")
+    family, _, rest = text.partition("^")
+    given = " ".join(part for part in rest.split("^")[:2] if part)
+    return f"{family}, {given}" if family and given else (family or given)
 
 
 def _date(value: str) -> str:
