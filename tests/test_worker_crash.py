@@ -28,14 +28,16 @@ from inference.jobs import JobQueue, JobState
 from tests.conftest import REPO_ROOT
 from tests.test_scu import received, start_storescp
 from tests.test_studies import spool
-from training.synthetic import generate_case
+from training.synthetic import SiteProfile, generate_case
 from training.synthetic.dicom_writer import write_dicom_study
 
 STUDY_UID = "1.2.826.0.1.3680043.10.543.7.1"
 
-# The node's worker side in one process; exits 0 once every job has ended and every delivery was sent.
+# The node's worker side in one process; exits 0 once every job has ended and every delivery was sent. With a third
+# argument "die-before-done" it sends nothing and kills itself with SIGKILL where the job would be marked done, i.e.
+# after its outputs were stored in the outbox (a test seam set from outside, the node's code is unchanged).
 WORKER_PROCESS = """
-import sys, threading, time
+import os, signal, sys, threading, time
 from pathlib import Path
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.scu import Sender
@@ -49,6 +51,9 @@ from models.manifest import Task
 from models.package import TrustPolicy
 
 data, destination = Path(sys.argv[1]), sys.argv[2]
+die_before_done = sys.argv[3:] == ["die-before-done"]
+if die_before_done:
+    JobQueue.finish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
 settings = Settings(storage=StorageSettings(data_dir=data),
                     dicom=DicomSettings(destinations=(destination,), send_backoff_s=0.2))
 service = ModelService(settings.registry_dir, TrustPolicy.demo(), [Task.STROKE_DWI_ADC])
@@ -58,7 +63,8 @@ queue = JobQueue(data, settings, installed=lambda: installed_tasks(service))
 outbox = Outbox(data)
 stop = threading.Event()
 sender = threading.Thread(target=Sender.from_settings(outbox, settings).run, args=(stop,), daemon=True)
-sender.start()
+if not die_before_done:
+    sender.start()
 workers = start_workers(queue, index, service, outbox, settings, stop)
 print("started", flush=True)
 while True:
@@ -68,7 +74,8 @@ while True:
         break
 stop.set()
 for thread in [sender, *workers]:
-    thread.join(60)
+    if thread.is_alive():
+        thread.join(60)
 print("idle", flush=True)
 """
 
@@ -80,9 +87,9 @@ def stroke_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     return write_dicom_study(case, tmp_path_factory.mktemp("crash-study"), study_uid=STUDY_UID)
 
 
-def start_worker(data_dir: Path, destination: str, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(data_dir: Path, destination: str, log: Path, *mode: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER_PROCESS, str(data_dir), destination],
+        [sys.executable, "-c", WORKER_PROCESS, str(data_dir), destination, *mode],
         cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log.open("ab"), env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
 
@@ -140,5 +147,50 @@ def test_kill_9_mid_job_then_restart_completes_once_and_sends_each_output_once(s
     assert set(arrivals.values()) == {1}, "an output reached the PACS twice"
     seg = next(path for path in pacs_dir.iterdir() if dcmread(path, stop_before_pixels=True).Modality == "SEG")
     assert dcmread(seg, stop_before_pixels=True).StudyInstanceUID == STUDY_UID
+    outbox.close()
+    queue.close()
+
+
+@pytest.fixture(scope="module")
+def small_stroke_study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A coarser synthetic stroke study (3.5 mm pixels, 5 mm slices): the default model needs a few seconds."""
+    site = SiteProfile(name="crash", in_plane_mm=3.5, slice_thickness_mm=5.0, slice_spacing_mm=5.0)
+    case = generate_case("stroke", 4, site=site, size="medium", pattern="single", anatomy="procedural")
+    return write_dicom_study(case, tmp_path_factory.mktemp("small-crash-study"), study_uid=STUDY_UID)
+
+
+@pytest.mark.slow
+def test_kill_9_after_outputs_were_stored_reuses_their_uids(small_stroke_study, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, DicomSettings())
+    index.instances_stored(spool(small_stroke_study, data_dir / SPOOL_DIRNAME))
+    index.complete(STUDY_UID)
+    index.close()
+    pacs_dir = tmp_path / "pacs"
+    pacs, destination = start_storescp(pacs_dir)
+    log = tmp_path / "worker.log"
+    try:
+        first = start_worker(data_dir, destination_name(destination), log, "die-before-done")
+        assert first.wait(300) == -signal.SIGKILL, log.read_text()[-3000:]
+        key = OutputKey(STUDY_UID, 1, "stroke", "1")
+        outbox = Outbox(data_dir)
+        before = [(i.sop_instance_uid, i.series_instance_uid, i.path.read_bytes()) for i in outbox.stored(key)]
+        assert before and {d.state.value for d in outbox.deliveries(key)} == {"pending"}
+        assert not any(pacs_dir.iterdir())
+
+        second = start_worker(data_dir, destination_name(destination), log)
+        assert second.wait(300) == 0, log.read_text()[-3000:]
+    finally:
+        for process in (pacs,):
+            process.kill()
+            process.wait()
+
+    queue = JobQueue(data_dir, Settings(storage=StorageSettings(data_dir=data_dir)))
+    (job,) = queue.list_jobs()
+    assert (job.state, job.attempts) == (JobState.DONE, 2), job.reason
+    after = [(i.sop_instance_uid, i.series_instance_uid, i.path.read_bytes()) for i in outbox.stored(key)]
+    assert after == before and batches(data_dir) == 1
+    arrivals = received(pacs_dir)
+    assert set(arrivals) == {uid for uid, _, _ in before} and set(arrivals.values()) == {1}
     outbox.close()
     queue.close()
