@@ -70,7 +70,7 @@ def build_report(result: SegmentationResult) -> dict[str, Any]:
         ],
         "adc_core_volume_ml": result.adc_core_volume_ml,
         "adc_core_threshold_um2_s": result.adc_core_threshold,
-        "timings_s": dict(result.timings),
+        "timings": dict(result.timings),  # seconds per stage
         "warnings": list(result.warnings),
     }
 

@@ -116,6 +116,7 @@ def test_post_processing_is_exact(sigmoid_engine: Engine, tmp_path: Path) -> Non
     assert report["adc_core_volume_ml"] == result.adc_core_volume_ml
     assert [item["volume_ml"] for item in report["lesions"]] == [lesion.volume_ml for lesion in result.lesions]
     assert report["model"]["demo"] is True and len(report["model"]["manifest_sha256"]) == 64
+    assert report["timings"] == dict(result.timings) and report["warnings"] == list(result.warnings)
     assert np.array_equal(np.asarray(nib.load(mask_path).dataobj), labels)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mask.nii.gz", "report.json"]  # no temp files
 

@@ -70,7 +70,7 @@ def test_dicom_folder_with_the_default_model_prints_the_report(
     printed = json.loads(out)
     assert printed == json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert printed["task"] == "stroke-dwi-adc" and printed["model_version"] == 1 and printed["model"]["demo"] is True
-    assert set(printed["timings_s"]) == {"load", "preprocess", "inference", "postprocess"}
+    assert set(printed["timings"]) == {"load", "preprocess", "inference", "postprocess"}
     assert printed["lesion_count"] == len(printed["lesions"]) >= 1
     assert printed["total_volume_ml"] > 0 and printed["adc_core_volume_ml"] is not None
     assert [s["series_number"] for s in printed["series"]] == [4, 5]
