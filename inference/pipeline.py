@@ -175,7 +175,7 @@ def segment_study(
     manifest = engine.manifest
     volumes: list[RoleVolume] = []
     for channel in manifest.inputs:
-        volume = getattr(inputs, channel.role.value, None) if channel.role is not Role.T1 else None
+        volume = getattr(inputs, channel.role.value, None)  # StudyInputs holds dwi, adc and flair
         if volume is None:
             reason = inputs.not_processed.get(channel.role.value)
             raise ValueError(f"{channel.role.value.upper()} missing" + (f" ({reason})" if reason else ""))
