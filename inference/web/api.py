@@ -37,7 +37,10 @@ def reprocess(uid: str):
     context = _context()
     if context.data.study(uid) is None:
         abort(404)
-    created = context.data.reprocess(uid)
+    try:
+        created = context.data.reprocess(uid)
+    except ValueError as error:  # not complete yet: no job to repeat
+        abort(409, description=str(error))
     context.audit.record(g.user, AuditAction.REPROCESS, uid)
     return jsonify(study_uid=uid, jobs=created), 202
 

@@ -43,7 +43,8 @@ class Volume:
         }
 
     def slice_bytes(self, index: int) -> bytes:
-        """Slice `index` as little-endian float32, row-major with rows along the second voxel axis."""
+        """Slice `index` as little-endian float32, row-major: the NIfTI's (column, row, slice) axes give back the
+        rows and columns as the scanner stored them, the orientation a PACS viewer shows."""
         return np.ascontiguousarray(self.data[:, :, self._check(index)].T, dtype="<f4").tobytes()
 
     def _check(self, index: int) -> int:

@@ -90,7 +90,10 @@ def reprocess(uid: str):
     context = _context()
     if context.data.study(uid) is None:
         abort(404)
-    context.data.reprocess(uid)
+    try:
+        context.data.reprocess(uid)
+    except ValueError as error:  # not complete yet: no job to repeat
+        abort(409, description=str(error))
     context.audit.record(g.user, AuditAction.REPROCESS, uid)
     return redirect(url_for("pages.study", uid=uid))
 
