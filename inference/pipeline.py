@@ -122,7 +122,7 @@ class ModelUsed:
 
     def info(self) -> ModelInfo:
         """The writers' provenance record (IHE AI Results Contributing Equipment)."""
-        return ModelInfo(self.name, str(self.version), self.federated_round, self.manifest_sha256)
+        return ModelInfo(self.name, str(self.version), self.federated_round, self.manifest_sha256, self.demo)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from dicom_gateway.writers import (
     write_seg,
     write_sr,
 )
-from dicom_gateway.writers.common import NOT_FOR_DIAGNOSIS, OutputKind
+from dicom_gateway.writers.common import DEMO_MARK, NOT_FOR_DIAGNOSIS, OutputKind
 from dicom_gateway.writers.overlay import (
     banner_lines,
     render_banner,
@@ -606,3 +606,15 @@ def test_seg_needs_only_headers_the_overlay_needs_pixels(study: Study, outputs: 
     assert to_bytes(seg) == to_bytes(outputs.seg)
     with pytest.raises(ValueError, match="carry no PixelData"):
         study.outputs(reference_datasets=headers)
+
+
+def test_demo_model_outputs_say_so_in_every_series_description(study: Study, outputs: OutputSet) -> None:
+    """design.md §2: a demo-signed model's outputs can never pass for a clinical model's."""
+    demo = ModelInfo(MODEL.name, MODEL.version, MODEL.federated_round, MODEL.manifest_sha256, demo=True)
+    seg, sr = study.seg_and_sr(model=demo)
+    notice = write_not_processed(study.datasets[:1], "no task matched", study_revision=1, existing_series_numbers=(),
+                                 demo=True)
+    for dataset in (seg, sr, notice):
+        assert dataset.SeriesDescription.startswith(DEMO_MARK) and len(dataset.SeriesDescription) <= 64
+    assert DEMO_MARK in banner_lines(demo, 1, 1.0) and DEMO_MARK not in banner_lines(MODEL, 1, 1.0)
+    assert all(DEMO_MARK not in ds.SeriesDescription for ds in outputs.datasets)

@@ -26,6 +26,8 @@ from dicom_gateway.uids import OWN_MANUFACTURER, is_valid_uid, output_uid
 
 DEFAULT_MAX_LESION_SEGMENTS = 50
 NOT_FOR_DIAGNOSIS = "AI RESULT – NOT FOR PRIMARY DIAGNOSIS"
+# design.md §2: a demo-signed model's outputs say so in every SeriesDescription (ASCII: any character set holds it).
+DEMO_MARK = "DEMO MODEL - NOT FOR CLINICAL USE"
 # Type 2 patient/study attributes highdicom reads from the first source instance (present, possibly empty).
 _REQUIRED_SOURCE_ATTRIBUTES = (
     "SOPClassUID",
@@ -80,6 +82,12 @@ SERIES_DESCRIPTIONS = {
     OutputKind.SR: "AI lesion report (not for diagnosis)",
     OutputKind.NOT_PROCESSED: "AI not performed (not for diagnosis)",
 }
+DEMO_SERIES_DESCRIPTIONS = {  # at most 64 characters (LO)
+    OutputKind.SEG: f"{DEMO_MARK} - AI SEG",
+    OutputKind.OVERLAY: f"{DEMO_MARK} - AI overlay",
+    OutputKind.SR: f"{DEMO_MARK} - AI report",
+    OutputKind.NOT_PROCESSED: f"{DEMO_MARK} - AI not performed",
+}
 # Segmented property type per task (design.md §4) and the one category for both.
 FINDING_TYPES = {
     Task.STROKE: hd.sr.CodedConcept("55641003", "SCT", "Infarct"),
@@ -98,6 +106,7 @@ class ModelInfo:
     version: str
     federated_round: int | None
     manifest_sha256: str
+    demo: bool = False  # signed with the demo key: every output is marked DEMO_MARK
 
     def __post_init__(self) -> None:
         for field in ("name", "version"):
@@ -453,13 +462,13 @@ def output_datetime(datasets: Sequence[Dataset], created: dt.datetime | None) ->
     return max(found)
 
 
-def stamp(dataset: Dataset, when: dt.datetime, kind: OutputKind) -> None:
-    """Fix every date/time highdicom draws from the clock, and mark the series as an AI result."""
+def stamp(dataset: Dataset, when: dt.datetime, kind: OutputKind, *, demo: bool) -> None:
+    """Fix every date/time highdicom draws from the clock, and mark the series as an AI result (and demo)."""
     date, time = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     dataset.InstanceCreationDate, dataset.InstanceCreationTime = date, time
     dataset.ContentDate, dataset.ContentTime = date, time
     dataset.SeriesDate, dataset.SeriesTime = date, time
-    dataset.SeriesDescription = SERIES_DESCRIPTIONS[kind]
+    dataset.SeriesDescription = (DEMO_SERIES_DESCRIPTIONS if demo else SERIES_DESCRIPTIONS)[kind]
     acquisition = hd.sr.CodedConcept.from_code(codes.DCM.AcquisitionEquipment)
     for item in dataset.get("ContributingEquipmentSequence", []):
         if item.PurposeOfReferenceCodeSequence[0] != acquisition:

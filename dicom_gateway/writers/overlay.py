@@ -22,6 +22,7 @@ from scipy import ndimage
 
 from dicom_gateway.uids import OWN_MANUFACTURER, is_valid_uid, output_uid
 from dicom_gateway.writers.common import (
+    DEMO_MARK,
     NOT_FOR_DIAGNOSIS,
     Lesion,
     ModelInfo,
@@ -145,6 +146,7 @@ def write_not_processed(
     existing_series_numbers: Collection[int],
     task: str | None = None,
     model_version: str | None = None,
+    demo: bool = False,
     created: dt.datetime | None = None,
 ) -> hd.sc.SCImage:
     """One SC image "AI analysis not performed: <reason>" in the source study (notify_not_processed).
@@ -186,6 +188,7 @@ def write_not_processed(
     when = output_datetime(datasets, created)
     lines = [
         NOT_FOR_DIAGNOSIS,
+        *([DEMO_MARK] if demo else []),
         "AI analysis not performed:",
         *_wrap(reason.strip(), NOTICE_SIZE[1]),
     ]
@@ -206,7 +209,7 @@ def write_not_processed(
         transfer_syntax_uid="1.2.840.10008.1.2.1",
     )
     sc.PatientOrientation = ""  # Type 2C, empty: a text page has no anatomy (highdicom demands a value)
-    _mark_secondary_capture(sc, when, OutputKind.NOT_PROCESSED)
+    _mark_secondary_capture(sc, when, OutputKind.NOT_PROCESSED, demo=demo)
     sc.ImageComments = f"AI analysis not performed: {reason.strip()}"[:10240]
     return sc
 
@@ -267,7 +270,7 @@ def build_overlay(
         )
         sc.copy_patient_and_study_information(source)
         sc.PatientOrientation = orientation
-        _mark_secondary_capture(sc, when, OutputKind.OVERLAY)
+        _mark_secondary_capture(sc, when, OutputKind.OVERLAY, demo=context.model.demo)
         sc.ManufacturerModelName = context.model.name
         sc.SoftwareVersions = context.model.version
         sc.DerivationDescription = "AI lesion outline and 40 % fill drawn on the windowed, upscaled source slice"
@@ -320,6 +323,7 @@ def banner_lines(model: ModelInfo, lesion_count: int, total_volume_ml: float) ->
     """The banner text: what this is, which model, and the result; built from no patient attribute."""
     lines = [
         NOT_FOR_DIAGNOSIS,
+        *([DEMO_MARK] if model.demo else []),
         f"Model {model.name} {model.version} ({model.round_text})",
     ]
     if lesion_count == 0:
@@ -390,7 +394,7 @@ def _wrap(text: str, width: int) -> list[str]:
     return lines
 
 
-def _mark_secondary_capture(sc: hd.sc.SCImage, when: dt.datetime, kind: OutputKind) -> None:
+def _mark_secondary_capture(sc: hd.sc.SCImage, when: dt.datetime, kind: OutputKind, *, demo: bool) -> None:
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.Laterality = ""  # Type 2C (paired body parts); the brain as a whole has none
     sc.ConversionType = "WSD"
@@ -399,7 +403,7 @@ def _mark_secondary_capture(sc: hd.sc.SCImage, when: dt.datetime, kind: OutputKi
         when.strftime("%Y%m%d"),
         when.strftime("%H%M%S"),
     )
-    stamp(sc, when, kind)
+    stamp(sc, when, kind, demo=demo)
 
 
 def _source_reference(source: Dataset) -> Dataset:

@@ -126,5 +126,5 @@ def build_seg(
     dimension_uid = context.uid(OutputKind.SEG, "dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_uid
-    stamp(seg, when, OutputKind.SEG)
+    stamp(seg, when, OutputKind.SEG, demo=context.model.demo)
     return seg

@@ -193,7 +193,7 @@ def build_sr(
         scheme.CodingSchemeName = "fedlesion local codes"
         scheme.CodingSchemeResponsibleOrganization = OWN_MANUFACTURER
         sr.CodingSchemeIdentificationSequence = [scheme]
-    stamp(sr, when, OutputKind.SR)
+    stamp(sr, when, OutputKind.SR, demo=model.demo)
     return sr
 
 
