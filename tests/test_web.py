@@ -295,11 +295,34 @@ def test_reprocess_adds_a_run_that_the_worker_finishes(client, web_node: Node) -
     assert response.status_code == 302
     jobs = web_node.jobs.jobs_for_study(web_node.study_uid)
     assert len(jobs) == before + 1 and jobs[0].state is JobState.QUEUED and jobs[0].queue_position == 1
-    listing = client.get("/api/studies").get_json()["studies"][0]
+    listing = _listed(client, web_node.study_uid)
     assert listing["status"] == "queued" and listing["tasks"][0]["queue_position"] == 1
     done = Worker(web_node.jobs, web_node.studies, web_node.models, web_node.outbox, web_node.settings).run_once()
     assert done is not None and done.state is JobState.DONE and done.run == jobs[0].run
-    assert client.get("/api/studies").get_json()["studies"][0]["status"] == "done"
+    assert _listed(client, web_node.study_uid)["status"] == "done"
+
+
+def _listed(client, study_uid: str) -> dict:
+    return next(s for s in client.get("/api/studies").get_json()["studies"] if s["study_uid"] == study_uid)
+
+
+def test_a_study_still_receiving_is_listed_and_cannot_be_reprocessed(client, web_node: Node) -> None:
+    from pydicom.uid import generate_uid
+
+    source = web_node.studies.study_files(web_node.study_uid)[0]
+    ds = open_dicom(source)
+    ds.StudyInstanceUID, ds.SOPInstanceUID, ds.PatientName = generate_uid(), generate_uid(), "Receiving^Still"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path = web_node.data_dir / SPOOL_DIRNAME / "incoming-2" / "1.dcm"
+    path.parent.mkdir(parents=True)
+    ds.save_as(path, enforce_file_format=True)
+    web_node.studies.instances_stored([StoredInstance(ds.SOPInstanceUID, ds.SOPClassUID, ds.StudyInstanceUID,
+                                                      ds.SeriesInstanceUID, path, "MODALITY", 1, 0.0)])
+    row = _listed(client, ds.StudyInstanceUID)
+    assert row["status"] == "receiving" and row["patient_name"] == "Receiving, Still" and row["tasks"] == []
+    token = client.get("/studies").get_data(as_text=True)
+    response = client.post(f"/api/studies/{ds.StudyInstanceUID}/reprocess", headers={"X-CSRF-Token": csrf_from(token)})
+    assert response.status_code == 409 and "no job exists" in response.get_json()["detail"]
 
 
 def test_logs_carry_no_patient_data(client, web_node: Node, caplog: pytest.LogCaptureFixture) -> None:
