@@ -6,7 +6,7 @@ centre-padded or cropped to the matrix here) and written as DICOM. For each run 
 UID is sent with `storescu` (TCP_NODELAY=1) to a node started here (its own data directory, a `storescp`
 destination); at the last acknowledgement (storescu's exit) the explicit completion trigger runs and the clock
 starts; it stops when the SEG, the SR and every SC image are stored by `storescp`. Median of 5 (after one warm-up
-study, not counted), with each stage: completion, queue wait, load, preprocess, inference, postprocess, results,
+study, not counted), with each stage: completion, pick-up by a worker, load, preprocess, inference, postprocess, results,
 DICOM outputs (report.json timings and the job row) and the send to the destination. Goal on the 2-core CPU: < 15 s.
 
     .venv/bin/python benchmarks/turnaround.py [--runs 5] [--keep DIR]
@@ -166,7 +166,7 @@ def main() -> int:
                            capture_output=True)
             t0 = time.perf_counter()  # the last acknowledgement
             completion = index.complete(uid, CompletionTrigger.EXPLICIT)
-            t_completed = time.perf_counter()
+            t_completed, completed_wall = time.perf_counter(), time.time()
             while not stored_outputs(received, MATRIX[2]):
                 if node.poll() is not None:
                     raise SystemExit(f"node exited:\n{node_log.read_text()[-3000:]}")
@@ -177,17 +177,17 @@ def main() -> int:
             job = job_row(data_dir, uid)
             result = json.loads(job["result_json"]) if job["result_json"] else {}
             report = json.loads((Path(job["result_dir"]) / "report.json").read_text())
-            timings = report.get("timings_s", {})
+            timings = {**report.get("timings", {}), **result.get("timings", {})}  # the job row has every stage
             wall_now, perf_now = time.time(), time.perf_counter()
             stored_wall = wall_now - (perf_now - t_done)
             row = {
                 "send_s": t0 - send_start,
                 "total_s": t_done - t0,
                 "completion_s": t_completed - t0,
-                "queue_wait_s": (job["started_at"] - job["queued_at"]) if job["queued_at"] else float("nan"),
+                "pickup_s": job["started_at"] - completed_wall,  # intake of the ready row and the claim
                 **{f"{stage}_s": float(timings.get(stage, float("nan"))) for stage in STAGES},
-                "results_s": float(result.get("timings", {}).get("results", float("nan"))),
-                "dicom_outputs_s": float(result.get("timings", {}).get("dicom_outputs", float("nan"))),
+                "results_s": float(timings.get("results", float("nan"))),
+                "dicom_outputs_s": float(timings.get("dicom_outputs", float("nan"))),
                 "job_s": job["finished_at"] - job["started_at"],
                 "to_destination_s": stored_wall - job["finished_at"],
                 "volume_ml": report.get("total_volume_ml"),
