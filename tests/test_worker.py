@@ -126,7 +126,7 @@ def test_a_stroke_study_is_segmented_and_its_outputs_stored_once(node: Worker, s
     assert report["total_volume_ml"] == job.result.total_volume_ml and report["lesion_count"] == job.result.lesion_count
     assert report["lesion_count"] == int(np.asarray(mask.dataobj).max()) >= 1
     assert abs(report["total_volume_ml"] - truth_ml) < 0.5 * truth_ml, (report["total_volume_ml"], truth_ml)
-    assert {"load", "inference", "postprocess"} <= set(report["timings_s"])
+    assert {"load", "inference", "postprocess"} <= set(report["timings"])
     assert {"results", "dicom_outputs"} <= set(job.result.timings)
 
     key = OutputKey(STUDY_UID, 1, "stroke", "1")
