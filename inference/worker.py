@@ -254,6 +254,7 @@ class Worker:
                         existing_series_numbers=_series_numbers(study),
                         task=job.task.value if job.task else None,
                         model_version=job.model_version,
+                        demo=self.models.demo_mode,
                         created=_created(job),
                     )
                 ]
