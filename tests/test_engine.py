@@ -167,8 +167,8 @@ def test_sliding_windows_blend_to_the_whole_volume_result(engine_package) -> Non
 def test_larger_windows_mean_fewer_windows_and_the_same_blend(tmp_path) -> None:
     engine = Engine(_package(tmp_path, first_channel_sigmoid(1)), threads=1, whole_volume_voxels=0)
     image = _image()
-    small = engine.predict_grid(image)
-    engine.whole_volume_voxels = 32 * 32 * 32
+    small = engine.predict_grid(image)  # by default the manifest's patch
+    engine.window_voxels = 32 * 32 * 32
     large = engine.predict_grid(image)
     assert small.window == (16, 16, 16) and small.windows == 5 * 4 * 3
     assert math.prod(large.window) <= 32**3 and large.windows < small.windows

@@ -1,0 +1,212 @@
+"""The node's engine path against what a user would run instead: PyTorch eager with MONAI's sliding_window_inference.
+
+Same network (the 5.7 M-parameter DynUNet of the default NetworkPlan, DWI+ADC in, seeded weights), same weights
+(exported by training/export.py to ONNX and packaged in a temporary directory), same input (ISLES'22 case 0001,
+2×112×112×73 at 2 mm, from ../shared; a synthetic stroke case cropped to that size when absent), same
+preprocessing (models.preprocessing) and the same mapping back to the source grid on both sides. The node side is
+`inference.engine.Engine.predict` in a subprocess that never imports torch, so its peak RSS is the node's own; it
+runs twice: as the node runs it (the 112×112×80 grid fits the whole-volume budget: one pass) and with MONAI's own
+windows (`whole_volume_voxels=0`: the same 8 windows of 96×96×64, Gaussian blend), which isolates ONNX Runtime from
+the window layout. MONAI: 96×96×64 windows, 50 % overlap, Gaussian, sw_batch_size 1, torch.inference_mode.
+
+Prints, per side, the median wall and CPU seconds of `--repeats` timed runs after one warm-up (CPU seconds are the
+fairer figure on a shared machine), the ratios, the Dice between the masks (threshold 0.5) and the node's peak RSS.
+Run: `.venv/bin/python benchmarks/engine.py [--repeats 3] [--json]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from models.manifest import Preprocessing, Task, default_manifest
+from models.package import TrustPolicy, build_package, load_package
+from models.preprocessing import Channel, preprocess, to_source
+
+ISLES_CASE = REPO.parent / "shared" / "data" / "nifti" / "isles22" / "case0001_dwi_adc_plus_gt"
+ISLES_SHAPE = (112, 112, 73)
+MONAI_WINDOW = (96, 96, 64)
+SEED = 0
+
+
+def load_input() -> tuple[list[Channel], str]:
+    """ISLES'22 case 0001 (DWI b1000, ADC), or a synthetic stroke case of the same size when ../shared is absent."""
+    if ISLES_CASE.exists():
+        from training.datasets import load_cases, open_dataset
+
+        cases, _ = load_cases(open_dataset(ISLES_CASE, Task.STROKE_DWI_ADC))
+        channels = cases[0].channels
+        return channels, f"ISLES'22 case 0001, {'×'.join(map(str, (len(channels), *channels[0].data.shape)))}"
+    from training.synthetic import generate_case
+
+    case = generate_case("stroke", seed=7, size="medium", pattern="single")
+    fitted = []
+    for name, key in (("dwi", "dwi_b1000"), ("adc", "adc")):
+        data = case.images[key][tuple(slice(0, n) for n in ISLES_SHAPE)]
+        data = np.pad(data, [(0, n - m) for n, m in zip(ISLES_SHAPE, data.shape)])
+        fitted.append(Channel(data.astype(np.float32), case.affine, name))
+    return fitted, f"synthetic stroke case (seed 7) cropped to 2×{'×'.join(map(str, ISLES_SHAPE))}"
+
+
+def build_benchmark_package(out: Path) -> Path:
+    """The default-plan DynUNet with seeded weights, exported to ONNX and signed with the demo key."""
+    import torch
+
+    from models.networks import NetworkPlan, build_network, parameter_count
+    from models.signing import demo_private_key
+    from training.export import export_onnx
+
+    torch.manual_seed(SEED)
+    network = build_network(2, 1, NetworkPlan()).eval()
+    torch.save(network.state_dict(), out / "weights.pt")
+    preprocessing = Preprocessing((2.0, 2.0, 2.0), MONAI_WINDOW, NetworkPlan().size_divisible)
+    manifest = default_manifest(
+        Task.STROKE_DWI_ADC, 1, plan_sha256="0" * 64, demo=True,
+        description=f"engine benchmark, {parameter_count(network)} parameters, not for clinical use",
+        preprocessing=preprocessing,
+    )
+    return build_package(out / "package", export_onnx(network, 2), manifest, demo_private_key())
+
+
+NODE_MODES = {"node": {}, "node, MONAI's windows": {"whole_volume_voxels": 0}}
+
+
+def timed(function, repeats: int) -> tuple[list[float], list[float], object]:
+    """Wall and CPU (all threads) seconds of `repeats` calls after one warm-up, and the last result."""
+    function()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = function()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return walls, cpus, result
+
+
+def node_side(package_dir: Path, probabilities_out: Path, mode: str, repeats: int, threads: int) -> dict:
+    """The node's path, torch-free: load the package, predict (warm-up + repeats), save the last probabilities."""
+    from inference.engine import Engine
+
+    channels, _ = load_input()
+    started = time.perf_counter()
+    engine = Engine(load_package(package_dir, TrustPolicy.demo()), threads=threads, **NODE_MODES[mode])
+    load_seconds = time.perf_counter() - started
+    walls, cpus, prediction = timed(lambda: engine.predict(channels), repeats)
+    np.save(probabilities_out, prediction.probabilities)
+    return {
+        "seconds": walls,
+        "cpu_seconds": cpus,
+        "load_seconds": load_seconds,
+        "windows": prediction.windows,
+        "grid": list(prediction.case.image.shape),
+        "providers": engine.providers,
+        "threads": engine.session_options.intra_op_num_threads,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def monai_side(package_dir: Path, weights: Path, repeats: int, threads: int) -> dict:
+    """What a user would run: the same preprocessing, PyTorch eager, MONAI's sliding_window_inference, Gaussian."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    from models.networks import NetworkPlan, build_network
+
+    torch.set_num_threads(threads)
+    network = build_network(2, 1, NetworkPlan()).eval()
+    network.load_state_dict(torch.load(weights, weights_only=True))
+    spec = load_package(package_dir, TrustPolicy.demo()).manifest.preprocessing
+    channels, _ = load_input()
+
+    def predict() -> np.ndarray:
+        case = preprocess(channels, spec)
+        with torch.inference_mode():
+            logits = sliding_window_inference(
+                torch.from_numpy(case.image[None]), MONAI_WINDOW, 1, network, overlap=0.5, mode="gaussian"
+            )
+            probabilities = torch.sigmoid(logits)[0, 0].numpy()
+        return to_source(probabilities, case)
+
+    walls, cpus, probabilities = timed(predict, repeats)
+    return {"seconds": walls, "cpu_seconds": cpus, "probabilities": probabilities}
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime and torch threads; 0: physical cores")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--node-side", nargs=3, metavar=("PACKAGE", "OUT_NPY", "MODE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.node_side:
+        package, out, mode = args.node_side
+        print(json.dumps(node_side(Path(package), Path(out), mode, args.repeats, args.threads)))
+        return
+
+    from inference.engine import physical_cores
+
+    threads = args.threads or physical_cores()
+    _, source = load_input()
+    sides: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="fedlesion-engine-bench-") as tmp:
+        tmp_path = Path(tmp)
+        package_dir = build_benchmark_package(tmp_path)
+        for index, mode in enumerate(NODE_MODES):
+            npy = tmp_path / f"node{index}.npy"
+            completed = subprocess.run(
+                [sys.executable, __file__, "--node-side", str(package_dir), str(npy), mode,
+                 "--repeats", str(args.repeats), "--threads", str(threads)],
+                capture_output=True, text=True, check=True,
+            )
+            sides[mode] = {**json.loads(completed.stdout.strip().splitlines()[-1]), "probabilities": np.load(npy)}
+        sides["MONAI"] = monai_side(package_dir, tmp_path / "weights.pt", args.repeats, threads)
+
+    monai = sides["MONAI"]
+    monai_mask = monai["probabilities"] >= 0.5
+    rows = {}
+    for name, side in sides.items():
+        mask = side.pop("probabilities") >= 0.5
+        rows[name] = {
+            **side,
+            "median_s": statistics.median(side["seconds"]),
+            "median_cpu_s": statistics.median(side["cpu_seconds"]),
+            "mask_voxels": int(mask.sum()),
+            "dice_vs_monai": dice(mask, monai_mask),
+        }
+    for row in rows.values():
+        row["speedup"] = rows["MONAI"]["median_s"] / row["median_s"]
+        row["cpu_speedup"] = rows["MONAI"]["median_cpu_s"] / row["median_cpu_s"]
+    result = {"input": source, "threads": threads, "repeats": args.repeats, "source_voxels": monai_mask.size, **rows}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"input: {source}; {threads} threads; median of {args.repeats} after one warm-up")
+    print(f"{'side':24} {'wall s':>7} {'CPU s':>7} {'speedup':>8} {'CPU sp.':>8} {'Dice':>7} {'mask vox':>9} "
+          f"{'windows':>7} {'peak RSS':>9}")
+    for name, row in rows.items():
+        rss = f"{row['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in row else "-"
+        print(f"{name:24} {row['median_s']:7.2f} {row['median_cpu_s']:7.2f} {row['speedup']:7.2f}× "
+              f"{row['cpu_speedup']:7.2f}× {row['dice_vs_monai']:7.4f} {row['mask_voxels']:9d} "
+              f"{row.get('windows', 8):>7} {rss:>9}")
+
+
+if __name__ == "__main__":
+    main()
