@@ -2,7 +2,8 @@
 
 One Orthanc and one node data directory for the module, because each node start warms its model up and each job
 runs the real default stroke model on 2 cores. The synthetic study (one large lesion on the patient's left) is
-generated once and written twice under two Study Instance UIDs:
+generated once and written twice under two Study Instance UIDs. The node runs with torch, MONAI and onnx blocked
+from import, as in the `.[cpu]`-only install of a limited center.
   A — pushed by Orthanc, completed with the explicit trigger, processed normally: SEG, SC and SR come back to
       Orthanc; the SEG's lesion volume and side are read back through Orthanc's REST API; the web page lists A.
   B — a tampered version 2 of the stroke model is dropped into the registry first (refused, version 1 keeps
@@ -51,6 +52,21 @@ DEFAULT_STROKE = REPO_ROOT / "models" / "defaults" / "stroke-dwi-adc"
 START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 420
 
+# The node as a limited center runs it (design.md §1): torch, MONAI and onnx cannot be imported in its process.
+_NODE_WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai", "onnx", "onnxscript"):
+            raise ModuleNotFoundError(f"{name} is blocked: not part of a limited center's install")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+from fedlesion.cli import main
+sys.exit(main(["node"]))
+"""
+
 # In the namespace: log in through the form (CSRF token from the page, session cookie), then GET an API path.
 _WEB_CLIENT = """
 import http.cookiejar, re, sys, urllib.parse, urllib.request
@@ -84,7 +100,7 @@ class NodeRun:
     def start(self) -> None:
         """`fedlesion node` in Orthanc's namespace; returns once it printed its start line."""
         offset = self.log.stat().st_size if self.log.exists() else 0
-        self.process = self.orthanc.start([sys.executable, "-m", "fedlesion", "node"], log=self.log, env=self.env)
+        self.process = self.orthanc.start([sys.executable, "-c", _NODE_WITHOUT_TORCH], log=self.log, env=self.env)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -314,6 +330,14 @@ def test_web_page_shows_the_study(scenario: Scenario) -> None:
     assert detail["status"] == "done" and detail["results"][0]["report"]["total_volume_ml"] > 0
     health = json.loads(scenario.orthanc.python(_GET, f"http://127.0.0.1:{NODE_WEB_PORT}/healthz"))
     assert health["ok"] is True
+
+
+@pytest.mark.slow
+def test_node_log_carries_uids_never_patient_names_or_ids(scenario: Scenario) -> None:
+    log = scenario.node.log_text()
+    assert STUDY_A in log and STUDY_B in log  # what happened is traceable by UID and job ID
+    for patient in ("E2E^Stroke", "E2E, Stroke", "Stroke", "E2E0", "E2E1"):
+        assert patient not in log
 
 
 @pytest.mark.slow
