@@ -252,9 +252,10 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
         push_and_complete(node, orthanc, STUDY_B)
         state = wait_for(lambda: next((r["state"] for r in node.jobs(STUDY_B) if r["state"] == "running"), None),
                          120, "B's job to start", node, poll_s=0.1)
-        time.sleep(2.0)  # into the model's run
-        assert not all_sent(data_dir, OutputKey(STUDY_B, 1, "stroke", "1"))
+        time.sleep(0.5)  # into reading the study and running the model (the job takes seconds)
+        assert [r["state"] for r in node.jobs(STUDY_B)] == ["running"]
         node.kill9()
+        assert not all_sent(data_dir, OutputKey(STUDY_B, 1, "stroke", "1"))
         node.start()
         wait_for(lambda: all_sent(data_dir, OutputKey(STUDY_B, 1, "stroke", "1")), JOB_TIMEOUT_S, "B's outputs", node)
         yield Scenario(node, orthanc, case.lesions[0].volume_ml, case.lesions[0].side, inputs, state, refused, tmp)
@@ -390,3 +391,25 @@ def test_the_node_wants_exactly_one_onnxruntime_distribution() -> None:
         check_onnxruntime_install(lambda name: False)
     assert check_onnxruntime_install(lambda name: name == "onnxruntime-gpu") == "onnxruntime-gpu"
     assert check_onnxruntime_install() == "onnxruntime"  # this venv: the cpu extra
+
+
+@pytest.mark.slow
+def test_send_sample_reaches_the_node_and_is_processed(scenario: Scenario) -> None:
+    """`fedlesion send-sample` as `make run` prints it: C-STORE from the node's namespace, explicit completion in the
+    node's database, then the job runs like any other study's."""
+    result = subprocess.run(
+        scenario.orthanc.command([sys.executable, "-m", "fedlesion", "send-sample", "--port", str(NODE_DICOM_PORT),
+                                  "--seed", "2"]),
+        env=scenario.node.env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    study_uid = next(line.split()[5] for line in result.stdout.splitlines() if line.startswith("sent "))
+    assert "revision 1 is ready" in result.stdout and "truth: lesion 1" in result.stdout
+
+    def finished() -> sqlite3.Row | None:
+        rows = scenario.node.jobs(study_uid)
+        return rows[0] if rows and rows[0]["state"] in ("done", "failed", "not-processed") else None
+
+    row = wait_for(finished, JOB_TIMEOUT_S, "the sample's job", scenario.node)
+    assert (row["task"], row["state"]) == ("stroke", "done")
+    assert json.loads(row["result_json"])["lesion_count"] >= 1
