@@ -146,6 +146,8 @@ def test_session_options_are_applied(engine_package) -> None:
     assert Engine(engine_package, threads=0).session.get_session_options().intra_op_num_threads == physical_cores()
     with pytest.raises(ValueError, match="threads"):
         Engine(engine_package, threads=-1)
+    with pytest.raises(ValueError, match="window_voxels"):
+        Engine(engine_package, window_voxels=0)
     described = engine.describe()
     assert described["providers"] == engine.providers == ["CPUExecutionProvider"]
     assert described["threads"] == 1 and described["io_binding"] is False and described["batched_windows"] is False
