@@ -15,13 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from dicom_gateway.roles import AdcSource, DwiKind, StudyRoles
+from dicom_gateway.roles import AdcSource, DwiKind, SeriesRole, StudyRoles
 from dicom_gateway.scp import StorageScp
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import StudyIndex
 from fedlesion.settings import DicomSettings
 from tests.dicom_support import dcmtk_env
-from tests.test_roles import SHARED, _check_philips, bvals, files, volume_b_values
+from tests.test_roles import (
+    OUT_OF_RANGE,
+    SHARED,
+    _check_philips,
+    bvals,
+    files,
+    volume_b_values,
+)
 
 SCP_AE = "FEDLESION"
 PHILIPS_PROFILE = """\
@@ -79,6 +86,20 @@ def node(tmp_path: Path) -> Iterator[Node]:
     running = Node(tmp_path / "data")
     yield running
     running.stop()
+
+
+def test_xa30_whole_study_trace_at_b2500_with_the_warning_and_the_scanner_adc(shared_dicom, node: Node) -> None:
+    pushed = files(shared_dicom("dcm_qa_xa30i/dicom"))
+    node.push(pushed)
+    roles = node.complete_only_study(len(pushed))
+    assert roles.dwi is not None and (roles.dwi.series_number, roles.dwi.kind, roles.dwi.b_value) == (
+        13001, DwiKind.TRACE, 2500.0
+    )
+    assert roles.warnings == [OUT_OF_RANGE]
+    assert roles.adc is not None and (roles.adc.source, roles.adc.series_number) == (AdcSource.SCANNER, 12001)
+    assert roles.by_number(11001).role == SeriesRole.DWI_SOURCE
+    assert {d.number for d in roles.series if d.role == SeriesRole.IGNORED} == {14001, 15001, 17001, 5001}
+    assert volume_b_values(roles, 11001) == bvals(SHARED / "dcm_qa_xa30i/ref/11001_DWI_dir80_AP.bval.gz")
 
 
 @pytest.mark.parametrize("name", ["cl", "enh"])
