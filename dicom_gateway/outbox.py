@@ -27,6 +27,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, write_transaction
 from dicom_gateway.uids import is_valid_uid, spool_name
 from fedlesion.settings import Destination
 
@@ -133,10 +134,10 @@ class Outbox:
         self._clock = clock
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
-            self.data_dir / DATABASE_NAME, timeout=5.0, isolation_level=None, check_same_thread=False
+            self.data_dir / DATABASE_NAME, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
         )
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA synchronous=FULL")
         with self._transaction() as db:
@@ -149,14 +150,8 @@ class Outbox:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, write_transaction(self._db) as db:
+            yield db
 
     def enqueue(
         self, key: OutputKey, datasets: Sequence[Dataset], destinations: Sequence[Destination]

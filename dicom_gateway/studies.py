@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -35,13 +35,13 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_gateway.records import StoredInstance
 from dicom_gateway.spool import SPOOL_DIRNAME
+from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, read_snapshot, write_transaction
 from dicom_gateway.uids import is_valid_uid
 from fedlesion.settings import DicomSettings, Settings
 
 logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "dicom.sqlite3"  # under [storage] data_dir; the receiver and the CLI open the same file
-BUSY_TIMEOUT_MS = 5000
 COMPLETION_ATTEMPTS = 5  # roles recomputed when instances keep arriving during a completion; then left to the monitor
 MONITOR_MAX_POLL_S = 1.0
 _HEADER_TAGS = [
@@ -246,29 +246,11 @@ class StudyIndex:
                 self._connections.append((threading.current_thread(), conn))
         return conn
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction, taking the lock at BEGIN so read-then-write decisions cannot interleave."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return write_transaction(self._connection())
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A consistent snapshot over several SELECTs."""
-        conn = self._connection()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
+        return read_snapshot(self._connection())
 
     def close(self) -> None:
         """Stop the monitor and close every thread's connection."""

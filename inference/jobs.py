@@ -24,8 +24,8 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -33,6 +33,7 @@ from typing import Any
 
 from pydicom.errors import InvalidDicomError
 
+from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, read_snapshot, write_transaction
 from dicom_gateway.studies import StudyIndex, StudyReady
 from dicom_gateway.study_files import open_dicom
 from dicom_gateway.uids import is_valid_uid, spool_name
@@ -43,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 DATABASE_NAME = "jobs.sqlite3"
 RESULTS_DIRNAME = "results"
-BUSY_TIMEOUT_MS = 5000
 _DAY_S = 86400.0
 NO_TASK = ""  # the task column of a "no task matched" row (UNIQUE needs a value, NULLs never collide)
 
@@ -383,28 +383,12 @@ class JobQueue:
                 self._connections.append(conn)
         return conn
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A short write transaction holding the lock from BEGIN, so a claim cannot interleave with another."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _write(self) -> AbstractContextManager[sqlite3.Connection]:
+        """The write lock is taken at BEGIN, so a claim cannot interleave with another."""
+        return write_transaction(self._connection())
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        conn = self._connection()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+    def _read(self) -> AbstractContextManager[sqlite3.Connection]:
+        return read_snapshot(self._connection())
 
     def close(self) -> None:
         with self._connections_lock:
