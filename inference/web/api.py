@@ -25,24 +25,12 @@ def studies():
 @blueprint.get("/studies/<uid>")
 def study(uid: str):
     context = _context()
-    detail = context.data.study(uid)
-    if detail is None:
-        abort(404)
-    context.audit.record(g.user, AuditAction.VIEW, uid)
-    return jsonify(demo_mode=context.data.demo_mode(), study=detail)
+    return jsonify(demo_mode=context.data.demo_mode(), study=context.view_study(uid, g.user))
 
 
 @blueprint.post("/studies/<uid>/reprocess")
 def reprocess(uid: str):
-    context = _context()
-    if context.data.study(uid) is None:
-        abort(404)
-    try:
-        created = context.data.reprocess(uid)
-    except ValueError as error:  # not complete yet: no job to repeat
-        abort(409, description=str(error))
-    context.audit.record(g.user, AuditAction.REPROCESS, uid)
-    return jsonify(study_uid=uid, jobs=created), 202
+    return jsonify(study_uid=uid, jobs=_context().reprocess(uid, g.user)), 202
 
 
 @blueprint.get("/studies/<uid>/volumes")

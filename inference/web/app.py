@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, abort, jsonify
 from werkzeug.exceptions import HTTPException
 
 from fedlesion.settings import Settings
 from inference.web import security
-from inference.web.audit import AuditLog
+from inference.web.audit import AuditAction, AuditLog
 from inference.web.auth import UserStore, load_secret_key
 from inference.web.data import NodeData
 
@@ -29,6 +29,25 @@ class WebContext:
     users: UserStore
     audit: AuditLog
     settings: Settings
+
+    def view_study(self, uid: str, user: str) -> dict[str, Any]:
+        """The study page's data (404 when unknown), written to the audit log as a view; for page and API alike."""
+        detail = self.data.study(uid)
+        if detail is None:
+            abort(404)
+        self.audit.record(user, AuditAction.VIEW, uid)
+        return detail
+
+    def reprocess(self, uid: str, user: str) -> list[int]:
+        """New jobs for the study's latest revision (404 unknown, 409 not complete yet), audited."""
+        if self.data.study(uid) is None:
+            abort(404)
+        try:
+            created = self.data.reprocess(uid)
+        except ValueError as error:  # not complete yet: no job to repeat
+            abort(409, description=str(error))
+        self.audit.record(user, AuditAction.REPROCESS, uid)
+        return created
 
 
 def create_app(

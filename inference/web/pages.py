@@ -77,24 +77,12 @@ def studies():
 
 @blueprint.get("/studies/<uid>")
 def study(uid: str):
-    context = _context()
-    detail = context.data.study(uid)
-    if detail is None:
-        abort(404)
-    context.audit.record(g.user, AuditAction.VIEW, uid)
-    return render_template("study.html", study=detail)
+    return render_template("study.html", study=_context().view_study(uid, g.user))
 
 
 @blueprint.post("/studies/<uid>/reprocess")
 def reprocess(uid: str):
-    context = _context()
-    if context.data.study(uid) is None:
-        abort(404)
-    try:
-        context.data.reprocess(uid)
-    except ValueError as error:  # not complete yet: no job to repeat
-        abort(409, description=str(error))
-    context.audit.record(g.user, AuditAction.REPROCESS, uid)
+    _context().reprocess(uid, g.user)
     return redirect(url_for("pages.study", uid=uid))
 
 
