@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from dicom_gateway.diffusion import VolumeKey, number_of_frames, volume_keys
 from dicom_gateway.roles import SeriesDecision, classify_headers
-from dicom_gateway.study_files import SeriesHeaders, read_path
+from dicom_gateway.study_files import SeriesHeaders, header_values, read_path
 
 SPACING_TOLERANCE_MM = 0.01  # slice gaps differing by more than this (and 1 %) are uneven
 _SIEMENS_MR = "SIEMENS MR HEADER"
@@ -149,7 +149,7 @@ def _first_volume_positions(datasets: Sequence[Dataset]) -> list[tuple[float, fl
 
 def _mosaic_slices(dataset: Dataset) -> int | None:
     """Slices in a Siemens mosaic, from (0019,xx0A) NumberOfImagesInMosaic, for images typed MOSAIC."""
-    tokens = {str(token).upper() for token in _multi(dataset.get("ImageType"))}
+    tokens = {str(token).upper() for token in header_values(dataset.get("ImageType"))}
     if "MOSAIC" not in tokens:
         return None
     try:
@@ -185,17 +185,9 @@ def _functional(dataset: Dataset, sequence: str, keyword: str) -> list[float]:
     return []
 
 
-def _multi(value: Any) -> list[Any]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, (str, bytes, int, float)):
-        return [value]
-    return list(value)
-
-
 def _values(value: Any) -> list[float]:
     try:
-        return [float(item) for item in _multi(value)]
+        return [float(item) for item in header_values(value)]
     except (TypeError, ValueError):
         return []
 

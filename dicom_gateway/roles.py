@@ -32,7 +32,12 @@ from dicom_gateway.diffusion import (
     ordered_volume_keys,
     volume_keys,
 )
-from dicom_gateway.study_files import SeriesHeaders, StudyHeaders, read_files
+from dicom_gateway.study_files import (
+    SeriesHeaders,
+    StudyHeaders,
+    header_values,
+    read_files,
+)
 from dicom_gateway.uids import OWN_MANUFACTURER
 
 logger = logging.getLogger(__name__)
@@ -598,21 +603,13 @@ def _profile(series: SeriesHeaders, rules: RoleRules) -> _Profile:
 
 
 def _image_type_tokens(dataset: Dataset) -> list[str]:
-    values = list(_multi(dataset.get("ImageType")))
+    values = list(header_values(dataset.get("ImageType")))
     for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
         for group in dataset.get(group_name) or []:
             frame_type = group.get("MRImageFrameTypeSequence")
             if frame_type:
-                values += list(_multi(frame_type[0].get("FrameType")))
+                values += list(header_values(frame_type[0].get("FrameType")))
     return [str(value).strip().upper() for value in values if str(value).strip()]
-
-
-def _multi(value: Any) -> list[Any]:
-    if value is None or value == "":
-        return []
-    if isinstance(value, (str, bytes, int, float)):
-        return [value]
-    return list(value)
 
 
 def _sop_class_name(uid: str) -> str:
@@ -663,29 +660,29 @@ def _per_frame_tokens(dataset: Dataset, frame: int) -> set[str] | None:
     if per_frame and frame < len(per_frame):
         frame_type = per_frame[frame].get("MRImageFrameTypeSequence")
         if frame_type:
-            return {str(value).strip().upper() for value in _multi(frame_type[0].get("FrameType"))}
+            return {str(value).strip().upper() for value in header_values(frame_type[0].get("FrameType"))}
     return None
 
 
 def _geometry(datasets: Sequence[Dataset]) -> tuple:
     """(rows, columns, orientation, slice positions) rounded, to tell whether two series share a grid."""
     first = datasets[0]
-    orientation = _multi(first.get("ImageOrientationPatient"))
+    orientation = header_values(first.get("ImageOrientationPatient"))
     positions = set()
     for dataset in datasets:
-        position = _multi(dataset.get("ImagePositionPatient"))
+        position = header_values(dataset.get("ImagePositionPatient"))
         if len(position) == 3:
             positions.add(tuple(round(float(value), 1) for value in position))
         for group in dataset.get("PerFrameFunctionalGroupsSequence") or []:
             plane = group.get("PlanePositionSequence")
-            if plane and len(_multi(plane[0].get("ImagePositionPatient"))) == 3:
+            if plane and len(header_values(plane[0].get("ImagePositionPatient"))) == 3:
                 positions.add(tuple(round(float(value), 1) for value in plane[0].ImagePositionPatient))
             orientation_item = group.get("PlaneOrientationSequence")
             if orientation_item and not orientation:
-                orientation = _multi(orientation_item[0].get("ImageOrientationPatient"))
+                orientation = header_values(orientation_item[0].get("ImageOrientationPatient"))
     shared = first.get("SharedFunctionalGroupsSequence")
     if shared and not orientation and shared[0].get("PlaneOrientationSequence"):
-        orientation = _multi(shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient"))
+        orientation = header_values(shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient"))
     return (
         first.get("Rows"),
         first.get("Columns"),
@@ -789,14 +786,14 @@ def _choose_adc(
 
 def _first_number(dataset: Dataset, keyword: str, functional: tuple[str, ...] = ()) -> float | None:
     """A numeric attribute at top level, else inside the enhanced functional groups' `functional` sequences."""
-    values = _multi(dataset.get(keyword))
+    values = header_values(dataset.get(keyword))
     if not values:
         for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
             groups = dataset.get(group_name) or []
             for sequence_keyword in functional:
                 item = groups[0].get(sequence_keyword) if groups else None
                 if item:
-                    values = _multi(item[0].get(keyword))
+                    values = header_values(item[0].get(keyword))
                     if values:
                         break
             if values:
@@ -811,7 +808,7 @@ def _first_number(dataset: Dataset, keyword: str, functional: tuple[str, ...] = 
 def _flair_verdict(datasets: Sequence[Dataset], description: str, rules: RoleRules) -> tuple[str | None, str]:
     """None when the series is not inversion recovery; "" for a FLAIR candidate; else the ignore reason."""
     first = datasets[0]
-    scanning = {str(token).strip().upper() for token in _multi(first.get("ScanningSequence"))}
+    scanning = {str(token).strip().upper() for token in header_values(first.get("ScanningSequence"))}
     sequence_name = str(first.get("SequenceName", "") or first.get("PulseSequenceName", "") or "")
     enhanced_ir = str(first.get("InversionRecovery", "") or "").upper() == "YES"
     is_ir = (

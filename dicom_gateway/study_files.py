@@ -14,6 +14,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -107,6 +108,15 @@ class StudyFiles:
             uids = ", ".join(study.study_uid for study in self.studies)
             raise ValueError(f"{len(self.studies)} studies found ({uids}); give one study at a time")
         return self.studies[0]
+
+
+def header_values(value: Any) -> list[Any]:
+    """An element's value as a list: a multi-valued element's values, one value, or none when absent or empty."""
+    if value is None or value == "":
+        return []
+    if isinstance(value, (str, bytes, int, float)):
+        return [value]
+    return list(value)
 
 
 def open_dicom(path: Path, stop_before_pixels: bool = False) -> Dataset:
