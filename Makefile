@@ -26,14 +26,17 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 # 11112 and the web page on 127.0.0.1:8080 (FEDLESION_* variables override). The first start creates the web
 # account `admin` with a random password and prints it once; later starts keep it.
 run: $(VENV)/.installed-cpu
-	@if ! $(VENV)/bin/fedlesion user list 2>/dev/null | grep -qx admin; then \
+	@set -- $$($(VENV)/bin/fedlesion settings | $(VENV)/bin/python -c 'import json, sys; n = json.load(sys.stdin)["node"]; \
+		print(n["web_host"], n["web_port"], n["ae_title"], n["dicom_port"])') && [ $$# -eq 4 ] || exit 1; \
+	web="http://$$1:$$2/"; \
+	if ! $(VENV)/bin/fedlesion user list 2>/dev/null | grep -qx admin; then \
 		password=$$($(VENV)/bin/python -c 'import secrets; print(secrets.token_urlsafe(18))'); \
 		printf '%s\n' "$$password" | $(VENV)/bin/fedlesion user add admin --password-stdin >/dev/null || exit 1; \
-		echo "web page: http://127.0.0.1:8080/  user: admin  password: $$password  (shown once: keep it now)"; \
+		echo "web page: $$web  user: admin  password: $$password  (shown once: keep it now)"; \
 	else \
-		echo "web page: http://127.0.0.1:8080/  user: admin (password printed at the first start)"; \
+		echo "web page: $$web  user: admin (password printed at the first start)"; \
 	fi; \
-	echo "send a study:     storescu -aec FEDLESION +sd +r 127.0.0.1 11112 STUDY_DIR"; \
+	echo "send a study:     storescu -aec $$3 +sd +r 127.0.0.1 $$4 STUDY_DIR"; \
 	echo "                  then $(VENV)/bin/fedlesion study complete STUDY_UID (or wait 10 s of silence)"; \
 	echo "a synthetic one:  $(VENV)/bin/fedlesion send-sample   (from this directory, in a second terminal)"; \
 	exec $(VENV)/bin/fedlesion node
