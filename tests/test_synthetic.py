@@ -222,3 +222,36 @@ def test_susceptibility_spots_are_bright_on_dwi_but_not_low_on_adc(stroke_cases)
     dwi, adc = case.images["dwi_b1000"], case.images["adc"]
     assert np.median(dwi[spots]) > 1.3 * np.median(dwi[rest])
     assert np.median(adc[spots]) > np.median(adc[rest])  # measured 1.19× (0.93× when b1000 alone piled up)
+
+
+def test_dwi_mimics_brighten_dwi_without_lowering_adc_and_leave_the_rest_of_the_case_alone() -> None:
+    """Hard negatives for the stroke model: healthy tissue that is bright on DWI (coil proximity, T2 shine-through)
+    keeps a normal ADC; they draw from their own seed stream, so the lesions stay where they were."""
+    plain = generate_case("stroke", 11, size="medium", pattern="single")
+    mimics = generate_case("stroke", 11, size="medium", pattern="single", dwi_mimics=True)
+    assert mimics.lesion_labels.tobytes() == plain.lesion_labels.tobytes() and mimics.lesions == plain.lesions
+    again = generate_case("stroke", 11, size="medium", pattern="single", dwi_mimics=True)
+    assert again.images["dwi_b1000"].tobytes() == mimics.images["dwi_b1000"].tobytes()
+    tissue = (plain.brain_mask > 0) & (plain.mask == 0) & (plain.images["adc"] < 2000)
+    brighter = tissue & (mimics.images["dwi_b1000"] > 1.3 * plain.images["dwi_b1000"])
+    assert brighter.sum() > 200  # measured: thousands of voxels
+    # ADC there is that of normal tissue (or raised), never the infarct's (< 620 µm²/s in the phantom).
+    assert np.median(mimics.images["adc"][brighter]) >= 0.95 * np.median(plain.images["adc"][brighter])
+    assert np.median(mimics.images["adc"][brighter]) > 650
+    lesion = plain.mask > 0
+    assert np.median(mimics.images["adc"][lesion]) < 650
+
+
+def test_partial_coverage_keeps_a_slab_and_measures_lesions_on_it() -> None:
+    whole = generate_case("stroke", 11, size="large", pattern="single")
+    slab = generate_case("stroke", 11, size="large", pattern="single", coverage_mm=60.0)
+    assert slab.images["dwi_b1000"].shape[:2] == whole.images["dwi_b1000"].shape[:2]
+    assert slab.images["dwi_b1000"].shape[2] == 30  # 60 mm of 2 mm slices
+    # The slab is a contiguous run of the full grid's slices, with its origin moved along the slice normal.
+    start = int(round(np.linalg.solve(whole.affine[:3, :3], slab.affine[:3, 3] - whole.affine[:3, 3])[2]))
+    assert np.array_equal(slab.images["dwi_b1000"], whole.images["dwi_b1000"][:, :, start : start + 30])
+    assert np.array_equal(slab.mask, whole.mask[:, :, start : start + 30])
+    voxel_ml = abs(np.linalg.det(slab.affine[:3, :3])) / 1000
+    assert sum(lesion.volume_ml for lesion in slab.lesions) == pytest.approx((slab.mask > 0).sum() * voxel_ml)
+    with pytest.raises(ValueError, match="coverage_mm"):
+        generate_case("stroke", 11, coverage_mm=5.0)

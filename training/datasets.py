@@ -51,6 +51,8 @@ _ISLES_FILE = re.compile(r"^(?P<case>sub-[^/]+?)_(?P<kind>dwi|adc|msk)\.nii(\.gz
 _ISLES_KINDS = {"dwi": "dwi", "adc": "adc", "msk": "mask"}
 _GEOMETRIES = ("axial", "flipped", "oblique")
 SKULL_STRIPPED_PROBABILITY = 0.3
+PARTIAL_COVERAGE_PROBABILITY = 0.3  # a clinical DWI slab that cuts the brain: its edges must not look like lesions
+PARTIAL_COVERAGE_MM = (60.0, 130.0)
 # Network channel → SyntheticCase image (whose ADC is already in 10⁻⁶ mm²/s).
 _SYNTHETIC_IMAGES = {"dwi": "dwi_b1000", "adc": "adc", "flair": "flair"}
 
@@ -240,7 +242,9 @@ def synthetic_cases(
     task: Task | str, n: int, seed: int, *, domain_randomization: bool = True
 ) -> Iterator[TrainingCase]:
     """`n` seeded synthetic cases. With domain randomization each draws a site profile, a geometry (axial, flipped,
-    oblique) and skull-stripping (p = 0.3); stroke size and pattern are always drawn by `generate_case` itself."""
+    oblique), skull-stripping (p = 0.3) and a partial slab (p = 0.3, 60–130 mm), and stroke cases get healthy
+    DWI-bright tissue with a normal ADC as hard negatives; stroke size and pattern are always drawn by
+    `generate_case` itself."""
     from training.synthetic import generate_case, generate_site
 
     task = Task(task)
@@ -257,6 +261,9 @@ def synthetic_cases(
                 "geometry": _GEOMETRIES[int(rng.integers(len(_GEOMETRIES)))],
                 "skull_stripped": bool(rng.random() < SKULL_STRIPPED_PROBABILITY),
             }
+            if rng.random() < PARTIAL_COVERAGE_PROBABILITY:
+                options["coverage_mm"] = float(rng.uniform(*PARTIAL_COVERAGE_MM))
+            options["dwi_mimics"] = task is Task.STROKE_DWI_ADC
         case = generate_case(kind, case_seed, **options)
         channels = [
             Channel(case.images[_SYNTHETIC_IMAGES[channel.name]], case.affine, channel.name)

@@ -157,8 +157,13 @@ def render(
     grid: Grid,
     site: SiteProfile,
     rng: np.random.Generator,
+    mimic_rng: np.random.Generator | None = None,
 ) -> dict[str, np.ndarray]:
-    """Images (IMAGE_KEYS) from sampled fractions: signal model, bias, EPI artefacts, Rician noise, site shift."""
+    """Images (IMAGE_KEYS) from sampled fractions: signal model, bias, EPI artefacts, Rician noise, site shift.
+
+    With `mimic_rng`, healthy tissue also gets what makes real DWI bright without restricted diffusion
+    (`_dwi_mimics`), drawn from that generator alone so the rest of the case is unchanged.
+    """
     healthy = 1.0 - lesion
     lesion_adc = float(rng.uniform(*INFARCT_ADC_RANGE)) if lesion_kind == "infarct" else ADC_UM2_S["ms"]
     jitter = {t: float(rng.uniform(0.95, 1.05)) for t in TISSUES}
@@ -182,6 +187,8 @@ def render(
     bias = 1.0 + site.bias_strength * _smooth_field(world, rng)
     for key in images:
         images[key] *= bias
+    if mimic_rng is not None:
+        _dwi_mimics(images, fractions, lesion, world, grid, mimic_rng)
     _epi_artefacts(images, world, grid, rng)
     sigma = site.noise_sigma * WM_LEVEL
     for key in images:
@@ -221,6 +228,48 @@ def _epi_artefacts(images: dict[str, np.ndarray], world: np.ndarray, grid: Grid,
     for key in ("dwi_b0", "dwi_b1000"):
         warped = ndimage.map_coordinates(images[key], coords, order=1, mode="nearest", output=np.float32)
         images[key] = warped + ghost * np.roll(warped, grid.shape[grid.phase_axis] // 2, axis=grid.phase_axis)
+
+
+def _dwi_mimics(
+    images: dict[str, np.ndarray],
+    fractions: dict[str, np.ndarray],
+    lesion: np.ndarray,
+    world: np.ndarray,
+    grid: Grid,
+    rng: np.random.Generator,
+) -> None:
+    """Healthy tissue that is bright on DWI while its ADC stays normal: hard negatives for the stroke model.
+
+    Both are what the default model marked on the healthy Canon and Philips brains (benchmarks/specificity.py):
+    - receive-coil proximity: the cortex nearest the coil elements (often the occiput) is brighter on every image
+      alike, so the ratio, and with it the ADC, is untouched;
+    - T2 shine-through: blobs with a long T2 (b0 and FLAIR raised) and a normal-to-raised ADC, as in chronic
+      infarcts, gliosis or vasogenic oedema, which a radiologist tells from an acute infarct by the ADC.
+    """
+    head = (fractions["wm"] + fractions["gm"] + fractions["csf"] + fractions["scalp"]) > 0.5
+    centre = world[head].mean(0)
+    direction = rng.standard_normal(3) + np.array([0.0, -1.5, 0.0])  # posterior elements most often
+    direction /= np.linalg.norm(direction)
+    depth = (world - centre) @ direction.astype(np.float32)
+    surface = float(np.percentile(depth[head], 98))
+    coil = np.exp(-np.clip(surface - depth, 0.0, None) / rng.uniform(15.0, 35.0)).astype(np.float32)
+    coil_gain = 1.0 + rng.uniform(0.2, 0.8) * coil
+    for key in images:
+        images[key] *= coil_gain
+    tissue = (fractions["wm"] + fractions["gm"]) >= 0.5
+    clear = ndimage.distance_transform_edt(lesion < 0.05, sampling=np.linalg.norm(grid.affine[:3, :3], axis=0))
+    candidates = np.argwhere(tissue & (clear > 15.0))
+    if len(candidates) == 0:
+        return
+    for index in candidates[rng.choice(len(candidates), size=int(rng.integers(2, 7)))]:
+        radius = rng.uniform(3.0, 10.0, 3)
+        offset = world - world[tuple(index)]
+        blob = np.exp(-0.5 * ((offset / radius) ** 2).sum(-1)).astype(np.float32) * tissue
+        t2_gain = 1.0 + rng.uniform(0.3, 1.0) * blob
+        raised_adc = rng.uniform(0.0, 400.0) * blob  # µm²/s above the tissue's own
+        images["dwi_b0"] *= t2_gain
+        images["flair"] *= t2_gain
+        images["dwi_b1000"] *= t2_gain * np.exp(-B_VALUE * raised_adc * 1e-6)
 
 
 def _world(grid: Grid) -> np.ndarray:

@@ -37,8 +37,15 @@ def generate_case(
     size: SizeClass | None = None,
     pattern: Pattern | None = None,
     anatomy: str = "auto",
+    dwi_mimics: bool = False,
+    coverage_mm: float | None = None,
 ) -> SyntheticCase:
-    """One case. `size`/`pattern` (stroke only) default to a seeded draw; `anatomy` is auto, template or procedural."""
+    """One case. `size`/`pattern` (stroke only) default to a seeded draw; `anatomy` is auto, template or procedural.
+
+    `dwi_mimics` adds healthy DWI-bright tissue with a normal ADC (coil proximity, T2 shine-through); `coverage_mm`
+    keeps a slab of that many mm along the slice axis at a seeded position, as a clinical DWI slab may cut the brain.
+    Both draw from their own seed streams, so a case without them is unchanged.
+    """
     if kind not in DEFAULT_SITES:
         raise ValueError(f"kind must be stroke or ms, got {kind!r}")
     _check_seed(seed)
@@ -46,8 +53,10 @@ def generate_case(
         raise ValueError("size and pattern apply to stroke cases only")
     site = site if site is not None else DEFAULT_SITES[kind]
     acquisition.validate_site(site)
-    anatomy_rng, lesion_rng, grid_rng, render_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4)
+    if coverage_mm is not None and not 20.0 <= coverage_mm <= 400.0:
+        raise ValueError(f"coverage_mm must be in [20, 400], got {coverage_mm!r}")
+    anatomy_rng, lesion_rng, grid_rng, render_rng, mimic_rng, coverage_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(6)
     )
     resolution = 1.0 if min(site.in_plane_mm, site.slice_thickness_mm) < 1.5 else 1.5
     head = build_anatomy(anatomy_rng, resolution, source=anatomy)
@@ -66,17 +75,27 @@ def generate_case(
     fractions = dict(zip(acquisition.TISSUES, sampled[:-1]))
     lesion = sampled[-1]
     labels = acquisition.acquire_labels(labels_hr, lesion, head.affine, grid)
-    images = acquisition.render(fractions, lesion, "infarct" if kind == "stroke" else "ms", grid, site, render_rng)
+    images = acquisition.render(
+        fractions, lesion, "infarct" if kind == "stroke" else "ms", grid, site, render_rng,
+        mimic_rng if dwi_mimics else None,
+    )
     brain = ((fractions["wm"] + fractions["gm"] + fractions["csf"] + lesion) >= 0.5).astype(np.uint8)
+    affine = grid.affine
+    if coverage_mm is not None:
+        slab = _slab(brain, coverage_mm / site.slice_spacing_mm, coverage_rng)
+        images = {key: image[:, :, slab] for key, image in images.items()}
+        labels, brain = labels[:, :, slab], brain[:, :, slab]
+        affine = affine.copy()
+        affine[:3, 3] = affine[:3, :3] @ np.array([0.0, 0.0, slab.start]) + affine[:3, 3]
     if skull_stripped:
         images = {key: (image * brain).astype(np.float32) for key, image in images.items()}
-    labels, lesions = _final_lesions(labels, grid.affine, locations, "infarct" if kind == "stroke" else "ms")
+    labels, lesions = _final_lesions(labels, affine, locations, "infarct" if kind == "stroke" else "ms")
     return SyntheticCase(
         case_id=case_id if case_id is not None else f"{kind}-{seed}",
         kind=kind,
         seed=seed,
         geometry=geometry,
-        affine=grid.affine,
+        affine=affine,
         images=images,
         lesion_labels=labels,
         lesions=lesions,
@@ -86,6 +105,18 @@ def generate_case(
         brain_mask=brain,
         anatomy_source=head.source,
     )
+
+
+def _slab(brain: np.ndarray, slices: float, rng: np.random.Generator) -> slice:
+    """`slices` consecutive slices at a random position over the brain's extent (all of them when it is shorter)."""
+    count = max(1, int(round(slices)))
+    occupied = np.flatnonzero(brain.any(axis=(0, 1)))
+    if len(occupied) == 0 or count >= brain.shape[2]:
+        return slice(0, brain.shape[2])
+    low = max(0, int(occupied[0]) - count // 2)
+    high = min(brain.shape[2] - count, int(occupied[-1]) - count // 2)
+    start = int(rng.integers(low, max(low, high) + 1))
+    return slice(start, start + count)
 
 
 def _final_lesions(
