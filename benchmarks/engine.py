@@ -1,17 +1,23 @@
 """The node's engine path against what a user would run instead: PyTorch eager with MONAI's sliding_window_inference.
 
-Same network (the 5.7 M-parameter DynUNet of the default NetworkPlan, DWI+ADC in, seeded weights), same weights
-(exported by training/export.py to ONNX and packaged in a temporary directory), same input (ISLES'22 case 0001,
-2×112×112×73 at 2 mm, from ../shared; a synthetic stroke case cropped to that size when absent), same
-preprocessing (models.preprocessing) and the same mapping back to the source grid on both sides. The node side is
-`inference.engine.Engine.predict` in a subprocess that never imports torch, so its peak RSS is the node's own; it
-runs twice: as the node runs it (the 112×112×80 grid fits the whole-volume budget: one pass) and with MONAI's own
-windows (`whole_volume_voxels=0`: the same 8 windows of 96×96×64, Gaussian blend), which isolates ONNX Runtime from
-the window layout. MONAI: 96×96×64 windows, 50 % overlap, Gaussian, sw_batch_size 1, torch.inference_mode.
+Two networks, each the same on both sides (weights, input, preprocessing, mapping back to the source grid):
+- `seeded`: the issue's reference, the 5.7 M-parameter DynUNet of the default NetworkPlan (batch normalization,
+  DWI+ADC in), seeded weights with BN running statistics from train-mode passes over seeded synthetic stroke
+  patches, exported by training/export.py and signed into a temporary package. Untrained, most of its output sits
+  near 0.5 (see `near_threshold`), so its Dice between masks measures rounding more than agreement;
+- `shipped`: the embedded default stroke model (models/defaults), the one the node serves; PyTorch gets the same
+  weights back from the package's ONNX initializers into the default CPU plan's network (strict load).
+Input: ISLES'22 case 0001 (2×112×112×73 at 2 mm, from ../shared; a synthetic stroke case cropped to that size when
+absent). The node side is `inference.engine.Engine.predict` in a subprocess that never imports torch, so its peak
+RSS is the node's own; it runs as the node runs it (a batch-normalized network may run any window: the 112×112×80
+grid fits the whole-volume budget, one pass) and with MONAI's windows (`whole_volume_voxels=0`: the same 8 windows of
+96×96×64, Gaussian blend), which isolates ONNX Runtime from the window layout. MONAI: 96×96×64 windows, 50 %
+overlap, Gaussian, sw_batch_size 1, torch.inference_mode.
 
-Prints, per side, the median wall and CPU seconds of `--repeats` timed runs after one warm-up (CPU seconds are the
-fairer figure on a shared machine), the ratios, the Dice between the masks (threshold 0.5) and the node's peak RSS.
-Run: `.venv/bin/python benchmarks/engine.py [--repeats 3] [--json]`.
+Prints, per network and side, the median wall and CPU seconds of `--repeats` timed runs after one warm-up (CPU
+seconds are the fairer figure on a shared machine), the ratios against MONAI in the same run, the Dice between the
+masks (threshold: the manifest's) and the node's peak RSS.
+Run: `.venv/bin/python benchmarks/engine.py [--repeats 3] [--network seeded|shipped] [--json]`.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -60,26 +67,89 @@ def load_input() -> tuple[list[Channel], str]:
     return fitted, f"synthetic stroke case (seed 7) cropped to 2×{'×'.join(map(str, ISLES_SHAPE))}"
 
 
-def build_benchmark_package(out: Path) -> Path:
-    """The default-plan DynUNet with seeded weights, exported to ONNX and signed with the demo key."""
+SHIPPED_STROKE = REPO / "models" / "defaults" / Task.STROKE_DWI_ADC.value
+
+
+def build_seeded_package(out: Path) -> Path:
+    """The default-plan DynUNet with seeded weights, exported to ONNX and signed with the demo key; its torch
+    network is built again by `torch_network` from the weights saved beside it."""
     import torch
 
-    from models.networks import NetworkPlan, build_network, parameter_count
+    from models.networks import NetworkPlan, build_network, network_info, parameter_count
     from models.signing import demo_private_key
     from training.export import export_onnx
 
     torch.manual_seed(SEED)
-    network = build_network(2, 1, NetworkPlan()).eval()
+    network = build_network(2, 1, NetworkPlan())
+    calibrate_batch_norm(network)
+    network.eval()
     torch.save(network.state_dict(), out / "weights.pt")
+    (out / "plan.json").write_text(json.dumps(asdict(NetworkPlan()), default=str))
     preprocessing = Preprocessing((2.0, 2.0, 2.0), MONAI_WINDOW, NetworkPlan().size_divisible)
     manifest = default_manifest(
         Task.STROKE_DWI_ADC, 1, plan_sha256="0" * 64, demo=True,
         description=f"engine benchmark, {parameter_count(network)} parameters, not for clinical use",
-        preprocessing=preprocessing,
+        preprocessing=preprocessing, network=network_info(network, NetworkPlan()),
     )
     return build_package(out / "package", export_onnx(network, 2), manifest, demo_private_key())
 
 
+def torch_network(package_dir: Path, seeded_dir: Path | None):
+    """The package's network in PyTorch, in eval mode: the seeded one from its saved weights, the shipped one from
+    its ONNX initializers (named after the state dict, under the export wrapper's `network.`)."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from models.networks import NetworkPlan, build_network
+    from training.plan import default_plan
+
+    if seeded_dir is not None:
+        network = build_network(2, 1, NetworkPlan(**json.loads((seeded_dir / "plan.json").read_text())))
+        network.load_state_dict(torch.load(seeded_dir / "weights.pt", weights_only=True))
+        return network.eval()
+    network = build_network(2, 1, default_plan(Task.STROKE_DWI_ADC, "cpu").network)
+    graph = onnx.load_from_string(load_package(package_dir, TrustPolicy.demo()).onnx_bytes).graph
+    weights = {
+        tensor.name.removeprefix("network."): torch.from_numpy(numpy_helper.to_array(tensor).copy())
+        for tensor in graph.initializer
+    }
+    expected = {name for name in network.state_dict() if not name.endswith("num_batches_tracked")}
+    if set(weights) != expected:
+        raise SystemExit(f"{package_dir}: ONNX initializers do not match the default CPU plan's network")
+    network.load_state_dict(weights, strict=False)
+    return network.eval()
+
+
+def calibrate_batch_norm(network, cases: int = 2, patches_per_case: int = 4) -> None:
+    """Running statistics as training leaves them (freshly built, BN is the identity): cumulative averages of
+    train-mode passes over seeded 96×96×64 patches of preprocessed synthetic stroke cases; weights untouched."""
+    import torch
+
+    from training.synthetic import generate_case
+
+    rng = np.random.default_rng(SEED)
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over all passes
+    network.train()
+    with torch.no_grad():
+        for seed in range(cases):
+            case = generate_case("stroke", seed=100 + seed)
+            channels = [Channel(case.images[key], case.affine, name) for key, name in (("dwi_b1000", "dwi"), ("adc", "adc"))]
+            image = preprocess(channels, Preprocessing((2.0, 2.0, 2.0), MONAI_WINDOW, 16)).image
+            image = np.pad(image, [(0, 0)] + [(0, max(0, w - n)) for w, n in zip(MONAI_WINDOW, image.shape[1:])])
+            for _ in range(patches_per_case):
+                start = [int(rng.integers(0, n - w + 1)) for n, w in zip(image.shape[1:], MONAI_WINDOW)]
+                patch = image[(slice(None), *(slice(a, a + w) for a, w in zip(start, MONAI_WINDOW)))]
+                network(torch.from_numpy(np.ascontiguousarray(patch[None])))
+
+
+NETWORKS = {
+    "seeded": "seeded: the default NetworkPlan's 5.7 M-parameter DynUNet, untrained",
+    "shipped": "shipped: the embedded default stroke model (trained on synthetic data)",
+}
 NODE_MODES = {"node": {}, "node, MONAI's windows": {"whole_volume_voxels": 0}}
 
 
@@ -118,16 +188,13 @@ def node_side(package_dir: Path, probabilities_out: Path, mode: str, repeats: in
     }
 
 
-def monai_side(package_dir: Path, weights: Path, repeats: int, threads: int) -> dict:
+def monai_side(package_dir: Path, seeded_dir: Path | None, repeats: int, threads: int) -> dict:
     """What a user would run: the same preprocessing, PyTorch eager, MONAI's sliding_window_inference, Gaussian."""
     import torch
     from monai.inferers import sliding_window_inference
 
-    from models.networks import NetworkPlan, build_network
-
     torch.set_num_threads(threads)
-    network = build_network(2, 1, NetworkPlan()).eval()
-    network.load_state_dict(torch.load(weights, weights_only=True))
+    network = torch_network(package_dir, seeded_dir)
     spec = load_package(package_dir, TrustPolicy.demo()).manifest.preprocessing
     channels, _ = load_input()
 
@@ -149,10 +216,45 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
+def run_network(name: str, tmp_path: Path, repeats: int, threads: int) -> dict:
+    """Both node modes (subprocesses) and MONAI for one network; rows with ratios against MONAI."""
+    seeded_dir = tmp_path if name == "seeded" else None
+    package_dir = build_seeded_package(tmp_path) if seeded_dir else SHIPPED_STROKE
+    threshold = load_package(package_dir, TrustPolicy.demo()).manifest.output.threshold
+    sides: dict[str, dict] = {}
+    for index, mode in enumerate(NODE_MODES):
+        npy = tmp_path / f"{name}-node{index}.npy"
+        completed = subprocess.run(
+            [sys.executable, __file__, "--node-side", str(package_dir), str(npy), mode,
+             "--repeats", str(repeats), "--threads", str(threads)],
+            capture_output=True, text=True, check=True,
+        )
+        sides[mode] = {**json.loads(completed.stdout.strip().splitlines()[-1]), "probabilities": np.load(npy)}
+    sides["MONAI"] = monai_side(package_dir, seeded_dir, repeats, threads)
+    monai_probabilities = sides["MONAI"]["probabilities"]
+    monai_mask = monai_probabilities >= threshold
+    rows = {}
+    for side_name, side in sides.items():
+        mask = side.pop("probabilities") >= threshold
+        rows[side_name] = {
+            **side,
+            "median_s": statistics.median(side["seconds"]),
+            "median_cpu_s": statistics.median(side["cpu_seconds"]),
+            "mask_voxels": int(mask.sum()),
+            "dice_vs_monai": dice(mask, monai_mask),
+        }
+    for row in rows.values():
+        row["speedup"] = rows["MONAI"]["median_s"] / row["median_s"]
+        row["cpu_speedup"] = rows["MONAI"]["median_cpu_s"] / row["median_cpu_s"]
+    near = float((np.abs(monai_probabilities - threshold) < 0.05).mean())
+    return {"threshold": threshold, "near_threshold": near, "sides": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime and torch threads; 0: physical cores")
+    parser.add_argument("--network", choices=NETWORKS, action="append", help="default: both")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--node-side", nargs=3, metavar=("PACKAGE", "OUT_NPY", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -165,47 +267,24 @@ def main() -> None:
 
     threads = args.threads or physical_cores()
     _, source = load_input()
-    sides: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="fedlesion-engine-bench-") as tmp:
-        tmp_path = Path(tmp)
-        package_dir = build_benchmark_package(tmp_path)
-        for index, mode in enumerate(NODE_MODES):
-            npy = tmp_path / f"node{index}.npy"
-            completed = subprocess.run(
-                [sys.executable, __file__, "--node-side", str(package_dir), str(npy), mode,
-                 "--repeats", str(args.repeats), "--threads", str(threads)],
-                capture_output=True, text=True, check=True,
-            )
-            sides[mode] = {**json.loads(completed.stdout.strip().splitlines()[-1]), "probabilities": np.load(npy)}
-        sides["MONAI"] = monai_side(package_dir, tmp_path / "weights.pt", args.repeats, threads)
-
-    monai = sides["MONAI"]
-    monai_mask = monai["probabilities"] >= 0.5
-    rows = {}
-    for name, side in sides.items():
-        mask = side.pop("probabilities") >= 0.5
-        rows[name] = {
-            **side,
-            "median_s": statistics.median(side["seconds"]),
-            "median_cpu_s": statistics.median(side["cpu_seconds"]),
-            "mask_voxels": int(mask.sum()),
-            "dice_vs_monai": dice(mask, monai_mask),
+        networks = {
+            name: run_network(name, Path(tmp), args.repeats, threads) for name in (args.network or NETWORKS)
         }
-    for row in rows.values():
-        row["speedup"] = rows["MONAI"]["median_s"] / row["median_s"]
-        row["cpu_speedup"] = rows["MONAI"]["median_cpu_s"] / row["median_cpu_s"]
-    result = {"input": source, "threads": threads, "repeats": args.repeats, "source_voxels": monai_mask.size, **rows}
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps({"input": source, "threads": threads, "repeats": args.repeats, "networks": networks}, indent=2))
         return
     print(f"input: {source}; {threads} threads; median of {args.repeats} after one warm-up")
-    print(f"{'side':24} {'wall s':>7} {'CPU s':>7} {'speedup':>8} {'CPU sp.':>8} {'Dice':>7} {'mask vox':>9} "
-          f"{'windows':>7} {'peak RSS':>9}")
-    for name, row in rows.items():
-        rss = f"{row['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in row else "-"
-        print(f"{name:24} {row['median_s']:7.2f} {row['median_cpu_s']:7.2f} {row['speedup']:7.2f}× "
-              f"{row['cpu_speedup']:7.2f}× {row['dice_vs_monai']:7.4f} {row['mask_voxels']:9d} "
-              f"{row.get('windows', 8):>7} {rss:>9}")
+    for name, result in networks.items():
+        print(f"\n{NETWORKS[name]}; threshold {result['threshold']:g}, "
+              f"{100 * result['near_threshold']:.1f} % of MONAI's probabilities within 0.05 of it")
+        print(f"{'side':24} {'wall s':>7} {'CPU s':>7} {'speedup':>8} {'CPU sp.':>8} {'Dice':>7} {'mask vox':>9} "
+              f"{'windows':>7} {'peak RSS':>9}")
+        for side_name, row in result["sides"].items():
+            rss = f"{row['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in row else "-"
+            print(f"{side_name:24} {row['median_s']:7.2f} {row['median_cpu_s']:7.2f} {row['speedup']:7.2f}× "
+                  f"{row['cpu_speedup']:7.2f}× {row['dice_vs_monai']:7.4f} {row['mask_voxels']:9d} "
+                  f"{row.get('windows', 8):>7} {rss:>9}")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """The ONNX Runtime engine: one session per verified model package, probabilities on the source grid.
 
 Torch-free. The package's bytes (read and hashed once by `models.package`) go straight into the session. Inputs go
-through the one preprocessing (`models.preprocessing`); the network is fully convolutional and the preprocessed
-grid is padded to a multiple of `size_divisible`, so a volume that fits the voxel budget runs in one pass. A larger
-one runs as overlapping windows blended with a Gaussian importance map (nnU-Net/MONAI style). The windows are the
-manifest's patch, what the model was trained and validated on: with instance normalization a window's statistics
-shape its output, and on the default models a larger window moved the mask a lot (Dice 0.34 between 96×96×48 and
-224×224×64 windows on the MS test case). `window_voxels` opts into the largest windows within a budget (fewer voxels
-computed twice, about 3× less work at 1 mm) where a model is known to tolerate it. Optional flip TTA averages the
+through the one preprocessing (`models.preprocessing`) and the preprocessed grid is padded to a multiple of
+`size_divisible`. Which windows a model may run depends on its normalization layers, which the manifest records:
+- batch normalization (a fixed affine map at inference): any window gives the model's own output, so a volume that
+  fits the voxel budget runs in one pass and a larger one in the fewest windows within the budget;
+- instance normalization, or a package that does not say: a window's statistics shape the output (Dice 0.934
+  between a whole-volume pass and MONAI's windows on the ISLES case, 0.34 between two window sizes on the MS test
+  case), so it runs the manifest's patch, what it was trained and validated on. `window_voxels` opts such a model
+  into larger windows where it is known to tolerate them.
+Windows overlap and are blended with a Gaussian importance map (nnU-Net/MONAI style). Optional flip TTA averages the
 probabilities of all eight mirrorings, each flipped back.
 """
 
@@ -212,6 +214,14 @@ class Engine:
         self.batched = not isinstance(self.session.get_inputs()[0].shape[0], int)
         LOG.info("model %s v%d: %s", self.manifest.task.value, self.manifest.version, self._summary())
 
+    @property
+    def window_budget(self) -> int:
+        """The most voxels one window may have: explicit, else the whole-volume budget for a window-invariant model
+        and 0 (the manifest's patch) for one whose output depends on the window."""
+        if self.window_voxels is not None:
+            return self.window_voxels
+        return self.whole_volume_voxels if self.manifest.window_invariant else 0
+
     def _summary(self) -> str:
         return (
             f"{', '.join(self.providers)}; {self.session_options.intra_op_num_threads} intra-op threads; "
@@ -226,8 +236,8 @@ class Engine:
             "version": self.manifest.version,
             "providers": list(self.providers),
             "threads": self.session_options.intra_op_num_threads,
-            "whole_volume_voxels": self.whole_volume_voxels,
-            "window_voxels": self.window_voxels,
+            "window_invariant": self.manifest.window_invariant,
+            "window_budget_voxels": self.window_budget,
             "overlap": self.overlap,
             "batched_windows": self.batched,
             "io_binding": self.io_binding,
@@ -249,13 +259,8 @@ class Engine:
             raise ValueError(f"image must be (channels, x, y, z), got shape {image.shape}")
         spatial = image.shape[1:]
         pre = self.manifest.preprocessing
-        budget = max(self.whole_volume_voxels, self.window_voxels or 0)
-        if math.prod(spatial) <= self.whole_volume_voxels:
-            window = tuple(spatial)
-        elif self.window_voxels is None:
-            window = tuple(min(p, n) for p, n in zip(pre.patch_size, spatial))
-        else:
-            window = window_size(spatial, pre.patch_size, pre.size_divisible, self.window_voxels, self.overlap)
+        window = window_size(spatial, pre.patch_size, pre.size_divisible, self.window_budget, self.overlap)
+        budget = max(self.window_budget, math.prod(window))
         flips = FLIPS if self.flip_tta else FLIPS[:1]
         batch = max(1, budget // math.prod(window)) if self.batched else 1
         origins = list(itertools.product(*(window_starts(n, w, self.overlap) for n, w in zip(spatial, window))))

@@ -41,6 +41,14 @@ class NormalizationMethod(StrEnum):
     ZSCORE_HEAD_MASK = "zscore-head-mask"
 
 
+class LayerNormalization(StrEnum):
+    """The network's normalization layers: what decides whether its output depends on the window it sees."""
+
+    BATCH = "batch"  # a fixed affine map at inference: any window, or the whole volume, gives the same output
+    INSTANCE = "instance"  # statistics of each window: the window size is part of the model
+    NONE = "none"
+
+
 class OutputKind(StrEnum):
     PROBABILITIES = "probabilities"
 
@@ -100,6 +108,19 @@ class Postprocessing:
 
 
 @dataclass(frozen=True)
+class NetworkInfo:
+    """What the graph is; `normalization` tells the engine which windows it may run (design.md §5)."""
+
+    architecture: str
+    normalization: LayerNormalization
+    parameters: int
+
+    @property
+    def window_invariant(self) -> bool:
+        return self.normalization is not LayerNormalization.INSTANCE
+
+
+@dataclass(frozen=True)
 class TrainingInfo:
     """Provenance: which approved plan produced the weights, in which federated round, and how sites scored it."""
 
@@ -125,6 +146,12 @@ class Manifest:
     training: TrainingInfo
     files: Mapping[str, str] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    network: NetworkInfo | None = None  # absent in packages exported before it was recorded: windows as trained
+
+    @property
+    def window_invariant(self) -> bool:
+        """Whether windows other than `preprocessing.patch_size` (the whole volume) give the model's own output."""
+        return self.network is not None and self.network.window_invariant
 
     def __post_init__(self) -> None:
         # Built in code or parsed, the same rules hold (a bad manifest is never signed), and the round trip
@@ -178,6 +205,7 @@ def default_manifest(
     preprocessing: Preprocessing | None = None,
     onnx: OnnxSpec | None = None,
     output: OutputSpec | None = None,
+    network: NetworkInfo | None = None,
 ) -> Manifest:
     """A manifest with the task's defaults and no `files` yet; `build_package` adds the hashes."""
     task = Task(task)
@@ -194,6 +222,7 @@ def default_manifest(
         output=output or OutputSpec(),
         postprocessing=default_postprocessing(task),
         training=TrainingInfo(plan_sha256, federated_round, strategy, dict(site_metrics or {})),
+        network=network,
     )
 
 
@@ -240,6 +269,7 @@ def parse_manifest(data: bytes, *, require_files: bool = True) -> Manifest:
         postprocessing=Postprocessing(top.obj("postprocessing").number("min_lesion_ml", minimum=0.0)),
         training=_training(top.obj("training")),
         files=files,
+        network=None if top.optional("network") is None else _network(top.obj("network")),
     )
     top.done()
     for key, value in values.items():
@@ -441,6 +471,16 @@ def _training(obj: _Obj) -> TrainingInfo:
     )
 
 
+def _network(obj: _Obj) -> NetworkInfo:
+    network = NetworkInfo(
+        architecture=obj.text("architecture", pattern=_NAME),
+        normalization=obj.choice("normalization", LayerNormalization),
+        parameters=obj.integer("parameters", minimum=1),
+    )
+    obj.done()
+    return network
+
+
 def _files(obj: _Obj) -> dict[str, str]:
     files: dict[str, str] = {}
     for name, digest in obj.value.items():
@@ -457,7 +497,7 @@ def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
         raise ValueError("manifest.created: must be a timezone-aware datetime")
     stamp = created.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
     pre, training = manifest.preprocessing, manifest.training
-    return {
+    out = {
         "schema_version": manifest.schema_version,
         "name": manifest.name,
         "task": str(manifest.task),
@@ -495,6 +535,13 @@ def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
         },
         "files": dict(manifest.files),
     }
+    if manifest.network is not None:
+        out["network"] = {
+            "architecture": manifest.network.architecture,
+            "normalization": str(manifest.network.normalization),
+            "parameters": manifest.network.parameters,
+        }
+    return out
 
 
 def _input_dict(channel: InputChannel) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from enum import StrEnum
 import torch
 from monai.networks.nets import DynUNet, UNet
 
+from models.manifest import LayerNormalization, NetworkInfo
+
 
 class Architecture(StrEnum):
     DYNUNET = "dynunet"
@@ -31,7 +33,7 @@ class NetworkPlan:
     base_filters: int = 16
     depth: int = 5
     max_filters: int = 320
-    norm: Norm = Norm.INSTANCE
+    norm: Norm = Norm.BATCH  # a fixed map at inference, so the node may run any window (design.md §5)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "architecture", Architecture(self.architecture))
@@ -90,3 +92,8 @@ def build_network(in_channels: int, out_channels: int = 1, plan: NetworkPlan = N
 
 def parameter_count(network: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in network.parameters())
+
+
+def network_info(network: torch.nn.Module, plan: NetworkPlan) -> NetworkInfo:
+    """What the manifest records about `network`, built from `plan`: the engine's window choice depends on it."""
+    return NetworkInfo(str(plan.architecture), LayerNormalization(str(plan.norm)), parameter_count(network))

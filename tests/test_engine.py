@@ -22,7 +22,7 @@ from inference.engine import (
     window_size,
     window_starts,
 )
-from models.manifest import Preprocessing, Task, default_manifest
+from models.manifest import LayerNormalization, NetworkInfo, Preprocessing, Task, default_manifest
 from models.package import TrustPolicy, build_package, load_package
 from models.preprocessing import Channel
 from models.signing import demo_private_key
@@ -99,9 +99,15 @@ def test_physical_cores_are_a_subset_of_the_cpus() -> None:
     assert 1 <= physical_cores() <= (os.cpu_count() or 1)
 
 
+# The test graphs have no normalization layers: any window gives the same output, as the manifest says.
+POINTWISE = NetworkInfo("test-graph", LayerNormalization.NONE, 1)
+
+
 @pytest.fixture(scope="module")
 def engine_package(tmp_path_factory: pytest.TempPathFactory):
-    manifest = default_manifest(Task.STROKE_DWI_ADC, 1, plan_sha256="b" * 64, demo=True, description="test")
+    manifest = default_manifest(
+        Task.STROKE_DWI_ADC, 1, plan_sha256="b" * 64, demo=True, description="test", network=POINTWISE
+    )
     path = build_package(tmp_path_factory.mktemp("pkg") / "p", first_channel_sigmoid(2), manifest, demo_private_key())
     return load_package(path, TrustPolicy.demo())
 
@@ -125,9 +131,10 @@ def _conv_sigmoid(kernel: np.ndarray, *, batch: int | str) -> bytes:
 SMALL_PATCH = Preprocessing(target_spacing_mm=(1.0, 1.0, 1.0), patch_size=(16, 16, 16), size_divisible=16)
 
 
-def _package(tmp_path, onnx_bytes: bytes):
+def _package(tmp_path, onnx_bytes: bytes, network: NetworkInfo | None = POINTWISE):
     manifest = default_manifest(
-        Task.MS_FLAIR, 1, plan_sha256="c" * 64, demo=True, description="test", preprocessing=SMALL_PATCH
+        Task.MS_FLAIR, 1, plan_sha256="c" * 64, demo=True, description="test", preprocessing=SMALL_PATCH,
+        network=network,
     )
     return load_package(build_package(tmp_path / "p", onnx_bytes, manifest, demo_private_key()), TrustPolicy.demo())
 
@@ -177,6 +184,23 @@ def test_larger_windows_mean_fewer_windows_and_the_same_blend(tmp_path) -> None:
     expected = 1 / (1 + np.exp(-image[0]))
     for result in (small, large):
         assert np.abs(result.probabilities - expected).max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("network", "expected_windows"),
+    [
+        (None, 5 * 4 * 3),  # a package that does not say: the manifest's 16³ patch, as it was trained
+        (NetworkInfo("dynunet", LayerNormalization.INSTANCE, 1), 5 * 4 * 3),
+        (NetworkInfo("dynunet", LayerNormalization.BATCH, 1), 1),  # a fixed map: the whole volume in one pass
+    ],
+)
+def test_only_a_window_invariant_model_runs_the_whole_volume(tmp_path, network, expected_windows) -> None:
+    engine = Engine(_package(tmp_path, first_channel_sigmoid(1), network), threads=1)
+    result = engine.predict_grid(_image())
+    assert result.windows == expected_windows
+    assert engine.describe()["window_invariant"] is (expected_windows == 1)
+    engine.window_voxels = 48 * 40 * 32  # an explicit budget wins either way
+    assert engine.predict_grid(_image()).windows == 1
 
 
 def test_a_batched_graph_runs_flips_together_with_the_same_result(tmp_path) -> None:

@@ -14,7 +14,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 from fedlesion.cli import main  # noqa: E402
-from models.manifest import Task  # noqa: E402
+from models.manifest import LayerNormalization, Task  # noqa: E402
 from models.networks import build_network  # noqa: E402
 from models.package import TrustPolicy, external_data_tensors, load_package  # noqa: E402
 from models.registry import Registry  # noqa: E402
@@ -177,6 +177,11 @@ def test_cli_publishes_with_the_demo_key(
     latest = Registry(tmp_path / "registry", TrustPolicy.demo()).latest(Task.STROKE_DWI_ADC)
     assert latest is not None and latest.manifest.version == 1 and latest.demo
     assert "not for clinical use" in latest.manifest.description
+    # The plan's network is recorded, so the node knows it may run the whole volume in one pass.
+    network = latest.manifest.network
+    assert network is not None and network.normalization is LayerNormalization.BATCH
+    assert network.parameters == sum(p.numel() for p in exported[0].parameters())
+    assert latest.manifest.window_invariant
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -86,6 +86,25 @@ def test_task_defaults() -> None:
     assert default_preprocessing(Task.MS_FLAIR).size_divisible == 16
 
 
+@pytest.mark.parametrize(
+    ("network", "window_invariant"),
+    [
+        (None, False),  # packages exported before the field existed: run as trained
+        ({"architecture": "dynunet", "normalization": "instance", "parameters": 1_400_000}, False),
+        ({"architecture": "dynunet", "normalization": "batch", "parameters": 1_400_000}, True),
+        ({"architecture": "unet", "normalization": "none", "parameters": 10}, True),
+    ],
+)
+def test_network_normalization_decides_window_invariance(network, window_invariant) -> None:
+    data = copy.deepcopy(EXAMPLE)
+    if network is not None:
+        data["network"] = network
+    manifest = parse_manifest(encode(data))
+    assert manifest.window_invariant is window_invariant
+    assert parse_manifest(manifest.to_json_bytes()) == manifest
+    assert ("network" in json.loads(manifest.to_json_bytes())) is (network is not None)
+
+
 def test_constructed_manifest_is_validated_and_normalized() -> None:
     manifest = default_manifest(Task.MS_FLAIR, 1, plan_sha256="c" * 64, demo=True, description="x")
     fields = {name: getattr(manifest, name) for name in manifest.__dataclass_fields__}
@@ -156,6 +175,10 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         ("files", {}, r"manifest\.files: must list the ONNX file"),
         ("files", {"model.onnx": "XYZ"}, r"manifest\.files\.model\.onnx"),
         ("files", {"model.onnx": "b" * 64, "manifest.sig": "b" * 64}, r"manifest\.files\.manifest\.sig"),
+        ("network", {"architecture": "dynunet", "normalization": "layer", "parameters": 1}, r"network\.normalization"),
+        ("network", {"architecture": "dynunet", "normalization": "batch"}, r"network\.parameters: missing"),
+        ("network", {"architecture": "dynunet", "normalization": "batch", "parameters": 0}, r"network\.parameters"),
+        ("network", [], r"manifest\.network: must be an object"),
     ],
 )
 def test_bad_field_is_named(path: str, value: Any, message: str) -> None:

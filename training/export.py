@@ -33,7 +33,7 @@ from models.manifest import (
     default_inputs,
     default_manifest,
 )
-from models.networks import build_network
+from models.networks import build_network, network_info
 from models.package import build_package, external_data_tensors, sha256_hex
 from models.preprocessing import Channel, preprocess
 from models.registry import Registry
@@ -361,6 +361,7 @@ def export_package(
             preprocessing=plan.preprocessing,
             onnx=OnnxSpec(),
             output=OutputSpec(threshold=plan.threshold),
+            network=network_info(network, plan.network),
         )
     except ExportError:
         raise

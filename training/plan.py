@@ -235,6 +235,10 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
     CPU: DynUNet depth 4, 16 base filters (1.4 M parameters), batch 2, 40 patches (20 steps) per epoch; stroke
     64³ at 2 mm, MS 96×96×48 at 1 mm. GPU: depth 5, 32 base filters, batch 2 (MS) or 4 (stroke), 250 steps per
     epoch, stroke 96×96×64 at 2 mm, MS 128³ at 1 mm, mixed precision.
+
+    Stroke networks use batch normalization: at inference it is a fixed map, so the node runs a whole stroke volume
+    in one pass and gets the model's own output (design.md §5). MS keeps instance normalization until its embedded
+    model is retrained (about 30 CPU minutes), so `make default-models` still reproduces the shipped package.
     """
     task = Task(task)
     if device not in ("cpu", "cuda"):
@@ -242,8 +246,9 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
     stroke = task is Task.STROKE_DWI_ADC
     spacing = (2.0, 2.0, 2.0) if stroke else (1.0, 1.0, 1.0)
     in_channels = len(default_inputs(task))
+    norm = Norm.BATCH if stroke else Norm.INSTANCE
     if device == "cpu":
-        network = NetworkPlan(Architecture.DYNUNET, base_filters=16, depth=4, max_filters=256, norm=Norm.INSTANCE)
+        network = NetworkPlan(Architecture.DYNUNET, base_filters=16, depth=4, max_filters=256, norm=norm)
         patch = (64, 64, 64) if stroke else (96, 96, 48)
         return TrainingPlan(
             task=task, in_channels=in_channels, network=network,
@@ -251,7 +256,7 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
             batch_size=2, epochs=20, iterations_per_epoch=40, optimizer="adamw", lr=1e-3, weight_decay=1e-5,
             schedule="cosine", warmup_epochs=1, amp=False,
         )
-    network = NetworkPlan(Architecture.DYNUNET, base_filters=32, depth=5, max_filters=320, norm=Norm.INSTANCE)
+    network = NetworkPlan(Architecture.DYNUNET, base_filters=32, depth=5, max_filters=320, norm=norm)
     patch = (96, 96, 64) if stroke else (128, 128, 128)
     batch = 4 if stroke else 2
     return TrainingPlan(
