@@ -57,8 +57,9 @@ default-models: $(VENV)/.installed-test
 	$(VENV)/bin/fedlesion train --task ms-flair --data synthetic:12 --seed 1 --epochs $(MS_EPOCHS) \
 		--out $(DEFAULT_MODELS_BUILD)/ms-flair
 	rm -rf models/defaults $(DEFAULT_MODELS_BUILD)/registry
-	# Stroke: the epoch with the best synthetic validation Dice. MS: 6 CPU epochs never reach a non-zero validation
-	# Dice after epoch 1, whose "best" model marks most of the brain, so the last epoch ships instead.
+	# Stroke: the epoch with the best synthetic validation Dice, read at the threshold calibrated on the same held-out
+	# cases (threshold.csv). MS: 6 CPU epochs never reach a non-zero validation Dice after epoch 1, whose "best" model
+	# marks most of the brain, so the last epoch ships instead, at the plan's threshold.
 	for pair in stroke-dwi-adc:best ms-flair:last; do \
 		task=$${pair%%:*}; checkpoint=$${pair##*:}; \
 		$(VENV)/bin/fedlesion export $(DEFAULT_MODELS_BUILD)/$$task/$$checkpoint.pt --key $(DEMO_KEY) --version 1 \

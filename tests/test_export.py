@@ -42,7 +42,7 @@ TINY_PLAN = default_plan(Task.STROKE_DWI_ADC).with_overrides(
 )
 
 
-def write_checkpoint(path: Path, seed: int = 1) -> Path:
+def write_checkpoint(path: Path, seed: int = 1, threshold: float | None = None) -> Path:
     network = tiny_network(seed)
     save_checkpoint(
         path,
@@ -56,6 +56,7 @@ def write_checkpoint(path: Path, seed: int = 1) -> Path:
         best_val_dice=0.25,
         federated_round=2,
         strategy="fedavg",
+        threshold=threshold,
     )
     return path
 
@@ -167,7 +168,7 @@ def test_cli_publishes_with_the_demo_key(
     exported: tuple[torch.nn.Module, bytes],
 ) -> None:
     # Same weights as the fixture's network, whose ONNX is reused: parity holds and the file saves one export.
-    checkpoint = write_checkpoint(tmp_path / "last.pt", seed=0)
+    checkpoint = write_checkpoint(tmp_path / "best.pt", seed=0, threshold=0.85)
     monkeypatch.setattr(export_module, "export_onnx", lambda *args, **kwargs: exported[1])
     args = ["export", str(checkpoint), "--registry", str(tmp_path / "registry"), "--key", str(DEMO_PRIVATE_KEY_FILE)]
     assert main(args) == 0
@@ -176,6 +177,7 @@ def test_cli_publishes_with_the_demo_key(
     assert "model.onnx sha256:" in out and "parity 48×48×32: max |Δp|" in out
     latest = Registry(tmp_path / "registry", TrustPolicy.demo()).latest(Task.STROKE_DWI_ADC)
     assert latest is not None and latest.manifest.version == 1 and latest.demo
+    assert latest.manifest.output.threshold == 0.85  # the checkpoint's calibrated threshold, not the plan's 0.5
     assert "not for clinical use" in latest.manifest.description
     # The plan's network is recorded, so the node knows it may run the whole volume in one pass.
     network = latest.manifest.network

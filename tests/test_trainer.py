@@ -12,10 +12,10 @@ import torch
 from fedlesion.cli import main
 from models.manifest import Task
 from models.networks import NetworkPlan, build_network
-from training.checkpoint import load_checkpoint
+from training.checkpoint import checkpoint_threshold, load_checkpoint
 from training.datasets import synthetic_cases
 from training.plan import TrainingPlan, default_plan
-from training.trainer import LocalTrainer, LocalUpdate, crop, train_model
+from training.trainer import THRESHOLD_CANDIDATES, LocalTrainer, LocalUpdate, crop, train_model
 
 TINY = {
     "network": {"depth": 3, "base_filters": 4, "max_filters": 32},
@@ -158,6 +158,29 @@ def test_train_model_writes_checkpoints_csv_curves_and_resumes(cases, tmp_path):
         train_model(tiny_plan(epochs=3, lr=0.5), cases[:2], cases[2:], tmp_path, resume=True, progress=False)
 
 
+def test_threshold_is_calibrated_on_the_validation_cases_and_kept_in_best_pt(cases, tmp_path):
+    plan = tiny_plan(epochs=1)
+    path = train_model(plan, cases[:2], cases[2:], tmp_path, progress=False)
+    with open(tmp_path / "threshold.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["threshold"]) for row in rows] == list(THRESHOLD_CANDIDATES)
+    (chosen,) = [row for row in rows if row["chosen"] == "1"]
+    assert float(chosen["val_dice"]) == max(float(row["val_dice"]) for row in rows)
+    state = load_checkpoint(path)
+    assert checkpoint_threshold(state) == state["threshold"] == float(chosen["threshold"])
+    assert state["history"][-1]["val_dice"] == pytest.approx(float(chosen["val_dice"]))  # what export reports
+    assert checkpoint_threshold(load_checkpoint(tmp_path / "last.pt")) == plan.threshold  # last.pt: the plan's
+
+    trainer = LocalTrainer(plan, cases[:2], cases[2:], progress=False)
+    trainer.model.load_state_dict(state["model"])
+    threshold, metrics = trainer.calibrate_threshold((0.2, 0.5, 0.8))
+    assert threshold in metrics and metrics[threshold]["dice"] == max(m["dice"] for m in metrics.values())
+    with pytest.raises(ValueError, match="candidates"):
+        trainer.calibrate_threshold((0.5, 1.0))
+    with pytest.raises(ValueError, match="validation cases"):
+        LocalTrainer(plan, cases[:2], [], progress=False).calibrate_threshold()
+
+
 def test_cli_trains_one_epoch_on_synthetic_cases(cases, tmp_path, monkeypatch, capsys):
     import training.datasets
 
@@ -176,7 +199,10 @@ def test_cli_trains_one_epoch_on_synthetic_cases(cases, tmp_path, monkeypatch, c
     state = load_checkpoint(out / "last.pt")
     assert state["epoch"] == 1 and state["plan"]["seed"] == 3 and state["plan"]["epochs"] == 1
     assert (out / "metrics.csv").exists() and (out / "curves.png").exists() and (out / "plan.json").exists()
-    assert "training on 2 case(s), validating on 1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "training on 2 case(s), validating on 1" in err
+    threshold = checkpoint_threshold(load_checkpoint(out / "best.pt"))
+    assert f"threshold {threshold:g}, calibrated on the validation cases" in err
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -57,8 +57,13 @@ def save_checkpoint(
     best_val_dice: float | None = None,
     federated_round: int | None = None,
     strategy: str | None = None,
+    threshold: float | None = None,
 ) -> Path:
-    """Write the checkpoint dict atomically (tmp file + rename); tensors are saved on the CPU."""
+    """Write the checkpoint dict atomically (tmp file + rename); tensors are saved on the CPU.
+
+    `threshold` is the one calibrated on the validation cases for these weights (None: the plan's); checkpoints
+    written before it existed lack the key and read as None.
+    """
     if not isinstance(plan, TrainingPlan):
         raise ValueError("plan must be a TrainingPlan")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
@@ -76,6 +81,7 @@ def save_checkpoint(
         "best_val_dice": None if best_val_dice is None else float(best_val_dice),
         "federated_round": None if federated_round is None else int(federated_round),
         "strategy": None if strategy is None else str(strategy),
+        "threshold": None if threshold is None else float(threshold),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -110,6 +116,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
 def checkpoint_plan(state: Mapping[str, Any]) -> TrainingPlan:
     return TrainingPlan.from_dict(state["plan"])
+
+
+def checkpoint_threshold(state: Mapping[str, Any]) -> float:
+    """The probability threshold these weights are meant to be read at: calibrated when the checkpoint says so."""
+    calibrated = state.get("threshold")
+    return checkpoint_plan(state).threshold if calibrated is None else float(calibrated)
 
 
 def model_from_checkpoint(state: Mapping[str, Any]) -> torch.nn.Module:

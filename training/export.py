@@ -38,7 +38,7 @@ from models.package import build_package, external_data_tensors, sha256_hex
 from models.preprocessing import Channel, preprocess
 from models.registry import Registry
 from models.signing import demo_public_key, public_key_fingerprint
-from training.checkpoint import checkpoint_plan, load_checkpoint
+from training.checkpoint import checkpoint_plan, checkpoint_threshold, load_checkpoint
 
 MAX_ABS_DIFF = 1e-4  # design.md §8
 THRESHOLD_BAND = 1e-3  # mask disagreements are tolerated only this close to the threshold
@@ -333,7 +333,8 @@ def export_package(
 
     started = time.perf_counter()
     session = _session(onnx_bytes)
-    reports = tuple(check_parity(network, onnx_bytes, image, plan.threshold, session=session) for image in inputs)
+    threshold = checkpoint_threshold(state)
+    reports = tuple(check_parity(network, onnx_bytes, image, threshold, session=session) for image in inputs)
     parity_seconds = time.perf_counter() - started
     failed = [report for report in reports if not report.passed]
     if failed:
@@ -360,7 +361,7 @@ def export_package(
             site_metrics=site_metrics_from_history(state["history"]),
             preprocessing=plan.preprocessing,
             onnx=OnnxSpec(),
-            output=OutputSpec(threshold=plan.threshold),
+            output=OutputSpec(threshold=threshold),
             network=network_info(network, plan.network),
         )
     except ExportError:

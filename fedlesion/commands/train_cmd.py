@@ -86,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     overrides = _plan_overrides(args.plan)
 
     from training.plan import default_plan
+    from training.checkpoint import checkpoint_threshold, load_checkpoint
     from training.trainer import resolve_device, train_model
 
     resolve_device(args.device)  # fail before loading any data
@@ -106,5 +107,8 @@ def run(args: argparse.Namespace) -> int:
     (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     checkpoint = train_model(plan, train, val, out, resume=args.resume, device=args.device,
                              progress=not args.no_progress)
+    if (out / "threshold.csv").exists() and checkpoint.name == "best.pt":
+        print(f"threshold {checkpoint_threshold(load_checkpoint(checkpoint)):g}, calibrated on the validation cases "
+              f"(validation Dice per candidate: {out / 'threshold.csv'})", file=sys.stderr)
     print(checkpoint)
     return 0
