@@ -6,18 +6,22 @@ Two networks, each the same on both sides (weights, input, preprocessing, mappin
   patches, exported by training/export.py and signed into a temporary package. Untrained, most of its output sits
   near 0.5 (see `near_threshold`), so its Dice between masks measures rounding more than agreement;
 - `shipped`: the embedded default stroke model (models/defaults), the one the node serves; PyTorch gets the same
-  weights back from the package's ONNX initializers into the default CPU plan's network (strict load).
+  weights from its training checkpoint (`--checkpoint`, default build/default-models/stroke-dwi-adc/best.pt as
+  `make default-models` leaves it; the exporter folds batch norm into the convolutions, so the ONNX file alone
+  cannot give them back). The checkpoint must carry the manifest's plan hash and pass export's parity check against
+  the package's graph; without a checkpoint this network is skipped.
 Input: ISLES'22 case 0001 (2×112×112×73 at 2 mm, from ../shared; a synthetic stroke case cropped to that size when
 absent). The node side is `inference.engine.Engine.predict` in a subprocess that never imports torch, so its peak
 RSS is the node's own; it runs as the node runs it (a batch-normalized network may run any window: the 112×112×80
-grid fits the whole-volume budget, one pass) and with MONAI's windows (`whole_volume_voxels=0`: the same 8 windows of
-96×96×64, Gaussian blend), which isolates ONNX Runtime from the window layout. MONAI: 96×96×64 windows, 50 %
+grid fits the whole-volume budget, one pass) and with the manifest's patch as windows (`whole_volume_voxels=0`, Gaussian
+blend: for `seeded` MONAI's own 8 windows of 96×96×64, which isolates ONNX Runtime from the window layout; for
+`shipped` the 64³ patch it was trained on). MONAI: 96×96×64 windows, 50 %
 overlap, Gaussian, sw_batch_size 1, torch.inference_mode.
 
 Prints, per network and side, the median wall and CPU seconds of `--repeats` timed runs after one warm-up (CPU
 seconds are the fairer figure on a shared machine), the ratios against MONAI in the same run, the Dice between the
 masks (threshold: the manifest's) and the node's peak RSS.
-Run: `.venv/bin/python benchmarks/engine.py [--repeats 3] [--network seeded|shipped] [--json]`.
+Run: `.venv/bin/python benchmarks/engine.py [--repeats 3] [--network seeded|shipped] [--checkpoint best.pt] [--json]`.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ def load_input() -> tuple[list[Channel], str]:
 
 
 SHIPPED_STROKE = REPO / "models" / "defaults" / Task.STROKE_DWI_ADC.value
+SHIPPED_CHECKPOINT = REPO / "build" / "default-models" / Task.STROKE_DWI_ADC.value / "best.pt"
 
 
 def build_seeded_package(out: Path) -> Path:
@@ -94,31 +99,31 @@ def build_seeded_package(out: Path) -> Path:
     return build_package(out / "package", export_onnx(network, 2), manifest, demo_private_key())
 
 
-def torch_network(package_dir: Path, seeded_dir: Path | None):
-    """The package's network in PyTorch, in eval mode: the seeded one from its saved weights, the shipped one from
-    its ONNX initializers (named after the state dict, under the export wrapper's `network.`)."""
-    import onnx
+def torch_network(package_dir: Path, weights: Path, seeded: bool):
+    """The package's network in PyTorch, in eval mode: the seeded one from the weights saved beside it, the shipped
+    one from its training checkpoint, refused unless it is the package's own (plan hash and export parity)."""
     import torch
-    from onnx import numpy_helper
 
     from models.networks import NetworkPlan, build_network
-    from training.plan import default_plan
 
-    if seeded_dir is not None:
-        network = build_network(2, 1, NetworkPlan(**json.loads((seeded_dir / "plan.json").read_text())))
-        network.load_state_dict(torch.load(seeded_dir / "weights.pt", weights_only=True))
+    if seeded:
+        network = build_network(2, 1, NetworkPlan(**json.loads((weights.parent / "plan.json").read_text())))
+        network.load_state_dict(torch.load(weights, weights_only=True))
         return network.eval()
-    network = build_network(2, 1, default_plan(Task.STROKE_DWI_ADC, "cpu").network)
-    graph = onnx.load_from_string(load_package(package_dir, TrustPolicy.demo()).onnx_bytes).graph
-    weights = {
-        tensor.name.removeprefix("network."): torch.from_numpy(numpy_helper.to_array(tensor).copy())
-        for tensor in graph.initializer
-    }
-    expected = {name for name in network.state_dict() if not name.endswith("num_batches_tracked")}
-    if set(weights) != expected:
-        raise SystemExit(f"{package_dir}: ONNX initializers do not match the default CPU plan's network")
-    network.load_state_dict(weights, strict=False)
-    return network.eval()
+    from training.checkpoint import checkpoint_plan, load_checkpoint, model_from_checkpoint
+    from training.export import check_parity, parity_inputs
+
+    state = load_checkpoint(weights)
+    plan, package = checkpoint_plan(state), load_package(package_dir, TrustPolicy.demo())
+    if plan.sha256() != package.manifest.training.plan_sha256:
+        raise SystemExit(f"{weights}: its plan is not the one {package_dir} was trained with")
+    network = model_from_checkpoint(state)
+    divisible = max(plan.preprocessing.size_divisible, plan.network.size_divisible)
+    for image in parity_inputs(Task.STROKE_DWI_ADC, plan.preprocessing, plan.in_channels, divisible):
+        report = check_parity(network, package.onnx_bytes, image, package.manifest.output.threshold)
+        if not report.passed:
+            raise SystemExit(f"{weights}: not the weights of {package_dir} ({report.describe()})")
+    return network
 
 
 def calibrate_batch_norm(network, cases: int = 2, patches_per_case: int = 4) -> None:
@@ -150,7 +155,7 @@ NETWORKS = {
     "seeded": "seeded: the default NetworkPlan's 5.7 M-parameter DynUNet, untrained",
     "shipped": "shipped: the embedded default stroke model (trained on synthetic data)",
 }
-NODE_MODES = {"node": {}, "node, MONAI's windows": {"whole_volume_voxels": 0}}
+NODE_MODES = {"node": {}, "node, patch windows": {"whole_volume_voxels": 0}}
 
 
 def timed(function, repeats: int) -> tuple[list[float], list[float], object]:
@@ -188,13 +193,13 @@ def node_side(package_dir: Path, probabilities_out: Path, mode: str, repeats: in
     }
 
 
-def monai_side(package_dir: Path, seeded_dir: Path | None, repeats: int, threads: int) -> dict:
+def monai_side(package_dir: Path, weights: Path, seeded: bool, repeats: int, threads: int) -> dict:
     """What a user would run: the same preprocessing, PyTorch eager, MONAI's sliding_window_inference, Gaussian."""
     import torch
     from monai.inferers import sliding_window_inference
 
     torch.set_num_threads(threads)
-    network = torch_network(package_dir, seeded_dir)
+    network = torch_network(package_dir, weights, seeded)
     spec = load_package(package_dir, TrustPolicy.demo()).manifest.preprocessing
     channels, _ = load_input()
 
@@ -216,10 +221,11 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def run_network(name: str, tmp_path: Path, repeats: int, threads: int) -> dict:
+def run_network(name: str, tmp_path: Path, checkpoint: Path, repeats: int, threads: int) -> dict:
     """Both node modes (subprocesses) and MONAI for one network; rows with ratios against MONAI."""
-    seeded_dir = tmp_path if name == "seeded" else None
-    package_dir = build_seeded_package(tmp_path) if seeded_dir else SHIPPED_STROKE
+    seeded = name == "seeded"
+    package_dir = build_seeded_package(tmp_path) if seeded else SHIPPED_STROKE
+    weights = tmp_path / "weights.pt" if seeded else checkpoint
     threshold = load_package(package_dir, TrustPolicy.demo()).manifest.output.threshold
     sides: dict[str, dict] = {}
     for index, mode in enumerate(NODE_MODES):
@@ -230,7 +236,7 @@ def run_network(name: str, tmp_path: Path, repeats: int, threads: int) -> dict:
             capture_output=True, text=True, check=True,
         )
         sides[mode] = {**json.loads(completed.stdout.strip().splitlines()[-1]), "probabilities": np.load(npy)}
-    sides["MONAI"] = monai_side(package_dir, seeded_dir, repeats, threads)
+    sides["MONAI"] = monai_side(package_dir, weights, seeded, repeats, threads)
     monai_probabilities = sides["MONAI"]["probabilities"]
     monai_mask = monai_probabilities >= threshold
     rows = {}
@@ -255,6 +261,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime and torch threads; 0: physical cores")
     parser.add_argument("--network", choices=NETWORKS, action="append", help="default: both")
+    parser.add_argument("--checkpoint", type=Path, default=SHIPPED_CHECKPOINT,
+                        help="the shipped stroke model's training checkpoint (default: %(default)s)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--node-side", nargs=3, metavar=("PACKAGE", "OUT_NPY", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,10 +275,11 @@ def main() -> None:
 
     threads = args.threads or physical_cores()
     _, source = load_input()
+    names = args.network or [name for name in NETWORKS if name != "shipped" or args.checkpoint.exists()]
+    if "shipped" in names and not args.checkpoint.exists():
+        raise SystemExit(f"--checkpoint {args.checkpoint}: not found (make default-models writes it)")
     with tempfile.TemporaryDirectory(prefix="fedlesion-engine-bench-") as tmp:
-        networks = {
-            name: run_network(name, Path(tmp), args.repeats, threads) for name in (args.network or NETWORKS)
-        }
+        networks = {name: run_network(name, Path(tmp), args.checkpoint, args.repeats, threads) for name in names}
     if args.json:
         print(json.dumps({"input": source, "threads": threads, "repeats": args.repeats, "networks": networks}, indent=2))
         return
