@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from models.networks import NetworkPlan, build_network
-from training.checkpoint import FORMAT, KEYS, load_checkpoint, model_from_checkpoint, save_checkpoint
+from training.checkpoint import (
+    FORMAT,
+    KEYS,
+    checkpoint_threshold,
+    load_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
 from training.plan import TrainingPlan, default_plan
 
 
@@ -31,7 +38,10 @@ def test_round_trip_with_weights_only(tmp_path):
         scheduler=scheduler.state_dict(), history=history, best_val_dice=None, federated_round=3, strategy="fedavg",
     )
     raw = torch.load(path, weights_only=True)
-    assert set(raw) == set(KEYS) and raw["format"] == FORMAT == "fedlesion-checkpoint-1"
+    assert set(raw) == {*KEYS, "threshold"} and raw["format"] == FORMAT == "fedlesion-checkpoint-1"
+    assert raw["threshold"] is None and checkpoint_threshold(raw) == plan.threshold  # not calibrated: the plan's
+    del raw["threshold"]  # written before calibration existed: still read, at the plan's threshold
+    assert checkpoint_threshold(raw) == plan.threshold
     assert raw["task"] == "ms-flair" and raw["epoch"] == 1 and raw["federated_round"] == 3
     assert raw["strategy"] == "fedavg" and raw["best_val_dice"] is None
     assert raw["history"] == [{"epoch": 1, "train_loss": 0.7, "val_dice": None}]  # NaN stored as None
