@@ -27,7 +27,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, write_transaction
+from dicom_gateway.sqlite_tx import connect, write_transaction
 from dicom_gateway.uids import is_valid_uid, spool_name
 from fedlesion.settings import Destination
 
@@ -133,13 +133,7 @@ class Outbox:
         self.outputs_dir.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.data_dir / DATABASE_NAME, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(self.data_dir / DATABASE_NAME, synchronous="FULL")
         with self._transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)

@@ -35,7 +35,7 @@ from pydicom.errors import InvalidDicomError
 
 from dicom_gateway.records import StoredInstance
 from dicom_gateway.spool import SPOOL_DIRNAME
-from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, read_snapshot, write_transaction
+from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from dicom_gateway.uids import is_valid_uid
 from fedlesion.settings import DicomSettings, Settings
 
@@ -213,53 +213,29 @@ class StudyIndex:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
-        self._local = threading.local()
-        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._connections_lock = threading.Lock()
+        self._connections = ThreadConnections(self._open_connection)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        conn = self._connection()
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(_SCHEMA)
+        self._connections.get().executescript(_SCHEMA)
 
     # --- connections -------------------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        """This thread's connection, kept open: closing the last connection checkpoints the WAL with an fsync,
-        which would cost every group commit milliseconds. Threads never share one."""
-        conn = getattr(self._local, "connection", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.db_path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            # NORMAL is crash-safe in WAL mode (a killed process loses nothing committed); after a power loss
-            # recover() re-reads the spool for the last instances, and a lost completion is simply redone.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            self._local.connection = conn
-            with self._connections_lock:
-                for thread, other in self._connections:
-                    if not thread.is_alive():  # an ended SCP or CLI thread: its connection goes with it
-                        other.close()
-                self._connections = [(t, c) for t, c in self._connections if t.is_alive()]
-                self._connections.append((threading.current_thread(), conn))
+    def _open_connection(self) -> sqlite3.Connection:
+        conn = connect(self.db_path, synchronous="NORMAL")
+        conn.row_factory = sqlite3.Row
+        # NORMAL is crash-safe in WAL mode (a killed process loses nothing committed); after a power loss
+        # recover() re-reads the spool for the last instances, and a lost completion is simply redone.
         return conn
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
-        return write_transaction(self._connection())
+        return write_transaction(self._connections.get())
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
-        return read_snapshot(self._connection())
+        return read_snapshot(self._connections.get())
 
     def close(self) -> None:
         """Stop the monitor and close every thread's connection."""
         self.stop()
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for _thread, conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._connections.close_all()
 
     # --- InstanceSink --------------------------------------------------------------------------------------------
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from pydicom.errors import InvalidDicomError
 
-from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, read_snapshot, write_transaction
+from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from dicom_gateway.studies import StudyIndex, StudyReady
 from dicom_gateway.study_files import open_dicom
 from dicom_gateway.uids import is_valid_uid, spool_name
@@ -355,47 +355,27 @@ class JobQueue:
         self.owner = process_owner()
         self._installed = installed
         self._clock = clock
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._connections_lock = threading.Lock()
+        self._connections = ThreadConnections(self._open_connection)
         self._intake_lock = threading.Lock()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        conn = self._connection()
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(_SCHEMA)
+        self._connections.get().executescript(_SCHEMA)
 
     # --- connections -------------------------------------------------------------------------------------------
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "connection", None)
-        if conn is None:
-            conn = sqlite3.connect(
-                self.data_dir / DATABASE_NAME,
-                timeout=BUSY_TIMEOUT_MS / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-            )
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a killed process loses nothing committed
-            self._local.connection = conn
-            with self._connections_lock:
-                self._connections.append(conn)
+    def _open_connection(self) -> sqlite3.Connection:
+        conn = connect(self.data_dir / DATABASE_NAME, synchronous="NORMAL", foreign_keys=False)
+        conn.row_factory = sqlite3.Row  # WAL + NORMAL: a killed process loses nothing committed
         return conn
 
     def _write(self) -> AbstractContextManager[sqlite3.Connection]:
         """The write lock is taken at BEGIN, so a claim cannot interleave with another."""
-        return write_transaction(self._connection())
+        return write_transaction(self._connections.get())
 
     def _read(self) -> AbstractContextManager[sqlite3.Connection]:
-        return read_snapshot(self._connection())
+        return read_snapshot(self._connections.get())
 
     def close(self) -> None:
-        with self._connections_lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._connections.close_all()
 
     # --- intake ------------------------------------------------------------------------------------------------
 

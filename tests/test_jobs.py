@@ -385,7 +385,7 @@ def test_retention_purges_results_then_spool(studies, index, data_dir, clock) ->
 
 def test_the_queue_uses_wal_and_a_busy_timeout(data_dir) -> None:
     queue = JobQueue(data_dir, make_settings(data_dir))
-    conn = queue._connection()
+    conn = queue._connections.get()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     assert (data_dir / JOBS_DATABASE).exists()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from dicom_gateway.sqlite_tx import BUSY_TIMEOUT_MS, write_transaction
+from dicom_gateway.sqlite_tx import connect, write_transaction
 
 USERS_DATABASE = "users.sqlite3"
 MAX_FAILED_LOGINS = 5
@@ -89,10 +89,7 @@ class UserStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = clock
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
         self.path.chmod(0o600)
         self._dummy_salt = secrets.token_bytes(16)
