@@ -16,7 +16,7 @@ import highdicom as hd
 import numpy as np
 
 from dicom_gateway.volumes import SeriesVolume
-from models.adc import AdcUnit, detect_adc_unit, to_micrometre2_per_s
+from models.adc import AdcUnit, adc_in_micrometres, to_micrometre2_per_s
 
 __all__ = [
     "ADC_MAX",
@@ -52,23 +52,21 @@ class AdcConversion:
 
 
 def scanner_adc(volume: SeriesVolume) -> AdcConversion:
-    """The scanner's ADC series volume (real values) in µm²/s.
+    """The scanner's ADC series volume (real values) in µm²/s; negative values (none in a true ADC) become 0.
 
-    The head is where the ADC is above zero: scanners write 0 outside the head of an ADC map.
+    Without a diffusivity unit in the mapping, the unit is `models.adc`'s rule, the one NIfTI input gets.
     """
     values = np.asarray(volume.real.array, dtype=np.float64)
     unit_code = (volume.unit or "").strip()
     if unit_code in _UCUM_UNITS:
         unit = _UCUM_UNITS[unit_code]
         source = f"real world value mapping units {unit_code}"
+        micro = to_micrometre2_per_s(values, unit)
     else:
-        head = np.isfinite(values) & (values > 0)
-        if not head.any():
-            raise ValueError(f"ADC series {volume.series_instance_uid} holds no positive value: cannot tell its unit")
-        unit = detect_adc_unit(values, head)
+        converted = adc_in_micrometres(values, slice_axis=0)  # a highdicom volume is (slices, rows, columns)
+        unit, micro = converted.unit, converted.values
         source = "median inside the head"
-    micro = np.clip(to_micrometre2_per_s(values, unit), 0.0, None).astype(np.float32)
-    return AdcConversion(volume.real.with_array(micro), unit, source)
+    return AdcConversion(volume.real.with_array(np.clip(micro, 0.0, None).astype(np.float32)), unit, source)
 
 
 def mean_volume(volumes: Sequence[hd.Volume]) -> hd.Volume:

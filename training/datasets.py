@@ -19,9 +19,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from models.adc import detect_adc_unit, to_micrometre2_per_s
+from models.adc import adc_in_micrometres
 from models.manifest import Role, Task, default_inputs
-from models.preprocessing import Channel, head_mask
+from models.preprocessing import Channel
 from models.resampling import resample
 
 __all__ = [
@@ -207,11 +207,11 @@ def load_case(files: CaseFiles, task: Task | str) -> TrainingCase:
     for channel in channels:
         if roles.get(channel.name) is Role.ADC:
             try:
-                unit = detect_adc_unit(channel.data, mask_on(head_mask(first.data), first, channel))
+                converted = adc_in_micrometres(channel.data)
             except ValueError as error:
                 raise CaseError(f"case {files.case_id}: {error}") from error
-            channel.data = to_micrometre2_per_s(channel.data, unit)
-            unit_detected = unit.value
+            channel.data = converted.values
+            unit_detected = converted.unit.value
     mask_img = nib.funcs.squeeze_image(nib.load(files.mask))
     if mask_img.shape != first.data.shape:
         raise CaseError(f"case {files.case_id}: mask shape {mask_img.shape} differs from {first.name}'s "

@@ -188,9 +188,8 @@ def _adc_in_micrometres(
     import nibabel as nib
     import numpy as np
 
-    from models.adc import detect_adc_unit, to_micrometre2_per_s
+    from models.adc import adc_in_micrometres
     from models.manifest import ADC_UNIT, Role
-    from models.preprocessing import head_mask
 
     needs_adc = any(channel.role is Role.ADC for channel in engine.manifest.inputs)
     if not needs_adc:
@@ -199,20 +198,16 @@ def _adc_in_micrometres(
         return images, source
     if "dwi" not in images:
         raise ValueError("DWI missing: dwi.nii.gz is not in the folder")
-    dwi = nib.funcs.squeeze_image(images["dwi"])
     if "adc" in images:
         if b0_path is not None:
             raise ValueError("--b0 given but adc.nii.gz exists: remove one")
         if source.adc_unit_detected is not None:  # from study.json: convert wrote µm²/s
             return images, source
         adc = nib.funcs.squeeze_image(images["adc"])
-        data = np.asarray(adc.get_fdata(dtype=np.float32))
-        head = head_mask(np.asarray(dwi.get_fdata(dtype=np.float32)))
-        if head.shape != data.shape or not np.allclose(dwi.affine, adc.affine, atol=1e-3):
-            head = np.isfinite(data) & (data > 0)
-        unit = detect_adc_unit(data, head)
-        images = {**images, "adc": nib.Nifti1Image(to_micrometre2_per_s(data, unit), adc.affine)}
-        detected = unit.value if unit.value == ADC_UNIT else f"{unit.value} (median inside the head)"
+        converted = adc_in_micrometres(np.asarray(adc.get_fdata(dtype=np.float32)))
+        images = {**images, "adc": nib.Nifti1Image(converted.values, adc.affine)}
+        unit = converted.unit.value
+        detected = unit if unit == ADC_UNIT else f"{unit} (median inside the head)"
         return images, replace(source, adc_unit_detected=detected)
     if b0_path is None:
         raise ValueError("ADC missing: the folder has no adc.nii.gz; give --b0 B0.nii.gz to compute it from the DWI")
