@@ -44,19 +44,62 @@ def test_default_package_verifies_and_runs(task: Task) -> None:
     assert 0.0 <= probabilities.min() and probabilities.max() <= 1.0
 
 
+def readme_default_model_rows(readme: str) -> dict[str, dict[str, str]]:
+    """The README's default-model table, keyed by its `task` cell (e.g. "`stroke-dwi-adc` v1"): header → cell."""
+    lines = readme.splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("| task | test case | Dice |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+        rows[cells["task"]] = cells
+    return rows
+
+
+def assert_shown_as(cell: str, value: float, column: str) -> None:
+    """`value` rounded to the cell's own number of decimals is what the cell says."""
+    decimals = len(cell.partition(".")[2])
+    assert float(cell) == round(value, decimals), f"{column}: README {cell}, measured {value}"
+
+
 @pytest.mark.slow  # the MS case runs sliding windows at 1 mm on the CPU: about a minute
 def test_readme_reports_todays_test_set_numbers() -> None:
-    """The README's Dice per task is what benchmarks/default_models.py measures now (n = 1 per task)."""
+    """Each number in the README's default-model rows is, column by column and at the README's rounding, what
+    benchmarks/default_models.py measures now for the shipped package of that version (n = 1 per task)."""
     if not (SHARED_DATA / "nifti").exists():
         pytest.skip(f"shared test data missing: {SHARED_DATA}")
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "benchmarks" / "default_models.py"), "--json"],
         capture_output=True, text=True, check=True, timeout=300,
     )
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    for row in json.loads(result.stdout):
-        line = next((line for line in readme.splitlines() if line.startswith(f"| `{row['task']}`")), None)
-        assert line is not None, f"README has no default-model row for {row['task']}"
-        numbers = [float(x) for x in re.findall(r"\d+\.\d+", line)]
-        assert round(row["model"]["dice"], 3) in numbers, (row, line)
-        assert round(row["baseline_p99"]["dice"], 3) in numbers, (row, line)
+    rows = readme_default_model_rows((REPO_ROOT / "README.md").read_text(encoding="utf-8"))
+    measured = json.loads(result.stdout)
+    assert len(rows) == len(measured) == len(list(Task))
+    for row in measured:
+        cells = rows[f"`{row['task']}` v{row['model_version']}"]
+        model, baseline = row["model"], row["baseline_p99"]
+        for column, value in (
+            ("Dice", model["dice"]),
+            ("AVD (ml)", model["avd_ml"]),
+            ("lesion F1", model["lf1"]),
+            ("predicted (ml)", model["pred_volume_ml"]),
+            ("truth (ml)", model["gt_volume_ml"]),
+            ("baseline Dice (1st channel > 99th pct)", baseline["dice"]),
+        ):
+            assert_shown_as(cells[column], value, f"{row['task']} {column}")
+
+
+def test_readme_cells_are_compared_at_their_own_rounding() -> None:
+    """The README check refuses a number that is off in its last shown decimal or sits in another column."""
+    readme = (
+        "| task | test case | Dice | AVD (ml) |\n|---|---|---|---|\n| `stroke-dwi-adc` v1 | case | 0.002 | 3.10 |\n"
+    )
+    cells = readme_default_model_rows(readme)["`stroke-dwi-adc` v1"]
+    assert_shown_as(cells["Dice"], 0.0021, "Dice")
+    assert_shown_as(cells["AVD (ml)"], 3.1049, "AVD")
+    with pytest.raises(AssertionError):
+        assert_shown_as(cells["AVD (ml)"], 3.106, "AVD")
+    with pytest.raises(AssertionError):
+        assert_shown_as(cells["Dice"], 3.10, "Dice")  # the AVD's value is not the Dice's
