@@ -38,7 +38,7 @@ from dicom_gateway.studies import StudyIndex, StudyReady
 from dicom_gateway.study_files import open_dicom
 from dicom_gateway.uids import is_valid_uid, spool_name
 from fedlesion.settings import Settings, TasksSettings
-from models.manifest import Task as ModelTask
+from models.manifest import Role, Task
 
 logger = logging.getLogger(__name__)
 
@@ -61,32 +61,12 @@ ACTIVE_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING)
 TERMINAL_STATES = (JobState.DONE, JobState.FAILED, JobState.NOT_PROCESSED)
 
 
-class JobTask(StrEnum):
-    """A job's task; the values are the output writers' task names, `model_task` the package's."""
-
-    STROKE = "stroke"
-    MS = "ms"
-
-    @property
-    def model_task(self) -> ModelTask:
-        return ModelTask.STROKE_DWI_ADC if self is JobTask.STROKE else ModelTask.MS_FLAIR
-
-    @property
-    def priority(self) -> int:
-        """Claim order: stroke before MS (design.md §4), a stroke result is time-critical."""
-        return 0 if self is JobTask.STROKE else 1
-
-    @classmethod
-    def for_model(cls, task: ModelTask) -> JobTask:
-        return cls.STROKE if ModelTask(task) is ModelTask.STROKE_DWI_ADC else cls.MS
-
-
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid TEXT NOT NULL,
     revision INTEGER NOT NULL CHECK (revision >= 1),
-    task TEXT NOT NULL CHECK (task IN ('stroke', 'ms', '{NO_TASK}')),
+    task TEXT NOT NULL CHECK (task IN ('stroke', 'ms', '{NO_TASK}')),  -- Task.short_name
     run INTEGER NOT NULL DEFAULT 1,  -- 1: routed from study_ready; n+1: the n-th reprocess
     state TEXT NOT NULL CHECK (state IN ('received', 'queued', 'running', 'done', 'failed', 'not-processed')),
     reason TEXT,
@@ -131,7 +111,7 @@ class StudyContext:
 class Routing:
     """Which tasks run on a study revision; `reason` says why none does (empty `tasks`)."""
 
-    tasks: tuple[JobTask, ...]
+    tasks: tuple[Task, ...]
     reason: str | None = None
 
 
@@ -182,7 +162,7 @@ class Job:
     id: int
     study_uid: str
     revision: int
-    task: JobTask | None  # None: the "no task matched" row of a revision
+    task: Task | None  # None: the "no task matched" row of a revision
     run: int
     state: JobState
     reason: str | None
@@ -218,12 +198,25 @@ class RetentionReport:
     spool_deferred: bool  # a study due for purging still has an active job: spool purge left for the next pass
 
 
-def results_dir(data_dir: Path, study_uid: str, revision: int, task: JobTask | str) -> Path:
-    """`<data_dir>/results/<spool_name(study)>/r<revision>/<task>/`: no UID or free text reaches a path."""
-    return Path(data_dir) / RESULTS_DIRNAME / spool_name(study_uid) / f"r{int(revision)}" / JobTask(task).value
+def results_dir(data_dir: Path, study_uid: str, revision: int, task: Task) -> Path:
+    """`<data_dir>/results/<spool_name(study)>/r<revision>/<task short name>/`: no UID or free text reaches a
+    path."""
+    return Path(data_dir) / RESULTS_DIRNAME / spool_name(study_uid) / f"r{int(revision)}" / Task(task).short_name
 
 
-def registry_tasks(settings: Settings) -> frozenset[JobTask]:
+def enabled_tasks(tasks: TasksSettings) -> frozenset[Task]:
+    """The tasks settings [tasks] stroke / ms switch on: the models the node serves and the jobs it routes."""
+    return frozenset(task for task in Task if _task_settings(tasks, task)[0])
+
+
+def _task_settings(tasks: TasksSettings, task: Task) -> tuple[bool, str]:
+    """[tasks] for one task: whether it is enabled, and its study filter."""
+    if task is Task.STROKE_DWI_ADC:
+        return tasks.stroke, tasks.stroke_study_filter
+    return tasks.ms, tasks.ms_study_filter
+
+
+def registry_tasks(settings: Settings) -> frozenset[Task]:
     """The tasks a model is installed for, read from disk for a process without a ModelService (the CLI): a
     version in the registry, or (demo mode) the embedded default the node seeds an empty registry with."""
     # the node's model service and the registry, imported only here
@@ -233,8 +226,8 @@ def registry_tasks(settings: Settings) -> frozenset[JobTask]:
     registry = Registry(settings.registry_dir, TrustPolicy.demo())
     demo = settings.models.enrollment_bundle is None
     return frozenset(
-        JobTask.for_model(task)
-        for task in ModelTask
+        task
+        for task in Task
         if registry.versions(task) or (demo and (DEFAULTS_DIR / task.value).is_dir())
     )
 
@@ -286,7 +279,7 @@ def study_context(index: StudyIndex, study_uid: str, calling_aes: Mapping[str, s
 
 
 def route_study(
-    roles: Mapping[str, Any], context: StudyContext, tasks: TasksSettings, installed: Collection[JobTask]
+    roles: Mapping[str, Any], context: StudyContext, tasks: TasksSettings, installed: Collection[Task]
 ) -> Routing:
     """Task routing (design.md §4): every installed, enabled task whose roles are present and whose filter matches.
 
@@ -296,21 +289,19 @@ def route_study(
     """
     if roles.get("error"):
         return Routing((), str(roles["error"]))
-    checks = (
-        (JobTask.STROKE, tasks.stroke, tasks.stroke_study_filter, _stroke_missing(roles)),
-        (JobTask.MS, tasks.ms, tasks.ms_study_filter, None if roles.get("flair") else "no FLAIR series"),
-    )
-    chosen: list[JobTask] = []
+    chosen: list[Task] = []
     refusals: list[str] = []
-    for task, enabled, study_filter, missing in checks:
+    for task in sorted(Task, key=lambda task: task.priority):
+        enabled, study_filter = _task_settings(tasks, task)
+        missing = next((_MISSING_ROLE[role] for role in task.roles if not roles.get(role.value)), None)
         if not enabled:
-            refusals.append(f"{task.value}: disabled")
+            refusals.append(f"{task.short_name}: disabled")
         elif task not in installed:
-            refusals.append(f"{task.value}: no model installed")
+            refusals.append(f"{task.short_name}: no model installed")
         elif missing:
-            refusals.append(f"{task.value}: {missing}")
+            refusals.append(f"{task.short_name}: {missing}")
         elif study_filter and not any(re.search(study_filter, text) for text in context.texts()):
-            refusals.append(f"{task.value}: study filter {study_filter!r} does not match")
+            refusals.append(f"{task.short_name}: study filter {study_filter!r} does not match")
         else:
             chosen.append(task)
     if chosen:
@@ -318,12 +309,12 @@ def route_study(
     return Routing((), "no task matched (" + "; ".join(refusals) + ")" + _series_reasons(roles))
 
 
-def _stroke_missing(roles: Mapping[str, Any]) -> str | None:
-    if not roles.get("dwi"):
-        return "no DWI series"
-    if not roles.get("adc"):
-        return "ADC missing (no ADC series and no b0 to compute it)"
-    return None
+# Why a task cannot run when its role has no series (roles.py records a computable ADC as a computed choice).
+_MISSING_ROLE = {
+    Role.DWI: "no DWI series",
+    Role.ADC: "ADC missing (no ADC series and no b0 to compute it)",
+    Role.FLAIR: "no FLAIR series",
+}
 
 
 def _series_reasons(roles: Mapping[str, Any], limit: int = 8) -> str:
@@ -347,7 +338,7 @@ class JobQueue:
         data_dir: Path,
         settings: Settings,
         *,
-        installed: Callable[[], Collection[JobTask]] = lambda: tuple(JobTask),
+        installed: Callable[[], Collection[Task]] = lambda: tuple(Task),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.data_dir = Path(data_dir)
@@ -379,8 +370,8 @@ class JobQueue:
 
     # --- intake ------------------------------------------------------------------------------------------------
 
-    def installed_tasks(self) -> frozenset[JobTask]:
-        return frozenset(JobTask(task) for task in self._installed())
+    def installed_tasks(self) -> frozenset[Task]:
+        return frozenset(Task(task) for task in self._installed())
 
     def intake(self, index: StudyIndex) -> list[Job]:
         """Route the study_ready rows not taken yet into jobs, record the hand-off, queue them; returns new rows."""
@@ -396,7 +387,7 @@ class JobQueue:
             self._hand_off(index)
         return [self.job(ident) for ident in self._ids("ready_id > ?", (cursor,))]
 
-    def _take(self, row: StudyReady, context: StudyContext, installed: Collection[JobTask]) -> None:
+    def _take(self, row: StudyReady, context: StudyContext, installed: Collection[Task]) -> None:
         try:
             roles = row.roles
         except json.JSONDecodeError as error:
@@ -407,7 +398,7 @@ class JobQueue:
             self._insert(conn, row.id, row.study_uid, row.revision, 1, str(row.spool_dir), row.roles_json,
                          context, routing, JobState.RECEIVED, now)
         if routing.tasks:
-            logger.info("study %s r%d: jobs %s", row.study_uid, row.revision, ", ".join(t.value for t in routing.tasks))
+            logger.info("study %s r%d: jobs %s", row.study_uid, row.revision, ", ".join(t.short_name for t in routing.tasks))
         else:
             logger.info("study %s r%d: not processed: %s", row.study_uid, row.revision, routing.reason)
 
@@ -425,7 +416,7 @@ class JobQueue:
         state: JobState,
         now: float,
     ) -> None:
-        plans: list[tuple[str, int, JobState, str | None]] = [(task.value, task.priority, state, None)
+        plans: list[tuple[str, int, JobState, str | None]] = [(task.short_name, task.priority, state, None)
                                                               for task in routing.tasks]
         if not routing.tasks:  # received until handed off, like the others; a reprocess ends it at once
             no_task_state = JobState.RECEIVED if state is JobState.RECEIVED else JobState.NOT_PROCESSED
@@ -592,7 +583,7 @@ class JobQueue:
             (run,) = conn.execute(
                 "SELECT MAX(run) + 1 FROM jobs WHERE study_uid = ? AND revision = ?", (study_uid, latest["revision"])
             ).fetchone()
-            routing = Routing(tuple(task for task in routing.tasks if task.value not in active),
+            routing = Routing(tuple(task for task in routing.tasks if task.short_name not in active),
                               routing.reason) if routing.tasks else routing
             if routing.tasks or not active:
                 self._insert(conn, latest["ready_id"], study_uid, latest["revision"], run, latest["spool_dir"],
@@ -718,7 +709,7 @@ def _job(row: sqlite3.Row) -> Job:
         id=row["id"],
         study_uid=row["study_uid"],
         revision=row["revision"],
-        task=JobTask(row["task"]) if row["task"] != NO_TASK else None,
+        task=Task.from_short_name(row["task"]) if row["task"] != NO_TASK else None,
         run=row["run"],
         state=JobState(row["state"]),
         reason=row["reason"],

@@ -103,11 +103,6 @@ class Refusal:
         }
 
 
-def enabled_tasks(stroke: bool, ms: bool) -> frozenset[Task]:
-    """The model tasks behind settings [tasks] stroke / ms."""
-    return frozenset(task for task, on in ((Task.STROKE_DWI_ADC, stroke), (Task.MS_FLAIR, ms)) if on)
-
-
 def trust_from_bundle(bundle: Path | None, tasks: Iterable[Task]) -> TrustPolicy:
     """No bundle: demo mode. A bundle is the publisher's Ed25519 public key as PEM, or a directory holding it
     as `publisher.pem`; with it, demo-signed packages are refused."""

@@ -29,11 +29,10 @@ from dicom_gateway.spool import Spool
 from dicom_gateway.studies import StudyIndex, database_path, spool_root
 from fedlesion.settings import Settings
 from inference.engine import Engine
-from inference.jobs import JobQueue
+from inference.jobs import JobQueue, enabled_tasks
 from inference.models import (
     ModelService,
     ModelUnavailable,
-    enabled_tasks,
     trust_from_bundle,
 )
 from inference.worker import installed_tasks, start_workers
@@ -104,7 +103,7 @@ class Node:
         settings = self.settings
         runtime = check_onnxruntime_install()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tasks = enabled_tasks(settings.tasks.stroke, settings.tasks.ms)
+        tasks = enabled_tasks(settings.tasks)
         threads = settings.inference.threads or None
 
         def engine(package: LoadedPackage) -> Engine:

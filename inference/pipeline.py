@@ -57,7 +57,6 @@ MIN_SLICES = 10
 MIN_COVERAGE_MM = 100.0
 VOLUME_DECIMALS = 6  # ml: report, SR and web page show the same rounded numbers
 STAGES = ("load", "preprocess", "inference", "postprocess")
-WRITER_TASKS = {Task.STROKE_DWI_ADC: "stroke", Task.MS_FLAIR: "ms"}
 # Transfer syntaxes that never lose information; any other compressed one may have (JPEG baseline, JPEG-LS near
 # lossless, JPEG 2000 "lossy or lossless", HTJ2K, video).
 _LOSSLESS_TRANSFER_SYNTAXES = frozenset(
@@ -147,11 +146,6 @@ class SegmentationResult:
     @property
     def lesion_count(self) -> int:
         return len(self.lesions)
-
-    @property
-    def writer_task(self) -> str:
-        """The writers' task name ("stroke" or "ms")."""
-        return WRITER_TASKS[self.task]
 
     @property
     def report(self) -> dict[str, Any]:

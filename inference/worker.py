@@ -30,12 +30,11 @@ from dicom_gateway.study_files import StudyHeaders, open_dicom, read_files
 from dicom_gateway.study_inputs import StudyInputs, load_study_inputs
 from dicom_gateway.writers import write_not_processed, write_outputs
 from fedlesion.settings import Settings
-from inference.jobs import Job, JobQueue, JobResult, JobState, JobTask, results_dir
+from inference.jobs import Job, JobQueue, JobResult, JobState, results_dir
 from inference.models import ModelUnavailable, ServingModel
 from inference.pipeline import segment_study
 from inference.report import write_result
-from models.manifest import Role
-from models.manifest import Task as ModelTask
+from models.manifest import Role, Task
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +46,14 @@ NOT_PROCESSED_MODEL = "none"  # the outbox key's model version of a "not perform
 class ModelSource(Protocol):
     """What a worker needs from inference.models.ModelService."""
 
-    def current(self, task: ModelTask) -> ServingModel: ...
+    def current(self, task: Task) -> ServingModel: ...
 
-    def served_versions(self) -> dict[ModelTask, int]: ...
+    def served_versions(self) -> dict[Task, int]: ...
 
 
-def installed_tasks(models: ModelSource) -> frozenset[JobTask]:
-    """The job tasks a verified model serves now: the queue routes only to these."""
-    return frozenset(JobTask.for_model(task) for task in models.served_versions())
+def installed_tasks(models: ModelSource) -> frozenset[Task]:
+    """The tasks a verified model serves now: the queue routes only to these."""
+    return frozenset(models.served_versions())
 
 
 class NotProcessed(Exception):
@@ -146,7 +145,7 @@ class Worker:
         if job.task is None:
             raise ValueError("a job without a task cannot run")
         try:
-            serving = self.models.current(job.task.model_task)  # kept for the whole job: hot-swap safe
+            serving = self.models.current(job.task)  # kept for the whole job: hot-swap safe
         except ModelUnavailable as error:
             return Outcome(JobState.FAILED, str(error))
         started = time.perf_counter()
@@ -171,7 +170,7 @@ class Worker:
         timings["results"] = time.perf_counter() - step
 
         step = time.perf_counter()
-        key = OutputKey(job.study_uid, job.revision, job.task.value, str(serving.version))
+        key = OutputKey(job.study_uid, job.revision, job.task.short_name, str(serving.version))
         if self.outbox.stored(key):  # a retry after a crash: the stored outputs and their UIDs are the truth
             datasets = []
             logger.info("job %d: outputs already stored for %s, reused", job.id, key)
@@ -183,7 +182,7 @@ class Worker:
                 result.label_map,
                 result.lesions,
                 result.model.info(),
-                result.writer_task,
+                result.task,
                 job.revision,
                 _series_numbers(study),
                 result.total_volume_ml,
@@ -197,7 +196,7 @@ class Worker:
             series.setdefault(_output_kind(instance.sop_class_uid), instance.series_instance_uid)
         logger.info(
             "job %d: %s r%d %s done with model v%d: %d lesions, %.3f ml",
-            job.id, job.study_uid, job.revision, job.task.value, serving.version, result.lesion_count,
+            job.id, job.study_uid, job.revision, job.task.short_name, serving.version, result.lesion_count,
             result.total_volume_ml,
         )
         return Outcome(
@@ -242,7 +241,7 @@ class Worker:
                 return
             reference = open_dicom(paths[0], stop_before_pixels=True)
             study = read_files(paths).only_study()
-            task = job.task.value if job.task else "none"
+            task = job.task.short_name if job.task else "none"
             key = OutputKey(job.study_uid, job.revision, task, job.model_version or NOT_PROCESSED_MODEL)
             datasets = []
             if not self.outbox.stored(key):
@@ -252,7 +251,7 @@ class Worker:
                         reason,
                         study_revision=job.revision,
                         existing_series_numbers=_series_numbers(study),
-                        task=job.task.value if job.task else None,
+                        task=job.task,
                         model_version=job.model_version,
                         demo=self.models.demo_mode,
                         created=_created(job),

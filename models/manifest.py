@@ -25,16 +25,47 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class Task(StrEnum):
-    STROKE_DWI_ADC = "stroke-dwi-adc"
-    MS_FLAIR = "ms-flair"
-
-
 class Role(StrEnum):
     DWI = "dwi"
     ADC = "adc"
     FLAIR = "flair"
     T1 = "t1"
+
+
+class Task(StrEnum):
+    """The tasks a node runs: the one task vocabulary of packages, jobs, outputs and the web page.
+
+    The value names a package's task (manifest, registry paths, report.json). `short_name` is the name a person
+    reads and every store already holds: SeriesDescription and output UIDs, the job queue's task column, the
+    results folder, the outbox key, the web page and its metrics.
+    """
+
+    STROKE_DWI_ADC = "stroke-dwi-adc"
+    MS_FLAIR = "ms-flair"
+
+    @property
+    def short_name(self) -> str:
+        return _SHORT_NAMES[self]
+
+    @property
+    def priority(self) -> int:
+        """Claim order, lowest first: stroke before MS (design.md §4), a stroke result is time-critical."""
+        return 0 if self is Task.STROKE_DWI_ADC else 1
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        """The series roles the task needs, first the channel every other one is resampled onto (design.md §3)."""
+        return (Role.DWI, Role.ADC) if self is Task.STROKE_DWI_ADC else (Role.FLAIR,)
+
+    @classmethod
+    def from_short_name(cls, name: str) -> Task:
+        for task in cls:
+            if task.short_name == name:
+                return task
+        raise ValueError(f"unknown task {name!r}: one of {', '.join(t.short_name for t in cls)}")
+
+
+_SHORT_NAMES = {Task.STROKE_DWI_ADC: "stroke", Task.MS_FLAIR: "ms"}
 
 
 class NormalizationMethod(StrEnum):
@@ -49,17 +80,15 @@ class LayerNormalization(StrEnum):
     NONE = "none"
 
 
-class OutputKind(StrEnum):
+class PredictionKind(StrEnum):
+    """What the network's output tensor holds (the DICOM output series are `dicom_gateway.writers.OutputKind`)."""
+
     PROBABILITIES = "probabilities"
 
 
 class Activation(StrEnum):
     SIGMOID = "sigmoid"
     SOFTMAX = "softmax"
-
-
-# The channel every other input is resampled onto (design.md §3) must come first.
-_FIRST_ROLE = {Task.STROKE_DWI_ADC: Role.DWI, Task.MS_FLAIR: Role.FLAIR}
 
 
 @dataclass(frozen=True)
@@ -97,7 +126,7 @@ class OnnxSpec:
 
 @dataclass(frozen=True)
 class OutputSpec:
-    kind: OutputKind = OutputKind.PROBABILITIES
+    kind: PredictionKind = PredictionKind.PROBABILITIES
     activation: Activation = Activation.SIGMOID
     threshold: float = 0.5
 
@@ -247,8 +276,8 @@ def parse_manifest(data: bytes, *, require_files: bool = True) -> Manifest:
         raise ValueError("manifest.inputs: at least one input channel is required")
     if len({channel.name for channel in inputs}) != len(inputs):
         raise ValueError("manifest.inputs: channel names must be unique")
-    if inputs[0].role is not _FIRST_ROLE[task]:
-        raise ValueError(f"manifest.inputs[0].role: task {task.value} needs {_FIRST_ROLE[task].value} first")
+    if inputs[0].role is not task.roles[0]:
+        raise ValueError(f"manifest.inputs[0].role: task {task.value} needs {task.roles[0].value} first")
     onnx = _onnx(top.obj("onnx"))
     files = _files(top.obj("files"))
     if require_files and onnx.file not in files:
@@ -446,7 +475,7 @@ def _output(obj: _Obj) -> OutputSpec:
     threshold = obj.number("threshold", minimum=0.0, exclusive=True)
     if threshold >= 1.0:
         raise ValueError(f"{obj.path}.threshold: must be < 1, got {threshold}")
-    spec = OutputSpec(obj.choice("kind", OutputKind), obj.choice("activation", Activation), threshold)
+    spec = OutputSpec(obj.choice("kind", PredictionKind), obj.choice("activation", Activation), threshold)
     obj.done()
     return spec
 

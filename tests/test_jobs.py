@@ -28,13 +28,13 @@ from inference.jobs import (
     JobQueue,
     JobResult,
     JobState,
-    JobTask,
     StudyContext,
     owner_alive,
     process_owner,
     results_dir,
     route_study,
 )
+from models.manifest import Task
 from tests.conftest import REPO_ROOT
 from tests.test_studies import FakeClock, small_case, spool
 from training.synthetic.dicom_writer import write_dicom_study
@@ -114,7 +114,7 @@ def everything(files: dict[str, list[Path]]) -> list[Path]:
 
 def summary(queue: JobQueue, study_uid: str) -> list[tuple[str | None, str, str | None]]:
     return sorted(
-        ((job.task.value if job.task else None), job.state.value, job.reason) for job in queue.jobs_for_study(study_uid)
+        ((job.task.short_name if job.task else None), job.state.value, job.reason) for job in queue.jobs_for_study(study_uid)
     )
 
 
@@ -126,7 +126,7 @@ def test_routing_by_roles_gives_one_job_per_task_and_hands_off(studies, index, d
 
     created = queue.intake(index)
 
-    assert sorted((job.study_uid, job.task.value, job.state.value) for job in created) == [
+    assert sorted((job.study_uid, job.task.short_name, job.state.value) for job in created) == [
         (UID_A, "ms", "queued"), (UID_A, "stroke", "queued"), (UID_B, "stroke", "queued"), (UID_C, "ms", "queued"),
     ]
     assert {study.study_uid: study.state for study in index.list_studies()} == dict.fromkeys(
@@ -135,7 +135,7 @@ def test_routing_by_roles_gives_one_job_per_task_and_hands_off(studies, index, d
     assert all(row.handed_off_at is not None for row in index.ready_rows())
     assert queue.intake(index) == []  # the cursor: a second pass takes nothing twice
     assert len(queue.list_jobs()) == 4
-    (job_a,) = [job for job in created if job.study_uid == UID_A and job.task is JobTask.STROKE]
+    (job_a,) = [job for job in created if job.study_uid == UID_A and job.task is Task.STROKE_DWI_ADC]
     assert job_a.context == StudyContext("MR brain stroke protocol", "", "PACS")
     assert job_a.attempts == 0 and job_a.run == 1
 
@@ -151,11 +151,11 @@ def test_stroke_jobs_are_claimed_before_ms_jobs_then_first_in_first_out(studies,
     queue.intake(index)
 
     queued = sorted(queue.list_jobs(states=[JobState.QUEUED]), key=lambda job: job.queue_position)
-    assert [(job.study_uid, job.task.value, job.queue_position) for job in queued] == [
+    assert [(job.study_uid, job.task.short_name, job.queue_position) for job in queued] == [
         (UID_A, "stroke", 1), (UID_B, "stroke", 2), (UID_C, "ms", 3), (UID_A, "ms", 4),
     ]
     claimed = [queue.claim("w") for _ in range(5)]
-    assert [(job.study_uid, job.task.value) for job in claimed[:4]] == [
+    assert [(job.study_uid, job.task.short_name) for job in claimed[:4]] == [
         (UID_A, "stroke"), (UID_B, "stroke"), (UID_C, "ms"), (UID_A, "ms"),
     ]
     assert claimed[4] is None
@@ -178,14 +178,14 @@ def test_study_filters_search_descriptions_and_calling_ae(studies, index, data_d
 def test_route_study_reasons_and_requirements() -> None:
     stroke_roles = {"dwi": {"series_uid": "1"}, "adc": {"series_uid": "2"}, "flair": None, "series": []}
     tasks = TasksSettings()
-    assert route_study(stroke_roles, StudyContext(), tasks, set(JobTask)).tasks == (JobTask.STROKE,)
+    assert route_study(stroke_roles, StudyContext(), tasks, set(Task)).tasks == (Task.STROKE_DWI_ADC,)
     no_adc = {**stroke_roles, "adc": None}
-    routing = route_study(no_adc, StudyContext(), tasks, set(JobTask))
+    routing = route_study(no_adc, StudyContext(), tasks, set(Task))
     assert routing.tasks == () and "stroke: ADC missing" in routing.reason and "ms: no FLAIR series" in routing.reason
-    not_installed = route_study(stroke_roles, StudyContext(), tasks, {JobTask.MS})
+    not_installed = route_study(stroke_roles, StudyContext(), tasks, {Task.MS_FLAIR})
     assert "stroke: no model installed" in not_installed.reason
     assert route_study({"error": "series roles could not be determined: boom"}, StudyContext(), tasks,
-                       set(JobTask)).reason == "series roles could not be determined: boom"
+                       set(Task)).reason == "series roles could not be determined: boom"
 
 
 def test_no_task_matched_is_not_processed_with_the_roles_reasons(studies, index, data_dir, clock) -> None:
@@ -311,14 +311,14 @@ def test_reprocess_queues_a_new_run_of_the_latest_revision(studies, index, data_
     created = queue.reprocess(UID_B, index)  # takes revision 2 in first, its jobs are still queued
 
     assert created == []
-    assert [(j.revision, j.run, j.task.value, j.state.value) for j in queue.jobs_for_study(UID_B)] == [
+    assert [(j.revision, j.run, j.task.short_name, j.state.value) for j in queue.jobs_for_study(UID_B)] == [
         (2, 1, "stroke", "queued"), (2, 1, "ms", "queued"), (1, 1, "stroke", "done"),
     ]
     for _ in range(2):
         claimed = queue.claim("w")
         queue.finish(claimed.id, JobState.DONE, result=JobResult(model_version="2"))
     again = queue.reprocess(UID_B)
-    assert sorted((j.revision, j.run, j.task.value, j.state.value) for j in again) == [
+    assert sorted((j.revision, j.run, j.task.short_name, j.state.value) for j in again) == [
         (2, 2, "ms", "queued"), (2, 2, "stroke", "queued"),
     ]
     assert all(j.created_at == clock.now for j in again)
@@ -349,7 +349,7 @@ def test_retention_purges_results_then_spool(studies, index, data_dir, clock) ->
     receive(index, data_dir, everything(studies[UID_A]))
     queue.intake(index)
     stroke = queue.claim("w")
-    out = results_dir(data_dir, UID_A, 1, JobTask.STROKE)
+    out = results_dir(data_dir, UID_A, 1, Task.STROKE_DWI_ADC)
     out.mkdir(parents=True)
     (out / "report.json").write_text("{}")
     queue.finish(stroke.id, JobState.DONE, result=JobResult(model_version="1"), result_dir=out)
@@ -367,7 +367,7 @@ def test_retention_purges_results_then_spool(studies, index, data_dir, clock) ->
     clock.now += 15 * DAY  # a re-run of the stroke task writes the same result directory
     reruns = queue.reprocess(UID_A)
     stroke_rerun, ms_rerun = (queue.claim("w") for _ in reruns)
-    assert stroke_rerun.task is JobTask.STROKE
+    assert stroke_rerun.task is Task.STROKE_DWI_ADC
     queue.finish(stroke_rerun.id, JobState.DONE, result=JobResult(model_version="1"), result_dir=out)
     queue.finish(ms_rerun.id, JobState.DONE, result=JobResult(model_version="1"))
 
@@ -389,4 +389,4 @@ def test_the_queue_uses_wal_and_a_busy_timeout(data_dir) -> None:
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
     assert (data_dir / JOBS_DATABASE).exists()
-    assert os.path.basename(results_dir(data_dir, UID_A, 2, "ms").parent) == "r2"
+    assert os.path.basename(results_dir(data_dir, UID_A, 2, Task.MS_FLAIR).parent) == "r2"

@@ -19,6 +19,7 @@ import pytest
 
 from dicom_gateway.writers import write_outputs
 from dicom_gateway.writers.overlay import upscale_factor
+from models.manifest import Task
 from models.postprocessing import label_components
 from tests.test_writers import (
     MODEL,
@@ -59,7 +60,7 @@ def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(tmp_path: Path, g
     assert count == 1
     lesions = lesions_from_labels(labels, volume)
     total = math.fsum(lesion.volume_ml for lesion in lesions)
-    outputs = write_outputs(b1000, labels, lesions, MODEL, "stroke", 1, [2, 4, 5], total, 0.0)
+    outputs = write_outputs(b1000, labels, lesions, MODEL, Task.STROKE_DWI_ADC, 1, [2, 4, 5], total, 0.0)
 
     seg_path = tmp_path / "seg.dcm"
     outputs.seg.save_as(seg_path, enforce_file_format=True)

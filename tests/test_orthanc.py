@@ -28,6 +28,7 @@ from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey
 from dicom_gateway.uids import output_uid
 from dicom_gateway.writers import Lesion, ModelInfo, write_outputs
 from fedlesion.settings import Destination
+from models.manifest import Task
 from tests import orthanc as orthanc_support
 from tests.orthanc import ORTHANC_AET, ORTHANC_DICOM_PORT, ORTHANC_HTTP_PORT, Orthanc
 from training.synthetic import SiteProfile, SyntheticCase, generate_case
@@ -174,7 +175,7 @@ def test_orthanc_pushes_a_stroke_study_to_our_scp_and_reads_back_seg_sc_and_sr(t
     core_ml = float(np.count_nonzero((label_map > 0) & (volume.array < ADC_CORE_LIMIT))) * voxel_ml
     model = ModelInfo("stroke-dwi-adc", "1.0.0", 3, "0" * 64)
     series_numbers = {int(ds.SeriesNumber) for ds in spooled}
-    outputs = write_outputs(reference, label_map, lesions, model, "stroke", 1, series_numbers, total_ml, core_ml)
+    outputs = write_outputs(reference, label_map, lesions, model, Task.STROKE_DWI_ADC, 1, series_numbers, total_ml, core_ml)
 
     outbox = Outbox(data_dir)
     stored = outbox.enqueue(OutputKey(study_uid, 1, "stroke", model.version), outputs.datasets, [ORTHANC])

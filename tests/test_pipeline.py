@@ -213,7 +213,7 @@ def test_default_model_left_stays_left_on_both_grids(default_engine: Engine, tmp
 
     with_pixels = [open_dicom(Path(ds.filename)) for ds in result.reference_datasets]  # headers-only until now
     outputs = write_outputs(
-        with_pixels, result.label_map, result.lesions, result.model.info(), result.writer_task, 1,
+        with_pixels, result.label_map, result.lesions, result.model.info(), result.task, 1,
         [2, 4, 5], result.total_volume_ml, result.adc_core_volume_ml,
     )
     measured = {

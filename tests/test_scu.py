@@ -34,9 +34,10 @@ from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey, destination_n
 from dicom_gateway.scu import PassReport, Sender
 from dicom_gateway.uids import output_uid
 from fedlesion.settings import Destination, load_settings
+from models.manifest import Task
 from tests.conftest import REPO_ROOT
 from tests.dicom_support import dcmtk_env, free_port
-from training.synthetic.case import Lesion, SyntheticCase
+from training.synthetic.case import GroundTruthLesion, SyntheticCase
 from training.synthetic.dicom_writer import write_dicom_study
 
 KEY = OutputKey("1.2.826.0.1.3680043.10.511.4.1", 1, "stroke-dwi-adc", "1.0.0")
@@ -65,7 +66,7 @@ def source_instances(tmp_path_factory: pytest.TempPathFactory) -> list[Dataset]:
     images = {
         "dwi_b0": head, "dwi_b1000": head * (1 + lesion), "adc": head * 800 - lesion * 400, "flair": head + lesion,
     }
-    case = SyntheticCase("scu", "stroke", 5, "axial", affine, images, lesion, [Lesion(1, "infarct", "left", (0, 0, 0), 1.0)])
+    case = SyntheticCase("scu", "stroke", 5, "axial", affine, images, lesion, [GroundTruthLesion(1, "infarct", "left", (0, 0, 0), 1.0)])
     paths = write_dicom_study(case, tmp_path_factory.mktemp("synthetic"), study_uid=KEY.study_uid)
     return [pydicom.dcmread(path) for path in paths if path.parent.name.endswith("_adc")]
 
@@ -361,7 +362,7 @@ def test_writer_outputs_reach_storescp_once_each_and_unchanged(tmp_path, source_
     lesion = writers.Lesion(1, len(voxels) * voxel_ml, centroid, len(voxels))
     model = writers.ModelInfo("stroke-dwi-adc", "1.0.0", None, "a" * 64)
     outputs = writers.write_outputs(
-        source_instances, label_map, [lesion], model, "stroke", 1, {2, 4, 5}, lesion.volume_ml, lesion.volume_ml
+        source_instances, label_map, [lesion], model, Task.STROKE_DWI_ADC, 1, {2, 4, 5}, lesion.volume_ml, lesion.volume_ml
     )
     directory, destination = storescp("writers")
     outbox = Outbox(tmp_path / "data")

@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from training.synthetic.case import Lesion, SyntheticCase
+from training.synthetic.case import GroundTruthLesion, SyntheticCase
 from training.synthetic.dicom_writer import slice_geometry, write_dicom_study
 from training.synthetic.generate import generate_case
 
@@ -77,7 +77,7 @@ def make_case(
         affine=affine,
         images=images,
         lesion_labels=lesion.astype(np.int16),
-        lesions=[Lesion(1, "infarct", "left", centroid, volume_ml)],
+        lesions=[GroundTruthLesion(1, "infarct", "left", centroid, volume_ml)],
         slice_thickness_mm=thickness if thickness is not None else spacing[2],
     )
 

@@ -87,6 +87,7 @@ SCRIPT = textwrap.dedent(
     from dicom_gateway.convert import convert_study
     from dicom_gateway.roles import classify_study
     from dicom_gateway.writers import Lesion, ModelInfo, write_outputs
+    from models.manifest import Task
 
     written = {{path.name for path in convert_study(out / "dicom", out / "converted")}}
     assert {{"dwi.nii.gz", "adc.nii.gz", "flair.nii.gz", "study.json"}} <= written, written
@@ -98,7 +99,7 @@ SCRIPT = textwrap.dedent(
     label_map[len(references) // 2, 10:14, 10:14] = 1
     lesion = Lesion(1, 0.1, (0.0, 0.0, 0.0), 16)
     model = ModelInfo("stroke-dwi-adc", "1", None, "b" * 64)
-    outputs = write_outputs(references, label_map, [lesion], model, "stroke", 1, set(), 0.1, 0.0)
+    outputs = write_outputs(references, label_map, [lesion], model, Task.STROKE_DWI_ADC, 1, set(), 0.1, 0.0)
     assert len(outputs.datasets) == 2 + len(references)
 
     leaked = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)

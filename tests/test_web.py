@@ -17,8 +17,8 @@ from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import open_dicom
 from fedlesion.settings import Settings, StorageSettings
-from inference.jobs import JobQueue, JobState
-from inference.models import ModelService, enabled_tasks, trust_from_bundle
+from inference.jobs import JobQueue, JobState, enabled_tasks
+from inference.models import ModelService, trust_from_bundle
 from inference.worker import Worker, installed_tasks
 
 PATIENT_NAME = "Zyxwvut^Quixotic"
@@ -63,8 +63,8 @@ def build_node(data_dir: Path, *, seed: int = 5) -> Node:
     studies.instances_stored(stored)
     study_uid = stored[0].study_instance_uid
     studies.complete(study_uid)
-    models = ModelService(settings.registry_dir, trust_from_bundle(None, enabled_tasks(True, False)),
-                          enabled_tasks(True, False))
+    models = ModelService(settings.registry_dir, trust_from_bundle(None, enabled_tasks(settings.tasks)),
+                          enabled_tasks(settings.tasks))
     models.start(watch=False)
     jobs = JobQueue(data_dir, settings, installed=lambda: installed_tasks(models))
     outbox = Outbox(data_dir)
@@ -78,8 +78,8 @@ def open_node(data_dir: Path) -> Node:
     settings = dataclasses.replace(Settings(), storage=StorageSettings(data_dir=data_dir))
     settings = dataclasses.replace(settings, tasks=dataclasses.replace(settings.tasks, ms=False))
     studies = StudyIndex(data_dir / "dicom.sqlite3", data_dir / SPOOL_DIRNAME, settings.dicom)
-    models = ModelService(settings.registry_dir, trust_from_bundle(None, enabled_tasks(True, False)),
-                          enabled_tasks(True, False))
+    models = ModelService(settings.registry_dir, trust_from_bundle(None, enabled_tasks(settings.tasks)),
+                          enabled_tasks(settings.tasks))
     models.start(watch=False)
     jobs = JobQueue(data_dir, settings, installed=lambda: installed_tasks(models))
     study_uid = studies.list_studies()[0].study_uid

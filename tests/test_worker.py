@@ -22,7 +22,7 @@ from dicom_gateway.roles import classify_study
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
 from fedlesion.settings import DicomSettings, Settings, StorageSettings, TasksSettings
-from inference.jobs import JobQueue, JobState, JobTask, results_dir
+from inference.jobs import JobQueue, JobState, results_dir
 from inference.models import ModelService
 from inference.worker import Worker, installed_tasks, start_workers
 from models.manifest import Task, default_manifest
@@ -117,8 +117,8 @@ def test_a_stroke_study_is_segmented_and_its_outputs_stored_once(node: Worker, s
     job = node.run_once()
 
     assert job.state is JobState.DONE, job.reason
-    assert job.task is JobTask.STROKE and job.model_version == "1" and job.attempts == 1
-    out = results_dir(node.data_dir, STUDY_UID, 1, "stroke")
+    assert job.task is Task.STROKE_DWI_ADC and job.model_version == "1" and job.attempts == 1
+    out = results_dir(node.data_dir, STUDY_UID, 1, Task.STROKE_DWI_ADC)
     assert job.result_dir == out
     report = json.loads((out / "report.json").read_text())
     mask = nib.load(out / "mask.nii.gz")

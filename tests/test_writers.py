@@ -40,6 +40,7 @@ from dicom_gateway.writers.overlay import (
     upscale_factor,
     window,
 )
+from models.manifest import Task
 from models.postprocessing import label_components
 from training.synthetic import SiteProfile, generate_case
 from training.synthetic.dicom_writer import write_dicom_study
@@ -69,7 +70,7 @@ class Study:
             "label_map": self.labels,
             "lesions": self.lesions,
             "model": MODEL,
-            "task": "stroke",
+            "task": Task.STROKE_DWI_ADC,
             "study_revision": 1,
             "existing_series_numbers": EXISTING,
             "total_volume_ml": self.total_ml,
@@ -83,7 +84,7 @@ class Study:
             "label_map": self.labels,
             "lesions": self.lesions,
             "model": MODEL,
-            "task": "stroke",
+            "task": Task.STROKE_DWI_ADC,
             "study_revision": 1,
             "existing_series_numbers": EXISTING,
             "total_volume_ml": self.total_ml,
@@ -248,7 +249,7 @@ def test_seg_reads_back_as_the_written_label_map(study: Study, outputs: OutputSe
         assert item.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
         assert item.SegmentAlgorithmType == "AUTOMATIC"
         assert item.SegmentAlgorithmName == MODEL.name
-    ms_seg, _ = study.seg_and_sr(task="ms", adc_core_volume_ml=None)
+    ms_seg, _ = study.seg_and_sr(task=Task.MS_FLAIR, adc_core_volume_ml=None)
     assert [item.SegmentLabel for item in ms_seg.SegmentSequence] == [
         f"Lesion {n}" for n in range(1, len(study.lesions) + 1)
     ]
@@ -281,7 +282,7 @@ def test_negative_study_gives_one_empty_frame_and_zero_report(study: Study, nega
 def test_uids_and_bytes_are_stable_and_follow_revision_and_model_version(study: Study, outputs: OutputSet) -> None:
     common = {
         "model": MODEL,
-        "task": "stroke",
+        "task": Task.STROKE_DWI_ADC,
         "study_revision": 1,
         "existing_series_numbers": EXISTING,
     }
@@ -373,7 +374,7 @@ def test_lesions_beyond_the_cap_merge_into_other_lesions(study: Study) -> None:
     )
     (summary,) = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr)).content.get_image_measurement_groups()
     assert {m.name.meaning: m.value for m in summary.get_measurements()}["Number of lesions"] == 55
-    small_cap = write_seg(study.datasets, labels, lesions, MODEL, "stroke", 1, EXISTING, max_lesion_segments=3)
+    small_cap = write_seg(study.datasets, labels, lesions, MODEL, Task.STROKE_DWI_ADC, 1, EXISTING, max_lesion_segments=3)
     assert [item.SegmentLabel for item in small_cap.SegmentSequence] == [
         "Infarct 1",
         "Infarct 2",
@@ -411,20 +412,20 @@ def test_sr_numbers_equal_the_inputs(study: Study) -> None:
         "Number of lesions": (len(lesions), "{lesions}"),
         "Infarct core volume confirmed by ADC": (core, "ml"),
     }
-    _, ms_written = study.seg_and_sr(task="ms", adc_core_volume_ml=None)
+    _, ms_written = study.seg_and_sr(task=Task.MS_FLAIR, adc_core_volume_ml=None)
     (ms_summary,) = hd.sr.Comprehensive3DSR.from_dataset(round_trip(ms_written)).content.get_image_measurement_groups()
     assert [m.name.meaning for m in ms_summary.get_measurements()] == [
         "Volume",
         "Number of lesions",
     ]
-    other_seg, _ = study.seg_and_sr(task="ms", adc_core_volume_ml=None)
+    other_seg, _ = study.seg_and_sr(task=Task.MS_FLAIR, adc_core_volume_ml=None)
     with pytest.raises(ValueError, match="differ from the lesions"):
         write_sr(
             study.datasets,
             other_seg,
             study.lesions,
             MODEL,
-            "stroke",
+            Task.STROKE_DWI_ADC,
             1,
             EXISTING,
             total_volume_ml=study.total_ml,
@@ -548,7 +549,7 @@ def _other_series(datasets: list[pydicom.Dataset]) -> list[pydicom.Dataset]:
         ({"task": "brain"}, "task must be one of"),
         ({"study_revision": 0}, "study_revision"),
         ({"adc_core_volume_ml": None}, "adc_core_volume_ml"),
-        ({"task": "ms"}, "applies to stroke only"),
+        ({"task": Task.MS_FLAIR}, "applies to stroke only"),
         ({"total_volume_ml": 99.0}, "summed volume"),
         ({"total_volume_ml": float("nan")}, "finite"),
         ({"head_mask": "shape"}, "head_mask has shape"),
@@ -602,7 +603,7 @@ def test_seg_needs_only_headers_the_overlay_needs_pixels(study: Study, outputs: 
     headers = [copy.deepcopy(ds) for ds in study.datasets]
     for ds in headers:
         del ds.PixelData
-    seg = write_seg(headers, study.labels, study.lesions, MODEL, "stroke", 1, EXISTING)
+    seg = write_seg(headers, study.labels, study.lesions, MODEL, Task.STROKE_DWI_ADC, 1, EXISTING)
     assert to_bytes(seg) == to_bytes(outputs.seg)
     with pytest.raises(ValueError, match="carry no PixelData"):
         study.outputs(reference_datasets=headers)

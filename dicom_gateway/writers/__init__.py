@@ -28,7 +28,6 @@ from dicom_gateway.writers.common import (
     Lesion,
     ModelInfo,
     OutputKind,
-    Task,
     check_adc_core_volume,
     check_label_map,
     check_lesions,
@@ -47,6 +46,7 @@ from dicom_gateway.writers.overlay import (
 )
 from dicom_gateway.writers.seg import build_seg, write_seg
 from dicom_gateway.writers.sr import build_sr, write_sr
+from models.manifest import Task
 
 __all__ = [
     "DEFAULT_MAX_LESION_SEGMENTS",
@@ -54,7 +54,6 @@ __all__ = [
     "ModelInfo",
     "OutputKind",
     "OutputSet",
-    "Task",
     "output_series_number",
     "write_not_processed",
     "write_outputs",
@@ -94,7 +93,7 @@ def write_outputs(
     label_map: np.ndarray,
     lesions: Sequence[Lesion],
     model: ModelInfo,
-    task: str,
+    task: Task,
     study_revision: int,
     existing_series_numbers: Collection[int],
     total_volume_ml: float,

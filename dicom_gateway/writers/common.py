@@ -23,6 +23,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
 from dicom_gateway.uids import OWN_MANUFACTURER, is_valid_uid, output_uid
+from models.manifest import Task
 
 DEFAULT_MAX_LESION_SEGMENTS = 50
 NOT_FOR_DIAGNOSIS = "AI RESULT – NOT FOR PRIMARY DIAGNOSIS"
@@ -52,11 +53,6 @@ _GRID_ATTRIBUTES = (
     "Columns",
 )
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class Task(StrEnum):
-    STROKE = "stroke"
-    MS = "ms"
 
 
 class OutputKind(StrEnum):
@@ -90,10 +86,10 @@ DEMO_SERIES_DESCRIPTIONS = {  # at most 64 characters (LO)
 }
 # Segmented property type per task (design.md §4) and the one category for both.
 FINDING_TYPES = {
-    Task.STROKE: hd.sr.CodedConcept("55641003", "SCT", "Infarct"),
-    Task.MS: hd.sr.CodedConcept("52988006", "SCT", "Lesion"),
+    Task.STROKE_DWI_ADC: hd.sr.CodedConcept("55641003", "SCT", "Infarct"),
+    Task.MS_FLAIR: hd.sr.CodedConcept("52988006", "SCT", "Lesion"),
 }
-FINDING_NAMES = {Task.STROKE: "Infarct", Task.MS: "Lesion"}
+FINDING_NAMES = {Task.STROKE_DWI_ADC: "Infarct", Task.MS_FLAIR: "Lesion"}
 FINDING_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
 OTHER_LESIONS_LABEL = "Other lesions"
 
@@ -131,7 +127,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class Lesion:
-    """One lesion (a 26-connected component, already size-filtered): `id` is its value in the label map.
+    """One lesion the node found (a 26-connected component, already size-filtered): `id` is its value in the label
+    map. A synthetic case's known lesions are `training.synthetic.GroundTruthLesion`.
 
     `centroid_mm` is in patient LPS millimetres (DICOM's patient coordinate system).
     """
@@ -182,7 +179,7 @@ class OutputContext:
         return output_uid(
             self.study_uid,
             str(self.revision),
-            self.task.value,
+            self.task.short_name,
             self.model.version,
             kind.value,
             index,
@@ -195,7 +192,7 @@ class OutputContext:
         return self.uid(kind, str(instance_number))
 
 
-def make_context(study_uid: str, revision: int, task: str, model: ModelInfo) -> OutputContext:
+def make_context(study_uid: str, revision: int, task: Task, model: ModelInfo) -> OutputContext:
     """Validate the identity arguments (clear ValueError) and bundle them."""
     if not is_valid_uid(study_uid):
         raise ValueError(f"StudyInstanceUID of the reference instances is not a valid UID: {study_uid!r}")
@@ -404,7 +401,7 @@ def check_total_volume(lesions: Sequence[Lesion], total_volume_ml: float) -> Non
 
 def check_adc_core_volume(adc_core_volume_ml: float | None, task: Task) -> None:
     """The ADC-confirmed core volume: a finite number ≥ 0 for stroke, None for every other task."""
-    if task is Task.STROKE:
+    if task is Task.STROKE_DWI_ADC:
         if not _finite_number(adc_core_volume_ml) or adc_core_volume_ml < 0:  # type: ignore[operator]
             raise ValueError(f"stroke outputs need adc_core_volume_ml, a finite number ≥ 0, got {adc_core_volume_ml!r}")
     elif adc_core_volume_ml is not None:

@@ -39,6 +39,7 @@ from dicom_gateway.writers.common import (
     reference_grid,
     stamp,
 )
+from models.manifest import Task
 
 MIN_SHORT_SIDE = 512
 FILL_OPACITY = 0.4
@@ -111,7 +112,7 @@ def write_overlay(
     label_map: np.ndarray,
     lesions: Sequence[Lesion],
     model: ModelInfo,
-    task: str,
+    task: Task,
     study_revision: int,
     existing_series_numbers: Collection[int],
     total_volume_ml: float,
@@ -144,7 +145,7 @@ def write_not_processed(
     *,
     study_revision: int,
     existing_series_numbers: Collection[int],
-    task: str | None = None,
+    task: Task | None = None,
     model_version: str | None = None,
     demo: bool = False,
     created: dt.datetime | None = None,
@@ -181,7 +182,7 @@ def write_not_processed(
     parts = (
         study_uid,
         str(study_revision),
-        task or "no-task",
+        task.short_name if task is not None else "no-task",
         model_version or "no-model",
         OutputKind.NOT_PROCESSED.value,
     )

@@ -38,6 +38,7 @@ from dicom_gateway.writers.common import (
     segment_label_map,
     stamp,
 )
+from models.manifest import Task
 
 CONTENT_LABEL = "AI_LESIONS"
 
@@ -47,7 +48,7 @@ def write_seg(
     label_map: np.ndarray,
     lesions: Sequence[Lesion],
     model: ModelInfo,
-    task: str,
+    task: Task,
     study_revision: int,
     existing_series_numbers: Collection[int],
     *,

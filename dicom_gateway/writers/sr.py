@@ -26,7 +26,6 @@ from dicom_gateway.writers.common import (
     OutputKind,
     ReferenceGrid,
     SegmentSpec,
-    Task,
     check_adc_core_volume,
     check_lesions,
     check_total_volume,
@@ -38,6 +37,7 @@ from dicom_gateway.writers.common import (
     reference_grid,
     stamp,
 )
+from models.manifest import Task
 
 MILLILITER = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 LESION_COUNT_UNIT = hd.sr.CodedConcept("{lesions}", "UCUM", "lesions")
@@ -54,7 +54,7 @@ def write_sr(
     segmentation: Dataset,
     lesions: Sequence[Lesion],
     model: ModelInfo,
-    task: str,
+    task: Task,
     study_revision: int,
     existing_series_numbers: Collection[int],
     total_volume_ml: float,
@@ -140,7 +140,7 @@ def build_sr(
         _volume(codes.SCT.Volume, total_volume_ml),
         hd.sr.Measurement(name=NUMBER_OF_LESIONS, value=lesion_count, unit=LESION_COUNT_UNIT),
     ]
-    if context.task is Task.STROKE:
+    if context.task is Task.STROKE_DWI_ADC:
         summary.append(_volume(ADC_CORE_VOLUME, adc_core_volume_ml))  # type: ignore[arg-type]
     groups.append(
         hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -187,7 +187,7 @@ def build_sr(
     )
     sr.ManufacturerModelName = model.name
     sr.SoftwareVersions = model.version
-    if context.task is Task.STROKE:
+    if context.task is Task.STROKE_DWI_ADC:
         scheme = Dataset()
         scheme.CodingSchemeDesignator = LOCAL_SCHEME
         scheme.CodingSchemeName = "fedlesion local codes"

@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
         if job.state is JobState.NOT_PROCESSED:
             print(f"study {job.study_uid}: revision {job.revision} not processed: {job.reason}")
         else:
-            print(f"study {job.study_uid}: revision {job.revision}, job {job.id} ({job.task.value}) queued")
+            print(f"study {job.study_uid}: revision {job.revision}, job {job.id} ({job.task.short_name}) queued")
     return 0

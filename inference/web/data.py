@@ -26,16 +26,15 @@ from dicom_gateway.study_files import open_dicom, read_files
 from dicom_gateway.study_inputs import load_study_inputs
 from dicom_gateway.uids import is_valid_uid, spool_name
 from fedlesion.settings import Settings
-from inference.jobs import RESULTS_DIRNAME, Job, JobQueue, JobState, JobTask
+from inference.jobs import RESULTS_DIRNAME, Job, JobQueue, JobState
 from inference.models import ModelService
 from inference.report import DISCLAIMER, MASK_FILE, REPORT_FILE
+from models.manifest import Role, Task
 
 LOG = logging.getLogger(__name__)
 
-Task = JobTask
 RESULT_FILES = {MASK_FILE: "application/gzip", REPORT_FILE: "application/json"}
 VIEWER_ROLES = ("dwi", "adc", "flair")
-OVERLAY_TASK = {"dwi": JobTask.STROKE, "adc": JobTask.STROKE, "flair": JobTask.MS}  # the mask drawn on each role
 CACHE_DIRNAME = "web-cache"
 STUDY_LIST_LIMIT = 500
 DEMO_BANNER = "DEMO MODEL – NOT FOR CLINICAL USE"  # design.md §2: on every page in demo mode
@@ -153,7 +152,7 @@ class NodeData:
 
     # --- files -----------------------------------------------------------------------------------------------
 
-    def _done_job(self, study_uid: str, task: JobTask) -> Job | None:
+    def _done_job(self, study_uid: str, task: Task) -> Job | None:
         if not is_valid_uid(study_uid):
             return None
         for job in self.jobs.jobs_for_study(study_uid):  # newest revision and run first
@@ -161,7 +160,7 @@ class NodeData:
                 return job
         return None
 
-    def result_file(self, study_uid: str, task: JobTask, name: str) -> Path | None:
+    def result_file(self, study_uid: str, task: Task, name: str) -> Path | None:
         """A result file of the newest done job of (study, task), from the job's recorded directory."""
         job = self._done_job(study_uid, task)
         if job is None or name not in RESULT_FILES:
@@ -222,9 +221,9 @@ class NodeData:
 
     def overlay_mask(self, study_uid: str, role: str) -> Path | None:
         """The mask drawn on `role`: stroke's on DWI and ADC, MS's on FLAIR, else whichever task has one."""
-        preferred = OVERLAY_TASK.get(role)
-        for task in (preferred, *JobTask):
-            if task is not None and (path := self.result_file(study_uid, task, MASK_FILE)) is not None:
+        preferred = [task for task in Task if Role(role) in task.roles]
+        for task in (*preferred, *Task):
+            if (path := self.result_file(study_uid, task, MASK_FILE)) is not None:
                 return path
         return None
 
@@ -265,7 +264,7 @@ def _latest_jobs(jobs: list[Job]) -> list[Job]:
     if not jobs:
         return []
     newest = jobs[0].revision
-    latest: dict[JobTask | None, Job] = {}
+    latest: dict[Task | None, Job] = {}
     for job in jobs:
         if job.revision == newest and job.task not in latest:
             latest[job.task] = job
@@ -286,7 +285,7 @@ def _job_summary(job: Job) -> dict[str, Any]:
     result = job.result
     return {
         "job_id": job.id,
-        "task": job.task.value if job.task else None,
+        "task": job.task.short_name if job.task else None,
         "revision": job.revision,
         "run": job.run,
         "state": job.state.value,

@@ -51,10 +51,10 @@ def _latencies(jobs: list[Job]) -> tuple[dict[str, list[float]], dict[str, list[
         if job.task is None or job.finished_at is None:
             continue
         if job.duration_s is not None:
-            run.setdefault(job.task.value, []).append(job.duration_s)
-        turnaround.setdefault(job.task.value, []).append(job.finished_at - job.created_at)
+            run.setdefault(job.task.short_name, []).append(job.duration_s)
+        turnaround.setdefault(job.task.short_name, []).append(job.finished_at - job.created_at)
         for stage, seconds in (job.result.timings if job.result else {}).items():
-            stages.setdefault((job.task.value, str(stage)), []).append(float(seconds))
+            stages.setdefault((job.task.short_name, str(stage)), []).append(float(seconds))
     means = {key: sum(values) / len(values) for key, values in stages.items()}
     return run, turnaround, means
 

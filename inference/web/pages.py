@@ -19,8 +19,9 @@ from flask import (
 
 from inference.web.audit import AuditAction
 from inference.web.auth import LoginOutcome
-from inference.web.data import RESULT_FILES, Task
+from inference.web.data import RESULT_FILES
 from inference.web.security import safe_next, start_session
+from models.manifest import Task
 
 LOG = logging.getLogger(__name__)
 blueprint = Blueprint("pages", __name__)
@@ -90,9 +91,9 @@ def reprocess(uid: str):
 def download(uid: str, task: str, name: str):
     """A result file, looked up by study UID and task in the job table; `name` only picks mask or report."""
     context = _context()
-    if task not in {t.value for t in Task} or name not in RESULT_FILES:
+    if task not in {t.short_name for t in Task} or name not in RESULT_FILES:
         abort(404)
-    path = context.data.result_file(uid, Task(task), name)
+    path = context.data.result_file(uid, Task.from_short_name(task), name)
     if path is None:
         abort(404)
     context.audit.record(g.user, AuditAction.DOWNLOAD, uid, task=task, file=name)

@@ -1,13 +1,13 @@
 """Synthetic brain-MRI studies (numpy/scipy/nibabel/pydicom only, so limited-center nodes can use them)."""
 
-from training.synthetic.case import IMAGE_KEYS, Lesion, SiteProfile, SyntheticCase
+from training.synthetic.case import IMAGE_KEYS, GroundTruthLesion, SiteProfile, SyntheticCase
 from training.synthetic.generate import DEFAULT_SITES, generate_case, generate_site
 from training.synthetic.nifti import write_nifti_case
 
 __all__ = [
     "DEFAULT_SITES",
     "IMAGE_KEYS",
-    "Lesion",
+    "GroundTruthLesion",
     "SiteProfile",
     "SyntheticCase",
     "generate_case",

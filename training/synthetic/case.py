@@ -23,7 +23,7 @@ IMAGE_KEYS = ("dwi_b0", "dwi_b1000", "adc", "flair", "t1_flair")
 
 
 @dataclass(frozen=True)
-class Lesion:
+class GroundTruthLesion:
     """One ground-truth lesion. `label` is its value in `SyntheticCase.lesion_labels`."""
 
     label: int
@@ -56,8 +56,8 @@ class SyntheticCase:
     geometry: Geometry
     affine: np.ndarray  # 4×4 voxel → RAS+ mm, shared by all arrays below
     images: dict[str, np.ndarray]  # keys from IMAGE_KEYS, float32, all the same shape
-    lesion_labels: np.ndarray  # int16, 0 background, Lesion.label inside each lesion
-    lesions: list[Lesion]
+    lesion_labels: np.ndarray  # int16, 0 background, GroundTruthLesion.label inside each lesion
+    lesions: list[GroundTruthLesion]
     site: SiteProfile = field(default_factory=SiteProfile)
     skull_stripped: bool = False
     slice_thickness_mm: float = 2.0  # may be smaller than the slice spacing (a gap)

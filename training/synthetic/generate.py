@@ -10,7 +10,7 @@ import numpy as np
 
 from training.synthetic import acquisition
 from training.synthetic.anatomy import build_anatomy
-from training.synthetic.case import CaseKind, Geometry, Lesion, SiteProfile, SyntheticCase
+from training.synthetic.case import CaseKind, Geometry, GroundTruthLesion, SiteProfile, SyntheticCase
 from training.synthetic.lesions import Pattern, SizeClass, draw_ms_lesions, draw_stroke_lesions
 
 # Defaults per kind: stroke DWI at 2 mm isotropic (the stroke model's target), MS FLAIR at 1 × 1 × 3 mm.
@@ -121,7 +121,7 @@ def _slab(brain: np.ndarray, slices: float, rng: np.random.Generator) -> slice:
 
 def _final_lesions(
     labels: np.ndarray, affine: np.ndarray, locations: dict[int, str], kind: str
-) -> tuple[np.ndarray, list[Lesion]]:
+) -> tuple[np.ndarray, list[GroundTruthLesion]]:
     """Renumber the lesions that survived acquisition 1…n and measure them on the acquired grid."""
     voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
     present = [int(v) for v in np.unique(labels) if v > 0]
@@ -132,7 +132,7 @@ def _final_lesions(
         out[labels == old] = new
         centroid = affine[:3, :3] @ voxels.mean(0) + affine[:3, 3]
         lesions.append(
-            Lesion(
+            GroundTruthLesion(
                 label=new,
                 kind=kind,  # type: ignore[arg-type]
                 side="left" if centroid[0] < 0 else "right",
