@@ -20,12 +20,11 @@ import json
 import logging
 import os
 import sqlite3
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -688,56 +687,3 @@ def _announced(value: object) -> int | None:
     except (TypeError, ValueError):
         return None
     return count if count > 0 else None
-
-
-# --- CLI (fedlesion study ...) ----------------------------------------------------------------------------------
-
-
-def _open_existing(settings: Settings) -> StudyIndex | None:
-    path = database_path(settings)
-    if not path.exists():
-        return None
-    return StudyIndex(path, spool_root(settings), settings.dicom)
-
-
-def complete_study_command(settings: Settings, study_uid: str) -> int:
-    """`fedlesion study complete UID`: completes in the database directly, whether or not the receiver runs."""
-    if not is_valid_uid(study_uid):
-        raise ValueError(f"not a valid Study Instance UID: {study_uid!r} (digits and dots, at most 64 characters)")
-    index = _open_existing(settings)
-    if index is None:
-        raise ValueError(f"unknown study {study_uid}: no studies database at {database_path(settings)}")
-    try:
-        result = index.complete(study_uid, CompletionTrigger.EXPLICIT)
-    finally:
-        index.close()
-    messages = {
-        CompletionOutcome.NEW_REVISION: f"study {study_uid}: revision {result.revision} is ready",
-        CompletionOutcome.UNCHANGED: f"study {study_uid}: usable series unchanged, stays at revision {result.revision}",
-        CompletionOutcome.NOT_RECEIVING: f"study {study_uid}: already complete at revision {result.revision}",
-        CompletionOutcome.DEFERRED: f"study {study_uid}: instances are still arriving; it completes when they stop",
-    }
-    print(messages[result.outcome])
-    return 0
-
-
-def list_studies_command(settings: Settings, as_json: bool = False) -> int:
-    """`fedlesion study list [--json]`."""
-    index = _open_existing(settings)
-    studies: list[StudyRecord] = []
-    if index is not None:
-        try:
-            studies = index.list_studies()
-        finally:
-            index.close()
-    if as_json:
-        json.dump([asdict(study) for study in studies], sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return 0
-    header = f"{'STUDY INSTANCE UID':<64}  {'STATE':<10}  {'REV':>3}  {'INSTANCES':>9}  {'LAST ACTIVITY (UTC)':<19}"
-    print(header)
-    for study in studies:
-        count = f"{study.instance_count}" + (f"/{study.announced_count}" if study.announced_count else "")
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(study.last_activity))
-        print(f"{study.study_uid:<64}  {study.state:<10}  {study.revision:>3}  {count:>9}  {when:<19}")
-    return 0

@@ -102,7 +102,8 @@ def complete_locally(settings: Settings, data_dir: Path | None, study_uid: str) 
     """The explicit trigger in the node's own studies database, when that database is on this machine."""
     from dataclasses import replace
 
-    from dicom_gateway.studies import complete_study_command, database_path
+    from dicom_gateway.studies import database_path
+    from fedlesion.commands.study_cmd import complete_study
 
     if data_dir is not None:
         settings = replace(settings, storage=replace(settings.storage, data_dir=data_dir))
@@ -112,4 +113,4 @@ def complete_locally(settings: Settings, data_dir: Path | None, study_uid: str) 
             f"dicom.inactivity_timeout_s ({settings.dicom.inactivity_timeout_s:g} s) of silence"
         )
         return 0
-    return complete_study_command(settings, study_uid)
+    return complete_study(settings, study_uid)
