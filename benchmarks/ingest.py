@@ -1,23 +1,26 @@
-"""Ingest speed: dcmtk `storescu` (TCP_NODELAY=1) sends the same instances to `fedlesion receive` (fsync on, group
-commit, the real studies table; with 1 and with `--processes` SCP processes) and to dcmtk's `storescp` (which does
-not fsync), over 1 and over 4 parallel associations (4 storescu processes, a quarter of the files each). Prints
-instances/s of each and the ratio ours/storescp.
+"""Ingest speed of the deployed node against dcmtk's `storescp`, in one run, as a ratio of instances per second.
 
-Two sets of instances:
-- `small` (default): pydicom's MR_small.dcm (64×64, 16-bit, explicit VR little endian, 9.8 kB) cloned with new,
-  seeded Study/Series/SOP Instance UIDs, so per-instance overhead dominates: the hard case for a Python SCP.
-- `xa30` (`--xa30`, needs ../shared): the whole shared Siemens XA30 study as a PACS would push it (1,110 instances
-  of about 170 kB, gunzipped into a temp dir): the set the issue's baseline (storescp 725/s, a naive per-instance
-  fsync handler 217/s = 0.30×) was measured on.
+With no arguments: `fedlesion node` at default settings (models loaded and warmed up, workers idle; a temporary
+data directory, free ports) receives the shared Siemens XA30 study (1,110 instances of about 170 kB, gunzipped into
+a temporary directory) over 4 parallel associations (4 `storescu` processes with TCP_NODELAY=1, a quarter of the
+files each), and so does `storescp` (which neither fsyncs nor records anything). The two alternate, repeat after
+repeat, so a load change on the machine hits both; each repeat starts a fresh node and the median of the repeats
+is compared. The one setting changed from the defaults is `dicom.inactivity_timeout_s`, so that the study does not
+complete and start a job while the next repeat is sent. The last line is `ratio 0.NN` (ours / storescp).
 
-Run: `.venv/bin/python benchmarks/ingest.py [--instances 1200] [--repeats 3] [--xa30] [--processes 2]`.
+Other setups: `--target receive` (`fedlesion receive`, the SCP alone), `--receiver-processes N`
+(`dicom.receiver_processes`), `--associations`, `--repeats`, `--small N` (N clones of pydicom's 9.8 kB
+MR_small.dcm with seeded unique UIDs instead of XA30: per-instance overhead dominates, the hard case for a Python
+SCP).
+
+    .venv/bin/python benchmarks/ingest.py [--target node|receive] [--receiver-processes N] [--associations 4]
+        [--repeats 3] [--small N]
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
-import logging
 import os
 import random
 import shutil
@@ -39,6 +42,8 @@ sys.path.insert(0, str(REPO))
 from dicom_gateway.spool import SPOOL_DIRNAME
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+READY_LINE = {"node": "fedlesion node:", "receive": "fedlesion receive:"}
+START_TIMEOUT_S = 300
 
 
 def make_instances(folder: Path, count: int, seed: int = 4) -> list[Path]:
@@ -63,7 +68,7 @@ def unpack_xa30(folder: Path) -> list[Path]:
     """The shared XA30 study, gunzipped, every series."""
     source = REPO.parent / "shared" / "data" / "dicom" / "dcm_qa_xa30i" / "dicom"
     if not source.is_dir():
-        sys.exit(f"--xa30 needs the shared data at {source}")
+        sys.exit(f"the XA30 study is needed at {source} (or pass --small N)")
     paths = []
     for compressed in sorted(source.rglob("*.dcm.gz")):
         path = folder / compressed.parent.name / compressed.name.removesuffix(".gz")
@@ -100,34 +105,39 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ours(files: list[Path], associations: int, work: Path, processes: int) -> float:
-    """`fedlesion receive` as deployed (real studies table, fsync on) with `processes` SCP processes."""
+def ours(files: list[Path], associations: int, work: Path, target: str, processes: int | None) -> float:
+    """Instances/s into a fresh `fedlesion node` or `fedlesion receive` (defaults but the inactivity timeout, and
+    `dicom.receiver_processes` where given); every instance must be in its spool afterwards."""
     data_dir = Path(tempfile.mkdtemp(dir=work))
-    port = free_port()
+    port, web_port = free_port(), free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("FEDLESION_")}
     env.update(
         PYTHONPATH=str(REPO),
         FEDLESION_STORAGE__DATA_DIR=str(data_dir),
-        FEDLESION_DICOM__RECEIVER_PROCESSES=str(processes),
-        FEDLESION_DICOM__MIN_FREE_DISK_BYTES="0",
-        FEDLESION_DICOM__INACTIVITY_TIMEOUT_S="3600",  # no study completes (and classifies) during the run
-        FEDLESION_LOGGING__LEVEL="WARNING",
+        FEDLESION_DICOM__INACTIVITY_TIMEOUT_S="3600",  # no study completes (and starts a job) during the run
     )
-    receiver = subprocess.Popen(
-        [sys.executable, "-m", "fedlesion", "receive", "--port", str(port)],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-    )
+    if processes is not None:
+        env["FEDLESION_DICOM__RECEIVER_PROCESSES"] = str(processes)
+    command = ["node", "--dicom-port", str(port), "--web-port", str(web_port)] if target == "node" else [
+        "receive", "--port", str(port)]
+    log = work / f"{target}.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "fedlesion", *command], env=env, cwd=REPO, stdout=output, stderr=subprocess.STDOUT
+        )
     try:
-        assert receiver.stdout is not None
-        if not receiver.stdout.readline().startswith("fedlesion receive:"):
-            raise RuntimeError("fedlesion receive did not start")
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while READY_LINE[target] not in log.read_text(errors="replace"):
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"fedlesion {target} did not start:\n{log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
         seconds = send(port, files, associations)
     finally:
-        receiver.send_signal(signal.SIGTERM)
-        receiver.wait(60)
+        server.send_signal(signal.SIGTERM)
+        server.wait(120)
     stored = sum(1 for _ in (data_dir / SPOOL_DIRNAME).rglob("*.dcm"))
     if stored != len(files):
-        raise RuntimeError(f"our SCP stored {stored} of {len(files)}")
+        raise RuntimeError(f"fedlesion {target} stored {stored} of {len(files)}")
     shutil.rmtree(data_dir)
     return len(files) / seconds
 
@@ -161,47 +171,35 @@ def _wait_listening(port: int) -> None:
     raise RuntimeError("storescp did not start listening")
 
 
-def measure(files: list[Path], repeats: int, work: Path, processes: int) -> None:
-    size = statistics.median(path.stat().st_size for path in files)
-    print(f"{len(files)} instances, median {size / 1000:.1f} kB; median of {repeats} runs", flush=True)
-    for associations in (1, 4):
-        rates: dict[str, list[float]] = {"storescp": [], "ours, 1 process": []}
-        if processes > 1:
-            rates[f"ours, {processes} processes"] = []
-        for _ in range(repeats):
-            rates["storescp"].append(storescp(files, associations, work))
-            rates["ours, 1 process"].append(ours(files, associations, work, 1))
-            if processes > 1:
-                rates[f"ours, {processes} processes"].append(ours(files, associations, work, processes))
-        reference = statistics.median(rates["storescp"])
-        for name, values in rates.items():
-            median = statistics.median(values)
-            print(
-                f"  {associations} association(s), {name}: {median:.0f}/s "
-                f"(runs {', '.join(f'{value:.0f}' for value in values)}), ratio {median / reference:.2f}",
-                flush=True,
-            )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--instances", type=int, default=1200, help="how many small instances")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median is printed")
-    parser.add_argument("--xa30", action="store_true", help="also send the shared XA30 study")
-    parser.add_argument("--processes", type=int, default=2, help="dicom.receiver_processes for the second setup")
+    parser.add_argument("--target", choices=("node", "receive"), default="node", help="what `fedlesion` runs")
+    parser.add_argument("--receiver-processes", type=int, help="dicom.receiver_processes (default: the setting's)")
+    parser.add_argument("--associations", type=int, default=4, help="parallel storescu processes")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each, interleaved; medians are compared")
+    parser.add_argument("--small", type=int, metavar="N", help="N clones of MR_small.dcm instead of the XA30 study")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
     if not shutil.which("storescu") or not shutil.which("storescp"):
         sys.exit("dcmtk's storescu and storescp are needed (Debian package dcmtk)")
-    print(f"{os.cpu_count()} CPUs; `fedlesion receive` fsyncs (group commit) and records in SQLite, storescp does neither")
+    processes = "default" if args.receiver_processes is None else str(args.receiver_processes)
+    ours_name = f"fedlesion {args.target} (receiver_processes {processes})"
     with tempfile.TemporaryDirectory(prefix="fedlesion-ingest-") as temp:
         work = Path(temp)
-        (work / "small").mkdir()
-        print("small:", end=" ")
-        measure(make_instances(work / "small", args.instances), args.repeats, work, args.processes)
-        if args.xa30:
-            print("xa30:", end=" ")
-            measure(unpack_xa30(work / "xa30"), args.repeats, work, args.processes)
+        (work / "instances").mkdir()
+        files = make_instances(work / "instances", args.small) if args.small else unpack_xa30(work / "instances")
+        size = statistics.median(path.stat().st_size for path in files)
+        print(f"{os.cpu_count()} CPUs; {len(files)} instances, median {size / 1000:.1f} kB, {args.associations} "
+              f"association(s), {args.repeats} interleaved repeats; {ours_name} fsyncs (group commit) and records "
+              f"each instance in SQLite, storescp does neither", flush=True)
+        rates: dict[str, list[float]] = {"storescp": [], ours_name: []}
+        for _ in range(args.repeats):
+            rates["storescp"].append(storescp(files, args.associations, work))
+            rates[ours_name].append(ours(files, args.associations, work, args.target, args.receiver_processes))
+            print(f"  storescp {rates['storescp'][-1]:.0f}/s, ours {rates[ours_name][-1]:.0f}/s", flush=True)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    for name, values in rates.items():
+        print(f"{name}: median {medians[name]:.0f}/s (runs {', '.join(f'{value:.0f}' for value in values)})")
+    print(f"ratio {medians[ours_name] / medians['storescp']:.2f}")
 
 
 if __name__ == "__main__":

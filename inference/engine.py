@@ -84,8 +84,11 @@ def physical_cores() -> int:
 def session_options(threads: int | None) -> Any:
     """CPU tuning: `threads` intra-op threads (0 or None: the physical cores), one inter-op thread and sequential
     execution (a U-Net is a chain: parallel branches would only compete for the same cores), every graph
-    optimization (Conv+activation fusion, constant folding, layout), the memory arena and pattern planner
-    (windows repeat one shape, so buffers are reused run after run)."""
+    optimization (Conv+activation fusion, constant folding, layout) and the memory pattern planner (windows repeat
+    one shape, so one planned block serves run after run). No CPU memory arena: it grows by doubling and never
+    returns memory, so after one whole-volume pass each session held several hundred MiB it no longer used (node
+    tree peak PSS 1525 → 848 MiB with both models, benchmarks/turnaround.py), and the allocator is not where the
+    time goes (stroke turnaround unchanged)."""
     import onnxruntime
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
@@ -95,7 +98,7 @@ def session_options(threads: int | None) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_cpu_mem_arena = True
+    options.enable_cpu_mem_arena = False
     options.enable_mem_pattern = True
     return options
 

@@ -149,7 +149,7 @@ def test_session_options_are_applied(engine_package) -> None:
     assert applied.intra_op_num_threads == 1 and applied.inter_op_num_threads == 1
     assert applied.execution_mode == onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     assert applied.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    assert applied.enable_cpu_mem_arena and applied.enable_mem_pattern
+    assert not applied.enable_cpu_mem_arena and applied.enable_mem_pattern
     assert Engine(engine_package, threads=0).session.get_session_options().intra_op_num_threads == physical_cores()
     with pytest.raises(ValueError, match="threads"):
         Engine(engine_package, threads=-1)
