@@ -1,33 +1,41 @@
 """Diffusion b-value and gradient direction of an image or frame, and the key that splits a series into volumes.
 
-Vendors store these in different places (design.md §4); the standard tags come first, then each vendor's private
-element, always found through its private creator because the element block (xx in (gggg,xxee)) is assigned per
-file. The split key is shared with the volume assembler so that a series is cut into volumes exactly as the role
-rules counted them.
+Vendors store these in different places (design.md §4); the standard tags come first (read with `attributes`'
+functional-group precedence), then each vendor's private element, found through its private creator. The split
+key is shared with the volume assembler so that a series is cut into volumes exactly as the role rules counted them.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from dicom_gateway.attributes import (
+    SIEMENS_MR_HEADER,
+    UIH_IMAGE_HEADER,
+    PrivateTags,
+    csa_values,
+    first_number,
+    frame_value,
+    functional_item,
+    is_enhanced,
+    number_of_frames,
+    siemens_csa,
+)
+
 B0_THRESHOLD = 50.0  # below this a b-value counts as b0 (scanners store 0, 0.001, 5, ... for their b0 images)
 B_ROUNDING = 5.0  # b-values are rounded to a multiple of this
 DIRECTION_DECIMALS = 4
 GE_B_OFFSET = 1e9  # GE adds 1e9 (or multiples) to the b-value in (0043,xx39) for some sequences
 
-_SIEMENS_MR = "SIEMENS MR HEADER"
-_SIEMENS_CSA = "SIEMENS CSA HEADER"
 _GE_PARM = "GEMS_PARM_01"
 _GE_ACQU = "GEMS_ACQU_01"
 _PHILIPS_IMAGING = "Philips Imaging DD 001"
 _PHILIPS_MR_IMAGING = "Philips MR Imaging DD 001"
-_UIH_IMAGE = "Image Private Header"
 
 
 @dataclass(frozen=True)
@@ -73,25 +81,16 @@ def diffusion_info(dataset: Dataset, frame_index: int | None = None) -> Diffusio
     if frame_index is not None and frame_index < 0:
         raise ValueError(f"frame_index must be >= 0, got {frame_index}")
     diffusion_item = _enhanced_diffusion_item(dataset, frame_index)
-    creators = _private_creators(dataset)
-    stored_b = _stored_b_value(dataset, creators, diffusion_item)
-    direction = _direction(dataset, creators, diffusion_item)
-    isotropic = _is_isotropic(dataset, creators, diffusion_item)
+    private = PrivateTags(dataset)
+    stored_b = _stored_b_value(dataset, private, diffusion_item)
+    direction = _direction(dataset, private, diffusion_item)
+    isotropic = _is_isotropic(dataset, private, diffusion_item)
     if stored_b is None:
         return DiffusionInfo(None, direction, isotropic, None)
     b_value = round_b_value(stored_b)
     if b_value == 0.0:
         direction = None  # a b0 image has no meaningful gradient direction (Philips writes one anyway)
     return DiffusionInfo(b_value, direction, isotropic, stored_b)
-
-
-def number_of_frames(dataset: Dataset) -> int:
-    """NumberOfFrames, 1 for single-frame images."""
-    value = dataset.get("NumberOfFrames")
-    try:
-        return max(int(value), 1) if value not in (None, "") else 1
-    except (TypeError, ValueError):
-        return 1
 
 
 def frame_diffusion_infos(datasets: Sequence[Dataset]) -> list[list[DiffusionInfo]]:
@@ -103,7 +102,7 @@ def frame_diffusion_infos(datasets: Sequence[Dataset]) -> list[list[DiffusionInf
 
 
 def _frame_argument(dataset: Dataset, frame: int) -> int | None:
-    return frame if number_of_frames(dataset) > 1 or _is_enhanced(dataset) else None
+    return frame if number_of_frames(dataset) > 1 or is_enhanced(dataset) else None
 
 
 def volume_keys(
@@ -155,7 +154,7 @@ def ordered_volume_keys(datasets: Sequence[Dataset], keys: list[list[VolumeKey]]
     keys = volume_keys(datasets) if keys is None else keys
     first: dict[VolumeKey, tuple] = {}
     for dataset_index, (dataset, frame_keys) in enumerate(zip(datasets, keys, strict=True)):
-        instance = _number(dataset.get("InstanceNumber"))
+        instance = first_number(dataset.get("InstanceNumber"))
         for frame, key in enumerate(frame_keys):
             frame_index = _frame_argument(dataset, frame)
             rank = (
@@ -178,103 +177,37 @@ def volume_key(dataset: Dataset, frame_index: int | None = None, repeat: int = 0
 # --- where the values live ---------------------------------------------------------------------------------------
 
 
-def _is_enhanced(dataset: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in dataset or "SharedFunctionalGroupsSequence" in dataset
-
-
-def _functional_item(dataset: Dataset, frame_index: int | None, keyword: str) -> Dataset | None:
-    """The first item of `keyword` in the frame's per-frame group, else in the shared group."""
-    groups: list[Dataset] = []
-    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame_index is not None and frame_index < len(per_frame):
-        groups.append(per_frame[frame_index])
-    shared = dataset.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    for group in groups:
-        sequence = group.get(keyword)
-        if sequence:
-            return sequence[0]
-    return None
-
-
 def _enhanced_diffusion_item(dataset: Dataset, frame_index: int | None) -> Dataset | None:
-    if not _is_enhanced(dataset):
+    if not is_enhanced(dataset):
         return None
-    return _functional_item(dataset, frame_index or 0, "MRDiffusionSequence")
-
-
-def _number(value: object) -> float | None:
-    """A finite float from a DS/IS/FD/FL value (first of several), else None."""
-    if value is None or value == "":
-        return None
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        values = list(value)  # type: ignore[arg-type]
-        if not values:
-            return None
-        value = values[0]
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _private_value(
-    dataset: Dataset, creators: dict[tuple[int, str], int], group: int, creator: str, element_offset: int
-) -> object | None:
-    """The value of (group, xx element_offset) in the block reserved by `creator`, or None.
-
-    Same lookup as `Dataset.private_block`, which slices the whole dataset on every call: far too slow for a
-    per-frame lookup over thousands of images; `creators` comes from `_private_creators`, read once per image.
-    """
-    block = creators.get((group, creator))
-    if block is None:
-        return None
-    element = dataset.get((group << 16) | (block << 8) | element_offset)
-    return None if element is None else element.value
-
-
-def _private_creators(dataset: Dataset) -> dict[tuple[int, str], int]:
-    """(group, creator) → block number, from the private creator elements (gggg,0010-00FF) of odd groups."""
-    creators: dict[tuple[int, str], int] = {}
-    tags = dataset.keys()
-    for tag in tags:
-        group, element = tag >> 16, tag & 0xFFFF
-        if group % 2 == 1 and 0x10 <= element <= 0xFF:
-            value = dataset[tag].value
-            if isinstance(value, bytes):
-                value = value.decode("latin-1")
-            if isinstance(value, str):
-                creators.setdefault((group, value.strip()), element)
-    return creators
+    return functional_item(dataset, frame_index or 0, "MRDiffusionSequence")
 
 
 def _stored_b_value(
-    dataset: Dataset, creators: dict[tuple[int, str], int], diffusion_item: Dataset | None
+    dataset: Dataset, private: PrivateTags, diffusion_item: Dataset | None
 ) -> float | None:
     if diffusion_item is not None:
-        value = _number(diffusion_item.get("DiffusionBValue"))
+        value = first_number(diffusion_item.get("DiffusionBValue"))
         if value is not None:
             return value
-    value = _number(dataset.get("DiffusionBValue"))
+    value = first_number(dataset.get("DiffusionBValue"))
     if value is not None:
         return value
-    value = _number(_private_value(dataset, creators, 0x0019, _SIEMENS_MR, 0x0C))
+    value = first_number(private.value(0x0019, SIEMENS_MR_HEADER, 0x0C))
     if value is not None:
         return value
-    value = _siemens_csa_b_value(dataset, creators)
+    value = _siemens_csa_b_value(dataset, private)
     if value is not None:
         return value
-    value = _number(_private_value(dataset, creators, 0x0043, _GE_PARM, 0x39))
+    value = first_number(private.value(0x0043, _GE_PARM, 0x39))
     if value is not None:
         while value >= GE_B_OFFSET:
             value -= GE_B_OFFSET
         return value
-    value = _number(_private_value(dataset, creators, 0x2001, _PHILIPS_IMAGING, 0x03))
+    value = first_number(private.value(0x2001, _PHILIPS_IMAGING, 0x03))
     if value is not None:
         return value
-    return _number(_private_value(dataset, creators, 0x0065, _UIH_IMAGE, 0x09))
+    return first_number(private.value(0x0065, UIH_IMAGE_HEADER, 0x09))
 
 
 def _unit_direction(values: Sequence[float | None]) -> tuple[float, float, float] | None:
@@ -296,13 +229,13 @@ def _triple(value: object) -> list[float | None]:
     if value is None:
         return []
     try:
-        return [_number(item) for item in value]  # type: ignore[union-attr]
+        return [first_number(item) for item in value]  # type: ignore[union-attr]
     except TypeError:
         return []
 
 
 def _direction(
-    dataset: Dataset, creators: dict[tuple[int, str], int], diffusion_item: Dataset | None
+    dataset: Dataset, private: PrivateTags, diffusion_item: Dataset | None
 ) -> tuple[float, float, float] | None:
     if diffusion_item is not None:
         gradient = diffusion_item.get("DiffusionGradientDirectionSequence")
@@ -312,12 +245,13 @@ def _direction(
                 return direction
     candidates = [
         _triple(dataset.get("DiffusionGradientOrientation")),
-        _triple(_private_value(dataset, creators, 0x0019, _SIEMENS_MR, 0x0E)),
-        [_number(_private_value(dataset, creators, 0x0019, _GE_ACQU, offset)) for offset in (0xBB, 0xBC, 0xBD)],
+        _triple(private.value(0x0019, SIEMENS_MR_HEADER, 0x0E)),
+        [first_number(private.value(0x0019, _GE_ACQU, offset)) for offset in (0xBB, 0xBC, 0xBD)],
         [
-            _number(_private_value(dataset, creators, 0x2005, _PHILIPS_MR_IMAGING, offset))
+            first_number(private.value(0x2005, _PHILIPS_MR_IMAGING, offset))
             for offset in (0xB0, 0xB1, 0xB2)
         ],
+        _triple(private.value(0x0065, UIH_IMAGE_HEADER, 0x37)),
     ]
     for values in candidates:
         direction = _unit_direction(values)
@@ -326,81 +260,39 @@ def _direction(
     return None
 
 
-def _is_isotropic(dataset: Dataset, creators: dict[tuple[int, str], int], diffusion_item: Dataset | None) -> bool:
+def _is_isotropic(dataset: Dataset, private: PrivateTags, diffusion_item: Dataset | None) -> bool:
     for source in (diffusion_item, dataset):
         if source is not None and str(source.get("DiffusionDirectionality", "")).upper() == "ISOTROPIC":
             return True
-    philips_direction = _private_value(dataset, creators, 0x2001, _PHILIPS_IMAGING, 0x04)
+    philips_direction = private.value(0x2001, _PHILIPS_IMAGING, 0x04)
     return str(philips_direction or "").strip().upper() == "I"
 
 
 def _frame_position(dataset: Dataset, frame_index: int | None) -> tuple[float, ...] | None:
-    item = _functional_item(dataset, frame_index, "PlanePositionSequence") if _is_enhanced(dataset) else None
-    source = item if item is not None else dataset
-    values = _triple(source.get("ImagePositionPatient"))
+    values = _triple(frame_value(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient"))
     if len(values) != 3 or any(value is None for value in values):
         return None
     return tuple(round(float(value), 3) for value in values)  # type: ignore[arg-type]
 
 
 def _acquisition_number(dataset: Dataset, frame_index: int | None) -> float:
-    if frame_index is not None and _is_enhanced(dataset):
-        content = _functional_item(dataset, frame_index, "FrameContentSequence")
-        if content is not None:
-            number = _number(content.get("FrameAcquisitionNumber"))
-            if number is not None:
-                return number
-    number = _number(dataset.get("AcquisitionNumber"))
+    content = functional_item(dataset, frame_index, "FrameContentSequence") if frame_index is not None else None
+    number = first_number(content.get("FrameAcquisitionNumber")) if content is not None else None
+    if number is None:
+        number = first_number(dataset.get("AcquisitionNumber"))
     return number if number is not None else 0.0
 
 
 def _acquisition_time(dataset: Dataset, frame_index: int | None) -> str:
-    if frame_index is not None and _is_enhanced(dataset):
-        content = _functional_item(dataset, frame_index, "FrameContentSequence")
-        if content is not None and content.get("FrameAcquisitionDateTime"):
-            return str(content.FrameAcquisitionDateTime)
+    content = functional_item(dataset, frame_index, "FrameContentSequence") if frame_index is not None else None
+    if content is not None and content.get("FrameAcquisitionDateTime"):
+        return str(content.FrameAcquisitionDateTime)
     return f"{dataset.get('AcquisitionDate', '')}{dataset.get('AcquisitionTime', '')}"
 
 
 # --- Siemens CSA image header ------------------------------------------------------------------------------------
 
 
-def _siemens_csa_b_value(dataset: Dataset, creators: dict[tuple[int, str], int]) -> float | None:
-    raw = _private_value(dataset, creators, 0x0029, _SIEMENS_CSA, 0x10)
-    if not isinstance(raw, (bytes, bytearray)):
-        return None
-    items = read_csa_items(bytes(raw)).get("B_value")
-    return _number(items[0]) if items else None
-
-
-def read_csa_items(raw: bytes) -> dict[str, list[str]]:
-    """Parse a Siemens CSA header (SV10 or the older unsigned layout) into name → item strings.
-
-    Malformed input yields what was read before the damage; no exception, because the CSA header is only a fallback.
-    """
-    tags: dict[str, list[str]] = {}
-    offset = 8 if raw[:4] == b"SV10" else 0
-    try:
-        (count, _) = struct.unpack_from("<2I", raw, offset)
-        offset += 8
-        if not 0 < count <= 1000:
-            return tags
-        for _ in range(count):
-            name, vm, _vr, _syngodt, n_items, _ = struct.unpack_from("<64si4s3i", raw, offset)
-            offset += 84
-            if not 0 <= n_items <= 1000:
-                return tags
-            values: list[str] = []
-            for item in range(n_items):
-                (_, length, _, _) = struct.unpack_from("<4i", raw, offset)
-                offset += 16
-                if length < 0 or offset + length > len(raw):
-                    return tags
-                text = raw[offset : offset + length].split(b"\0", 1)[0].decode("latin-1").strip()
-                if text and (vm == 0 or item < vm):
-                    values.append(text)
-                offset += length + (-length % 4)
-            tags[name.split(b"\0", 1)[0].decode("latin-1")] = values
-    except struct.error:
-        return tags
-    return tags
+def _siemens_csa_b_value(dataset: Dataset, private: PrivateTags) -> float | None:
+    items = csa_values(siemens_csa(dataset, private=private), "B_value")
+    return first_number(items[0]) if items else None

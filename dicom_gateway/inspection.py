@@ -8,7 +8,6 @@ The same reader and rules as the node (study_files, roles), so what inspect show
 from __future__ import annotations
 
 import itertools
-import math
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,12 +15,13 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from dicom_gateway.diffusion import VolumeKey, number_of_frames, volume_keys
+from dicom_gateway.attributes import frame_value, is_enhanced, number_of_frames
+from dicom_gateway.diffusion import VolumeKey, volume_keys
+from dicom_gateway.mosaic import is_mosaic, mosaic_grid, mosaic_image_count
 from dicom_gateway.roles import SeriesDecision, classify_headers
 from dicom_gateway.study_files import SeriesHeaders, header_values, read_path
 
 SPACING_TOLERANCE_MM = 0.01  # slice gaps differing by more than this (and 1 %) are uneven
-_SIEMENS_MR = "SIEMENS MR HEADER"
 
 
 def inspect_path(path: Path, dwi_b_value: int = 1000, dwi_b_range: tuple[int, int] = (700, 1500)) -> dict[str, Any]:
@@ -85,17 +85,16 @@ def series_geometry(series: SeriesHeaders) -> dict[str, Any]:
         "orientation": None,
         "warnings": [],
     }
-    spacing = _values(first.get("PixelSpacing")) or _functional(first, "PixelMeasuresSequence", "PixelSpacing")
+    first_frame = 0 if is_enhanced(first) else None
+    spacing = _values(frame_value(first, first_frame, "PixelMeasuresSequence", "PixelSpacing"))
     if len(spacing) == 2:
         result["pixel_spacing_mm"] = [round(value, 4) for value in spacing]
-    orientation = _values(first.get("ImageOrientationPatient")) or _functional(
-        first, "PlaneOrientationSequence", "ImageOrientationPatient"
-    )
+    orientation = _values(frame_value(first, first_frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
     mosaic_slices = _mosaic_slices(first)
     if mosaic_slices:
-        tiles = math.ceil(math.sqrt(mosaic_slices))
+        grid_rows, tiles_per_row = mosaic_grid(first, mosaic_slices)
         if result["rows"] and result["columns"]:
-            result["rows"], result["columns"] = result["rows"] // tiles, result["columns"] // tiles
+            result["rows"], result["columns"] = result["rows"] // grid_rows, result["columns"] // tiles_per_row
         result["slices"] = mosaic_slices
         result["orientation"] = _orientation_label(orientation)
         return result
@@ -134,32 +133,25 @@ def _first_volume_positions(datasets: Sequence[Dataset]) -> list[tuple[float, fl
     first_key: VolumeKey = min(counts)
     positions = []
     for dataset, frame_keys in zip(datasets, keys, strict=True):
-        per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+        enhanced = is_enhanced(dataset)
         for frame, key in enumerate(frame_keys):
             if key != first_key:
                 continue
-            if per_frame and frame < len(per_frame) and per_frame[frame].get("PlanePositionSequence"):
-                position = _values(per_frame[frame].PlanePositionSequence[0].get("ImagePositionPatient"))
-            else:
-                position = _values(dataset.get("ImagePositionPatient"))
+            frame_index = frame if enhanced else None
+            position = _values(frame_value(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient"))
             if len(position) == 3:
                 positions.append((position[0], position[1], position[2]))
     return positions
 
 
 def _mosaic_slices(dataset: Dataset) -> int | None:
-    """Slices in a Siemens mosaic, from (0019,xx0A) NumberOfImagesInMosaic, for images typed MOSAIC."""
-    tokens = {str(token).upper() for token in header_values(dataset.get("ImageType"))}
-    if "MOSAIC" not in tokens:
+    """Slices in a Siemens mosaic or UIH grid (`mosaic.mosaic_image_count`); None for other images or no count."""
+    if not is_mosaic(dataset):
         return None
     try:
-        block = dataset.private_block(0x0019, _SIEMENS_MR)
-    except KeyError:
+        return mosaic_image_count(dataset)
+    except ValueError:
         return None
-    if 0x0A not in block:
-        return None
-    count = _int(block[0x0A].value)
-    return count if count and count > 0 else None
 
 
 def _orientation_label(orientation: list[float]) -> str | None:
@@ -173,16 +165,6 @@ def _orientation_label(orientation: list[float]) -> str | None:
 
 def _cross(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
     return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
-
-
-def _functional(dataset: Dataset, sequence: str, keyword: str) -> list[float]:
-    for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        groups = dataset.get(group_name)
-        if groups and groups[0].get(sequence):
-            values = _values(groups[0].get(sequence)[0].get(keyword))
-            if values:
-                return values
-    return []
 
 
 def _values(value: Any) -> list[float]:

@@ -13,31 +13,36 @@ the distance between the protocol's slice centres (`sSliceArray.asSlice[i].sPosi
 lists them, else SpacingBetweenSlices. SliceThickness is never used: with a gap it is smaller than the step.
 
 UIH grids (GDCM's SplitUihGridFilter): the slice count is (0065,xx50) and each tile's own ImagePositionPatient is
-an item of the sequence (0065,xx51), both under "Image Private Header"; the grid has ceil(n / ceil(√n)) rows.
+an item of the sequence (0065,xx51), both under "Image Private Header"; the grid has ceil(n / ceil(√n)) rows. Such
+an image may carry no ImagePositionPatient of its own (nor orientation): dcm2niix then reads the first item's, and
+so does this module. A mosaic whose tiles cannot be placed (no grid items, no position) is a ValueError.
 """
 
 from __future__ import annotations
 
+import math
 import re
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-with warnings.catch_warnings():
-    # nibabel.nicom warns on import that its DICOM *readers* are experimental; only its CSA parser is used here.
-    warnings.simplefilter("ignore", UserWarning)
-    from nibabel.nicom import csareader
+from dicom_gateway.attributes import (
+    CSA_IMAGE_HEADER,
+    CSA_SERIES_HEADER,
+    SIEMENS_MR_HEADER,
+    UIH_IMAGE_HEADER,
+    PrivateTags,
+    csa_values,
+    first_number,
+    image_type_tokens,
+    number_of_frames,
+    siemens_csa,
+)
 
-__all__ = ["MosaicSlices", "is_mosaic", "mosaic_image_count", "unpack_mosaic"]
+__all__ = ["MosaicSlices", "is_mosaic", "mosaic_grid", "mosaic_image_count", "unpack_mosaic"]
 
-_SIEMENS_MR_HEADER = "SIEMENS MR HEADER"
-_SIEMENS_CSA_HEADER = "SIEMENS CSA HEADER"
-_UIH_HEADER = "Image Private Header"
-_CSA_IMAGE_OFFSET = 0x10
-_CSA_SERIES_OFFSET = 0x20
 _SIEMENS_IMAGES_IN_MOSAIC_OFFSET = 0x0A  # (0019,xx0A) NumberOfImagesInMosaic, US
 _UIH_IMAGES_IN_GRID_OFFSET = 0x50  # (0065,xx50) number of slices in the grid, DS
 _UIH_FRAME_SEQUENCE_OFFSET = 0x51  # (0065,xx51) one item per slice, with its ImagePositionPatient
@@ -51,15 +56,16 @@ class MosaicSlices:
 
     pixels: np.ndarray  # (n, rows, columns), stored values in tile order
     positions: np.ndarray  # (n, 3) ImagePositionPatient of each tile
+    orientation: np.ndarray  # (6,) ImageOrientationPatient of every tile
+    pixel_spacing: tuple[float, float]  # (row, column) spacing of every tile
     slice_step_mm: float  # distance between adjacent tiles along the normal
 
 
 def is_mosaic(dataset: Dataset) -> bool:
     """True for a single-frame image with the whole ImageType token MOSAIC (Siemens), or a UIH grid."""
-    if int(dataset.get("NumberOfFrames", 1) or 1) != 1:
+    if number_of_frames(dataset) != 1:
         return False
-    image_type = [str(token).upper() for token in dataset.get("ImageType", [])]
-    return "MOSAIC" in image_type or _uih_grid_positions(dataset) is not None
+    return "MOSAIC" in image_type_tokens(dataset) or _uih_grid_positions(dataset) is not None
 
 
 def mosaic_image_count(dataset: Dataset) -> int:
@@ -67,14 +73,9 @@ def mosaic_image_count(dataset: Dataset) -> int:
     uih = _uih_grid_positions(dataset)
     if uih is not None:
         return len(uih)
-    count = _private_value(dataset, 0x0019, _SIEMENS_MR_HEADER, _SIEMENS_IMAGES_IN_MOSAIC_OFFSET)
+    count = _unsigned_short(PrivateTags(dataset).value(0x0019, SIEMENS_MR_HEADER, _SIEMENS_IMAGES_IN_MOSAIC_OFFSET))
     if count is None:
-        csa = _csa_header(dataset, _CSA_IMAGE_OFFSET)
-        if csa is not None:
-            try:
-                count = csareader.get_n_mosaic(csa)
-            except KeyError:
-                count = None
+        count = next(iter(csa_values(siemens_csa(dataset, CSA_IMAGE_HEADER), "NumberOfImagesInMosaic")), None)
     if count is None:
         raise ValueError("mosaic image without NumberOfImagesInMosaic (Siemens MR or CSA image header)")
     count = int(float(count))
@@ -83,15 +84,22 @@ def mosaic_image_count(dataset: Dataset) -> int:
     return count
 
 
+def mosaic_grid(dataset: Dataset, count: int) -> tuple[int, int]:
+    """(grid rows, tiles per grid row) of a mosaic of `count` slices: Siemens grids are square, UIH grids end
+    after the last full row."""
+    tiles_per_row = math.ceil(math.sqrt(count))
+    grid_rows = math.ceil(count / tiles_per_row) if _uih_grid_positions(dataset) is not None else tiles_per_row
+    return grid_rows, tiles_per_row
+
+
 def unpack_mosaic(dataset: Dataset, pixels: np.ndarray | None = None) -> MosaicSlices:
     """Tiles of `dataset` (its stored pixel array unless `pixels` is given) with per-tile positions."""
     count = mosaic_image_count(dataset)
     stored = dataset.pixel_array if pixels is None else pixels
     if stored.ndim != 2:
         raise ValueError(f"mosaic pixel data must be 2-D, got shape {stored.shape}")
-    tiles_per_row = int(np.ceil(np.sqrt(count)))
     uih_positions = _uih_grid_positions(dataset)
-    grid_rows = int(np.ceil(count / tiles_per_row)) if uih_positions is not None else tiles_per_row
+    grid_rows, tiles_per_row = mosaic_grid(dataset, count)
     rows, columns = stored.shape
     if rows % grid_rows or columns % tiles_per_row:
         raise ValueError(f"mosaic of {rows}×{columns} pixels cannot hold {grid_rows}×{tiles_per_row} equal tiles")
@@ -101,39 +109,51 @@ def unpack_mosaic(dataset: Dataset, pixels: np.ndarray | None = None) -> MosaicS
         .transpose(0, 2, 1, 3)
         .reshape(grid_rows * tiles_per_row, tile_rows, tile_columns)[:count]
     )
+    orientation = _placement(dataset, "ImageOrientationPatient", 6)
+    row_spacing, column_spacing = _placement(dataset, "PixelSpacing", 2)
+    spacing = (float(row_spacing), float(column_spacing))
     if uih_positions is not None:
         steps = np.linalg.norm(np.diff(uih_positions, axis=0), axis=1)
         step = float(steps.mean()) if steps.size else 1.0
-        return MosaicSlices(pixels=np.ascontiguousarray(tiles), positions=uih_positions, slice_step_mm=step)
+        return MosaicSlices(np.ascontiguousarray(tiles), uih_positions, orientation, spacing, step)
 
-    orientation = np.asarray(dataset.ImageOrientationPatient, dtype=np.float64)
     row_cosine, column_cosine = orientation[:3], orientation[3:]
-    row_spacing, column_spacing = (float(v) for v in dataset.PixelSpacing)
     shift_rows = (rows - tile_rows) / 2.0
     shift_columns = (columns - tile_columns) / 2.0
     first = (
-        np.asarray(dataset.ImagePositionPatient, dtype=np.float64)
+        _placement(dataset, "ImagePositionPatient", 3)
         + row_cosine * column_spacing * shift_columns
         + column_cosine * row_spacing * shift_rows
     )
     normal = _slice_normal(dataset, np.cross(row_cosine, column_cosine))
     step = _slice_step(dataset, normal, count)
     positions = first + np.arange(count)[:, None] * step * normal[None, :]
-    return MosaicSlices(pixels=np.ascontiguousarray(tiles), positions=positions, slice_step_mm=step)
+    return MosaicSlices(np.ascontiguousarray(tiles), positions, orientation, spacing, step)
+
+
+def _placement(dataset: Dataset, keyword: str, length: int) -> np.ndarray:
+    """A geometry attribute of the image, else of a UIH grid's first slice item (where dcm2niix finds it)."""
+    value = dataset.get(keyword)
+    if value is None:
+        items = _uih_grid_items(dataset)
+        value = items[0].get(keyword) if items else None
+    try:
+        numbers = np.asarray([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        numbers = np.empty(0)
+    if numbers.shape != (length,):
+        raise ValueError(f"mosaic without {keyword}: its tiles cannot be placed")
+    return numbers
 
 
 def _uih_grid_positions(dataset: Dataset) -> np.ndarray | None:
     """(n, 3) tile positions of a UIH grid; None when the image is no UIH grid of two or more slices."""
-    count = _private_value(dataset, 0x0065, _UIH_HEADER, _UIH_IMAGES_IN_GRID_OFFSET)
-    try:
-        block = dataset.private_block(0x0065, _UIH_HEADER)
-        items = block[_UIH_FRAME_SEQUENCE_OFFSET].value
-    except KeyError:
-        return None
-    if count is None or not isinstance(items, Sequence):
+    count = PrivateTags(dataset).value(0x0065, UIH_IMAGE_HEADER, _UIH_IMAGES_IN_GRID_OFFSET)
+    items = _uih_grid_items(dataset)
+    if count is None or items is None:
         return None
     try:
-        count = int(float(count))  # type: ignore[arg-type]
+        count = int(first_number(count))  # type: ignore[arg-type]
         positions = np.asarray([[float(v) for v in item.ImagePositionPatient] for item in items], dtype=np.float64)
     except (AttributeError, TypeError, ValueError):
         return None
@@ -142,18 +162,19 @@ def _uih_grid_positions(dataset: Dataset) -> np.ndarray | None:
     return positions
 
 
+def _uih_grid_items(dataset: Dataset) -> Sequence | None:
+    """The UIH grid's per-slice items (0065,xx51), None when the image has none."""
+    items = PrivateTags(dataset).value(0x0065, UIH_IMAGE_HEADER, _UIH_FRAME_SEQUENCE_OFFSET)
+    return items if isinstance(items, Sequence) and len(items) else None
+
+
 def _slice_normal(dataset: Dataset, cross: np.ndarray) -> np.ndarray:
-    csa = _csa_header(dataset, _CSA_IMAGE_OFFSET)
-    if csa is not None:
-        try:
-            vector = csareader.get_slice_normal(csa)
-        except KeyError:
-            vector = None
-        if vector is not None and len(vector) == 3:
-            normal = np.asarray(vector, dtype=np.float64)
-            length = float(np.linalg.norm(normal))
-            if length > 0 and abs(abs(float(normal @ cross)) / length - 1.0) < 1e-3:
-                return normal / length
+    vector = [first_number(v) for v in csa_values(siemens_csa(dataset, CSA_IMAGE_HEADER), "SliceNormalVector")]
+    if len(vector) == 3 and None not in vector:
+        normal = np.asarray(vector, dtype=np.float64)
+        length = float(np.linalg.norm(normal))
+        if length > 0 and abs(abs(float(normal @ cross)) / length - 1.0) < 1e-3:
+            return normal / length
     return cross / np.linalg.norm(cross)
 
 
@@ -174,10 +195,7 @@ def _slice_step(dataset: Dataset, normal: np.ndarray, count: int) -> float:
 
 def _protocol_slice_centres(dataset: Dataset) -> np.ndarray | None:
     """Slice centres from the CSA series header's ASCCONV protocol, in LPS mm (Siemens Sag/Cor/Tra = L/P/S)."""
-    csa = _csa_header(dataset, _CSA_SERIES_OFFSET)
-    if csa is None:
-        return None
-    protocol = csa.get("tags", {}).get("MrPhoenixProtocol", {}).get("items") or []
+    protocol = csa_values(siemens_csa(dataset, CSA_SERIES_HEADER), "MrPhoenixProtocol")
     if not protocol or not isinstance(protocol[0], str):
         return None
     centres: dict[int, np.ndarray] = {}
@@ -191,32 +209,15 @@ def _protocol_slice_centres(dataset: Dataset) -> np.ndarray | None:
     return np.stack([centres[i] for i in range(len(centres))])
 
 
-def _private_value(dataset: Dataset, group: int, creator: str, offset: int) -> object | None:
-    """A private element found through its creator (design.md §4), None when the block or element is absent."""
-    try:
-        block = dataset.private_block(group, creator)
-        element = block[offset]
-    except KeyError:
-        return None
-    value = element.value
+def _unsigned_short(value: object) -> object | None:
+    """NumberOfImagesInMosaic (US) as read: a number, or 2 raw bytes where implicit VR left it UN."""
     if isinstance(value, bytes):
-        if len(value) == 2:  # US read as UN (implicit VR without a private dictionary entry)
+        if len(value) == 2:
             return int.from_bytes(value, "little")
         try:
             return value.decode("ascii").strip("\0 ")
         except UnicodeDecodeError:
             return None
     if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, str):
-        return value[0] if len(value) else None
+        return value[0] if len(value) else None  # type: ignore[index, arg-type]
     return value
-
-
-def _csa_header(dataset: Dataset, offset: int) -> dict | None:
-    try:
-        element = dataset.private_block(0x0029, _SIEMENS_CSA_HEADER)[offset]
-    except KeyError:
-        return None
-    try:
-        return csareader.read(element.value)
-    except (csareader.CSAError, ValueError, TypeError, IndexError):
-        return None

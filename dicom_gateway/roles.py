@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import tomllib
 from collections import Counter
@@ -24,11 +23,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from dicom_gateway.attributes import first_number, frame_value, image_type_tokens, is_enhanced, number_of_frames
 from dicom_gateway.diffusion import (
     DiffusionInfo,
     VolumeKey,
     frame_diffusion_infos,
-    number_of_frames,
     ordered_volume_keys,
     volume_keys,
 )
@@ -602,14 +601,12 @@ def _profile(series: SeriesHeaders, rules: RoleRules) -> _Profile:
     return profile
 
 
-def _image_type_tokens(dataset: Dataset) -> list[str]:
-    values = list(header_values(dataset.get("ImageType")))
-    for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for group in dataset.get(group_name) or []:
-            frame_type = group.get("MRImageFrameTypeSequence")
-            if frame_type:
-                values += list(header_values(frame_type[0].get("FrameType")))
-    return [str(value).strip().upper() for value in values if str(value).strip()]
+def _image_type_tokens(dataset: Dataset) -> frozenset[str]:
+    """The image's ImageType tokens and, for an enhanced image, those of every frame's FrameType."""
+    tokens = image_type_tokens(dataset)
+    if is_enhanced(dataset):
+        tokens = tokens.union(*(image_type_tokens(dataset, frame) for frame in range(number_of_frames(dataset))))
+    return tokens
 
 
 def _sop_class_name(uid: str) -> str:
@@ -635,18 +632,14 @@ def _volume_summaries(
     frames = Counter(key for frame_keys in keys for key in frame_keys)
     trace_keys: set[VolumeKey] = set()
     for dataset, frame_infos, frame_keys in zip(datasets, infos, keys, strict=True):
-        dataset_tokens: set[str] | None = None
+        enhanced = is_enhanced(dataset)
         for frame, (info, key) in enumerate(zip(frame_infos, frame_keys, strict=True)):
             if key.b_value <= 0 or key in trace_keys:
                 continue
             if info.isotropic or info.direction is None:
                 trace_keys.add(key)
                 continue
-            tokens = _per_frame_tokens(dataset, frame)
-            if tokens is None:
-                dataset_tokens = dataset_tokens if dataset_tokens is not None else set(_image_type_tokens(dataset))
-                tokens = dataset_tokens
-            if tokens & rules.trace_image_type_any:
+            if image_type_tokens(dataset, frame if enhanced else None) & rules.trace_image_type_any:
                 trace_keys.add(key)
     return [
         VolumeSummary(key.b_value, key.direction, key.repeat, frames[key], key in trace_keys)
@@ -654,35 +647,18 @@ def _volume_summaries(
     ]
 
 
-def _per_frame_tokens(dataset: Dataset, frame: int) -> set[str] | None:
-    """The FrameType tokens of an enhanced image's frame, None when it has no per-frame FrameType."""
-    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame < len(per_frame):
-        frame_type = per_frame[frame].get("MRImageFrameTypeSequence")
-        if frame_type:
-            return {str(value).strip().upper() for value in header_values(frame_type[0].get("FrameType"))}
-    return None
-
-
 def _geometry(datasets: Sequence[Dataset]) -> tuple:
     """(rows, columns, orientation, slice positions) rounded, to tell whether two series share a grid."""
     first = datasets[0]
-    orientation = header_values(first.get("ImageOrientationPatient"))
+    first_frame = 0 if is_enhanced(first) else None
+    orientation = header_values(frame_value(first, first_frame, "PlaneOrientationSequence", "ImageOrientationPatient"))
     positions = set()
     for dataset in datasets:
-        position = header_values(dataset.get("ImagePositionPatient"))
-        if len(position) == 3:
-            positions.add(tuple(round(float(value), 1) for value in position))
-        for group in dataset.get("PerFrameFunctionalGroupsSequence") or []:
-            plane = group.get("PlanePositionSequence")
-            if plane and len(header_values(plane[0].get("ImagePositionPatient"))) == 3:
-                positions.add(tuple(round(float(value), 1) for value in plane[0].ImagePositionPatient))
-            orientation_item = group.get("PlaneOrientationSequence")
-            if orientation_item and not orientation:
-                orientation = header_values(orientation_item[0].get("ImageOrientationPatient"))
-    shared = first.get("SharedFunctionalGroupsSequence")
-    if shared and not orientation and shared[0].get("PlaneOrientationSequence"):
-        orientation = header_values(shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient"))
+        frames = range(number_of_frames(dataset)) if is_enhanced(dataset) else (None,)
+        for frame in frames:
+            position = header_values(frame_value(dataset, frame, "PlanePositionSequence", "ImagePositionPatient"))
+            if len(position) == 3:
+                positions.add(tuple(round(float(value), 1) for value in position))
     return (
         first.get("Rows"),
         first.get("Columns"),
@@ -784,25 +760,9 @@ def _choose_adc(
     return None, None, warnings
 
 
-def _first_number(dataset: Dataset, keyword: str, functional: tuple[str, ...] = ()) -> float | None:
-    """A numeric attribute at top level, else inside the enhanced functional groups' `functional` sequences."""
-    values = header_values(dataset.get(keyword))
-    if not values:
-        for group_name in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-            groups = dataset.get(group_name) or []
-            for sequence_keyword in functional:
-                item = groups[0].get(sequence_keyword) if groups else None
-                if item:
-                    values = header_values(item[0].get(keyword))
-                    if values:
-                        break
-            if values:
-                break
-    try:
-        number = float(values[0]) if values else None
-    except (TypeError, ValueError):
-        return None
-    return number if number is not None and math.isfinite(number) else None
+def _first_frame_number(dataset: Dataset, sequence: str, keyword: str) -> float | None:
+    """A numeric attribute of the image's first frame (`attributes.frame_value`'s precedence)."""
+    return first_number(frame_value(dataset, 0, sequence, keyword))
 
 
 def _flair_verdict(datasets: Sequence[Dataset], description: str, rules: RoleRules) -> tuple[str | None, str]:
@@ -820,10 +780,10 @@ def _flair_verdict(datasets: Sequence[Dataset], description: str, rules: RoleRul
     acquisition_type = str(first.get("MRAcquisitionType", "") or "").upper()
     if not is_ir and not named_flair:
         return None, acquisition_type
-    inversion = _first_number(first, "InversionTime") or _first_number(
-        first, "InversionTimes", ("MRModifierSequence",)
+    inversion = first_number(first.get("InversionTime")) or _first_frame_number(
+        first, "MRModifierSequence", "InversionTimes"
     )
-    repetition = _first_number(first, "RepetitionTime", ("MRTimingAndRelatedParametersSequence",))
+    repetition = _first_frame_number(first, "MRTimingAndRelatedParametersSequence", "RepetitionTime")
     contrast = str(first.get("ContrastBolusAgent", "") or "").strip()
     if contrast or any(pattern.search(description) for pattern in rules.post_contrast_description_regex):
         return "ignored: post-contrast FLAIR" + (f" (contrast agent {contrast})" if contrast else ""), acquisition_type

@@ -22,8 +22,9 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
+from dicom_gateway.attributes import frame_value, functional_sequence, is_enhanced, number_of_frames
 from dicom_gateway.diffusion import VolumeKey, ordered_volume_keys, volume_keys
-from dicom_gateway.mosaic import is_mosaic, unpack_mosaic
+from dicom_gateway.mosaic import MosaicSlices, is_mosaic, unpack_mosaic
 from dicom_gateway.study_files import open_dicom
 
 __all__ = [
@@ -120,7 +121,7 @@ def series_volumes(datasets: Sequence[Dataset], wanted: Collection[VolumeKey] | 
     series_uid = series_uids.pop()
     keys = volume_keys(datasets)
     _check_slices_present(datasets, keys, set(wanted) if wanted is not None else {k for ks in keys for k in ks})
-    multiframe_count = sum(1 for ds in datasets if _frame_count(ds) > 1)
+    multiframe_count = sum(1 for ds in datasets if number_of_frames(ds) > 1)
     slices: list[_Slice] = []
     for index, (dataset, frame_keys) in enumerate(zip(datasets, keys, strict=True)):
         if wanted is not None and not set(frame_keys) & set(wanted):
@@ -153,11 +154,11 @@ def _check_slices_present(datasets: Sequence[Dataset], keys: list[list[VolumeKey
     for dataset, frame_keys in zip(datasets, keys, strict=True):
         if is_mosaic(dataset):
             return
-        enhanced = _is_enhanced(dataset)
+        enhanced = is_enhanced(dataset)
         for frame, key in enumerate(frame_keys):
             frame_index = frame if enhanced else None
-            position = _frame_item(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient")
-            orientation = _frame_item(dataset, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient")
+            position = frame_value(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient")
+            orientation = frame_value(dataset, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient")
             if position is None or orientation is None:
                 continue
             if normal is None:
@@ -183,17 +184,6 @@ def volume_to_nifti(volume: hd.Volume) -> nib.Nifti1Image:
     return volume.permute_spatial_axes([2, 1, 0]).to_nibabel()
 
 
-def _frame_count(dataset: Dataset) -> int:
-    try:
-        return max(int(dataset.get("NumberOfFrames") or 1), 1)
-    except (TypeError, ValueError):
-        return 1
-
-
-def _is_enhanced(dataset: Dataset) -> bool:
-    return "PerFrameFunctionalGroupsSequence" in dataset or "SharedFunctionalGroupsSequence" in dataset
-
-
 def _pixel_array(dataset: Dataset) -> np.ndarray:
     if "PixelData" not in dataset and "FloatPixelData" not in dataset and "DoubleFloatPixelData" not in dataset:
         filename = getattr(dataset, "filename", None)
@@ -215,23 +205,28 @@ def _slices_of(
     sop_uid = str(dataset.SOPInstanceUID)
     if int(dataset.get("SamplesPerPixel", 1) or 1) != 1:
         raise VolumeNotProcessed(f"instance {sop_uid}: colour images ({dataset.SamplesPerPixel} samples) are not used")
-    frames = _frame_count(dataset)
+    frames = number_of_frames(dataset)
     instance_number = _float(dataset.get("InstanceNumber"), 0.0)
     pixels = _pixel_array(dataset)
     if frames == 1 and pixels.ndim == 2:
         pixels = pixels[None]
     if pixels.ndim != 3 or pixels.shape[0] != frames:
         raise VolumeNotProcessed(f"instance {sop_uid}: pixel data of shape {pixels.shape} is not {frames} frame(s)")
-    enhanced = _is_enhanced(dataset)
+    enhanced = is_enhanced(dataset)
+    mosaic = is_mosaic(dataset)
     per_instance = sop_uid if split_per_instance and frames > 1 else None
     out: list[_Slice] = []
     for frame in range(frames):
         frame_index = frame if enhanced else None
         key = frame_keys[frame]
-        geometry = _frame_item(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient")
-        orientation = _frame_item(dataset, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient")
-        spacing = _frame_item(dataset, frame_index, "PixelMeasuresSequence", "PixelSpacing")
-        if geometry is None or orientation is None or spacing is None:
+        if mosaic:  # tile positions, orientation and spacing come from the mosaic's own geometry
+            tiles = _mosaic_tiles(dataset, pixels[frame])
+            position, orientation, spacing = tiles.positions[0], tiles.orientation, tiles.pixel_spacing
+        else:
+            position = frame_value(dataset, frame_index, "PlanePositionSequence", "ImagePositionPatient")
+            orientation = frame_value(dataset, frame_index, "PlaneOrientationSequence", "ImageOrientationPatient")
+            spacing = frame_value(dataset, frame_index, "PixelMeasuresSequence", "PixelSpacing")
+        if position is None or orientation is None or spacing is None:
             raise VolumeNotProcessed(f"instance {sop_uid}: frame {frame + 1} lacks position, orientation or spacing")
         slope, intercept, source, unit = _value_mapping(dataset, frame_index)
         common = {
@@ -247,16 +242,13 @@ def _slices_of(
             "multiframe_instance_uid": per_instance,
         }
         order = (_float(dataset.get("AcquisitionNumber"), 0.0), instance_number, index, frame)
-        if is_mosaic(dataset):
-            mosaic = unpack_mosaic(dataset, pixels[frame])
-            pixel_spacing = common.pop("pixel_spacing")
-            for tile in range(mosaic.pixels.shape[0]):
+        if mosaic:
+            for tile in range(tiles.pixels.shape[0]):
                 out.append(
                     _Slice(
                         order=order,
-                        pixels=mosaic.pixels[tile],
-                        position=mosaic.positions[tile],
-                        pixel_spacing=pixel_spacing,
+                        pixels=tiles.pixels[tile],
+                        position=tiles.positions[tile],
                         source=SliceSource(sop_uid, None, tile),
                         **common,
                     )
@@ -266,7 +258,7 @@ def _slices_of(
             _Slice(
                 order=order,
                 pixels=pixels[frame],
-                position=np.asarray([float(v) for v in geometry], dtype=np.float64),
+                position=np.asarray([float(v) for v in position], dtype=np.float64),
                 source=SliceSource(sop_uid, frame + 1 if frames > 1 or enhanced else None),
                 **common,
             )
@@ -274,34 +266,11 @@ def _slices_of(
     return out
 
 
-def _functional_groups(dataset: Dataset, frame_index: int | None) -> list[Dataset]:
-    """The frame's per-frame functional group item, then the shared one (empty for classic images)."""
-    if frame_index is None:
-        return []
-    groups: list[Dataset] = []
-    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
-    if per_frame and frame_index < len(per_frame):
-        groups.append(per_frame[frame_index])
-    shared = dataset.get("SharedFunctionalGroupsSequence")
-    if shared:
-        groups.append(shared[0])
-    return groups
-
-
-def _frame_item(dataset: Dataset, frame_index: int | None, sequence: str, keyword: str) -> object | None:
-    """`keyword` from the frame's functional group `sequence` (per-frame, then shared), else the top level."""
-    for group in _functional_groups(dataset, frame_index):
-        items = group.get(sequence)
-        if items and keyword in items[0]:
-            return items[0].get(keyword)
-    return dataset.get(keyword)
-
-
-def _real_world_mappings(dataset: Dataset, frame_index: int | None) -> list[Dataset]:
-    for group in _functional_groups(dataset, frame_index):
-        if group.get("RealWorldValueMappingSequence"):
-            return list(group.RealWorldValueMappingSequence)
-    return list(dataset.get("RealWorldValueMappingSequence") or [])
+def _mosaic_tiles(dataset: Dataset, pixels: np.ndarray) -> MosaicSlices:
+    try:
+        return unpack_mosaic(dataset, pixels)
+    except ValueError as error:
+        raise VolumeNotProcessed(f"instance {dataset.get('SOPInstanceUID', '?')}: {error}") from error
 
 
 def _value_mapping(dataset: Dataset, frame_index: int | None) -> tuple[float, float, ValueSource, str | None]:
@@ -309,7 +278,7 @@ def _value_mapping(dataset: Dataset, frame_index: int | None) -> tuple[float, fl
     else Rescale Slope/Intercept; LUT-only mappings are skipped."""
     linear = [
         item
-        for item in _real_world_mappings(dataset, frame_index)
+        for item in functional_sequence(dataset, frame_index, "RealWorldValueMappingSequence")
         if "RealWorldValueSlope" in item and item.RealWorldValueSlope is not None
     ]
     if linear:
@@ -321,8 +290,8 @@ def _value_mapping(dataset: Dataset, frame_index: int | None) -> tuple[float, fl
             ValueSource.REAL_WORLD_VALUE_MAPPING,
             _unit(item),
         )
-    slope = _frame_item(dataset, frame_index, "PixelValueTransformationSequence", "RescaleSlope")
-    intercept = _frame_item(dataset, frame_index, "PixelValueTransformationSequence", "RescaleIntercept")
+    slope = frame_value(dataset, frame_index, "PixelValueTransformationSequence", "RescaleSlope")
+    intercept = frame_value(dataset, frame_index, "PixelValueTransformationSequence", "RescaleIntercept")
     if slope is None and intercept is None:
         return 1.0, 0.0, ValueSource.STORED, None
     return _float(slope, 1.0), _float(intercept, 0.0), ValueSource.RESCALE, None

@@ -14,12 +14,12 @@ from conftest import SHARED_DATA, require
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from dicom_gateway.attributes import siemens_csa
 from dicom_gateway.diffusion import (
     DiffusionInfo,
     VolumeKey,
     diffusion_info,
     ordered_volume_keys,
-    read_csa_items,
     round_b_value,
     volume_keys,
 )
@@ -72,7 +72,10 @@ def test_siemens_csa_b_value_when_the_mr_header_lacks_it() -> None:
     _with_decoy(dataset, 0x0029, 0x10, "OB", _csa({"B_value": ["9999"]}))
     _private(dataset, 0x0029, "SIEMENS CSA HEADER", 0x10, "OB", _csa({"EchoTime": ["80"], "B_value": ["1500"]}))
     assert diffusion_info(dataset).b_value == 1500.0
-    assert read_csa_items(b"garbage") == {}
+    damaged = Dataset()
+    _private(damaged, 0x0029, "SIEMENS CSA HEADER", 0x10, "OB", b"garbage!")
+    assert siemens_csa(damaged) is None  # a damaged CSA header is no value, never an exception
+    assert diffusion_info(damaged).b_value is None
 
 
 def test_real_siemens_mosaic_csa_fallback(tmp_path) -> None:
