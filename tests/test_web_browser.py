@@ -145,6 +145,48 @@ def test_login_study_list_viewer_overlay_and_download(browser, site: str, web_no
     assert target.read_bytes()[:2] == b"\x1f\x8b"
 
 
+# Each edge letter's box centre relative to the canvas (0..1 across, 0..1 down), and the canvas' own size.
+EDGE_BOXES_JS = """
+const canvas = document.getElementById('canvas').getBoundingClientRect();
+const boxes = {};
+for (const edge of ['top', 'right', 'bottom', 'left']) {
+  const box = document.getElementById('edge-' + edge).getBoundingClientRect();
+  boxes[edge] = [(box.left + box.width / 2 - canvas.left) / canvas.width,
+                 (box.top + box.height / 2 - canvas.top) / canvas.height];
+}
+return boxes;
+"""
+FETCH_JSON_JS = "fetch(arguments[0]).then(r => r.json()).then(arguments[arguments.length - 1]);"
+EDGE_POSITIONS = {"top": (0.5, 0.0), "right": (1.0, 0.5), "bottom": (0.5, 1.0), "left": (0.0, 0.5)}
+
+
+def test_viewer_shows_the_patient_directions_on_the_four_edges(browser, site: str, web_node: Node) -> None:
+    """The synthetic study's series are axial with rows running to the patient's right and columns anterior
+    (ImageOrientationPatient -1 0 0 0 -1 0); the viewer shows slices as stored, as a PACS does, so L sits on the
+    left edge and P on top. Each volume's letters come from the server and are drawn at the middle of each edge."""
+    import pydicom
+    from selenium.webdriver.common.by import By
+
+    orientations = {tuple(float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).ImageOrientationPatient)
+                    for path in web_node.studies.study_files(web_node.study_uid)}
+    assert orientations == {(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)}
+    as_stored = {"left": "L", "right": "R", "top": "P", "bottom": "A"}
+
+    browser.delete_all_cookies()
+    _log_in(browser, site, new_user(web_node))
+    browser.get(f"{site}/studies/{web_node.study_uid}")
+    volumes = browser.execute_async_script(FETCH_JSON_JS, f"/api/studies/{web_node.study_uid}/volumes")["volumes"]
+    for role in ("dwi", "adc", "flair"):
+        assert volumes[role]["edge_letters"] == as_stored, role
+        browser.find_element(By.ID, f"role-{role}").click()
+        _rendered(browser, role)
+        shown = {edge: browser.find_element(By.ID, f"edge-{edge}").text for edge in EDGE_POSITIONS}
+        assert shown == as_stored, role
+        for edge, (x, y) in browser.execute_script(EDGE_BOXES_JS).items():
+            expected_x, expected_y = EDGE_POSITIONS[edge]
+            assert abs(x - expected_x) < 0.1 and abs(y - expected_y) < 0.1, (role, edge, x, y)
+
+
 def test_forged_csrf_token_and_dot_dot_download_are_refused(browser, site: str, web_node: Node) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec

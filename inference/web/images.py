@@ -1,4 +1,5 @@
-"""Slices for the viewer: raw float32 values of one slice of a NIfTI volume, and the lesion mask on that slice.
+"""Slices for the viewer: raw float32 values of one slice of a NIfTI volume, the lesion mask on that slice, and
+the patient directions its four edges face.
 
 Why raw values and not PNGs: window/level is a drag in the browser, so the page needs the real intensities. Slices
 are taken along the volume's third voxel axis (the acquisition's slice order). The mask is on the first channel's
@@ -16,7 +17,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from dicom_gateway.writers.overlay import patient_orientation
+
 _CACHED_VOLUMES = 6
+_OPPOSITE_DIRECTION = str.maketrans("RLAPHF", "LRPAFH")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,7 @@ class Volume:
             "window_center": (float(low) + high) / 2,
             "window_width": high - float(low),
             "spacing_mm": [float(v) for v in nib.affines.voxel_sizes(self.affine)[:3]],
+            "edge_letters": edge_letters(self.affine),
         }
 
     def slice_bytes(self, index: int) -> bytes:
@@ -51,6 +56,22 @@ class Volume:
         if not 0 <= index < self.slices:
             raise IndexError(f"slice {index} outside 0..{self.slices - 1}")
         return index
+
+
+def edge_letters(affine: np.ndarray) -> dict[str, str]:
+    """The patient direction each edge of a slice faces, laid out as `Volume.slice_bytes` lays it out (first voxel
+    axis left to right, second top to bottom), so the reader can tell left from right on screen. The letters are
+    those the SC overlay writes as PatientOrientation (R/L, A/P, H/F; an oblique direction's letters largest
+    first)."""
+    ras = np.asarray(affine, dtype=np.float64)[:3, :2]
+    lps = ras * np.array([[-1.0], [-1.0], [1.0]]) / np.linalg.norm(ras, axis=0)  # NIfTI RAS+ to DICOM LPS+
+    right, bottom = patient_orientation(lps.T.ravel().tolist())
+    return {
+        "left": right.translate(_OPPOSITE_DIRECTION),
+        "right": right,
+        "top": bottom.translate(_OPPOSITE_DIRECTION),
+        "bottom": bottom,
+    }
 
 
 def mask_slice_bytes(mask: Volume, target: Volume, index: int) -> bytes:

@@ -1,5 +1,6 @@
 /* The study page's slice viewer: raw slices from the JSON API drawn on a canvas, window/level by drag,
-   slices by wheel or slider, DWI/ADC/FLAIR switch, lesion overlay on/off with opacity. No libraries. */
+   slices by wheel or slider, DWI/ADC/FLAIR switch, lesion overlay on/off with opacity, the patient-direction
+   letters (computed by the server) on the four edges. No libraries. */
 (function () {
   "use strict";
   const root = document.getElementById("viewer");
@@ -70,6 +71,9 @@
     slider.max = String(meta.slices - 1);
     state.index = Math.min(meta.best_slice, meta.slices - 1);
     slider.value = String(state.index);
+    Object.keys(meta.edge_letters).forEach(function (edge) {
+      document.getElementById("edge-" + edge).textContent = meta.edge_letters[edge];
+    });
     document.querySelectorAll("#roles button").forEach(function (button) {
       button.classList.toggle("active", button.dataset.role === role);
     });
