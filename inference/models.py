@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -81,6 +81,14 @@ class ServingModel:
         }
 
 
+class ModelSource(Protocol):
+    """What a job needs from the models: `ModelService`, or one given package (`fedlesion segment --model`)."""
+
+    def current(self, task: Task) -> ServingModel: ...
+
+    def served_versions(self) -> dict[Task, int]: ...
+
+
 @dataclass(frozen=True)
 class Refusal:
     """A package the node would not serve, and why; `kind` is the refusal class (e.g. TamperedPackage)."""
@@ -129,6 +137,32 @@ def warm_up_channels(manifest: Manifest) -> list[Channel]:
         data = head * levels[channel.role] + rng.normal(0.0, 10.0, shape)
         channels.append(Channel(np.clip(data, 0, None).astype(np.float32), affine, channel.name))
     return channels
+
+
+def warm_up(loaded: LoadedPackage, engine_factory: EngineFactory) -> ServingModel:
+    """A verified package made ready to serve: its engine runs one prediction on a dummy head first, so a model
+    that cannot run is refused (WarmUpFailed) before any study depends on it."""
+    try:
+        engine = engine_factory(loaded)
+        channels = warm_up_channels(loaded.manifest)
+        probabilities = np.asarray(engine.predict(channels).probabilities)
+    except Exception as error:  # any failure of a new model is a refusal, never a crash of the node
+        raise WarmUpFailed(f"warm-up prediction failed: {error.__class__.__name__}: {error}") from error
+    if probabilities.shape != channels[0].data.shape or not np.all(np.isfinite(probabilities)):
+        raise WarmUpFailed(
+            f"warm-up prediction gave shape {probabilities.shape} or non-finite values "
+            f"(expected {channels[0].data.shape})"
+        )
+    if probabilities.min() < 0.0 or probabilities.max() > 1.0:
+        raise WarmUpFailed("warm-up prediction is not a probability map (values outside [0, 1])")
+    return ServingModel(
+        engine=engine,
+        package=loaded,
+        manifest=loaded.manifest,
+        version=loaded.manifest.version,
+        providers=tuple(engine.providers),
+        loaded_at=datetime.now(UTC).replace(microsecond=0),
+    )
 
 
 class ModelService:
@@ -209,13 +243,20 @@ class ModelService:
         }
 
     # -- life cycle ------------------------------------------------------------------------------------------
-    def start(self, *, watch: bool = True) -> None:
-        """Seed an empty registry from the embedded defaults, serve the newest verified versions, then watch."""
-        self.registry.root.mkdir(parents=True, exist_ok=True)
-        for task in sorted(self.tasks):
-            if not self.registry.versions(task):
-                self._seed(task)
+    def start(self, *, watch: bool = True, seed: bool = True) -> None:
+        """Serve the newest verified version of each task, then watch the registry.
+
+        A task without any version in the registry gets the embedded default: published into the registry
+        (`seed`, the node), or served from where it lies (`seed=False`: `fedlesion segment` reads a node's registry
+        and leaves it as it found it)."""
+        if seed:
+            self.registry.root.mkdir(parents=True, exist_ok=True)
+        empty = [task for task in sorted(self.tasks) if not self.registry.versions(task)]
+        for task in empty if seed else ():
+            self._seed(task)
         self.poll_once()
+        for task in () if seed else empty:
+            self._serve_default(task)
         missing = sorted(task.value for task in self.tasks - set(self.served_versions()))
         if missing:
             LOG.error("no verified model for %s; studies for it are not processed", ", ".join(missing))
@@ -237,10 +278,21 @@ class ModelService:
             except Exception:  # a disk error must not end the watch; the next poll tries again
                 LOG.exception("registry poll failed")
 
-    def _seed(self, task: Task) -> None:
+    def _default_package(self, task: Task) -> Path | None:
         source = self.defaults_dir / task.value if self.defaults_dir is not None else None
         if source is None or not source.is_dir():
             LOG.warning("registry has no %s model and no embedded default to seed it", task.value)
+            return None
+        return source
+
+    def _serve_default(self, task: Task) -> None:
+        source = self._default_package(task)
+        if source is not None:
+            self._try(task, source, None, None)
+
+    def _seed(self, task: Task) -> None:
+        source = self._default_package(task)
+        if source is None:
             return
         try:
             loaded = self.registry.publish(source)
@@ -261,7 +313,7 @@ class ModelService:
                 for version in reversed(candidates):
                     if (task, version) in self._refused:
                         continue
-                    if self._try(task, version, served):
+                    if self._try(task, self.registry.root / task.value / str(version), version, served):
                         swapped[task] = version
                         break
                     self._refused.add((task, version))
@@ -284,16 +336,17 @@ class ModelService:
             raise WarmUpFailed(refusal.reason if refusal else f"{task.value} version {version} was not swapped in")
         return serving
 
-    def _try(self, task: Task, version: int, served: int | None) -> bool:
-        path = self.registry.root / task.value / str(version)
+    def _try(self, task: Task, path: Path, version: int | None, served: int | None) -> bool:
+        """Verify, warm up and swap in the package at `path`; `version`: what its registry path says (None for
+        the embedded default served in place)."""
         try:
             loaded = load_package(path, self.trust, served={task: served} if served is not None else None)
-            if (loaded.manifest.task, loaded.manifest.version) != (task, version):
+            if loaded.manifest.task is not task or version not in (None, loaded.manifest.version):
                 raise MalformedPackage(
                     f"{path} holds {loaded.manifest.task.value} version {loaded.manifest.version}, "
                     "not what its path says"
                 )
-            serving = self._warm_up(loaded)
+            serving = warm_up(loaded, self._engine_factory)
         except (PackageRefused, OSError) as error:
             self._record(task, version, path, error)
             return False
@@ -302,33 +355,10 @@ class ModelService:
             self._serving[task] = serving
         LOG.info(
             "serving %s version %d%s on %s (was %s)",
-            task.value, version, " (DEMO)" if loaded.demo else "", ", ".join(serving.providers),
+            task.value, serving.version, " (DEMO)" if loaded.demo else "", ", ".join(serving.providers),
             previous.version if previous else "none",
         )
         return True
-
-    def _warm_up(self, loaded: LoadedPackage) -> ServingModel:
-        try:
-            engine = self._engine_factory(loaded)
-            channels = warm_up_channels(loaded.manifest)
-            probabilities = np.asarray(engine.predict(channels).probabilities)
-        except Exception as error:  # any failure of a new model is a refusal, never a crash of the node
-            raise WarmUpFailed(f"warm-up prediction failed: {error.__class__.__name__}: {error}") from error
-        if probabilities.shape != channels[0].data.shape or not np.all(np.isfinite(probabilities)):
-            raise WarmUpFailed(
-                f"warm-up prediction gave shape {probabilities.shape} or non-finite values "
-                f"(expected {channels[0].data.shape})"
-            )
-        if probabilities.min() < 0.0 or probabilities.max() > 1.0:
-            raise WarmUpFailed("warm-up prediction is not a probability map (values outside [0, 1])")
-        return ServingModel(
-            engine=engine,
-            package=loaded,
-            manifest=loaded.manifest,
-            version=loaded.manifest.version,
-            providers=tuple(engine.providers),
-            loaded_at=datetime.now(UTC).replace(microsecond=0),
-        )
 
     def _record(self, task: Task | None, version: int | None, path: Path, error: Exception) -> None:
         refusal = Refusal(

@@ -35,8 +35,9 @@ from inference.models import (
     ModelUnavailable,
     trust_from_bundle,
 )
+from inference.study_plan import dwi_b_parameters
 from inference.worker import installed_tasks, start_workers
-from models.manifest import Role, Task
+from models.manifest import Task
 from models.package import LoadedPackage
 
 LOG = logging.getLogger(__name__)
@@ -159,13 +160,10 @@ class Node:
     def describe_roles(self, paths: list[Path]) -> Any:
         """Series roles with the b-value and range of the stroke model being served (the defaults without one)."""
         try:
-            manifest = self.models.current(Task.STROKE_DWI_ADC).manifest
+            wanted = dwi_b_parameters(self.models.current(Task.STROKE_DWI_ADC).manifest)
         except ModelUnavailable:
-            return classify_study(paths)
-        dwi = next((channel for channel in manifest.inputs if channel.role is Role.DWI), None)
-        if dwi is None or dwi.b_value is None or dwi.b_value_range is None:
-            return classify_study(paths)
-        return classify_study(paths, int(dwi.b_value), (int(dwi.b_value_range[0]), int(dwi.b_value_range[1])))
+            wanted = None
+        return classify_study(paths) if wanted is None else classify_study(paths, *wanted)
 
     def _start_web(self) -> int:
         from waitress.server import create_server

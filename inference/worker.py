@@ -19,36 +19,27 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol
-
 from pydicom.dataset import Dataset
 
 from dicom_gateway.outbox import Outbox, OutputKey
-from dicom_gateway.roles import StudyRoles, classify_headers
+from dicom_gateway.roles import StudyRoles
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import StudyHeaders, open_dicom, read_files
 from dicom_gateway.study_inputs import StudyInputs, load_study_inputs
 from dicom_gateway.writers import write_not_processed, write_outputs
 from fedlesion.settings import Settings
 from inference.jobs import Job, JobQueue, JobResult, JobState, results_dir
-from inference.models import ModelUnavailable, ServingModel
+from inference.models import ModelSource, ModelUnavailable, ServingModel
 from inference.pipeline import segment_study
 from inference.report import write_result
-from models.manifest import Role, Task
+from inference.study_plan import plan_study
+from models.manifest import Task
 
 logger = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.5
 FINISH_ATTEMPTS = 5
 NOT_PROCESSED_MODEL = "none"  # the outbox key's model version of a "not performed" notice without a model
-
-
-class ModelSource(Protocol):
-    """What a worker needs from inference.models.ModelService."""
-
-    def current(self, task: Task) -> ServingModel: ...
-
-    def served_versions(self) -> dict[Task, int]: ...
 
 
 def installed_tasks(models: ModelSource) -> frozenset[Task]:
@@ -144,13 +135,14 @@ class Worker:
     def _process(self, job: Job) -> Outcome:
         if job.task is None:
             raise ValueError("a job without a task cannot run")
-        try:
-            serving = self.models.current(job.task)  # kept for the whole job: hot-swap safe
-        except ModelUnavailable as error:
-            return Outcome(JobState.FAILED, str(error))
         started = time.perf_counter()
         study = self._study(job)
-        inputs = load_study_inputs(self._roles(job, study, serving), study)
+        try:
+            plan = plan_study(study, job.task, self.models, StudyRoles.from_json(job.roles_json))
+        except ModelUnavailable as error:
+            return Outcome(JobState.FAILED, str(error))
+        serving = plan.model  # kept for the whole job: hot-swap safe
+        inputs = load_study_inputs(plan.roles, study)
         _check_inputs(inputs, serving)
         loaded = time.perf_counter() - started
         created = _created(job)
@@ -218,18 +210,6 @@ class Worker:
         if not paths:
             raise NotProcessed("the study's spooled instances are gone (retention purge); send it again")
         return read_files(paths).only_study()
-
-    def _roles(self, job: Job, study: StudyHeaders, serving: ServingModel) -> StudyRoles:
-        """The stored roles, or roles recomputed for the serving model's b-value and range when they differ."""
-        roles = StudyRoles.from_json(job.roles_json)
-        dwi = next((channel for channel in serving.manifest.inputs if channel.role is Role.DWI), None)
-        if dwi is None or dwi.b_value is None or dwi.b_value_range is None:
-            return roles
-        wanted = (int(dwi.b_value), (int(dwi.b_value_range[0]), int(dwi.b_value_range[1])))
-        if wanted == (roles.dwi_b_value, tuple(roles.dwi_b_range)):
-            return roles
-        logger.info("job %d: roles recomputed for the model's b=%d range %s", job.id, wanted[0], wanted[1])
-        return classify_headers(study, wanted[0], wanted[1])
 
     def _notify_not_processed(self, job: Job, reason: str) -> None:
         """One SC "AI analysis not performed: reason" (settings.tasks.notify_not_processed); best effort."""

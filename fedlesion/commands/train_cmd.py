@@ -7,12 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-TASKS = ("stroke-dwi-adc", "ms-flair")
+from models.manifest import Task
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a segmentation model on one site's data")
-    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--task", required=True, choices=[task.value for task in Task])
     parser.add_argument("--data", required=True, metavar="SPEC",
                         help="dataset folder or CSV manifest, or synthetic:N for N seeded synthetic cases")
     parser.add_argument("--out", required=True, metavar="DIR",
