@@ -12,7 +12,8 @@ from typing import Any
 
 import nibabel as nib
 
-from dicom_gateway.roles import StudyRoles, classify_headers
+from dicom_gateway.role_decisions import StudyRoles
+from dicom_gateway.roles import classify_headers
 from dicom_gateway.study_files import read_path
 from dicom_gateway.study_inputs import RoleVolume, StudyInputs, load_study_inputs
 from models.manifest import ADC_UNIT

@@ -18,7 +18,8 @@ from pydicom.dataset import Dataset
 from dicom_gateway.attributes import frame_value, is_enhanced, number_of_frames
 from dicom_gateway.diffusion import VolumeKey, volume_keys
 from dicom_gateway.mosaic import is_mosaic, mosaic_grid, mosaic_image_count
-from dicom_gateway.roles import SeriesDecision, classify_headers
+from dicom_gateway.role_decisions import SeriesDecision
+from dicom_gateway.roles import classify_headers
 from dicom_gateway.study_files import SeriesHeaders, header_values, read_path
 
 SPACING_TOLERANCE_MM = 0.01  # slice gaps differing by more than this (and 1 %) are uneven

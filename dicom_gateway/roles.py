@@ -1,24 +1,18 @@
 """Series roles of a study from headers alone: which series is the DWI, the ADC and the FLAIR, and why.
 
-The rules are data (role_rules.toml, design.md §4); this module applies them and records, for every series, one
-decision with a human reason, so `fedlesion inspect` and the web page can show why a series was used or not. The
-result (`StudyRoles`) is stored as the studies table's roles_json and read by the jobs and the volume assembler,
-which split series into volumes with `diffusion.volume_keys` exactly as counted here.
+The rules are data (`role_rules`, design.md §4); this module applies them and records, for every series, one
+decision with a human reason (`role_decisions`), so `fedlesion inspect` and the web page can show why a series was
+used or not. The result (`StudyRoles`) is stored as the studies table's roles_json and read by the jobs and the
+volume assembler, which split series into volumes with `diffusion.volume_keys` exactly as counted here.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import re
-import tomllib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from enum import StrEnum
-from importlib import resources
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
@@ -31,6 +25,18 @@ from dicom_gateway.diffusion import (
     ordered_volume_keys,
     volume_keys,
 )
+from dicom_gateway.role_decisions import (
+    AdcChoice,
+    AdcSource,
+    DwiChoice,
+    DwiKind,
+    FlairChoice,
+    SeriesDecision,
+    SeriesRole,
+    StudyRoles,
+    VolumeSummary,
+)
+from dicom_gateway.role_rules import RoleRules, default_rules
 from dicom_gateway.study_files import (
     SeriesHeaders,
     StudyHeaders,
@@ -40,375 +46,6 @@ from dicom_gateway.study_files import (
 from dicom_gateway.uids import OWN_MANUFACTURER
 
 logger = logging.getLogger(__name__)
-
-ROLES_JSON_VERSION = 1
-
-
-class SeriesRole(StrEnum):
-    DWI = "dwi"
-    ADC = "adc"
-    FLAIR = "flair"
-    DWI_SOURCE = "dwi-source"  # directional DWI kept only as the source of a computed trace or ADC
-    IGNORED = "ignored"
-
-
-class DwiKind(StrEnum):
-    TRACE = "trace"  # made by the scanner
-    COMPUTED = "computed"  # geometric mean over directions at one b
-
-
-class AdcSource(StrEnum):
-    SCANNER = "scanner"
-    COMPUTED = "computed"  # 10⁶·ln(S0/Sb)/b from a DWI series' b0 and b volumes
-
-
-# --- rules -------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MatchRule:
-    """Matches a series when any condition does: a whole ImageType token, or a SeriesDescription regex."""
-
-    image_type_any: frozenset[str] = frozenset()
-    description_regex: tuple[re.Pattern[str], ...] = ()
-    reason: str = ""
-
-    def matches(self, tokens: frozenset[str], description: str) -> bool:
-        return bool(tokens & self.image_type_any) or any(p.search(description) for p in self.description_regex)
-
-
-@dataclass(frozen=True)
-class RoleRules:
-    """role_rules.toml, validated: unknown keys or bad values are a ValueError naming the key."""
-
-    image_sop_classes: frozenset[str]
-    modalities: frozenset[str]
-    exclusions: tuple[MatchRule, ...]
-    adc: MatchRule
-    trace_image_type_any: frozenset[str]
-    min_directions_for_computed_trace: int
-    dwi_preference: tuple[str, ...]
-    flair_scanning_sequence_any: frozenset[str]
-    flair_sequence_name_regex: tuple[re.Pattern[str], ...]
-    flair_description_regex: tuple[re.Pattern[str], ...]
-    flair_inversion_time_min_ms: float
-    flair_repetition_time_min_ms: float
-    t1_flair_description_regex: tuple[re.Pattern[str], ...]
-    post_contrast_description_regex: tuple[re.Pattern[str], ...]
-    flair_acquisition_preference: tuple[str, ...]
-
-    @classmethod
-    def load(cls, path: Path | None = None) -> RoleRules:
-        """The packaged rules, or those at `path`."""
-        if path is None:
-            text = resources.files("dicom_gateway").joinpath("role_rules.toml").read_text(encoding="utf-8")
-            source = "dicom_gateway/role_rules.toml"
-        else:
-            text = path.read_text(encoding="utf-8")
-            source = str(path)
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as error:
-            raise ValueError(f"{source}: {error}") from error
-        return cls.from_dict(data, source)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "rules") -> RoleRules:
-        _known(data, {"version", "image", "exclude", "adc", "dwi", "flair"}, source)
-        if data.get("version") != 1:
-            raise ValueError(f"{source}: version must be 1, got {data.get('version')!r}")
-        image = _table(data, "image", source, {"sop_classes", "modalities"})
-        dwi = _table(data, "dwi", source, {"trace_image_type_any", "min_directions_for_computed_trace", "prefer"})
-        flair = _table(
-            data,
-            "flair",
-            source,
-            {
-                "scanning_sequence_any",
-                "sequence_name_regex",
-                "description_regex",
-                "inversion_time_min_ms",
-                "repetition_time_min_ms",
-                "t1_flair_description_regex",
-                "post_contrast_description_regex",
-                "prefer_acquisition_type",
-            },
-        )
-        preference = tuple(_strings(dwi, "prefer", f"{source}: dwi"))
-        unknown = set(preference) - {"trace", "in_range", "closest_b", "latest"}
-        if unknown or len(set(preference)) != len(preference):
-            raise ValueError(f"{source}: dwi.prefer has unknown or repeated entries: {preference}")
-        exclusions = data.get("exclude", [])
-        if not isinstance(exclusions, list):
-            raise ValueError(f"{source}: exclude must be an array of tables")  # noqa: TRY004 (file content)
-        return cls(
-            image_sop_classes=frozenset(_strings(image, "sop_classes", f"{source}: image")),
-            modalities=frozenset(token.upper() for token in _strings(image, "modalities", f"{source}: image")),
-            exclusions=tuple(
-                _match_rule(rule, f"{source}: exclude[{index}]", need_reason=True)
-                for index, rule in enumerate(exclusions)
-            ),
-            adc=_match_rule(_table(data, "adc", source, {"image_type_any", "description_regex"}), f"{source}: adc"),
-            trace_image_type_any=frozenset(_tokens(dwi, "trace_image_type_any", f"{source}: dwi")),
-            min_directions_for_computed_trace=_positive_int(dwi, "min_directions_for_computed_trace", source),
-            dwi_preference=preference,
-            flair_scanning_sequence_any=frozenset(_tokens(flair, "scanning_sequence_any", f"{source}: flair")),
-            flair_sequence_name_regex=_patterns(flair, "sequence_name_regex", f"{source}: flair"),
-            flair_description_regex=_patterns(flair, "description_regex", f"{source}: flair"),
-            flair_inversion_time_min_ms=_positive_float(flair, "inversion_time_min_ms", source),
-            flair_repetition_time_min_ms=_positive_float(flair, "repetition_time_min_ms", source),
-            t1_flair_description_regex=_patterns(flair, "t1_flair_description_regex", f"{source}: flair"),
-            post_contrast_description_regex=_patterns(flair, "post_contrast_description_regex", f"{source}: flair"),
-            flair_acquisition_preference=tuple(
-                token.upper() for token in _strings(flair, "prefer_acquisition_type", f"{source}: flair")
-            ),
-        )
-
-
-def _known(table: dict[str, Any], keys: set[str], where: str) -> None:
-    unknown = set(table) - keys
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
-
-
-def _table(data: dict[str, Any], key: str, source: str, keys: set[str]) -> dict[str, Any]:
-    table = data.get(key)
-    if not isinstance(table, dict):
-        raise ValueError(f"{source}: [{key}] table missing")  # noqa: TRY004 (file content)
-    _known(table, keys, f"{source}: {key}")
-    return table
-
-
-def _strings(table: dict[str, Any], key: str, where: str) -> list[str]:
-    values = table.get(key, [])
-    if not isinstance(values, list) or not all(isinstance(value, str) and value for value in values):
-        raise ValueError(f"{where}.{key}: must be a list of non-empty strings")
-    return values
-
-
-def _tokens(table: dict[str, Any], key: str, where: str) -> list[str]:
-    return [token.strip().upper() for token in _strings(table, key, where)]
-
-
-def _patterns(table: dict[str, Any], key: str, where: str) -> tuple[re.Pattern[str], ...]:
-    patterns = []
-    for text in _strings(table, key, where):
-        try:
-            patterns.append(re.compile(text))
-        except re.error as error:
-            raise ValueError(f"{where}.{key}: bad regex {text!r}: {error}") from error
-    return tuple(patterns)
-
-
-def _positive_float(table: dict[str, Any], key: str, source: str) -> float:
-    value = table.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{source}: {key} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _positive_int(table: dict[str, Any], key: str, source: str) -> int:
-    value = table.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{source}: {key} must be a positive integer, got {value!r}")
-    return value
-
-
-def _match_rule(table: Any, where: str, need_reason: bool = False) -> MatchRule:
-    if not isinstance(table, dict):
-        raise ValueError(f"{where}: must be a table")  # noqa: TRY004 (file content)
-    _known(table, {"reason", "image_type_any", "description_regex"}, where)
-    reason = table.get("reason", "")
-    if need_reason and (not isinstance(reason, str) or not reason):
-        raise ValueError(f"{where}: needs a reason")
-    rule = MatchRule(
-        image_type_any=frozenset(_tokens(table, "image_type_any", where)),
-        description_regex=_patterns(table, "description_regex", where),
-        reason=reason,
-    )
-    if not rule.image_type_any and not rule.description_regex:
-        raise ValueError(f"{where}: needs image_type_any or description_regex")
-    return rule
-
-
-# --- results -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class VolumeSummary:
-    """One split volume of a series, in acquisition order."""
-
-    b_value: float
-    direction: tuple[float, float, float] | None
-    repeat: int
-    frames: int
-    trace: bool
-
-    @property
-    def key(self) -> VolumeKey:
-        return VolumeKey(self.b_value, self.direction, self.repeat)
-
-
-@dataclass
-class SeriesDecision:
-    series_uid: str
-    sop_class_uid: str
-    number: int | None
-    description: str
-    modality: str
-    role: SeriesRole
-    reason: str
-    b_values: list[float]
-    volumes: list[VolumeSummary]
-    instances: int
-    frames: int
-    warnings: list[str] = field(default_factory=list)
-
-
-@dataclass
-class DwiChoice:
-    series_uid: str
-    sop_class_uid: str
-    series_number: int | None
-    b_value: float
-    kind: DwiKind
-    volumes: list[VolumeKey]  # the trace volume, or the directional volumes to average geometrically
-
-
-@dataclass
-class AdcChoice:
-    source: AdcSource
-    series_uid: str
-    sop_class_uid: str
-    series_number: int | None
-    b_value: float | None = None  # computed only: the b of `b_volumes`
-    b0_volumes: list[VolumeKey] = field(default_factory=list)  # computed only: averaged into S0
-    b_volumes: list[VolumeKey] = field(default_factory=list)  # computed only: their geometric mean is Sb
-
-
-@dataclass
-class FlairChoice:
-    series_uid: str
-    sop_class_uid: str
-    series_number: int | None
-    acquisition_type: str
-
-
-@dataclass
-class StudyRoles:
-    study_uid: str
-    series: list[SeriesDecision]
-    dwi: DwiChoice | None
-    adc: AdcChoice | None
-    flair: FlairChoice | None
-    warnings: list[str]
-    dwi_b_value: int
-    dwi_b_range: tuple[int, int]
-
-    def decision(self, series_uid: str, sop_class_uid: str | None = None) -> SeriesDecision:
-        """The decision for a series (UID, and SOP class where one UID holds several); KeyError when absent."""
-        for decision in self.series:
-            if decision.series_uid == series_uid and sop_class_uid in (None, decision.sop_class_uid):
-                return decision
-        raise KeyError(series_uid)
-
-    def by_number(self, number: int) -> SeriesDecision:
-        """The image series with this SeriesNumber (tests and people think in numbers); KeyError when absent."""
-        matches = [d for d in self.series if d.number == number]
-        images = [d for d in matches if d.volumes and d.role != SeriesRole.IGNORED] or matches
-        if not images:
-            raise KeyError(number)
-        return images[0]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["version"] = ROLES_JSON_VERSION
-        for decision in data["series"]:
-            for volume in decision["volumes"]:
-                volume["direction"] = list(volume["direction"]) if volume["direction"] else None
-        for choice in ("dwi", "adc"):
-            if data[choice] is not None:
-                for key in ("volumes", "b0_volumes", "b_volumes"):
-                    if key in data[choice]:
-                        data[choice][key] = [_key_to_dict(k) for k in getattr(getattr(self, choice), key)]
-        data["dwi_b_range"] = list(self.dwi_b_range)
-        return data
-
-    @classmethod
-    def from_json(cls, text: str) -> StudyRoles:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"roles_json is not JSON: {error}") from error
-        if not isinstance(data, dict) or data.get("version") != ROLES_JSON_VERSION:
-            raise ValueError(f"roles_json version must be {ROLES_JSON_VERSION}")
-        try:
-            return cls._from_dict(data)
-        except (KeyError, TypeError, ValueError) as error:
-            raise ValueError(f"roles_json is malformed: {error!r}") from error
-
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any]) -> StudyRoles:
-        series = [
-            SeriesDecision(
-                **{
-                    **decision,
-                    "role": SeriesRole(decision["role"]),
-                    "volumes": [
-                        VolumeSummary(**{**volume, "direction": _direction(volume["direction"])})
-                        for volume in decision["volumes"]
-                    ],
-                }
-            )
-            for decision in data["series"]
-        ]
-        dwi = data["dwi"]
-        adc = data["adc"]
-        flair = data["flair"]
-        return cls(
-            study_uid=data["study_uid"],
-            series=series,
-            dwi=None
-            if dwi is None
-            else DwiChoice(
-                **{**dwi, "kind": DwiKind(dwi["kind"]), "volumes": [_key_from_dict(k) for k in dwi["volumes"]]}
-            ),
-            adc=None
-            if adc is None
-            else AdcChoice(
-                **{
-                    **adc,
-                    "source": AdcSource(adc["source"]),
-                    "b0_volumes": [_key_from_dict(k) for k in adc["b0_volumes"]],
-                    "b_volumes": [_key_from_dict(k) for k in adc["b_volumes"]],
-                }
-            ),
-            flair=None if flair is None else FlairChoice(**flair),
-            warnings=list(data["warnings"]),
-            dwi_b_value=int(data["dwi_b_value"]),
-            dwi_b_range=(int(data["dwi_b_range"][0]), int(data["dwi_b_range"][1])),
-        )
-
-
-def _key_to_dict(key: VolumeKey) -> dict[str, Any]:
-    return {"b_value": key.b_value, "direction": list(key.direction) if key.direction else None, "repeat": key.repeat}
-
-
-def _direction(value: Any) -> tuple[float, float, float] | None:
-    if value is None:
-        return None
-    x, y, z = (float(item) for item in value)
-    return (x, y, z)
-
-
-def _key_from_dict(data: dict[str, Any]) -> VolumeKey:
-    return VolumeKey(float(data["b_value"]), _direction(data["direction"]), int(data["repeat"]))
-
-
-# --- classification ----------------------------------------------------------------------------------------------
 
 
 def classify_study(
@@ -475,16 +112,6 @@ def classify_headers(
         dwi_b_value=dwi_b_value,
         dwi_b_range=dwi_b_range,
     )
-
-
-_DEFAULT_RULES: list[RoleRules] = []
-
-
-def default_rules() -> RoleRules:
-    """The packaged rule set, parsed once."""
-    if not _DEFAULT_RULES:
-        _DEFAULT_RULES.append(RoleRules.load())
-    return _DEFAULT_RULES[0]
 
 
 def _check_b_parameters(dwi_b_value: int, dwi_b_range: tuple[int, int]) -> None:

@@ -26,7 +26,7 @@ from dicom_gateway.adc_maps import (
     scanner_adc,
 )
 from dicom_gateway.diffusion import VolumeKey
-from dicom_gateway.roles import AdcSource, DwiKind, StudyRoles
+from dicom_gateway.role_decisions import AdcSource, DwiKind, StudyRoles
 from dicom_gateway.study_files import SeriesHeaders, StudyHeaders, read_path
 from dicom_gateway.volumes import (
     SeriesVolume,

@@ -22,7 +22,7 @@ from pathlib import Path
 from pydicom.dataset import Dataset
 
 from dicom_gateway.outbox import Outbox, OutputKey
-from dicom_gateway.roles import StudyRoles
+from dicom_gateway.role_decisions import StudyRoles
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import StudyHeaders, open_dicom, read_files
 from dicom_gateway.study_inputs import StudyInputs, load_study_inputs

@@ -18,15 +18,9 @@ from conftest import SHARED_DATA, require
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from dicom_gateway.roles import (
-    AdcSource,
-    DwiKind,
-    RoleRules,
-    SeriesRole,
-    StudyRoles,
-    classify_headers,
-    classify_study,
-)
+from dicom_gateway.role_decisions import AdcSource, DwiKind, SeriesRole, StudyRoles
+from dicom_gateway.role_rules import RoleRules
+from dicom_gateway.roles import classify_headers, classify_study
 from dicom_gateway.study_files import StudyHeaders, read_path
 
 SHARED = SHARED_DATA / "dicom"
@@ -382,3 +376,31 @@ def test_image_type_tokens_are_compared_whole(tmp_path) -> None:
     assert roles.by_number(6).reason == "ignored: not diffusion"
     assert roles.by_number(7).role == SeriesRole.ADC
     assert roles.adc is not None and roles.adc.series_number == 7
+
+
+# A roles_json as the studies table stores it (written before roles.py split into rules, decisions and classifier):
+# stored rows must keep reading back, and re-serialising must give the same text.
+STORED_ROLES_JSON = (
+    '{"adc": {"b0_volumes": [{"b_value": 0.0, "direction": null, "repeat": 0}], "b_value": 1000.0, "b_volumes": '
+    '[{"b_value": 1000.0, "direction": [1.0, 0.0, 0.0], "repeat": 0}, {"b_value": 1000.0, "direction": [0.0, 1.0, '
+    '0.0], "repeat": 0}], "series_number": 7, "series_uid": "1.2.3.4", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4", '
+    '"source": "computed"}, "dwi": {"b_value": 1000.0, "kind": "computed", "series_number": 7, "series_uid": '
+    '"1.2.3.4", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4", "volumes": [{"b_value": 1000.0, "direction": [1.0, '
+    '0.0, 0.0], "repeat": 0}, {"b_value": 1000.0, "direction": [0.0, 1.0, 0.0], "repeat": 0}]}, "dwi_b_range": [700, '
+    '1500], "dwi_b_value": 1000, "flair": {"acquisition_type": "3D", "series_number": 9, "series_uid": "1.2.3.5", '
+    '"sop_class_uid": "1.2.840.10008.5.1.4.1.1.4"}, "series": [{"b_values": [0.0, 1000.0], "description": '
+    '"ep2d_diff", "frames": 60, "instances": 60, "modality": "MR", "number": 7, "reason": "dwi: computed trace at '
+    'b=1000", "role": "dwi", "series_uid": "1.2.3.4", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4", "volumes": '
+    '[{"b_value": 0.0, "direction": null, "frames": 20, "repeat": 0, "trace": false}, {"b_value": 1000.0, '
+    '"direction": [1.0, 0.0, 0.0], "frames": 20, "repeat": 0, "trace": false}], "warnings": ["w"]}], "study_uid": '
+    '"1.2.3", "version": 1, "warnings": ["a warning"]}'
+)
+
+
+def test_stored_roles_json_reads_back_and_serialises_unchanged() -> None:
+    roles = StudyRoles.from_json(STORED_ROLES_JSON)
+    assert roles.dwi is not None and roles.dwi.kind is DwiKind.COMPUTED and len(roles.dwi.volumes) == 2
+    assert roles.adc is not None and roles.adc.source is AdcSource.COMPUTED and roles.adc.b0_volumes[0].direction is None
+    assert roles.series[0].role is SeriesRole.DWI and roles.series[0].volumes[1].direction == (1.0, 0.0, 0.0)
+    assert roles.flair is not None and roles.flair.acquisition_type == "3D"
+    assert roles.to_json() == STORED_ROLES_JSON

@@ -17,7 +17,8 @@ import pytest
 from pydicom import dcmread
 
 from dicom_gateway.records import StoredInstance
-from dicom_gateway.roles import StudyRoles, classify_study
+from dicom_gateway.role_decisions import StudyRoles
+from dicom_gateway.roles import classify_study
 from dicom_gateway.studies import (
     DATABASE_NAME,
     SPOOL_DIRNAME,

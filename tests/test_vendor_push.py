@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_gateway.roles import AdcSource, DwiKind, SeriesRole, StudyRoles
+from dicom_gateway.role_decisions import AdcSource, DwiKind, SeriesRole, StudyRoles
 from dicom_gateway.scp import StorageScp
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import StudyIndex

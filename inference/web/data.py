@@ -19,7 +19,7 @@ import nibabel as nib
 from pydicom.errors import InvalidDicomError
 
 from dicom_gateway.outbox import Outbox
-from dicom_gateway.roles import StudyRoles
+from dicom_gateway.role_decisions import StudyRoles
 from dicom_gateway.scp import DiskStatus
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import open_dicom, read_files
