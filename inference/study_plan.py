@@ -11,7 +11,8 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from dicom_gateway.roles import StudyRoles, classify_headers
+from dicom_gateway.role_decisions import StudyRoles
+from dicom_gateway.roles import classify_headers
 from dicom_gateway.study_files import StudyHeaders
 from inference.models import ModelSource, ServingModel
 from models.manifest import Manifest, Role, Task
