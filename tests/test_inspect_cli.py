@@ -124,3 +124,27 @@ def test_bad_path_is_one_line_and_exit_2(case: str, tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"fedlesion: error: {message}")
+
+
+def test_mosaic_geometry_counts_slices_from_the_csa_header_and_uih_grids() -> None:
+    """inspect reads mosaics as the assembler does: a Siemens mosaic whose MR header lost NumberOfImagesInMosaic
+    still counts its slices from the CSA image header, and a UIH grid its own way (5 slices in 2 × 3 tiles)."""
+    import pydicom
+
+    from dicom_gateway.inspection import series_geometry
+    from dicom_gateway.study_files import SeriesHeaders
+    from tests.test_uih_grid_dwi import SLICES, TILE_COLUMNS, TILE_ROWS, grid_image
+
+    source = SHARED_DATA / "dicom/pypi/nibabel_5.4.2/siemens_dwi_1000.dcm.gz"
+    require(source)
+    with gzip.open(source) as stream:
+        mosaic = pydicom.dcmread(stream, stop_before_pixels=True)
+    del mosaic[mosaic.private_block(0x0019, "SIEMENS MR HEADER").get_tag(0x0A)]
+    uih = grid_image(1000.0, 1, np.zeros((SLICES, TILE_ROWS, TILE_COLUMNS), np.uint16))
+
+    def geometry(dataset: pydicom.Dataset) -> dict:
+        series = SeriesHeaders("1.2.3", "1.2.3.4", str(dataset.SOPClassUID), 1, "dwi", "MR", [(Path("x.dcm"), dataset)])
+        return series_geometry(series)
+
+    assert (geometry(mosaic)["slices"], geometry(mosaic)["rows"], geometry(mosaic)["columns"]) == (48, 128, 128)
+    assert (geometry(uih)["slices"], geometry(uih)["rows"], geometry(uih)["columns"]) == (SLICES, TILE_ROWS, TILE_COLUMNS)
