@@ -9,6 +9,8 @@ A failed attempt waits `backoff_s · 2^(attempt-1)`; after `attempts` attempts, 
 Transfer syntaxes: each instance's own syntax is proposed in a context of its own, plus explicit and implicit VR
 little endian. A destination that takes only an uncompressed syntax gets a copy decompressed with pydicom;
 pynetdicom converts between explicit and implicit VR when it encodes.
+
+`send_study` is the other direction's test tool: one study's files on one association, as a PACS sends them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
@@ -134,7 +137,7 @@ class Sender:
         connected = threading.Event()
 
         def on_connection_open(event: evt.Event) -> None:
-            event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _no_delay(event)
             connected.set()
 
         assoc = self._ae.associate(
@@ -304,3 +307,35 @@ def _association_failure(assoc: Association, destination: Destination, connected
     except OSError as error:
         return _Failure(f"connection to {where} failed: {error.strerror or error}", permanent=False)
     return _Failure(f"connection to {where} failed", permanent=False)
+
+
+def send_study(paths: Sequence[Path], host: str, port: int, called_aet: str, calling_aet: str) -> str:
+    """C-STORE one study's files on one association, as a PACS sends a study (`fedlesion send-sample`); returns its
+    Study Instance UID. A refused instance or a failed association is a ValueError."""
+    datasets = [dcmread(path) for path in paths]
+    study_uids = {str(dataset.StudyInstanceUID) for dataset in datasets}
+    if len(study_uids) != 1:
+        raise ValueError(f"expected one study, found {len(study_uids)}")
+    ae = AE(ae_title=calling_aet)
+    for sop_class, syntax in sorted({(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}):
+        ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate(host, port, ae_title=called_aet, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+    if not assoc.is_established:
+        raise ValueError(f"{called_aet}@{host}:{port} did not accept an association from {calling_aet}")
+    failures = []
+    try:
+        for path, dataset in zip(paths, datasets):
+            status = assoc.send_c_store(dataset)
+            if not status or status.Status not in (0x0000, *WARNING_STATUSES):
+                failures.append(f"{Path(path).name}: status {getattr(status, 'Status', 'none'):#06x}"
+                                if status else f"{Path(path).name}: no response")
+    finally:
+        assoc.release()
+    if failures:
+        raise ValueError(f"{len(failures)} of {len(paths)} instances were not stored: {failures[0]}")
+    return study_uids.pop()
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Without TCP_NODELAY every store waits for a delayed ACK (design.md §4)."""
+    event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -13,6 +13,7 @@ import binascii
 import functools
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,3 +146,18 @@ def generate_key_pair() -> tuple[bytes, bytes]:
     """A fresh (private PEM, public PEM) pair for `fedlesion model keygen`."""
     key = Ed25519PrivateKey.generate()
     return private_key_pem(key), public_key_pem(key.public_key())
+
+
+def write_key_pair(prefix: str) -> tuple[Path, Path, bytes]:
+    """A new pair as PREFIX.private.pem (created, never overwritten, readable by its owner only) and
+    PREFIX.public.pem; returns both paths and the public PEM."""
+    private_path, public_path = Path(f"{prefix}.private.pem"), Path(f"{prefix}.public.pem")
+    for path in (private_path, public_path):
+        if path.exists():
+            raise ValueError(f"{path} exists; refusing to overwrite a key")
+    private_pem, public_pem = generate_key_pair()
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(private_pem)
+    public_path.write_bytes(public_pem)
+    return private_path, public_path, public_pem

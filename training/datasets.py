@@ -272,6 +272,32 @@ def synthetic_cases(
         yield TrainingCase(case.case_id, channels, case.mask, None)
 
 
+def load_training_cases(spec: str, task: Task | str, seed: int) -> tuple[list[TrainingCase], list[Skipped]]:
+    """(cases, skipped) for a dataset spec (`open_dataset`) or `synthetic:N` (N seeded synthetic cases)."""
+    if spec.startswith("synthetic:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--data {spec}: synthetic:N needs a whole number N ≥ 1")
+        return list(synthetic_cases(task, int(count), seed)), []
+    return load_cases(open_dataset(spec, task))  # its skipped list includes the index's own
+
+
+def split_cases(
+    cases: list[TrainingCase], val_fraction: float, seed: int
+) -> tuple[list[TrainingCase], list[TrainingCase]]:
+    """Seeded shuffle, then hold out round(F·n) cases (at least one when F > 0 and n ≥ 2; one always trains)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = int(round(val_fraction * len(cases)))
+    if val_fraction > 0 and len(cases) >= 2:
+        n_val = max(n_val, 1)
+    n_val = min(n_val, len(cases) - 1)
+    val = [cases[i] for i in sorted(order[:n_val])]
+    train = [cases[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
 def mask_on(mask: np.ndarray, source: Channel, target: Channel) -> np.ndarray:
     """A boolean mask on `source`'s grid carried onto `target`'s (nearest neighbour; as is when the grids agree)."""
     if target.data.shape == source.data.shape and np.allclose(target.affine, source.affine, atol=AFFINE_TOLERANCE_MM):

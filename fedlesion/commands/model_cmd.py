@@ -7,13 +7,12 @@ enrollment bundle; with it, the given publisher keys are trusted and demo packag
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from models.manifest import Task
 from models.package import LoadedPackage, TrustPolicy, load_package, sha256_hex
 from models.registry import Registry
-from models.signing import generate_key_pair, load_public_key, public_key_fingerprint
+from models.signing import load_public_key, public_key_fingerprint, write_key_pair
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -83,15 +82,7 @@ def _list(registry: Registry) -> int:
 
 
 def _keygen(prefix: str) -> int:
-    private_path, public_path = Path(f"{prefix}.private.pem"), Path(f"{prefix}.public.pem")
-    for path in (private_path, public_path):
-        if path.exists():
-            raise ValueError(f"{path} exists; refusing to overwrite a key")
-    private_pem, public_pem = generate_key_pair()
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
-    public_path.write_bytes(public_pem)
+    private_path, public_path, public_pem = write_key_pair(prefix)
     print(f"wrote {private_path} (keep it secret) and {public_path}")
     print(f"fingerprint: {public_key_fingerprint(load_public_key(public_pem))}")
     return 0

@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dicom_gateway.scu import send_study
     from fedlesion.settings import load_settings
     from training.synthetic import generate_case
     from training.synthetic.dicom_writer import write_dicom_study
@@ -54,48 +55,13 @@ def run(args: argparse.Namespace) -> int:
     case = generate_case(args.kind, args.seed, **options)
     with tempfile.TemporaryDirectory(prefix="fedlesion-sample-") as tmp:
         files = write_dicom_study(case, Path(tmp), patient_name=f"Synthetic^{args.kind.title()}")
-        study_uid = send_files(files, args.host, port, aet, args.calling_aet)
+        study_uid = send_study(files, args.host, port, aet, args.calling_aet)
     for lesion in case.lesions:
         print(f"  truth: lesion {lesion.label} {lesion.volume_ml:.2f} ml, patient {lesion.side}")
     print(f"sent {len(files)} instances of study {study_uid} to {aet}@{args.host}:{port}")
     if args.no_complete:
         return 0
     return complete_locally(settings, args.data_dir, study_uid)
-
-
-def send_files(files: list[Path], host: str, port: int, aet: str, calling_aet: str) -> str:
-    """C-STORE every file on one association; a refused instance or a failed association is a ValueError."""
-    import socket
-
-    import pydicom
-    from pynetdicom import AE, evt
-
-    datasets = [pydicom.dcmread(path) for path in files]
-    study_uids = {str(dataset.StudyInstanceUID) for dataset in datasets}
-    if len(study_uids) != 1:
-        raise ValueError(f"expected one study, found {len(study_uids)}")
-    ae = AE(ae_title=calling_aet)
-    for sop_class, syntax in sorted({(d.SOPClassUID, d.file_meta.TransferSyntaxUID) for d in datasets}):
-        ae.add_requested_context(sop_class, syntax)
-
-    def no_delay(event: evt.Event) -> None:  # without it every store waits for a delayed ACK (design.md §4)
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, no_delay)])
-    if not assoc.is_established:
-        raise ValueError(f"{aet}@{host}:{port} did not accept an association from {calling_aet}")
-    failures = []
-    try:
-        for path, dataset in zip(files, datasets):
-            status = assoc.send_c_store(dataset)
-            if not status or status.Status not in (0x0000, 0xB000, 0xB006, 0xB007):
-                failures.append(f"{path.name}: status {getattr(status, 'Status', 'none'):#06x}"
-                                if status else f"{path.name}: no response")
-    finally:
-        assoc.release()
-    if failures:
-        raise ValueError(f"{len(failures)} of {len(files)} instances were not stored: {failures[0]}")
-    return study_uids.pop()
 
 
 def complete_locally(settings: Settings, data_dir: Path | None, study_uid: str) -> int:

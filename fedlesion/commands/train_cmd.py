@@ -44,35 +44,6 @@ def _plan_overrides(text: str | None) -> dict:
     return value
 
 
-def load_training_cases(spec: str, task: str, seed: int) -> tuple[list, list]:
-    """(cases, skipped) for a dataset SPEC or synthetic:N."""
-    from training import datasets
-
-    if spec.startswith("synthetic:"):
-        count = spec.split(":", 1)[1]
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"--data {spec}: synthetic:N needs a whole number N ≥ 1")
-        return list(datasets.synthetic_cases(task, int(count), seed)), []
-    index = datasets.open_dataset(spec, task)
-    return datasets.load_cases(index)  # its skipped list includes the index's own
-
-
-def split_cases(cases: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded shuffle, then hold out round(F·n) cases (at least one when F > 0 and n ≥ 2; one always trains)."""
-    import numpy as np
-
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(len(cases))
-    n_val = int(round(val_fraction * len(cases)))
-    if val_fraction > 0 and len(cases) >= 2:
-        n_val = max(n_val, 1)
-    n_val = min(n_val, len(cases) - 1)
-    val = [cases[i] for i in sorted(order[:n_val])]
-    train = [cases[i] for i in sorted(order[n_val:])]
-    return train, val
-
-
 def run(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
@@ -85,8 +56,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} exists and is not a folder")
     overrides = _plan_overrides(args.plan)
 
-    from training.plan import default_plan
     from training.checkpoint import checkpoint_threshold, load_checkpoint
+    from training.datasets import load_training_cases, split_cases
+    from training.plan import default_plan
     from training.trainer import resolve_device, train_model
 
     resolve_device(args.device)  # fail before loading any data
