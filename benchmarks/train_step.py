@@ -19,6 +19,8 @@ import time
 
 import torch
 
+from models.manifest import Task
+
 
 def peak_rss_mib() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
@@ -28,7 +30,7 @@ def peak_rss_mib() -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="stroke-dwi-adc", choices=("stroke-dwi-adc", "ms-flair"))
+    parser.add_argument("--task", default=Task.STROKE_DWI_ADC.value, choices=[task.value for task in Task])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument("--steps", type=int, default=5)

@@ -66,7 +66,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     study_uid TEXT NOT NULL,
     revision INTEGER NOT NULL CHECK (revision >= 1),
-    task TEXT NOT NULL CHECK (task IN ('stroke', 'ms', '{NO_TASK}')),  -- Task.short_name
+    task TEXT NOT NULL CHECK (task IN ({", ".join(f"'{task.short_name}'" for task in Task)}, '{NO_TASK}')),
     run INTEGER NOT NULL DEFAULT 1,  -- 1: routed from study_ready; n+1: the n-th reprocess
     state TEXT NOT NULL CHECK (state IN ('received', 'queued', 'running', 'done', 'failed', 'not-processed')),
     reason TEXT,
