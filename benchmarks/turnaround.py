@@ -39,8 +39,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.proctree import PeakSampler
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import CompletionTrigger, StudyIndex
-from fedlesion.settings import DicomSettings
 from training.synthetic import SiteProfile, generate_case
 from training.synthetic.dicom_writer import write_dicom_study
 

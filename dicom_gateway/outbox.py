@@ -27,9 +27,9 @@ from pathlib import Path
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from dicom_gateway.settings import Destination
 from dicom_gateway.sqlite_tx import connect, write_transaction
 from dicom_gateway.uids import is_valid_uid, spool_name
-from fedlesion.settings import Destination
 
 DATABASE_NAME = "outbox.sqlite3"
 OUTPUTS_DIR = "outputs"

@@ -32,9 +32,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_gateway.header_scan import Header, UnreadableHeader, parse_header
 from dicom_gateway.records import StoredInstance
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import Spool, SpoolClosedError, SpoolOutcome
 from dicom_gateway.uids import OWN_MANUFACTURER
-from fedlesion.settings import DicomSettings
 
 LOG = logging.getLogger(__name__)
 

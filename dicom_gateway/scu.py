@@ -34,7 +34,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_gateway.outbox import Delivery, Outbox, destination_name
-from fedlesion.settings import Destination, Settings
+from dicom_gateway.settings import DicomSettings, Destination
 
 LOGGER = logging.getLogger(__name__)
 UNCOMPRESSED_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
@@ -90,14 +90,14 @@ class Sender:
         self._ae.connection_timeout = timeout_s
 
     @classmethod
-    def from_settings(cls, outbox: Outbox, settings: Settings) -> Sender:
+    def from_settings(cls, outbox: Outbox, dicom: DicomSettings, ae_title: str) -> Sender:
         """A sender with the node's AE title and the [dicom] destinations, attempts and backoff."""
         return cls(
             outbox,
-            settings.dicom.parsed_destinations,
-            ae_title=settings.node.ae_title,
-            attempts=settings.dicom.send_attempts,
-            backoff_s=settings.dicom.send_backoff_s,
+            dicom.parsed_destinations,
+            ae_title=ae_title,
+            attempts=dicom.send_attempts,
+            backoff_s=dicom.send_backoff_s,
         )
 
     def run(self, stop_event: threading.Event) -> None:

@@ -33,10 +33,10 @@ from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 from dicom_gateway.records import StoredInstance
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from dicom_gateway.uids import is_valid_uid
-from fedlesion.settings import DicomSettings, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +176,12 @@ DescribeRoles = Callable[[list[Path]], Any]  # returns roles.StudyRoles, or any 
 ROLE_CHOICES = ("dwi", "adc", "flair")  # StudyRoles' choices; each names its series_uid and sop_class_uid
 
 
-def database_path(settings: Settings) -> Path:
-    return settings.storage.data_dir / DATABASE_NAME
+def database_path(data_dir: Path) -> Path:
+    return Path(data_dir) / DATABASE_NAME
 
 
-def spool_root(settings: Settings) -> Path:
-    return settings.storage.data_dir / SPOOL_DIRNAME
+def spool_root(data_dir: Path) -> Path:
+    return Path(data_dir) / SPOOL_DIRNAME
 
 
 def _classify_study(paths: list[Path]) -> Any:

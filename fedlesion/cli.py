@@ -14,9 +14,9 @@ import os
 import sys
 from typing import NoReturn, Sequence
 
-from fedlesion import __version__
 from fedlesion.commands import COMMANDS
 from fedlesion.settings import SettingsError
+from models.version import distribution_version
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedlesion",
         description="Brain-MRI lesion segmentation: DICOM node, ONNX inference and federated training.",
     )
-    parser.add_argument("--version", action="version", version=f"fedlesion {__version__}")
+    parser.add_argument("--version", action="version", version=f"fedlesion {distribution_version()}")
     parser.add_argument("--config", metavar="TOML", help="settings file (default: $FEDLESION_CONFIG if set)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", parser_class=OneLineParser)

@@ -25,11 +25,11 @@ from dicom_gateway.adc_maps import computed_adc
 from dicom_gateway.roles import classify_headers
 from dicom_gateway.study_files import read_path
 from dicom_gateway.study_inputs import load_study_inputs
-from fedlesion.settings import InferenceSettings
 from inference.engine import Engine
 from inference.models import ModelService, ModelSource, ModelUnavailable, ServingModel, trust_from_bundle, warm_up
 from inference.pipeline import SegmentationResult, SeriesUsed, StudySource, segment_channels, segment_study
 from inference.report import write_result
+from inference.settings import InferenceSettings
 from inference.study_plan import default_task, plan_study, present_roles
 from models.adc import adc_in_micrometres
 from models.manifest import ADC_UNIT, Manifest, Role, Task

@@ -33,12 +33,14 @@ from typing import Any
 
 from pydicom.errors import InvalidDicomError
 
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from dicom_gateway.studies import StudyIndex, StudyReady
 from dicom_gateway.study_files import open_dicom
 from dicom_gateway.uids import is_valid_uid, spool_name
-from fedlesion.settings import Settings, TasksSettings
+from inference.settings import InferenceSettings, TasksSettings
 from models.manifest import Role, Task
+from models.settings import ModelSettings
 
 logger = logging.getLogger(__name__)
 
@@ -216,15 +218,15 @@ def _task_settings(tasks: TasksSettings, task: Task) -> tuple[bool, str]:
     return tasks.ms, tasks.ms_study_filter
 
 
-def registry_tasks(settings: Settings) -> frozenset[Task]:
+def registry_tasks(data_dir: Path, models: ModelSettings) -> frozenset[Task]:
     """The tasks a model is installed for, read from disk for a process without a ModelService (the CLI): a
     version in the registry, or (demo mode) the embedded default the node seeds an empty registry with."""
     # the node's model service and the registry, imported only here
     from inference.models import DEFAULTS_DIR
     from models.registry import Registry, TrustPolicy
 
-    registry = Registry(settings.registry_dir, TrustPolicy.demo())
-    demo = settings.models.enrollment_bundle is None
+    registry = Registry(models.registry_path(data_dir), TrustPolicy.demo())
+    demo = models.enrollment_bundle is None
     return frozenset(
         task
         for task in Task
@@ -336,13 +338,18 @@ class JobQueue:
     def __init__(
         self,
         data_dir: Path,
-        settings: Settings,
         *,
+        tasks: TasksSettings = TasksSettings(),
+        inference: InferenceSettings = InferenceSettings(),
+        dicom: DicomSettings = DicomSettings(),
         installed: Callable[[], Collection[Task]] = lambda: tuple(Task),
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """`tasks` routes studies, `inference` bounds the attempts, `dicom` gives the retention periods."""
         self.data_dir = Path(data_dir)
-        self.settings = settings
+        self.tasks = tasks
+        self.inference = inference
+        self.dicom = dicom
         self.owner = process_owner()
         self._installed = installed
         self._clock = clock
@@ -392,7 +399,7 @@ class JobQueue:
             roles = row.roles
         except json.JSONDecodeError as error:
             roles = {"error": f"roles_json is not JSON: {error}"}
-        routing = route_study(roles, context, self.settings.tasks, installed)
+        routing = route_study(roles, context, self.tasks, installed)
         now = self._clock()
         with self._write() as conn:
             self._insert(conn, row.id, row.study_uid, row.revision, 1, str(row.spool_dir), row.roles_json,
@@ -453,7 +460,7 @@ class JobQueue:
     def claim(self, worker: str = "") -> Job | None:
         """The next queued job (stroke before MS, then first queued first), now running and owned by this process;
         the attempt counter grows here, so a claim that never finishes still counts."""
-        max_attempts = self.settings.inference.max_attempts
+        max_attempts = self.inference.max_attempts
         now = self._clock()
         with self._write() as conn:
             while True:
@@ -506,7 +513,7 @@ class JobQueue:
     def recover(self, index: StudyIndex | None = None) -> list[Job]:
         """After a restart: running jobs of processes that no longer run go back to the queue, or fail once they
         used `max_attempts` claims; received jobs are handed off and queued. Returns the jobs it changed."""
-        max_attempts = self.settings.inference.max_attempts
+        max_attempts = self.inference.max_attempts
         with self._read() as conn:
             running = conn.execute("SELECT id, owner, attempts FROM jobs WHERE state = 'running'").fetchall()
         orphans = [row for row in running if row["owner"] != self.owner and not owner_alive(row["owner"] or "")]
@@ -569,7 +576,7 @@ class JobQueue:
             roles = json.loads(latest["roles_json"])
         except json.JSONDecodeError as error:
             roles = {"error": f"roles_json is not JSON: {error}"}
-        routing = route_study(roles, context, self.settings.tasks, self.installed_tasks())
+        routing = route_study(roles, context, self.tasks, self.installed_tasks())
         now = self._clock()
         with self._write() as conn:
             active = {
@@ -644,7 +651,7 @@ class JobQueue:
         DICOM outputs after as long, and the spool `spool_retention_days` after the hand-off (StudyIndex); a spool
         purge waits while a study due for it still has an active job (a reprocess of an old study)."""
         now = self._clock()
-        output_cutoff = now - self.settings.dicom.output_retention_days * _DAY_S
+        output_cutoff = now - self.dicom.output_retention_days * _DAY_S
         with self._read() as conn:
             expired = conn.execute(
                 "SELECT id, result_dir FROM jobs WHERE purged_at IS NULL AND finished_at IS NOT NULL"
@@ -658,9 +665,9 @@ class JobQueue:
             with self._write() as conn:
                 conn.execute("UPDATE jobs SET purged_at = ? WHERE id = ?", (now, row["id"]))
             purged_results.append(row["id"])
-        batches = outbox.purge_expired(self.settings.dicom.output_retention_days, now) if outbox is not None else 0
+        batches = outbox.purge_expired(self.dicom.output_retention_days, now) if outbox is not None else 0
 
-        spool_cutoff = now - self.settings.dicom.spool_retention_days * _DAY_S
+        spool_cutoff = now - self.dicom.spool_retention_days * _DAY_S
         due = {
             study.study_uid
             for study in index.list_studies()
@@ -673,7 +680,7 @@ class JobQueue:
                                         " ('received', 'queued', 'running')")
             }
         deferred = bool(due & active)
-        spool = [] if deferred else index.purge_spool(self.settings.dicom.spool_retention_days * _DAY_S)
+        spool = [] if deferred else index.purge_spool(self.dicom.spool_retention_days * _DAY_S)
         if deferred:
             logger.info("spool purge deferred: %d due studies still have active jobs", len(due & active))
         return RetentionReport(purged_results, spool, batches, deferred)

@@ -1,12 +1,13 @@
-"""`fedlesion node`: the composition root. Receiver, models, job workers, sender, web page and retention from one
-Settings, started in dependency order and stopped in reverse (design.md §1, §5).
+"""`fedlesion node`: the composition root. Receiver, models, job workers, sender, web page and retention from the
+settings sections the CLI hands over, started in dependency order and stopped in reverse (design.md §1, §5).
 
 Start-up: the models are verified and warmed up first (a study must never wait for a model that cannot load),
 crash debris of the spool is cleared and the studies table recovered, jobs of a killed node are queued again, the
-sender and the web page start, and only then does the SCP accept associations. SIGTERM/SIGINT: stop accepting
-associations and let open ones finish for up to 30 s, let each worker finish the job in hand (a job still running
-after `JOB_FINISH_S` is left `running` and queued again by the next start's recovery), drain the sender's pass,
-close the web page, exit 0. Logs carry UIDs and job IDs only: nothing here logs a patient name or ID.
+sender and the web page start, and only then does the receiver (the same `Receiver` as `fedlesion receive`, with
+`dicom.receiver_processes` SCP processes) accept associations. SIGTERM/SIGINT: stop accepting associations and let
+open ones finish for up to 30 s, let each worker finish the job in hand (a job still running after `JOB_FINISH_S`
+goes back to the queue without spending an attempt: a stop is no crash), drain the sender's pass, close the web
+page, exit 0. Logs carry UIDs and job IDs only: nothing here logs a patient name or ID.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from types import FrameType
 from typing import Any
 
 from dicom_gateway.outbox import Outbox
+from dicom_gateway.receiver import ASSOCIATION_GRACE_S, LISTEN_HOST, Receiver
 from dicom_gateway.roles import classify_study
-from dicom_gateway.scp import StorageScp
 from dicom_gateway.scu import Sender
-from dicom_gateway.spool import Spool
-from dicom_gateway.studies import StudyIndex, database_path, spool_root
-from fedlesion.settings import Settings
+from dicom_gateway.settings import DicomSettings
+from dicom_gateway.studies import StudyIndex
 from inference.engine import Engine
 from inference.jobs import JobQueue, enabled_tasks
 from inference.models import (
@@ -35,16 +35,16 @@ from inference.models import (
     ModelUnavailable,
     trust_from_bundle,
 )
+from inference.settings import InferenceSettings, NodeSettings, TasksSettings
 from inference.study_plan import dwi_b_parameters
 from inference.worker import installed_tasks, start_workers
 from models.manifest import Task
 from models.package import LoadedPackage
+from models.settings import ModelSettings
 
 LOG = logging.getLogger(__name__)
 
-LISTEN_HOST = "0.0.0.0"  # a PACS reaches the node over the network; the calling-AE allow-list guards it
-ASSOCIATION_GRACE_S = 30.0  # design.md §5: open associations may finish for this long after SIGTERM
-JOB_FINISH_S = 120.0  # a job still running after this is requeued by the next start, not waited for
+JOB_FINISH_S = 120.0  # a job still running after this goes back to the queue (its attempt returned), not waited for
 RETENTION_EVERY_S = 3600.0
 WEB_THREADS = 4
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
@@ -74,13 +74,21 @@ def _distribution_installed(name: str) -> bool:
 
 @dataclass
 class Node:
-    """A running node; `start()` then `wait()` (until SIGTERM/SIGINT or `request_stop()`), then `stop()`."""
+    """A running node; `start()` then `wait()` (until SIGTERM/SIGINT, `request_stop()` or a dead SCP process), then
+    `stop()`; `exit_status` says how it ended."""
 
-    settings: Settings
+    data_dir: Path
+    node: NodeSettings = NodeSettings()
+    dicom: DicomSettings = DicomSettings()
+    tasks: TasksSettings = TasksSettings()
+    inference: InferenceSettings = InferenceSettings()
+    model_settings: ModelSettings = ModelSettings()
+    log_level: str = "INFO"  # the SCP processes' (dicom.receiver_processes > 1)
     dicom_port: int | None = None  # override node.dicom_port (0: any free port)
     web_port: int | None = None  # override node.web_port (0: any free port)
+    exit_status: int = field(init=False, default=0)
     models: ModelService = field(init=False)
-    index: StudyIndex = field(init=False)
+    receiver: Receiver = field(init=False)
     outbox: Outbox = field(init=False)
     jobs: JobQueue = field(init=False)
     _stop: threading.Event = field(init=False, default_factory=threading.Event)
@@ -88,9 +96,13 @@ class Node:
     _threads: dict[str, list[threading.Thread]] = field(init=False, default_factory=dict)
     _closers: list[tuple[str, Callable[[], Any]]] = field(init=False, default_factory=list)
 
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+
     @property
-    def data_dir(self) -> Path:
-        return self.settings.storage.data_dir
+    def index(self) -> StudyIndex:
+        """The studies table the job queue and the web page read."""
+        return self.receiver.index
 
     def start(self) -> None:
         """Everything up, the SCP last; on failure whatever started is stopped again before the error propagates."""
@@ -101,57 +113,56 @@ class Node:
             raise
 
     def _start(self) -> None:
-        settings = self.settings
         runtime = check_onnxruntime_install()
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        tasks = enabled_tasks(settings.tasks)
-        threads = settings.inference.threads or None
+        tasks = enabled_tasks(self.tasks)
+        threads = self.inference.threads or None
 
         def engine(package: LoadedPackage) -> Engine:
             return Engine(package, threads=threads)
 
         self.models = ModelService(
-            settings.registry_dir,
-            trust_from_bundle(settings.models.enrollment_bundle, tasks),
+            self.model_settings.registry_path(self.data_dir),
+            trust_from_bundle(self.model_settings.enrollment_bundle, tasks),
             tasks,
             engine_factory=engine,
-            poll_s=settings.inference.registry_poll_s,
+            poll_s=self.inference.registry_poll_s,
         )
         self.models.start()
         self._closers.append(("models", self.models.stop))
 
-        self.index = StudyIndex(database_path(settings), spool_root(settings), settings.dicom, self.describe_roles)
-        self._closers.append(("studies", self.index.close))
-        spool = Spool(self.data_dir, self.index)
-        self._closers.append(("spool", spool.close))
-        stale = spool.remove_stale_temporaries()
-        if stale:
-            LOG.warning("removed %d half-written spool files left by an interrupted node", stale)
-        self.index.recover()
+        self.receiver = Receiver(
+            self.data_dir, self.node.ae_title, self.dicom, describe_roles=self.describe_roles, log_level=self.log_level
+        )
+        self._closers.append(("receiver", self.receiver.close))
+        self.receiver.recover()
 
         self.outbox = Outbox(self.data_dir)
         self._closers.append(("outbox", self.outbox.close))
-        self.jobs = JobQueue(self.data_dir, settings, installed=lambda: installed_tasks(self.models))
+        self.jobs = JobQueue(
+            self.data_dir, tasks=self.tasks, inference=self.inference, dicom=self.dicom,
+            installed=lambda: installed_tasks(self.models),
+        )
         self._closers.append(("jobs", self.jobs.close))
         self._threads["workers"] = start_workers(
-            self.jobs, self.index, self.models, self.outbox, settings, self._workers_stop
+            self.jobs, self.index, self.models, self.outbox, self.data_dir, self._workers_stop,
+            inference=self.inference, destinations=self.dicom.parsed_destinations,
+            notify_not_processed=self.tasks.notify_not_processed,
         )
-        sender = Sender.from_settings(self.outbox, settings)
+        sender = Sender.from_settings(self.outbox, self.dicom, self.node.ae_title)
         self._spawn("sender", sender.run, self._stop)
         self._spawn("retention", self._retention_loop)
         web_port = self._start_web()
 
-        self.scp = StorageScp(settings.node.ae_title, settings.dicom, spool)
-        requested = settings.node.dicom_port if self.dicom_port is None else self.dicom_port
-        self.dicom_port = self.scp.start(LISTEN_HOST, requested)
-        self.index.start()
+        requested = self.node.dicom_port if self.dicom_port is None else self.dicom_port
+        self.dicom_port = self.receiver.start(requested)
         self.web_port = web_port
         served = ", ".join(
             f"{task.value} v{version}" for task, version in sorted(self.models.served_versions().items())
         ) or "none"
         print(
-            f"fedlesion node: AE {settings.node.ae_title} on {LISTEN_HOST}:{self.dicom_port}, "
-            f"web http://{settings.node.web_host}:{web_port}/, models {served}"
+            f"fedlesion node: AE {self.node.ae_title} on {LISTEN_HOST}:{self.dicom_port}, "
+            f"web http://{self.node.web_host}:{web_port}/, models {served}"
             f"{' (DEMO MODE - NOT FOR CLINICAL USE)' if self.models.demo_mode else ''}, {runtime}, "
             f"data in {self.data_dir.resolve()}",
             flush=True,
@@ -171,11 +182,12 @@ class Node:
         from inference.web.app import create_app
 
         app = create_app(
-            self.data_dir, self.settings, studies=self.index, jobs=self.jobs, models=self.models, outbox=self.outbox
+            self.data_dir, self.node, self.dicom, studies=self.index, jobs=self.jobs, models=self.models,
+            outbox=self.outbox,
         )
-        port = self.settings.node.web_port if self.web_port is None else self.web_port
+        port = self.node.web_port if self.web_port is None else self.web_port
         server = create_server(
-            app, host=self.settings.node.web_host, port=port, threads=WEB_THREADS, ident="fedlesion",
+            app, host=self.node.web_host, port=port, threads=WEB_THREADS, ident="fedlesion",
             clear_untrusted_proxy_headers=True,
         )
         self._spawn("web", server.run)
@@ -203,11 +215,15 @@ class Node:
         self._stop.set()
 
     def wait(self) -> None:
-        """Until SIGTERM/SIGINT (installed here, main thread only) or `request_stop()`."""
+        """Until SIGTERM/SIGINT (installed here, main thread only), `request_stop()` or an SCP process's death."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while not self._stop.wait(1.0):
-                pass
+                dead = self.receiver.failed_processes()
+                if dead:
+                    LOG.error("SCP worker %s ended unexpectedly; stopping the node", ", ".join(dead))
+                    self.exit_status = 1
+                    self._stop.set()
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -217,20 +233,23 @@ class Node:
         self._stop.set()
 
     def stop(self) -> None:
-        """design.md §5: no new associations (open ones finish up to 30 s), jobs finish or stay queued, exit clean."""
+        """design.md §5: no new associations (open ones finish up to 30 s), jobs finish or go back to the queue
+        without spending an attempt, exit clean."""
         self._stop.set()
-        scp = getattr(self, "scp", None)
-        if scp is not None:
+        receiver = getattr(self, "receiver", None)
+        if receiver is not None:
             LOG.info("stopping: no new associations; open ones may finish for %.0f s", ASSOCIATION_GRACE_S)
-            scp.stop(grace_s=ASSOCIATION_GRACE_S)
-        if hasattr(self, "index"):
-            self.index.stop()
+            receiver.stop(grace_s=ASSOCIATION_GRACE_S)
         self._workers_stop.set()
         for thread in self._threads.get("workers", []):
             thread.join(JOB_FINISH_S)
             if thread.is_alive():
-                LOG.warning("%s still runs a job after %.0f s; the next start queues it again", thread.name,
-                            JOB_FINISH_S)
+                LOG.warning("%s still runs a job after %.0f s; it goes back to the queue", thread.name, JOB_FINISH_S)
+        if hasattr(self, "jobs"):
+            try:
+                self.jobs.release_running()
+            except Exception:  # the next start's recovery requeues them instead (spending an attempt)
+                LOG.exception("requeueing the jobs in hand failed")
         for name in ("sender", "retention"):
             for thread in self._threads.get(name, []):
                 thread.join(60.0)
@@ -247,7 +266,7 @@ class Node:
 
 
 def configure_logging(level: str) -> None:
-    """settings.logging.level for the node; the libraries' per-instance INFO lines (one per C-STORE, one per
+    """logging.level for the node; the libraries' per-instance INFO lines (one per C-STORE, one per
     copied module) only at DEBUG, so the log stays readable and carries UIDs and job IDs, not headers."""
     root = logging.getLogger()
     if root.level != logging.DEBUG:  # `fedlesion -v` keeps everything
@@ -257,13 +276,12 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).setLevel(library_level)
 
 
-def run_node(settings: Settings, *, dicom_port: int | None = None, web_port: int | None = None) -> int:
+def run_node(node: Node) -> int:
     """Serve until SIGTERM/SIGINT; returns the exit status (0 after a clean stop)."""
-    configure_logging(settings.logging.level)
-    node = Node(settings, dicom_port=dicom_port, web_port=web_port)
+    configure_logging(node.log_level)
     node.start()
     try:
         node.wait()
     finally:
         node.stop()
-    return 0
+    return node.exit_status

@@ -23,15 +23,16 @@ from pydicom.dataset import Dataset
 
 from dicom_gateway.outbox import Outbox, OutputKey
 from dicom_gateway.role_decisions import StudyRoles
+from dicom_gateway.settings import Destination
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import StudyHeaders, open_dicom, read_files
 from dicom_gateway.study_inputs import StudyInputs, load_study_inputs
 from dicom_gateway.writers import write_not_processed, write_outputs
-from fedlesion.settings import Settings
 from inference.jobs import Job, JobQueue, JobResult, JobState, results_dir
 from inference.models import ModelSource, ModelUnavailable, ServingModel
 from inference.pipeline import segment_study
 from inference.report import write_result
+from inference.settings import InferenceSettings
 from inference.study_plan import plan_study
 from models.manifest import Task
 
@@ -68,19 +69,25 @@ class Worker:
         index: StudyIndex,
         models: ModelSource,
         outbox: Outbox,
-        settings: Settings,
+        data_dir: Path,
         *,
+        inference: InferenceSettings = InferenceSettings(),
+        destinations: Sequence[Destination] = (),
+        notify_not_processed: bool = False,
         name: str = "worker-1",
         poll_s: float = IDLE_POLL_S,
     ) -> None:
+        """`destinations` receive the outputs; `notify_not_processed` sends the "not performed" notice too."""
         self.queue = queue
         self.index = index
         self.models = models
         self.outbox = outbox
-        self.settings = settings
+        self.data_dir = Path(data_dir)
+        self.inference = inference
+        self.destinations = tuple(destinations)
+        self.notify_not_processed = notify_not_processed
         self.name = name
         self.poll_s = poll_s
-        self.data_dir = Path(settings.storage.data_dir)
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until `stop` is set; the job in hand is finished first (SIGTERM, design.md §5)."""
@@ -149,8 +156,8 @@ class Worker:
         result = segment_study(
             inputs,
             serving.engine,
-            adc_core_threshold=self.settings.inference.adc_core_threshold,
-            flip_tta=self.settings.inference.flip_tta,
+            adc_core_threshold=self.inference.adc_core_threshold,
+            flip_tta=self.inference.flip_tta,
             load_seconds=loaded,
         )
         result = replace(result, created=created)
@@ -181,7 +188,7 @@ class Worker:
                 result.adc_core_volume_ml,
                 created=created,
             ).datasets
-        stored = self.outbox.enqueue(key, datasets, self.settings.dicom.parsed_destinations)
+        stored = self.outbox.enqueue(key, datasets, self.destinations)
         timings["dicom_outputs"] = time.perf_counter() - step
         series = {}
         for instance in stored:
@@ -212,8 +219,8 @@ class Worker:
         return read_files(paths).only_study()
 
     def _notify_not_processed(self, job: Job, reason: str) -> None:
-        """One SC "AI analysis not performed: reason" (settings.tasks.notify_not_processed); best effort."""
-        if not self.settings.tasks.notify_not_processed:
+        """One SC "AI analysis not performed: reason" (tasks.notify_not_processed); best effort."""
+        if not self.notify_not_processed:
             return
         try:
             paths = self.index.study_files(job.study_uid)
@@ -237,7 +244,7 @@ class Worker:
                         created=_created(job),
                     )
                 ]
-            self.outbox.enqueue(key, datasets, self.settings.dicom.parsed_destinations)
+            self.outbox.enqueue(key, datasets, self.destinations)
         except Exception:  # a notice that cannot be written must not fail the job or the loop
             logger.exception("job %d: not-processed notice not written", job.id)
 
@@ -281,16 +288,22 @@ def start_workers(
     index: StudyIndex,
     models: ModelSource,
     outbox: Outbox,
-    settings: Settings,
+    data_dir: Path,
     stop: threading.Event,
     *,
+    inference: InferenceSettings = InferenceSettings(),
+    destinations: Sequence[Destination] = (),
+    notify_not_processed: bool = False,
     count: int | None = None,
 ) -> list[threading.Thread]:
-    """`settings.inference.workers` worker threads (or `count`), after recovering the jobs of a previous run."""
+    """`inference.workers` worker threads (or `count`), after recovering the jobs of a previous run."""
     queue.recover(index)
     threads = []
-    for number in range(1, (count or settings.inference.workers) + 1):
-        worker = Worker(queue, index, models, outbox, settings, name=f"worker-{number}")
+    for number in range(1, (count or inference.workers) + 1):
+        worker = Worker(
+            queue, index, models, outbox, data_dir, inference=inference, destinations=destinations,
+            notify_not_processed=notify_not_processed, name=f"worker-{number}",
+        )
         thread = threading.Thread(target=worker.run, args=(stop,), name=worker.name, daemon=True)
         thread.start()
         threads.append(thread)

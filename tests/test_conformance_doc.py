@@ -31,7 +31,8 @@ from dicom_gateway.scp import (
     PROCESSING_FAILURE,
     SUCCESS,
 )
-from fedlesion.settings import DicomSettings, NodeSettings
+from dicom_gateway.settings import DicomSettings
+from inference.settings import NodeSettings
 from tests.conftest import REPO_ROOT
 from tests.test_scp import PRIVATE_SOP_CLASS, SCP_AE, RunningScp, launch_scp
 

@@ -14,13 +14,7 @@ import pytest
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
 from fedlesion.cli import main
-from fedlesion.settings import (
-    DicomSettings,
-    InferenceSettings,
-    Settings,
-    StorageSettings,
-    TasksSettings,
-)
+from dicom_gateway.settings import DicomSettings
 from inference.jobs import (
     DATABASE_NAME as JOBS_DATABASE,
 )
@@ -34,6 +28,7 @@ from inference.jobs import (
     results_dir,
     route_study,
 )
+from inference.settings import InferenceSettings, TasksSettings
 from models.manifest import Task
 from tests.conftest import REPO_ROOT
 from tests.test_studies import FakeClock, small_case, spool
@@ -48,10 +43,9 @@ DAY = 86400.0
 CRASHING_WORKER = """
 import os, signal, sys
 from pathlib import Path
-from fedlesion.settings import Settings, StorageSettings
 from inference.jobs import JobQueue
 data = Path(sys.argv[1])
-job = JobQueue(data, Settings(storage=StorageSettings(data_dir=data))).claim("doomed")
+job = JobQueue(data).claim("doomed")
 print(job.id if job else 0, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
@@ -85,12 +79,13 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-def make_settings(data_dir: Path, **tasks: object) -> Settings:
-    return Settings(
-        storage=StorageSettings(data_dir=data_dir),
+def make_queue(data_dir: Path, clock: FakeClock | None = None, **tasks: object) -> JobQueue:
+    return JobQueue(
+        data_dir,
         tasks=TasksSettings(**tasks),
         dicom=DicomSettings(spool_retention_days=7.0, output_retention_days=30.0),
         inference=InferenceSettings(max_attempts=3),
+        **({"clock": clock} if clock else {}),
     )
 
 
@@ -119,7 +114,7 @@ def summary(queue: JobQueue, study_uid: str) -> list[tuple[str | None, str, str 
 
 
 def test_routing_by_roles_gives_one_job_per_task_and_hands_off(studies, index, data_dir, clock) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir), clock=clock)
+    queue = make_queue(data_dir, clock)
     receive(index, data_dir, everything(studies[UID_A]))
     receive(index, data_dir, studies[UID_B]["4_dwi"] + studies[UID_B]["5_adc"])  # no FLAIR: stroke only
     receive(index, data_dir, studies[UID_C]["2_flair"])  # FLAIR only: MS only
@@ -141,7 +136,7 @@ def test_routing_by_roles_gives_one_job_per_task_and_hands_off(studies, index, d
 
 
 def test_stroke_jobs_are_claimed_before_ms_jobs_then_first_in_first_out(studies, index, data_dir, clock) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir), clock=clock)
+    queue = make_queue(data_dir, clock)
     receive(index, data_dir, studies[UID_C]["2_flair"])  # an MS job queued first
     queue.intake(index)
     clock.now += 10
@@ -165,8 +160,7 @@ def test_stroke_jobs_are_claimed_before_ms_jobs_then_first_in_first_out(studies,
 
 
 def test_study_filters_search_descriptions_and_calling_ae(studies, index, data_dir, clock) -> None:
-    settings = make_settings(data_dir, stroke_study_filter=r"(?i)stroke", ms_study_filter=r"^MSCLINIC$")
-    queue = JobQueue(data_dir, settings, clock=clock)
+    queue = make_queue(data_dir, clock, stroke_study_filter=r"(?i)stroke", ms_study_filter=r"^MSCLINIC$")
     receive(index, data_dir, everything(studies[UID_A]), calling_ae="ER")  # "stroke" in StudyDescription
     receive(index, data_dir, everything(studies[UID_B]), calling_ae="MSCLINIC")  # the AE matches the MS filter
     queue.intake(index)
@@ -189,7 +183,7 @@ def test_route_study_reasons_and_requirements() -> None:
 
 
 def test_no_task_matched_is_not_processed_with_the_roles_reasons(studies, index, data_dir, clock) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir, ms=False), clock=clock)
+    queue = make_queue(data_dir, clock, ms=False)
     receive(index, data_dir, studies[UID_C]["2_flair"])  # FLAIR only, and MS disabled
     (job,) = queue.intake(index)
 
@@ -206,7 +200,7 @@ def test_a_roles_error_is_not_processed_with_that_reason(studies, data_dir, cloc
 
     index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, DicomSettings(),
                        describe_roles=broken_rules, clock=clock)
-    queue = JobQueue(data_dir, make_settings(data_dir), clock=clock)
+    queue = make_queue(data_dir, clock)
     receive(index, data_dir, everything(studies[UID_A]))
     (job,) = queue.intake(index)
     index.close()
@@ -224,7 +218,7 @@ def crash_while_holding_a_job(data_dir: Path) -> int:
 
 
 def test_a_job_whose_worker_dies_three_times_fails(studies, index, data_dir) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir))
+    queue = make_queue(data_dir)
     receive(index, data_dir, studies[UID_B]["4_dwi"] + studies[UID_B]["5_adc"])
     (job,) = queue.intake(index)
 
@@ -233,7 +227,7 @@ def test_a_job_whose_worker_dies_three_times_fails(studies, index, data_dir) -> 
         crashed = queue.job(job.id)
         assert (crashed.state, crashed.attempts) == (JobState.RUNNING, attempt)  # counted at the claim
         assert not owner_alive(crashed.owner)
-        restarted = JobQueue(data_dir, make_settings(data_dir))  # the node starting again
+        restarted = make_queue(data_dir)  # the node starting again
         (changed,) = restarted.recover(index)
         if attempt < 3:
             assert changed.state is JobState.QUEUED and changed.reason == f"requeued: the worker stopped during " \
@@ -245,12 +239,12 @@ def test_a_job_whose_worker_dies_three_times_fails(studies, index, data_dir) -> 
 
 
 def test_recover_leaves_live_workers_jobs_alone(studies, index, data_dir) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir))
+    queue = make_queue(data_dir)
     receive(index, data_dir, studies[UID_B]["4_dwi"] + studies[UID_B]["5_adc"])
     queue.intake(index)
     job = queue.claim("alive")
     assert owner_alive(process_owner())
-    assert JobQueue(data_dir, make_settings(data_dir)).recover(index) == []  # this process still runs
+    assert make_queue(data_dir).recover(index) == []  # this process still runs
     assert queue.job(job.id).state is JobState.RUNNING
     assert queue.finish(job.id, JobState.DONE, result=JobResult(model_version="1", total_volume_ml=0.0))
     done = queue.job(job.id)
@@ -259,7 +253,7 @@ def test_recover_leaves_live_workers_jobs_alone(studies, index, data_dir) -> Non
 
 
 def test_a_graceful_stop_requeues_running_jobs_without_spending_an_attempt(studies, index, data_dir) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir))
+    queue = make_queue(data_dir)
     receive(index, data_dir, everything(studies[UID_A]))
     queue.intake(index)
     stroke = queue.claim("w")
@@ -285,21 +279,21 @@ class LockedOnce(StudyIndex):
 
 def test_received_jobs_resume_after_a_failed_hand_off(studies, data_dir, clock) -> None:
     index = LockedOnce(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, DicomSettings(), clock=clock)
-    queue = JobQueue(data_dir, make_settings(data_dir), clock=clock)
+    queue = make_queue(data_dir, clock)
     receive(index, data_dir, everything(studies[UID_A]))
     with pytest.raises(sqlite3.OperationalError):
         queue.intake(index)
     assert summary(queue, UID_A) == [("ms", "received", None), ("stroke", "received", None)]
     assert queue.claim("w") is None  # not queued until the hand-off is recorded
 
-    resumed = JobQueue(data_dir, make_settings(data_dir), clock=clock).recover(index)
+    resumed = make_queue(data_dir, clock).recover(index)
     assert sorted(job.state.value for job in resumed) == ["queued", "queued"]
     assert index.list_studies()[0].state == "handed-off"
     index.close()
 
 
 def test_reprocess_queues_a_new_run_of_the_latest_revision(studies, index, data_dir, clock) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir), clock=clock)
+    queue = make_queue(data_dir, clock)
     receive(index, data_dir, studies[UID_B]["4_dwi"] + studies[UID_B]["5_adc"])
     queue.intake(index)
     assert queue.reprocess(UID_B) == []  # the job is still queued: nothing to add
@@ -331,7 +325,7 @@ def test_reprocess_queues_a_new_run_of_the_latest_revision(studies, index, data_
 def test_fedlesion_reprocess_cli(studies, index, data_dir, monkeypatch, capsys) -> None:
     monkeypatch.delenv("FEDLESION_CONFIG", raising=False)
     monkeypatch.setenv("FEDLESION_STORAGE__DATA_DIR", str(data_dir))
-    queue = JobQueue(data_dir, make_settings(data_dir))
+    queue = make_queue(data_dir)
     receive(index, data_dir, studies[UID_B]["4_dwi"] + studies[UID_B]["5_adc"])
     queue.intake(index)
     job = queue.claim("w")
@@ -345,7 +339,7 @@ def test_fedlesion_reprocess_cli(studies, index, data_dir, monkeypatch, capsys) 
 
 
 def test_retention_purges_results_then_spool(studies, index, data_dir, clock) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir), clock=clock)
+    queue = make_queue(data_dir, clock)
     receive(index, data_dir, everything(studies[UID_A]))
     queue.intake(index)
     stroke = queue.claim("w")
@@ -384,7 +378,7 @@ def test_retention_purges_results_then_spool(studies, index, data_dir, clock) ->
 
 
 def test_the_queue_uses_wal_and_a_busy_timeout(data_dir) -> None:
-    queue = JobQueue(data_dir, make_settings(data_dir))
+    queue = make_queue(data_dir)
     conn = queue._connections.get()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000

@@ -25,9 +25,9 @@ from pydicom.uid import (
 )
 
 from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey
+from dicom_gateway.settings import Destination
 from dicom_gateway.uids import output_uid
 from dicom_gateway.writers import Lesion, ModelInfo, write_outputs
-from fedlesion.settings import Destination
 from models.manifest import Task
 from tests import orthanc as orthanc_support
 from tests.orthanc import ORTHANC_AET, ORTHANC_DICOM_PORT, ORTHANC_HTTP_PORT, Orthanc
@@ -44,7 +44,7 @@ SEND = """
 import dataclasses, json, sys
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.scu import Sender
-from fedlesion.settings import Destination
+from dicom_gateway.settings import Destination
 report = Sender(Outbox(sys.argv[1]), [Destination.parse(sys.argv[2])], attempts=1).send_pending()
 print(json.dumps(dataclasses.asdict(report)))
 """

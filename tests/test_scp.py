@@ -39,10 +39,10 @@ from dicom_gateway.scp import (
     PROCESSING_FAILURE,
     StorageScp,
 )
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import DATABASE_NAME
 from dicom_gateway.uids import OWN_MANUFACTURER, spool_name
-from fedlesion.settings import DicomSettings
 from tests.conftest import REPO_ROOT
 from tests.dicom_support import dcmtk_env, free_port
 

@@ -32,8 +32,8 @@ from pynetdicom import AE, evt
 from dicom_gateway import writers
 from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey, destination_name
 from dicom_gateway.scu import PassReport, Sender
+from dicom_gateway.settings import Destination, DicomSettings
 from dicom_gateway.uids import output_uid
-from fedlesion.settings import Destination, load_settings
 from models.manifest import Task
 from tests.conftest import REPO_ROOT
 from tests.dicom_support import dcmtk_env, free_port
@@ -250,7 +250,7 @@ SENDER_SCRIPT = """
 import sys
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.scu import PassReport, Sender
-from fedlesion.settings import Destination
+from dicom_gateway.settings import Destination
 Sender(Outbox(sys.argv[1]), [Destination.parse(sys.argv[2])]).send_pending()
 """
 
@@ -326,7 +326,7 @@ def test_retention_purges_old_outputs_only(tmp_path, source_instances):
     newer = outbox.enqueue(newer_key, as_outputs(source_instances, "newer", 1), [destination])
     clock.now += 15 * 86400
 
-    assert outbox.purge_expired(load_settings(environ={}).dicom.output_retention_days) == 1
+    assert outbox.purge_expired(DicomSettings().output_retention_days) == 1
     assert outbox.stored(KEY) == [] and not old[0].path.exists() and not old[0].path.parent.exists()
     assert outbox.stored(newer_key) == newer and newer[0].path.is_file()
     assert outbox.counts()[DeliveryState.PENDING] == 1

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedlesion.settings import Destination, SettingsError, load_settings
+from dicom_gateway.settings import Destination
+from fedlesion.settings import SettingsError, load_settings
 
 
 def write(tmp_path: Path, text: str) -> Path:

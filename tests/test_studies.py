@@ -19,6 +19,7 @@ from pydicom import dcmread
 from dicom_gateway.records import StoredInstance
 from dicom_gateway.role_decisions import StudyRoles
 from dicom_gateway.roles import classify_study
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import (
     DATABASE_NAME,
     SPOOL_DIRNAME,
@@ -29,7 +30,6 @@ from dicom_gateway.studies import (
 )
 from dicom_gateway.uids import spool_name
 from fedlesion.cli import main
-from fedlesion.settings import DicomSettings
 from tests.conftest import REPO_ROOT
 from training.synthetic.case import SyntheticCase
 from training.synthetic.dicom_writer import write_dicom_study

@@ -18,17 +18,19 @@ from onnx_graphs import first_channel_sigmoid
 from pydicom.uid import generate_uid
 
 from dicom_gateway.outbox import Outbox
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
 from fedlesion.cli import main
-from fedlesion.settings import Settings, StorageSettings, TasksSettings
 from inference.jobs import JobQueue, JobState, results_dir
 from inference.models import ModelService, trust_from_bundle
+from inference.settings import TasksSettings
 from inference.study_plan import default_task
 from inference.worker import Worker, installed_tasks
 from models.manifest import ADC_UNIT, InputChannel, OutputSpec, Role, Task, default_manifest
 from models.package import TrustPolicy, build_package
 from models.registry import Registry
+from models.settings import ModelSettings
 from models.signing import demo_private_key
 from tests.test_studies import spool
 from training.synthetic import SiteProfile, generate_case
@@ -80,12 +82,11 @@ def publish_models(registry_dir: Path, work: Path) -> None:
 
 def worker_report(data_dir: Path, study_folder: Path) -> dict:
     """The study sent to the node: spooled, completed with the default roles, run by one worker pass."""
-    settings = Settings(storage=StorageSettings(data_dir=data_dir), tasks=TasksSettings(ms=False))
     tasks = [Task.STROKE_DWI_ADC]
-    models = ModelService(settings.registry_dir, trust_from_bundle(None, tasks), tasks)
+    models = ModelService(ModelSettings().registry_path(data_dir), trust_from_bundle(None, tasks), tasks)
     models.start(watch=False)
-    index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, settings.dicom)
-    queue = JobQueue(data_dir, settings, installed=lambda: installed_tasks(models))
+    index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, DicomSettings())
+    queue = JobQueue(data_dir, tasks=TasksSettings(ms=False), installed=lambda: installed_tasks(models))
     outbox = Outbox(data_dir)
     try:
         stored = spool(sorted(study_folder.rglob("*.dcm")), data_dir / SPOOL_DIRNAME)
@@ -94,7 +95,7 @@ def worker_report(data_dir: Path, study_folder: Path) -> dict:
         index.complete(study_uid)
         (row,) = index.ready_rows()
         assert row.roles["dwi"]["series_number"] == 4  # the default b range took the b = 1000 series
-        job = Worker(queue, index, models, outbox, settings).run_once()
+        job = Worker(queue, index, models, outbox, data_dir).run_once()
         assert job is not None and job.state is JobState.DONE, job
         report = results_dir(data_dir, study_uid, 1, Task.STROKE_DWI_ADC) / "report.json"
         return json.loads(report.read_text(encoding="utf-8"))

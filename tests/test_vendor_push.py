@@ -17,9 +17,9 @@ import pytest
 
 from dicom_gateway.role_decisions import AdcSource, DwiKind, SeriesRole, StudyRoles
 from dicom_gateway.scp import StorageScp
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import StudyIndex
-from fedlesion.settings import DicomSettings
 from tests.dicom_support import dcmtk_env
 from tests.test_roles import (
     OUT_OF_RANGE,

@@ -3,7 +3,6 @@ table, routed by the job queue, segmented by the demo model through the real wor
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import secrets
 from dataclasses import dataclass
@@ -13,13 +12,15 @@ import pytest
 
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.records import StoredInstance
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import open_dicom
-from fedlesion.settings import Settings, StorageSettings
 from inference.jobs import JobQueue, JobState, enabled_tasks
 from inference.models import ModelService, trust_from_bundle
+from inference.settings import NodeSettings, TasksSettings
 from inference.worker import Worker, installed_tasks
+from models.settings import ModelSettings
 
 PATIENT_NAME = "Zyxwvut^Quixotic"
 PATIENT_SHOWN = "Zyxwvut, Quixotic"
@@ -30,7 +31,8 @@ PASSWORD = "correct horse battery staple"
 @dataclass
 class Node:
     data_dir: Path
-    settings: Settings
+    node_settings: NodeSettings
+    dicom: DicomSettings
     studies: StudyIndex
     jobs: JobQueue
     models: ModelService
@@ -49,12 +51,10 @@ def build_node(data_dir: Path, *, seed: int = 5) -> Node:
     from training.synthetic import generate_case
     from training.synthetic.dicom_writer import write_dicom_study
 
-    settings = dataclasses.replace(Settings(), storage=StorageSettings(data_dir=data_dir))
-    settings = dataclasses.replace(settings, tasks=dataclasses.replace(settings.tasks, ms=False))
     case = generate_case("stroke", seed, anatomy="procedural")
     files = write_dicom_study(case, data_dir / SPOOL_DIRNAME / "incoming", patient_name=PATIENT_NAME,
                               patient_id=PATIENT_ID)
-    studies = StudyIndex(data_dir / "dicom.sqlite3", data_dir / SPOOL_DIRNAME, settings.dicom)
+    studies = StudyIndex(data_dir / "dicom.sqlite3", data_dir / SPOOL_DIRNAME, DicomSettings())
     stored = []
     for path in files:
         ds = open_dicom(path, stop_before_pixels=True)
@@ -63,27 +63,29 @@ def build_node(data_dir: Path, *, seed: int = 5) -> Node:
     studies.instances_stored(stored)
     study_uid = stored[0].study_instance_uid
     studies.complete(study_uid)
-    models = ModelService(settings.registry_dir, trust_from_bundle(None, enabled_tasks(settings.tasks)),
-                          enabled_tasks(settings.tasks))
-    models.start(watch=False)
-    jobs = JobQueue(data_dir, settings, installed=lambda: installed_tasks(models))
+    models, jobs = stroke_only(data_dir)
     outbox = Outbox(data_dir)
-    job = Worker(jobs, studies, models, outbox, settings).run_once()
+    job = Worker(jobs, studies, models, outbox, data_dir).run_once()
     assert job is not None and job.state is JobState.DONE, job
-    return Node(data_dir, settings, studies, jobs, models, outbox, study_uid)
+    return Node(data_dir, NodeSettings(), DicomSettings(), studies, jobs, models, outbox, study_uid)
+
+
+def stroke_only(data_dir: Path) -> tuple[ModelService, JobQueue]:
+    """The demo stroke model served from the data directory's registry, and a queue routing stroke only."""
+    tasks = TasksSettings(ms=False)
+    models = ModelService(ModelSettings().registry_path(data_dir), trust_from_bundle(None, enabled_tasks(tasks)),
+                          enabled_tasks(tasks))
+    models.start(watch=False)
+    jobs = JobQueue(data_dir, tasks=tasks, installed=lambda: installed_tasks(models))
+    return models, jobs
 
 
 def open_node(data_dir: Path) -> Node:
     """Reopen a data directory `build_node` filled (another test module's copy of the session fixture)."""
-    settings = dataclasses.replace(Settings(), storage=StorageSettings(data_dir=data_dir))
-    settings = dataclasses.replace(settings, tasks=dataclasses.replace(settings.tasks, ms=False))
-    studies = StudyIndex(data_dir / "dicom.sqlite3", data_dir / SPOOL_DIRNAME, settings.dicom)
-    models = ModelService(settings.registry_dir, trust_from_bundle(None, enabled_tasks(settings.tasks)),
-                          enabled_tasks(settings.tasks))
-    models.start(watch=False)
-    jobs = JobQueue(data_dir, settings, installed=lambda: installed_tasks(models))
+    studies = StudyIndex(data_dir / "dicom.sqlite3", data_dir / SPOOL_DIRNAME, DicomSettings())
+    models, jobs = stroke_only(data_dir)
     study_uid = studies.list_studies()[0].study_uid
-    return Node(data_dir, settings, studies, jobs, models, Outbox(data_dir), study_uid)
+    return Node(data_dir, NodeSettings(), DicomSettings(), studies, jobs, models, Outbox(data_dir), study_uid)
 
 
 @pytest.fixture(scope="session")
@@ -119,11 +121,11 @@ def new_user(node: Node) -> str:
     return name
 
 
-def make_app(node: Node, clock: FakeClock | None = None, settings: Settings | None = None):
+def make_app(node: Node, clock: FakeClock | None = None, node_settings: NodeSettings | None = None):
     from inference.web import create_app
 
-    app = create_app(node.data_dir, settings or node.settings, studies=node.studies, jobs=node.jobs,
-                     models=node.models, outbox=node.outbox, **({"clock": clock} if clock else {}))
+    app = create_app(node.data_dir, node_settings or node.node_settings, node.dicom, studies=node.studies,
+                     jobs=node.jobs, models=node.models, outbox=node.outbox, **({"clock": clock} if clock else {}))
     app.config["TESTING"] = True
     return app
 
@@ -217,7 +219,7 @@ def test_json_api_covers_studies_study_models_and_node(client, web_node: Node) -
     assert serving["version"] == 1 and "federated_round" in serving and "validation_metrics" in serving
     node = client.get("/api/node").get_json()
     assert node["jobs"]["done"] >= 1 and set(node["outbox"]) == {"pending", "sent", "dead-letter"}
-    assert node["disk"]["free_bytes"] > 0 and node["disk"]["min_free_bytes"] == web_node.settings.dicom.min_free_disk_bytes
+    assert node["disk"]["free_bytes"] > 0 and node["disk"]["min_free_bytes"] == web_node.dicom.min_free_disk_bytes
     assert client.get("/api/studies/1.2.3.4.5").status_code == 404
 
 
@@ -297,7 +299,7 @@ def test_reprocess_adds_a_run_that_the_worker_finishes(client, web_node: Node) -
     assert len(jobs) == before + 1 and jobs[0].state is JobState.QUEUED and jobs[0].queue_position == 1
     listing = _listed(client, web_node.study_uid)
     assert listing["status"] == "queued" and listing["tasks"][0]["queue_position"] == 1
-    done = Worker(web_node.jobs, web_node.studies, web_node.models, web_node.outbox, web_node.settings).run_once()
+    done = Worker(web_node.jobs, web_node.studies, web_node.models, web_node.outbox, web_node.data_dir).run_once()
     assert done is not None and done.state is JobState.DONE and done.run == jobs[0].run
     assert _listed(client, web_node.study_uid)["status"] == "done"
 

@@ -152,9 +152,8 @@ def test_cookie_flags_follow_the_settings(web_node: Node) -> None:
     with make_app(web_node).test_client() as client:
         cookie = login(client, new_user(web_node)).headers["Set-Cookie"]
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Secure" not in cookie
-    secure = dataclasses.replace(web_node.settings, node=dataclasses.replace(web_node.settings.node,
-                                                                             web_secure_cookies=True))
-    with make_app(web_node, settings=secure).test_client() as client:
+    secure = dataclasses.replace(web_node.node_settings, web_secure_cookies=True)
+    with make_app(web_node, node_settings=secure).test_client() as client:
         token = csrf_from(client.get("/login").get_data(as_text=True))
         cookie = client.post("/login", data={"username": new_user(web_node), "password": PASSWORD,
                                              "csrf_token": token}).headers["Set-Cookie"]

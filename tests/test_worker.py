@@ -19,9 +19,9 @@ from pydicom import dcmread
 
 from dicom_gateway.outbox import Outbox, OutputKey
 from dicom_gateway.roles import classify_study
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
-from fedlesion.settings import DicomSettings, Settings, StorageSettings, TasksSettings
 from inference.jobs import JobQueue, JobState, results_dir
 from inference.models import ModelService
 from inference.worker import Worker, installed_tasks, start_workers
@@ -89,22 +89,19 @@ def service(tmp_path: Path) -> ModelService:
 @pytest.fixture
 def node(tmp_path: Path, service: ModelService):
     data_dir = tmp_path / "data"
-    settings = Settings(
-        storage=StorageSettings(data_dir=data_dir),
-        dicom=DicomSettings(destinations=(DESTINATION,)),
-        tasks=TasksSettings(notify_not_processed=True),
-    )
-    index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, settings.dicom)
-    queue = JobQueue(data_dir, settings, installed=lambda: installed_tasks(service))
+    dicom = DicomSettings(destinations=(DESTINATION,))
+    index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, dicom)
+    queue = JobQueue(data_dir, dicom=dicom, installed=lambda: installed_tasks(service))
     outbox = Outbox(data_dir)
-    yield Worker(queue, index, service, outbox, settings)
+    yield Worker(queue, index, service, outbox, data_dir, destinations=dicom.parsed_destinations,
+                 notify_not_processed=True)
     outbox.close()
     queue.close()
     index.close()
 
 
 def receive(worker: Worker, paths: list[Path]) -> None:
-    spool_root = worker.settings.storage.data_dir / SPOOL_DIRNAME
+    spool_root = worker.data_dir / SPOOL_DIRNAME
     stored = spool(paths, spool_root)
     worker.index.instances_stored(stored)
     worker.index.complete(stored[0].study_instance_uid)
@@ -214,7 +211,8 @@ def test_broken_studies_end_their_own_jobs_and_the_loop_goes_on(node: Worker, st
     receive(node, [path for path in flair_only if path.parent.name == "2_flair"])
 
     stop = threading.Event()
-    threads = start_workers(node.queue, node.index, node.models, node.outbox, node.settings, stop)
+    threads = start_workers(node.queue, node.index, node.models, node.outbox, node.data_dir, stop,
+                            destinations=node.destinations, notify_not_processed=node.notify_not_processed)
     try:
         for _ in range(600):
             jobs = node.queue.list_jobs()

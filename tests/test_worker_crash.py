@@ -22,8 +22,8 @@ from pydicom import dcmread
 from dicom_gateway.outbox import DATABASE_NAME as OUTBOX_DATABASE
 from dicom_gateway.outbox import Outbox, OutputKey, destination_name
 from dicom_gateway.spool import SPOOL_DIRNAME
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
-from fedlesion.settings import DicomSettings, Settings, StorageSettings
 from inference.jobs import JobQueue, JobState
 from tests.conftest import REPO_ROOT
 from tests.test_scu import received, start_storescp
@@ -42,30 +42,30 @@ from pathlib import Path
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.scu import Sender
 from dicom_gateway.spool import SPOOL_DIRNAME
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
-from fedlesion.settings import DicomSettings, Settings, StorageSettings
 from inference.jobs import ACTIVE_STATES, JobQueue
 from inference.models import ModelService
 from inference.worker import installed_tasks, start_workers
 from models.manifest import Task
 from models.package import TrustPolicy
+from models.settings import ModelSettings
 
 data, destination = Path(sys.argv[1]), sys.argv[2]
 die_before_done = sys.argv[3:] == ["die-before-done"]
 if die_before_done:
     JobQueue.finish = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
-settings = Settings(storage=StorageSettings(data_dir=data),
-                    dicom=DicomSettings(destinations=(destination,), send_backoff_s=0.2))
-service = ModelService(settings.registry_dir, TrustPolicy.demo(), [Task.STROKE_DWI_ADC])
+dicom = DicomSettings(destinations=(destination,), send_backoff_s=0.2)
+service = ModelService(ModelSettings().registry_path(data), TrustPolicy.demo(), [Task.STROKE_DWI_ADC])
 service.start(watch=False)
-index = StudyIndex(data / DATABASE_NAME, data / SPOOL_DIRNAME, settings.dicom)
-queue = JobQueue(data, settings, installed=lambda: installed_tasks(service))
+index = StudyIndex(data / DATABASE_NAME, data / SPOOL_DIRNAME, dicom)
+queue = JobQueue(data, dicom=dicom, installed=lambda: installed_tasks(service))
 outbox = Outbox(data)
 stop = threading.Event()
-sender = threading.Thread(target=Sender.from_settings(outbox, settings).run, args=(stop,), daemon=True)
+sender = threading.Thread(target=Sender.from_settings(outbox, dicom, "FEDLESION").run, args=(stop,), daemon=True)
 if not die_before_done:
     sender.start()
-workers = start_workers(queue, index, service, outbox, settings, stop)
+workers = start_workers(queue, index, service, outbox, data, stop, destinations=dicom.parsed_destinations)
 print("started", flush=True)
 while True:
     time.sleep(0.2)
@@ -102,11 +102,10 @@ def batches(data_dir: Path) -> int:
 @pytest.mark.slow
 def test_kill_9_mid_job_then_restart_completes_once_and_sends_each_output_once(stroke_study, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    settings = Settings(storage=StorageSettings(data_dir=data_dir))
     index = StudyIndex(data_dir / DATABASE_NAME, data_dir / SPOOL_DIRNAME, DicomSettings())
     index.instances_stored(spool(stroke_study, data_dir / SPOOL_DIRNAME))
     index.complete(STUDY_UID)
-    queue = JobQueue(data_dir, settings)
+    queue = JobQueue(data_dir)
     pacs_dir = tmp_path / "pacs"
     pacs, destination = start_storescp(pacs_dir)
     log = tmp_path / "worker.log"
@@ -185,7 +184,7 @@ def test_kill_9_after_outputs_were_stored_reuses_their_uids(small_stroke_study, 
             process.kill()
             process.wait()
 
-    queue = JobQueue(data_dir, Settings(storage=StorageSettings(data_dir=data_dir)))
+    queue = JobQueue(data_dir)
     (job,) = queue.list_jobs()
     assert (job.state, job.attempts) == (JobState.DONE, 2), job.reason
     after = [(i.sop_instance_uid, i.series_instance_uid, i.path.read_bytes()) for i in outbox.stored(key)]

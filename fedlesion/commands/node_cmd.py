@@ -20,7 +20,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedlesion.settings import load_settings
-    from inference.node import run_node
+    from inference.node import Node, run_node
 
     settings = load_settings(Path(args.config) if args.config else None)
-    return run_node(settings, dicom_port=args.dicom_port, web_port=args.web_port)
+    node = Node(
+        settings.storage.data_dir,
+        node=settings.node,
+        dicom=settings.dicom,
+        tasks=settings.tasks,
+        inference=settings.inference,
+        model_settings=settings.models,
+        log_level=settings.logging.level,
+        dicom_port=args.dicom_port,
+        web_port=args.web_port,
+    )
+    return run_node(node)

@@ -21,4 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from fedlesion.settings import load_settings
 
     settings = load_settings(Path(args.config) if args.config else None)
-    return run_receiver(settings, port=args.port)
+    port = settings.node.dicom_port if args.port is None else args.port
+    return run_receiver(
+        settings.storage.data_dir, settings.node.ae_title, settings.dicom, port, log_level=settings.logging.level
+    )

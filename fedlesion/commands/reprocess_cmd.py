@@ -22,10 +22,14 @@ def run(args: argparse.Namespace) -> int:
     from inference.jobs import JobQueue, JobState, registry_tasks
 
     settings = load_settings(Path(args.config) if args.config else None)
-    if not database_path(settings).exists():
-        raise ValueError(f"unknown study {args.study_uid}: no studies database at {database_path(settings)}")
-    index = StudyIndex(database_path(settings), spool_root(settings), settings.dicom)
-    queue = JobQueue(settings.storage.data_dir, settings, installed=lambda: registry_tasks(settings))
+    data_dir = settings.storage.data_dir
+    if not database_path(data_dir).exists():
+        raise ValueError(f"unknown study {args.study_uid}: no studies database at {database_path(data_dir)}")
+    index = StudyIndex(database_path(data_dir), spool_root(data_dir), settings.dicom)
+    queue = JobQueue(
+        data_dir, tasks=settings.tasks, inference=settings.inference, dicom=settings.dicom,
+        installed=lambda: registry_tasks(data_dir, settings.models),
+    )
     try:
         jobs = queue.reprocess(args.study_uid, index)
     finally:

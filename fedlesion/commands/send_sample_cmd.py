@@ -73,9 +73,9 @@ def complete_locally(settings: Settings, data_dir: Path | None, study_uid: str) 
 
     if data_dir is not None:
         settings = replace(settings, storage=replace(settings.storage, data_dir=data_dir))
-    if not database_path(settings).exists():
+    if not database_path(settings.storage.data_dir).exists():
         print(
-            f"no node database at {database_path(settings)}: the node completes the study after "
+            f"no node database at {database_path(settings.storage.data_dir)}: the node completes the study after "
             f"dicom.inactivity_timeout_s ({settings.dicom.inactivity_timeout_s:g} s) of silence"
         )
         return 0

@@ -43,7 +43,9 @@ def complete_study(settings: Settings, study_uid: str) -> int:
         raise ValueError(f"not a valid Study Instance UID: {study_uid!r} (digits and dots, at most 64 characters)")
     index = _open_existing(settings)
     if index is None:
-        raise ValueError(f"unknown study {study_uid}: no studies database at {database_path(settings)}")
+        raise ValueError(
+            f"unknown study {study_uid}: no studies database at {database_path(settings.storage.data_dir)}"
+        )
     try:
         result = index.complete(study_uid, CompletionTrigger.EXPLICIT)
     finally:
@@ -82,10 +84,10 @@ def _open_existing(settings: Settings) -> StudyIndex | None:
     """The node's studies table when it exists; a listing or completion never creates one."""
     from dicom_gateway.studies import StudyIndex, database_path, spool_root
 
-    path = database_path(settings)
+    path = database_path(settings.storage.data_dir)
     if not path.exists():
         return None
-    return StudyIndex(path, spool_root(settings), settings.dicom)
+    return StudyIndex(path, spool_root(settings.storage.data_dir), settings.dicom)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

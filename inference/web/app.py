@@ -12,7 +12,8 @@ from typing import Any
 from flask import Flask, abort, jsonify
 from werkzeug.exceptions import HTTPException
 
-from fedlesion.settings import Settings
+from dicom_gateway.settings import DicomSettings
+from inference.settings import NodeSettings
 from inference.web import security
 from inference.web.audit import AuditAction, AuditLog
 from inference.web.auth import UserStore, load_secret_key
@@ -28,7 +29,6 @@ class WebContext:
     data: NodeData
     users: UserStore
     audit: AuditLog
-    settings: Settings
 
     def view_study(self, uid: str, user: str) -> dict[str, Any]:
         """The study page's data (404 when unknown), written to the audit log as a view; for page and API alike."""
@@ -52,7 +52,8 @@ class WebContext:
 
 def create_app(
     data_dir: Path | str,
-    settings: Settings,
+    node: NodeSettings,
+    dicom: DicomSettings,
     *,
     studies: Any,
     jobs: Any,
@@ -60,19 +61,18 @@ def create_app(
     outbox: Any,
     clock: Callable[[], float] = time.time,
 ) -> Flask:
-    """`studies` a dicom_gateway StudyIndex, `jobs` an inference JobQueue, `models` a ModelService, `outbox` a
+    """`node` gives the cookie policy, `dicom` the disk watermark shown; `studies` a dicom_gateway StudyIndex, `jobs` an inference JobQueue, `models` a ModelService, `outbox` a
     dicom_gateway Outbox; `clock` drives lockout and session timeout (tests pass a fake one)."""
     from inference.web import api, ops, pages
 
     data_dir = Path(data_dir)
     app = Flask(__name__)
     app.secret_key = load_secret_key(data_dir)
-    security.install(app, secure_cookies=settings.node.web_secure_cookies)
+    security.install(app, secure_cookies=node.web_secure_cookies)
     app.extensions["fedlesion"] = WebContext(
-        data=NodeData(data_dir, settings, studies=studies, jobs=jobs, models=models, outbox=outbox),
+        data=NodeData(data_dir, dicom, studies=studies, jobs=jobs, models=models, outbox=outbox),
         users=UserStore(data_dir, clock=clock),
         audit=AuditLog(data_dir, clock=clock),
-        settings=settings,
     )
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(api.blueprint)

@@ -21,11 +21,11 @@ from pydicom.errors import InvalidDicomError
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.role_decisions import StudyRoles
 from dicom_gateway.scp import DiskStatus
+from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import StudyIndex
 from dicom_gateway.study_files import open_dicom, read_files
 from dicom_gateway.study_inputs import load_study_inputs
 from dicom_gateway.uids import is_valid_uid, spool_name
-from fedlesion.settings import Settings
 from inference.jobs import RESULTS_DIRNAME, Job, JobQueue, JobState
 from inference.models import ModelService
 from inference.report import DISCLAIMER, MASK_FILE, REPORT_FILE
@@ -59,7 +59,7 @@ class NodeData:
     def __init__(
         self,
         data_dir: Path,
-        settings: Settings,
+        dicom: DicomSettings,
         *,
         studies: StudyIndex,
         jobs: JobQueue,
@@ -67,7 +67,7 @@ class NodeData:
         outbox: Outbox,
     ) -> None:
         self.data_dir = Path(data_dir)
-        self.settings = settings
+        self.dicom = dicom
         self.studies_index = studies
         self.jobs = jobs
         self.models = models
@@ -234,7 +234,7 @@ class NodeData:
 
     def disk(self) -> DiskStatus:
         stats = os.statvfs(self.data_dir)
-        return DiskStatus(stats.f_bavail * stats.f_frsize, self.settings.dicom.min_free_disk_bytes)
+        return DiskStatus(stats.f_bavail * stats.f_frsize, self.dicom.min_free_disk_bytes)
 
     def node_status(self) -> dict[str, Any]:
         """Queue, outbox and disk for the JSON API (UIDs only)."""

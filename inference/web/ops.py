@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify
 
-from fedlesion import __version__
 from inference.web.metrics import render_metrics
+from models.version import distribution_version
 
 blueprint = Blueprint("ops", __name__)
 
@@ -17,7 +17,7 @@ def healthz():
     versions = {
         task: (entry["serving"] or {}).get("version") for task, entry in status.get("tasks", {}).items()
     }
-    return jsonify(ok=True, fedlesion=__version__, demo_mode=status.get("demo_mode"), models=versions)
+    return jsonify(ok=True, fedlesion=distribution_version(), demo_mode=status.get("demo_mode"), models=versions)
 
 
 @blueprint.get("/metrics")
