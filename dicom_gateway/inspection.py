@@ -21,6 +21,7 @@ from dicom_gateway.mosaic import is_mosaic, mosaic_grid, mosaic_image_count
 from dicom_gateway.role_decisions import SeriesDecision
 from dicom_gateway.roles import classify_headers
 from dicom_gateway.study_files import SeriesHeaders, header_values, read_path
+from models.geometry import slice_normal
 
 SPACING_TOLERANCE_MM = 0.01  # slice gaps differing by more than this (and 1 %) are uneven
 
@@ -102,11 +103,12 @@ def series_geometry(series: SeriesHeaders) -> dict[str, Any]:
 
     positions = _first_volume_positions(datasets)
     result["slices"] = len(positions) if positions else sum(number_of_frames(d) for d in datasets)
-    if len(orientation) != 6 or not positions:
+    if not positions:
         return result
-    row, column = orientation[:3], orientation[3:]
-    normal = _cross(row, column)
     result["orientation"] = _orientation_label(orientation)
+    if result["orientation"] is None:
+        return result
+    normal = slice_normal(orientation)
     distances = sorted(sum(p * n for p, n in zip(position, normal, strict=True)) for position in positions)
     gaps = [b - a for a, b in itertools.pairwise(distances)]
     if not gaps:
@@ -156,16 +158,14 @@ def _mosaic_slices(dataset: Dataset) -> int | None:
 
 
 def _orientation_label(orientation: list[float]) -> str | None:
-    if len(orientation) != 6:
+    """sagittal, coronal, axial or oblique (…); None without a usable ImageOrientationPatient."""
+    try:
+        normal = slice_normal(orientation)
+    except ValueError:  # missing, or row and column parallel
         return None
-    normal = _cross(orientation[:3], orientation[3:])
     axis = max(range(3), key=lambda index: abs(normal[index]))
     label = ("sagittal", "coronal", "axial")[axis]
     return label if abs(normal[axis]) >= 0.99 else f"oblique ({label})"
-
-
-def _cross(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    return (a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0])
 
 
 def _values(value: Any) -> list[float]:

@@ -40,6 +40,7 @@ from dicom_gateway.attributes import (
     number_of_frames,
     siemens_csa,
 )
+from models.geometry import slice_normal
 
 __all__ = ["MosaicSlices", "is_mosaic", "mosaic_grid", "mosaic_image_count", "unpack_mosaic"]
 
@@ -125,7 +126,7 @@ def unpack_mosaic(dataset: Dataset, pixels: np.ndarray | None = None) -> MosaicS
         + row_cosine * column_spacing * shift_columns
         + column_cosine * row_spacing * shift_rows
     )
-    normal = _slice_normal(dataset, np.cross(row_cosine, column_cosine))
+    normal = _slice_normal(dataset, slice_normal(orientation))
     step = _slice_step(dataset, normal, count)
     positions = first + np.arange(count)[:, None] * step * normal[None, :]
     return MosaicSlices(np.ascontiguousarray(tiles), positions, orientation, spacing, step)
@@ -168,14 +169,15 @@ def _uih_grid_items(dataset: Dataset) -> Sequence | None:
     return items if isinstance(items, Sequence) and len(items) else None
 
 
-def _slice_normal(dataset: Dataset, cross: np.ndarray) -> np.ndarray:
+def _slice_normal(dataset: Dataset, from_orientation: np.ndarray) -> np.ndarray:
+    """The CSA header's normal where it agrees with the orientation's (it carries the sign), else the latter."""
     vector = [first_number(v) for v in csa_values(siemens_csa(dataset, CSA_IMAGE_HEADER), "SliceNormalVector")]
     if len(vector) == 3 and None not in vector:
         normal = np.asarray(vector, dtype=np.float64)
         length = float(np.linalg.norm(normal))
-        if length > 0 and abs(abs(float(normal @ cross)) / length - 1.0) < 1e-3:
+        if length > 0 and abs(abs(float(normal @ from_orientation)) / length - 1.0) < 1e-3:
             return normal / length
-    return cross / np.linalg.norm(cross)
+    return from_orientation
 
 
 def _slice_step(dataset: Dataset, normal: np.ndarray, count: int) -> float:

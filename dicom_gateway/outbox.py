@@ -13,7 +13,6 @@ so no UID or free text reaches a path.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import sqlite3
 import threading
@@ -30,6 +29,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from dicom_gateway.settings import Destination
 from dicom_gateway.sqlite_tx import connect, write_transaction
 from dicom_gateway.uids import is_valid_uid, spool_name
+from models.durable import fsync_dir, write_atomic
 
 DATABASE_NAME = "outbox.sqlite3"
 OUTPUTS_DIR = "outputs"
@@ -161,8 +161,8 @@ class Outbox:
         if not self.stored(key):
             _check_outputs(key, datasets)
             written = [_write_part10(dataset, directory) for dataset in datasets]
-            _fsync_directory(directory)
-            _fsync_directory(directory.parent)
+            fsync_dir(directory)
+            fsync_dir(directory.parent)
         try:
             recorded = self._record(key, directory, written, destinations)
         finally:
@@ -347,22 +347,9 @@ def _write_part10(dataset: Dataset, directory: Path) -> OutputInstance:
     dataset.file_meta.MediaStorageSOPClassUID = dataset.SOPClassUID
     dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
     path = directory / f"{spool_name(dataset.SOPInstanceUID)}.dcm"
-    partial = path.with_suffix(".partial")
-    with partial.open("wb") as handle:
-        dataset.save_as(handle, enforce_file_format=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    partial.replace(path)
+    write_atomic(path, lambda temp: dataset.save_as(temp, enforce_file_format=True), sync_directory=False)
     syntax = UID(dataset.file_meta.TransferSyntaxUID)
     return OutputInstance(dataset.SOPInstanceUID, dataset.SeriesInstanceUID, dataset.SOPClassUID, syntax, path)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _remove_if_empty(directory: Path) -> None:

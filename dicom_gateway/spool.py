@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dicom_gateway.records import InstanceSink, StoredInstance
 from dicom_gateway.uids import spool_name
+from models.durable import fsync_dir
 
 LOG = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class Spool:
             for pending, temp, _descriptor in written:
                 os.replace(temp, pending.instance.path)
             for directory in directories | ({self.root} if new_directories else set()):
-                _fsync_directory(directory)
+                fsync_dir(directory)
         except OSError as error:
             for pending, _temp, _descriptor in written:
                 pending.error = error
@@ -199,11 +200,3 @@ def _is_same_size(path: Path, size: int) -> bool:
         return path.stat().st_size == size
     except FileNotFoundError:
         return False
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -26,6 +26,7 @@ from dicom_gateway.attributes import frame_value, functional_sequence, is_enhanc
 from dicom_gateway.diffusion import VolumeKey, ordered_volume_keys, volume_keys
 from dicom_gateway.mosaic import MosaicSlices, is_mosaic, unpack_mosaic
 from dicom_gateway.study_files import open_dicom
+from models.geometry import slice_normal
 
 __all__ = [
     "SeriesVolume",
@@ -162,8 +163,7 @@ def _check_slices_present(datasets: Sequence[Dataset], keys: list[list[VolumeKey
             if position is None or orientation is None:
                 continue
             if normal is None:
-                cosines = np.asarray([float(v) for v in orientation], dtype=np.float64)
-                normal = np.cross(cosines[:3], cosines[3:])
+                normal = slice_normal([float(v) for v in orientation])
             positions.setdefault(key, set()).add(tuple(round(float(v), 2) for v in position))  # type: ignore[arg-type]
     if normal is None:
         return
@@ -367,8 +367,7 @@ def _assemble(series_uid: str, members: list[_Slice], label: str) -> SeriesVolum
 
 def _spacing_problem(positions: np.ndarray, orientation: np.ndarray) -> str:
     """Why positions are no regular stack: duplicates, off-normal steps, or gaps listed in mm along the normal."""
-    normal = np.cross(orientation[:3], orientation[3:])
-    distances = np.sort(positions @ normal)
+    distances = np.sort(positions @ slice_normal(orientation))
     steps = np.diff(distances)
     if np.any(np.isclose(steps, 0.0, atol=1e-3)):
         duplicate = distances[1:][np.isclose(steps, 0.0, atol=1e-3)]

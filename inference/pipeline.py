@@ -30,8 +30,9 @@ from dicom_gateway.study_inputs import RoleVolume, StudyInputs
 from dicom_gateway.writers import Lesion, ModelInfo
 from dicom_gateway.writers.common import reference_grid
 from inference.engine import FLIPS, Engine
+from models.geometry import affine_spacing, swap_ras_lps, voxel_volume_ml
 from models.manifest import Manifest, Role, Task
-from models.postprocessing import label_components, voxel_volume_ml
+from models.postprocessing import label_components
 from models.preprocessing import (
     Channel,
     PreprocessedCase,
@@ -176,7 +177,7 @@ def segment_study(
         volumes.append(volume)
     images = {channel.role.value: volume.to_nifti() for channel, volume in zip(manifest.inputs, volumes)}
     first = volumes[0]
-    slice_spacing, row_spacing, column_spacing = (float(s) for s in first.volume.spacing)
+    slice_spacing = float(first.volume.spacing[0])
     source = StudySource(
         study_uid=inputs.study_uid,
         series=tuple(_series_used(volume) for volume in volumes),
@@ -186,7 +187,7 @@ def segment_study(
     )
     warnings = [*_lossy_warnings(volumes)]
     grid = _Grid(
-        voxel_ml=row_spacing * column_spacing * slice_spacing / 1000.0,
+        voxel_ml=voxel_volume_ml(first.volume.affine),
         slices=int(first.volume.spatial_shape[0]),
         slice_spacing_mm=slice_spacing,
     )
@@ -228,7 +229,7 @@ def segment_channels(
     first = nib.funcs.squeeze_image(images[manifest.inputs[0].role.value])
     if first.ndim != 3:
         raise ValueError(f"{manifest.inputs[0].role.value}: expected a 3-D image, got shape {first.shape}")
-    spacing = np.linalg.norm(first.affine[:3, :3], axis=0)
+    spacing = affine_spacing(first.affine)
     grid = _Grid(
         voxel_ml=voxel_volume_ml(first.affine), slices=int(first.shape[2]), slice_spacing_mm=float(spacing[2])
     )
@@ -347,13 +348,12 @@ def _lesions(
         sums = np.stack([np.bincount(flat, weights=axis, minlength=count + 1) for axis in index])
         for new_id, label in enumerate(kept, start=1):
             centre = sums[:, label] / sizes[label]
-            ras = affine[:3, :3] @ centre + affine[:3, 3]
-            lps = (-float(ras[0]), -float(ras[1]), float(ras[2]))
+            lps = swap_ras_lps(affine[:3, :3] @ centre + affine[:3, 3])
             lesions.append(
                 Lesion(
                     id=new_id,
                     volume_ml=round(int(sizes[label]) * voxel_ml, VOLUME_DECIMALS),
-                    centroid_mm=tuple(round(c, 2) for c in lps),  # type: ignore[arg-type]
+                    centroid_mm=tuple(round(float(c), 2) for c in lps),  # type: ignore[arg-type]
                     voxel_count=int(sizes[label]),
                 )
             )

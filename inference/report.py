@@ -8,13 +8,12 @@ lesions, total and core volumes are rounded once, in the pipeline), so report an
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
+
+from models.durable import write_atomic, write_text_atomic
 
 if TYPE_CHECKING:
     from inference.pipeline import SegmentationResult
@@ -76,32 +75,12 @@ def build_report(result: SegmentationResult) -> dict[str, Any]:
 
 
 def write_result(result: SegmentationResult, out_dir: Path) -> tuple[Path, Path]:
-    """Write mask.nii.gz and report.json into `out_dir`, each atomically (temp file, fsync, rename)."""
+    """Write mask.nii.gz and report.json into `out_dir`, each atomically and durably, readable by the node only
+    (they hold patient data)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     mask_path, report_path = out_dir / MASK_FILE, out_dir / REPORT_FILE
-    _atomic_write(mask_path, lambda temp: nib.save(result.mask, temp))
+    write_atomic(mask_path, lambda temp: nib.save(result.mask, temp), mode=0o600)
     text = json.dumps(result.report, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    _atomic_write(report_path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    write_text_atomic(report_path, text, mode=0o600)
     return mask_path, report_path
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` fills a hidden temp file beside `path` (same suffix: nibabel compresses by name); then it is
-    fsynced and renamed over `path`, so a reader sees the old file or the whole new one."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix="".join(path.suffixes))
-    os.close(fd)
-    temp = Path(name)
-    try:
-        write(temp)
-        with temp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

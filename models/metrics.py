@@ -20,7 +20,8 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from numpy.typing import ArrayLike, NDArray
 
-from models.postprocessing import label_components, voxel_volume_ml
+from models.geometry import voxel_volume_ml
+from models.postprocessing import label_components
 
 GRID_TOLERANCE_MM = 1e-3
 DEFAULT_CASE_REGEX = r"(\d+)"

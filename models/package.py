@@ -23,6 +23,7 @@ from typing import Iterable, Iterator, Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from models.durable import create_file, fsync_dir
 from models.errors import (
     DemoPackageRefused,
     ExternalDataRefused,
@@ -142,23 +143,8 @@ def build_package(out_dir: Path, onnx_bytes: bytes, manifest: Manifest, private_
 def write_package(directory: Path, files: Mapping[str, bytes]) -> None:
     """Create each file (never overwrite), fsync it, then fsync the directory so the entries are durable too."""
     for name, data in files.items():
-        fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        create_file(directory / name, data, sync_directory=False)
+    fsync_dir(directory)
 
 
 def pack_tar(package_dir: Path, tar_path: Path) -> Path:

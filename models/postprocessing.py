@@ -1,4 +1,4 @@
-"""Post-processing pieces shared by the node and the metrics: connected components and voxel volumes.
+"""Post-processing shared by the node and the metrics: connected components (voxel volumes: models.geometry).
 
 One definition of "a lesion" (a 26-connected component, design.md §4/§9) so that the lesion count a node reports and
 the count the evaluation scores can never disagree.
@@ -21,17 +21,3 @@ def label_components(mask: ArrayLike) -> tuple[NDArray[np.int32], int]:
         raise ValueError(f"label_components needs a 3-D mask, got shape {array.shape}")
     labels, count = ndimage.label(array != 0, structure=CONNECTIVITY_26)
     return labels.astype(np.int32, copy=False), int(count)
-
-
-def voxel_volume_ml(affine: ArrayLike) -> float:
-    """Volume of one voxel in ml from a 4x4 voxel-to-mm affine (|det| of the 3x3 part, mm³ → ml).
-
-    Taken from the affine rather than header zooms so shears and obliques are measured as the grid really is.
-    """
-    matrix = np.asarray(affine, dtype=np.float64)
-    if matrix.shape != (4, 4) or not np.all(np.isfinite(matrix)):
-        raise ValueError(f"affine must be a finite 4x4 matrix, got shape {matrix.shape}")
-    volume = abs(float(np.linalg.det(matrix[:3, :3]))) / 1000.0
-    if volume == 0.0:
-        raise ValueError("affine is singular: voxel volume is 0")
-    return volume

@@ -20,7 +20,8 @@ from typing import Iterator
 
 from models.errors import MalformedPackage, VersionNotNewer
 from models.manifest import Task
-from models.package import LoadedPackage, TrustPolicy, fsync_directory, load_package, write_package
+from models.durable import fsync_dir
+from models.package import LoadedPackage, TrustPolicy, load_package, write_package
 
 INCOMING = ".incoming"
 _LOCK_FILE = ".lock"
@@ -93,14 +94,14 @@ class Registry:
                 write_package(staging, loaded.package_files())
                 task_dir = self.root / task.value
                 task_dir.mkdir(exist_ok=True)
-                fsync_directory(self.root)
+                fsync_dir(self.root)
                 try:
                     os.rename(staging, task_dir / str(version))  # atomic; fails onto an existing version directory
                 except OSError as error:
                     if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                         raise
                     raise VersionNotNewer(f"{task.value} version {version} already exists") from None
-                fsync_directory(task_dir)
+                fsync_dir(task_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         return loaded

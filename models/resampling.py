@@ -13,6 +13,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from models.geometry import affine_spacing
+
 __all__ = ["ras_grid", "resample"]
 
 
@@ -82,7 +84,7 @@ def ras_grid(
     orientation = nib.orientations.io_orientation(source_affine)
     canonical = source_affine @ nib.orientations.inv_ornt_aff(orientation, source_shape)
     canonical_shape = np.asarray(source_shape)[orientation[:, 0].argsort()]
-    source_spacing = np.linalg.norm(canonical[:3, :3], axis=0)
+    source_spacing = affine_spacing(canonical)
     directions = canonical[:3, :3] / source_spacing
     spacing = np.where(np.abs(source_spacing - spacing) <= spacing_tolerance * spacing, source_spacing, spacing)
     # The tolerance keeps an extent that is an exact multiple of the spacing from gaining a voxel through rounding.

@@ -13,13 +13,14 @@ import binascii
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from models.durable import create_file
 
 ALGORITHM = "ed25519"
 DEMO_KEYS_DIR = Path(__file__).resolve().parent / "demo-keys"
@@ -156,8 +157,6 @@ def write_key_pair(prefix: str) -> tuple[Path, Path, bytes]:
         if path.exists():
             raise ValueError(f"{path} exists; refusing to overwrite a key")
     private_pem, public_pem = generate_key_pair()
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(private_pem)
-    public_path.write_bytes(public_pem)
+    create_file(private_path, private_pem, mode=0o600)
+    create_file(public_path, public_pem)
     return private_path, public_path, public_pem

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,17 @@ def shared_dicom(tmp_path_factory: pytest.TempPathFactory):
 
     root = tmp_path_factory.mktemp("shared-dicom")
     return lambda relative: unpack_shared(relative, root)
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The paths os.fsync is called on, in call order (the calls still sync)."""
+    calls: list[Path] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(descriptor: int) -> None:
+        calls.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    return calls

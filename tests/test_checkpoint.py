@@ -79,3 +79,13 @@ def test_refuses_what_is_not_a_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "short.pt")
     with pytest.raises(ValueError, match="epoch"):
         save_checkpoint(tmp_path / "x.pt", plan=_plan(), epoch=-1, model={})
+
+
+def test_checkpoint_is_fsynced_before_and_after_its_rename(tmp_path, fsynced):
+    """The file's data reach the disk before the rename, and the rename itself (the directory) after it."""
+    path = save_checkpoint(tmp_path / "sub" / "last.pt", plan=_plan(), epoch=0, model={"w": torch.ones(2)})
+    assert len(fsynced) == 2, fsynced
+    temp, directory = fsynced
+    assert temp.parent == path.parent and temp.name.startswith(".last.pt.tmp-") and not temp.exists()
+    assert directory == path.parent
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(2))

@@ -19,7 +19,8 @@ from models.metrics import (
     size_category,
     summarize,
 )
-from models.postprocessing import label_components, voxel_volume_ml
+from models.geometry import voxel_volume_ml
+from models.postprocessing import label_components
 
 NAN = math.nan
 
@@ -186,19 +187,6 @@ def test_label_components_uses_26_connectivity() -> None:
     assert labels[0, 0, 0] == labels[1, 1, 1] != labels[5, 5, 5]
     with pytest.raises(ValueError, match="3-D"):
         label_components(np.zeros((3, 3)))
-
-
-def test_voxel_volume_from_the_affine_including_obliques() -> None:
-    assert voxel_volume_ml(np.diag([2.0, 2.0, 2.0, 1.0])) == pytest.approx(0.008)
-    angle = 0.3
-    rotation = np.array([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([-1.0, 1.0, 3.0])
-    assert voxel_volume_ml(affine) == pytest.approx(0.003)
-    with pytest.raises(ValueError, match="singular"):
-        voxel_volume_ml(np.diag([1.0, 1.0, 0.0, 1.0]))
-    with pytest.raises(ValueError, match="4x4"):
-        voxel_volume_ml(np.eye(3))
 
 
 # --- summary, files, datasets -------------------------------------------------------------------------------------

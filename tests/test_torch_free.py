@@ -56,7 +56,7 @@ SCRIPT = textwrap.dedent(
     from models.adc import AdcUnit, detect_adc_unit, to_micrometre2_per_s
     from models.metrics import compute_metrics
     from models.package import TrustPolicy
-    from models.postprocessing import voxel_volume_ml
+    from models.geometry import voxel_volume_ml
     from models.preprocessing import Channel
     from models.registry import Registry
 

@@ -26,7 +26,8 @@ The contract (ONNX export and the federated layer read it; change it only with a
 Only tensors, numbers, strings, None, lists and dicts (and the tuples inside torch's own optimizer state) are
 stored, so `weights_only=True` loads it. Random state needs no entry: the trainer derives every epoch's sampling and
 augmentation seeds from (plan seed, epoch), so resuming at `epoch` replays exactly what a straight run would do.
-Files are written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+Files are written through `models.durable.write_atomic` (temporary name, fsync, rename, directory fsync), so neither
+a crash nor a power cut leaves half a checkpoint.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import Any, Mapping
 
 import torch
 
+from models.durable import write_atomic
 from training.plan import TrainingPlan
 
 FORMAT = "fedlesion-checkpoint-1"
@@ -84,13 +86,7 @@ def save_checkpoint(
         "threshold": None if threshold is None else float(threshold),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomic(path, lambda temp: torch.save(state, temp))
 
 
 def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:

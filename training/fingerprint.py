@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from models.postprocessing import voxel_volume_ml
+from models.geometry import affine_spacing, voxel_volume_ml
 from models.preprocessing import head_mask
 from training.datasets import TrainingCase, mask_on
 
@@ -50,7 +50,7 @@ def fingerprint(cases: Sequence[TrainingCase], *, min_cases_per_bin: int = MIN_C
         mask = head_mask(first.data)
         for channel in case.channels:
             medians[channel.name].append(float(np.median(channel.data[mask_on(mask, first, channel)])))
-        spacings.append(np.linalg.norm(first.affine[:3, :3], axis=0))
+        spacings.append(affine_spacing(first.affine))
         shapes.append(first.data.shape)
         volumes.append(float(np.count_nonzero(case.mask)) * voxel_volume_ml(first.affine))
 

@@ -39,9 +39,9 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
+from models.geometry import voxel_volume_ml
 from models.metrics import compute_metrics
 from models.networks import build_network
-from models.postprocessing import voxel_volume_ml
 from models.preprocessing import Channel, PreprocessedCase, preprocess, to_source
 from models.resampling import resample
 from training.checkpoint import checkpoint_plan, load_checkpoint, save_checkpoint

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import sqlite3
@@ -23,6 +22,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from dicom_gateway.sqlite_tx import connect, write_transaction
+from models.durable import create_file
 
 USERS_DATABASE = "users.sqlite3"
 MAX_FAILED_LOGINS = 5
@@ -180,16 +180,11 @@ def load_secret_key(data_dir: Path | str) -> bytes:
     """The Flask secret key: 32 random bytes generated once, kept in `<data_dir>/web-secret.key` with mode 0600."""
     path = Path(data_dir) / "web-secret.key"
     path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        create_file(path, key, mode=0o600)
     except FileExistsError:
         key = path.read_bytes()
         if len(key) < 32:
             raise ValueError(f"{path} holds {len(key)} bytes, expected 32; delete it to generate a new key") from None
-        return key
-    key = secrets.token_bytes(32)
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(key)
-        handle.flush()
-        os.fsync(handle.fileno())
     return key

@@ -29,6 +29,7 @@ from dicom_gateway.uids import is_valid_uid, spool_name
 from inference.jobs import RESULTS_DIRNAME, Job, JobQueue, JobState
 from inference.models import ModelService
 from inference.report import DISCLAIMER, MASK_FILE, REPORT_FILE
+from models.durable import write_atomic
 from models.manifest import Role, Task
 
 LOG = logging.getLogger(__name__)
@@ -214,9 +215,7 @@ class NodeData:
         for role in VIEWER_ROLES:
             image = inputs.nifti(role)
             if image is not None:
-                temporary = folder / f".{role}.nii.gz"
-                nib.save(image, temporary)
-                os.replace(temporary, folder / f"{role}.nii.gz")
+                write_atomic(folder / f"{role}.nii.gz", lambda temp, image=image: nib.save(image, temp))
         (folder / "complete").touch()
 
     def overlay_mask(self, study_uid: str, role: str) -> Path | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from models.geometry import affine_spacing
 from training.synthetic.anatomy import TISSUES, Anatomy
 from training.synthetic.case import Geometry, SiteProfile
 
@@ -257,7 +258,7 @@ def _dwi_mimics(
     for key in images:
         images[key] *= coil_gain
     tissue = (fractions["wm"] + fractions["gm"]) >= 0.5
-    clear = ndimage.distance_transform_edt(lesion < 0.05, sampling=np.linalg.norm(grid.affine[:3, :3], axis=0))
+    clear = ndimage.distance_transform_edt(lesion < 0.05, sampling=affine_spacing(grid.affine))
     candidates = np.argwhere(tissue & (clear > 15.0))
     if len(candidates) == 0:
         return

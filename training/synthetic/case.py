@@ -12,6 +12,8 @@ from typing import Literal
 
 import numpy as np
 
+from models.geometry import affine_spacing
+
 Side = Literal["left", "right"]
 CaseKind = Literal["stroke", "ms"]
 Geometry = Literal["axial", "flipped", "oblique", "sagittal"]
@@ -71,4 +73,4 @@ class SyntheticCase:
 
     @property
     def spacing_mm(self) -> tuple[float, float, float]:
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+        return tuple(float(s) for s in affine_spacing(self.affine))  # type: ignore[return-value]

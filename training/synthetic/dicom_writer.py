@@ -33,6 +33,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage
 from pydicom.valuerep import format_number_as_ds
 
+from models.geometry import affine_spacing, slice_normal, swap_ras_lps
 from training.synthetic.case import SyntheticCase
 
 MANUFACTURER = "fedlesion-synthetic"
@@ -295,19 +296,20 @@ def slice_geometry(affine: np.ndarray) -> SliceGeometry:
         raise ValueError(f"affine must be a finite 4×4 matrix, got shape {a.shape}")
     if not np.allclose(a[3], [0, 0, 0, 1]):
         raise ValueError(f"affine's last row must be [0, 0, 0, 1], got {a[3].tolist()}")
-    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ a
+    lps = swap_ras_lps(a)
     cols = lps[:3, :3]
-    spacing = np.linalg.norm(cols, axis=0)
+    spacing = affine_spacing(lps)
     if np.any(spacing <= 0):
         raise ValueError(f"affine has a zero-length axis: spacings {spacing.tolist()}")
     unit = cols / spacing
     if abs(float(unit[:, 0] @ unit[:, 1])) > 1e-6:
         raise ValueError("affine's in-plane axes (0 and 1) are not perpendicular")
-    normal = np.cross(unit[:, 0], unit[:, 1])
+    orientation = np.concatenate([unit[:, 0], unit[:, 1]])
+    normal = slice_normal(orientation)
     if abs(abs(float(normal @ unit[:, 2])) - 1.0) > 1e-6:
         raise ValueError("affine's slice axis (2) is not along the slice normal (sheared/tilted stack)")
     return SliceGeometry(
-        orientation=[_ds(x) for x in np.concatenate([unit[:, 0], unit[:, 1]])],
+        orientation=[_ds(x) for x in orientation],
         pixel_spacing=[_ds(spacing[1]), _ds(spacing[0])],
         origin_lps=lps[:3, 3],
         slice_step_lps=cols[:, 2],

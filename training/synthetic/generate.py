@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.geometry import voxel_volume_ml
 from training.synthetic import acquisition
 from training.synthetic.anatomy import build_anatomy
 from training.synthetic.case import CaseKind, Geometry, GroundTruthLesion, SiteProfile, SyntheticCase
@@ -123,7 +124,7 @@ def _final_lesions(
     labels: np.ndarray, affine: np.ndarray, locations: dict[int, str], kind: str
 ) -> tuple[np.ndarray, list[GroundTruthLesion]]:
     """Renumber the lesions that survived acquisition 1…n and measure them on the acquired grid."""
-    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(affine)
     present = [int(v) for v in np.unique(labels) if v > 0]
     out = np.zeros_like(labels)
     lesions = []
