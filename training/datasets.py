@@ -245,14 +245,14 @@ def synthetic_cases(
     oblique), skull-stripping (p = 0.3) and a partial slab (p = 0.3, 60–130 mm), and stroke cases get healthy
     DWI-bright tissue with a normal ADC as hard negatives; stroke size and pattern are always drawn by
     `generate_case` itself."""
-    from training.synthetic import generate_case, generate_site
+    from training.synthetic import derived_seed, generate_case, generate_site
 
     task = Task(task)
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     kind = "stroke" if task is Task.STROKE_DWI_ADC else "ms"
     for index in range(n):
-        case_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+        case_seed = derived_seed(seed, index)
         options = {}
         if domain_randomization:
             rng = np.random.default_rng(case_seed)

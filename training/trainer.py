@@ -46,6 +46,7 @@ from models.preprocessing import Channel, PreprocessedCase, preprocess, to_sourc
 from models.resampling import resample
 from training.checkpoint import checkpoint_plan, load_checkpoint, save_checkpoint
 from training.plan import TrainingPlan
+from training.synthetic import derived_seed
 
 VAL_METRICS = ("dice", "avd_ml", "lf1")
 THRESHOLD_CANDIDATES = tuple(round(0.3 + 0.05 * step, 2) for step in range(14))  # 0.30 … 0.95
@@ -170,7 +171,7 @@ def _tensor(value: Any) -> torch.Tensor:
 
 
 def _epoch_seed(plan_seed: int, epoch: int, stream: int) -> int:
-    return int(np.random.SeedSequence([plan_seed, epoch, stream]).generate_state(1)[0])
+    return derived_seed(plan_seed, epoch, stream)
 
 
 def _lr_factor(plan: TrainingPlan, step: int) -> float:

@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 from tqdm import tqdm
 
 GEOMETRIES = ("axial", "flipped", "oblique", "sagittal")
@@ -35,14 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def case_seed(run_seed: int, index: int) -> int:
-    """Per-case seeds from (run seed, index), so runs with neighbouring seeds share no cases."""
-    return int(np.random.SeedSequence([run_seed, index]).generate_state(1)[0])
-
-
 def run(args: argparse.Namespace) -> int:
     # Imported here: `training` is heavy-ish and only this command needs it.
-    from training.synthetic import generate_case, generate_site, write_nifti_case
+    from training.synthetic import derived_seed, generate_case, generate_site, write_nifti_case
 
     if args.cases < 1:
         raise ValueError(f"--cases must be at least 1, got {args.cases}")
@@ -60,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         case_dir = out / f"case-{index:03d}"
         case = generate_case(
             args.kind,
-            case_seed(args.seed, index),
+            derived_seed(args.seed, index),
             site=site,
             geometry=args.geometry,
             skull_stripped=args.skull_stripped,

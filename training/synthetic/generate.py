@@ -21,6 +21,11 @@ DEFAULT_SITES: dict[str, SiteProfile] = {
 }
 
 
+def derived_seed(*keys: int) -> int:
+    """A seed drawn from several (run seed, case index, epoch, ...): neighbouring run seeds share no cases."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+
+
 def generate_site(seed: int) -> SiteProfile:
     """A random plausible scanner/protocol profile, named after its seed."""
     _check_seed(seed)
