@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from inference.engine import Engine  # noqa: E402
+from models.geometry import voxel_volume_ml  # noqa: E402
 from models.manifest import Task  # noqa: E402
 from models.metrics import compute_metrics  # noqa: E402
 from models.package import TrustPolicy, load_package  # noqa: E402
-from models.geometry import voxel_volume_ml  # noqa: E402
 from training.datasets import load_cases, open_dataset  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data" / "nifti"

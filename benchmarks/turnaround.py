@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from benchmarks.proctree import PeakSampler
 from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import CompletionTrigger, StudyIndex
+from models.geometry import voxel_volume_ml
 from training.synthetic import SiteProfile, generate_case
 from training.synthetic.dicom_writer import write_dicom_study
 
@@ -73,7 +74,7 @@ def fit(array: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarr
 def ms_case(seed: int):
     """A synthetic MS case at the generator's MS default geometry, FLAIR only."""
     case = generate_case("ms", seed)
-    truth_ml = float((case.lesion_labels > 0).sum() * abs(np.linalg.det(case.affine[:3, :3])) / 1000.0)
+    truth_ml = float((case.lesion_labels > 0).sum() * voxel_volume_ml(case.affine))
     return replace(case, images={key: case.images[key] for key in MS_KEYS}), truth_ml
 
 
@@ -85,7 +86,7 @@ def clinical_case(seed: int):
     labels, _ = fit(case.lesion_labels, MATRIX)
     affine = case.affine.copy()
     affine[:3, 3] = case.affine[:3, :3] @ offset + case.affine[:3, 3]
-    truth_ml = float((labels > 0).sum() * abs(np.linalg.det(affine[:3, :3])) / 1000.0)
+    truth_ml = float((labels > 0).sum() * voxel_volume_ml(affine))
     fitted = replace(case, images=images, lesion_labels=labels, affine=affine,
                      brain_mask=fit(case.brain_mask, MATRIX)[0])
     return fitted, truth_ml

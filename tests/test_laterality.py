@@ -19,11 +19,11 @@ import pytest
 
 from dicom_gateway.writers import write_outputs
 from dicom_gateway.writers.overlay import upscale_factor
+from models.geometry import swap_ras_lps
 from models.manifest import Task
 from models.postprocessing import label_components
 from tests.test_writers import (
     MODEL,
-    RAS_TO_LPS,
     SITE,
     labels_on_volume_grid,
     lesions_from_labels,
@@ -68,7 +68,7 @@ def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(tmp_path: Path, g
     voxels = np.argwhere(seg_volume.array > 0)
     assert len(voxels) == lesions[0].voxel_count
     centroid_lps = seg_volume.affine[:3, :3] @ voxels.mean(axis=0) + seg_volume.affine[:3, 3]
-    truth_lps = RAS_TO_LPS @ np.asarray(truth_lesion.centroid_ras_mm)
+    truth_lps = swap_ras_lps(truth_lesion.centroid_ras_mm)
     assert centroid_lps[0] > 0, f"{geometry}: SEG lesion on the patient's right"
     assert np.linalg.norm(centroid_lps - truth_lps) <= CENTROID_TOLERANCE_MM
 
@@ -79,7 +79,7 @@ def test_left_lesion_is_left_in_seg_and_on_every_overlay_frame(tmp_path: Path, g
     frames_with_lesion = 0
     for sc in outputs.overlay:
         source = by_uid[str(sc.SourceImageSequence[0].ReferencedSOPInstanceUID)]
-        ras = RAS_TO_LPS @ np.array([float(x) for x in source.ImagePositionPatient])
+        ras = swap_ras_lps([float(x) for x in source.ImagePositionPatient])
         i, j, k = to_case[:3, :3] @ ras + to_case[:3, 3]
         assert abs(i) < 1e-3 and abs(j) < 1e-3 and abs(k - round(k)) < 1e-3
         expected = case.lesion_labels[:, :, round(k)].T > 0  # the writer convention

@@ -36,6 +36,7 @@ import pytest
 
 from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey
 from inference.node import check_onnxruntime_install
+from models.geometry import swap_ras_lps, voxel_volume_ml
 from models.manifest import OutputSpec, Task, default_manifest, parse_manifest
 from models.package import build_package
 from models.signing import demo_private_key
@@ -53,7 +54,6 @@ STUDY_B = "1.2.826.0.1.3680043.10.1371.5.2"
 SEED = 1  # generate_case("stroke", 1, size="large", pattern="single"): one ≈110 ml lesion, patient left
 ADMIN_PASSWORD = "e2e-Password-1234"
 KNOWN_MODEL_THRESHOLD = 0.9  # sigmoid(z) ≥ 0.9: z-scored DWI above ln 9 ≈ 2.2, only the lesion in the phantom
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 420
 
@@ -320,7 +320,7 @@ def seg_lesion_voxels(scenario: Scenario, study_uid: str) -> tuple[np.ndarray, f
     volume = hd.seg.segread(seg_path).get_volume(combine_segments=True)
     voxels = np.argwhere(volume.array > 0)
     centres_lps = voxels @ volume.affine[:3, :3].T + volume.affine[:3, 3]
-    return centres_lps, abs(np.linalg.det(volume.affine[:3, :3])) / 1000.0
+    return centres_lps, voxel_volume_ml(volume.affine)
 
 
 @pytest.mark.slow
@@ -344,12 +344,12 @@ def test_seg_holds_exactly_the_voxels_the_known_model_marks(scenario: Scenario) 
     case = scenario.case
     (truth,) = case.lesions
     centres_lps, voxel_ml = seg_lesion_voxels(scenario, STUDY_A)
-    on_case = np.linalg.solve(case.affine, np.c_[centres_lps @ RAS_TO_LPS, np.ones(len(centres_lps))].T)[:3].T
+    on_case = np.linalg.solve(case.affine, np.c_[swap_ras_lps(centres_lps), np.ones(len(centres_lps))].T)[:3].T
     indices = np.rint(on_case).astype(int)
     assert np.abs(on_case - indices).max() < 1e-3, "SEG voxel centres are the study's voxel centres"
     assert {tuple(v) for v in indices} == {tuple(v) for v in np.argwhere(case.lesion_labels > 0)}
     assert len(centres_lps) * voxel_ml == pytest.approx(truth.volume_ml, abs=1e-6)
-    assert np.allclose(centres_lps.mean(axis=0) @ RAS_TO_LPS, truth.centroid_ras_mm, atol=1e-3)
+    assert np.allclose(swap_ras_lps(centres_lps.mean(axis=0)), truth.centroid_ras_mm, atol=1e-3)
     assert truth.side == "left" and centres_lps.mean(axis=0)[0] > 0
     (row,) = scenario.node.jobs(STUDY_A)
     assert json.loads(row["result_json"])["total_volume_ml"] == pytest.approx(truth.volume_ml, abs=0.01)

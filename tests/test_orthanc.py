@@ -28,6 +28,7 @@ from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey
 from dicom_gateway.settings import Destination
 from dicom_gateway.uids import output_uid
 from dicom_gateway.writers import Lesion, ModelInfo, write_outputs
+from models.geometry import voxel_volume_ml
 from models.manifest import Task
 from tests import orthanc as orthanc_support
 from tests.orthanc import ORTHANC_AET, ORTHANC_DICOM_PORT, ORTHANC_HTTP_PORT, Orthanc
@@ -164,7 +165,7 @@ def test_orthanc_pushes_a_stroke_study_to_our_scp_and_reads_back_seg_sc_and_sr(t
     reference = [ds for ds in spooled if ds.SeriesInstanceUID == adc_series]
     volume = hd.get_volume_from_series(reference)
     label_map = ground_truth_on_grid(case, volume.affine, volume.spatial_shape)
-    voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(volume.affine)
     lesions = []
     for label in sorted(set(np.unique(label_map).tolist()) - {0}):
         voxels = np.argwhere(label_map == label)

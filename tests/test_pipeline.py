@@ -27,6 +27,7 @@ from dicom_gateway.writers.common import reference_grid
 from inference.engine import Engine
 from inference.pipeline import segment_channels, segment_study
 from inference.report import DISCLAIMER, write_result
+from models.geometry import swap_ras_lps
 from models.manifest import OutputSpec, Postprocessing, Task, default_manifest
 from models.package import TrustPolicy, build_package, load_package
 from models.signing import demo_private_key
@@ -35,7 +36,6 @@ from training.synthetic.dicom_writer import write_dicom_study
 
 REPO = Path(__file__).resolve().parents[1]
 VOXEL_ML = 0.008  # 2 mm isotropic
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +202,12 @@ def test_default_model_left_stays_left_on_both_grids(default_engine: Engine, tmp
     assert result.lesion_count == 1 and result.total_volume_ml == pytest.approx(truth.volume_ml, rel=0.35)
     centroid = np.asarray(result.lesions[0].centroid_mm)
     assert centroid[0] > 0  # LPS +x is the patient's left
-    assert np.linalg.norm(centroid - RAS_TO_LPS @ np.asarray(truth.centroid_ras_mm)) < 4.0
+    assert np.linalg.norm(centroid - swap_ras_lps(truth.centroid_ras_mm)) < 4.0
 
     grid = reference_grid(result.reference_datasets)
     assert result.label_map.shape == grid.shape
     on_reference = _lps_points(result.label_map, grid.geometry.affine)
-    lps_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ result.mask.affine
+    lps_affine = swap_ras_lps(result.mask.affine)
     on_source = _lps_points(labels, lps_affine)
     assert on_reference == on_source and len(on_source) == result.lesions[0].voxel_count
 

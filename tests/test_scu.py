@@ -34,6 +34,7 @@ from dicom_gateway.outbox import DeliveryState, Outbox, OutputKey, destination_n
 from dicom_gateway.scu import PassReport, Sender
 from dicom_gateway.settings import Destination, DicomSettings
 from dicom_gateway.uids import output_uid
+from models.geometry import voxel_volume_ml
 from models.manifest import Task
 from tests.conftest import REPO_ROOT
 from tests.dicom_support import dcmtk_env, free_port
@@ -357,7 +358,7 @@ def test_writer_outputs_reach_storescp_once_each_and_unchanged(tmp_path, source_
     label_map = np.zeros(volume.spatial_shape, dtype=np.int32)
     label_map[2:4, 8:12, 6:10] = 1
     voxels = np.argwhere(label_map == 1)
-    voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+    voxel_ml = voxel_volume_ml(volume.affine)
     centroid = tuple(float(c) for c in voxels.mean(axis=0) @ volume.affine[:3, :3].T + volume.affine[:3, 3])
     lesion = writers.Lesion(1, len(voxels) * voxel_ml, centroid, len(voxels))
     model = writers.ModelInfo("stroke-dwi-adc", "1.0.0", None, "a" * 64)

@@ -11,6 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from models.geometry import swap_ras_lps
 from training.synthetic.case import GroundTruthLesion, SyntheticCase
 from training.synthetic.dicom_writer import slice_geometry, write_dicom_study
 from training.synthetic.generate import generate_case
@@ -18,7 +19,6 @@ from training.synthetic.generate import generate_case
 BRAIN_ADC = 800.0  # µm²/s
 LESION_ADC = 400.0
 LESION_CENTRE_RAS = np.array([-22.0, 10.0, 6.0])  # patient's left hemisphere (RAS x < 0)
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def _rotation(axis: int, degrees: float) -> np.ndarray:
@@ -107,7 +107,7 @@ def assert_same_world(volume: hd.Volume, case: SyntheticCase, key: str, atol: fl
     assert int(np.prod(volume.spatial_shape)) == int(np.prod(case.images[key].shape))
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in volume.spatial_shape], indexing="ij"), -1).reshape(-1, 3)
     lps = idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
-    ras = lps @ RAS_TO_LPS.T
+    ras = swap_ras_lps(lps)
     inv = np.linalg.inv(case.affine)
     case_idx = ras @ inv[:3, :3].T + inv[:3, 3]
     rounded = np.rint(case_idx).astype(int)
@@ -131,7 +131,7 @@ def test_geometry_values_and_lesion_side_survive_read_back(tmp_path: Path, geome
     # The infarct, found as DWI-bright voxels in the read-back, lies on the patient's left (LPS x > 0).
     lesion_idx = np.argwhere(b1000.array > 0.6).mean(axis=0)
     centroid_lps = b1000.affine[:3, :3] @ lesion_idx + b1000.affine[:3, 3]
-    truth_lps = RAS_TO_LPS @ np.array(case.lesions[0].centroid_ras_mm)
+    truth_lps = swap_ras_lps(case.lesions[0].centroid_ras_mm)
     assert centroid_lps[0] > 10.0
     assert np.linalg.norm(centroid_lps - truth_lps) < 2.0
 

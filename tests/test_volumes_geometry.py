@@ -20,6 +20,7 @@ from pydicom.sequence import Sequence as DicomSequence
 
 from dicom_gateway.mosaic import is_mosaic, mosaic_image_count
 from dicom_gateway.volumes import SeriesVolume, series_volumes, volume_to_nifti
+from models.geometry import slice_normal, swap_ras_lps
 
 AFFINE_ATOL_MM = 1e-3
 COSINE_ATOL = 1e-5
@@ -149,8 +150,7 @@ def test_nibabel_siemens_dwi_mosaics_match_nibabels_mosaic_wrapper(shared_dicom,
     (volume,) = series_volumes([dataset])
     assert volume.key.b_value == float(name.rsplit("_", 1)[1])
     wrapper = wrapper_from_data(dataset)
-    lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
-    expected = nib.as_closest_canonical(nib.Nifti1Image(wrapper.get_unscaled_data(), lps_to_ras @ wrapper.affine))
+    expected = nib.as_closest_canonical(nib.Nifti1Image(wrapper.get_unscaled_data(), swap_ras_lps(wrapper.affine)))
     values, affine = canonical(volume)
     assert values.shape == (128, 128, 48)
     assert np.array_equal(values, np.asarray(expected.dataobj))
@@ -166,7 +166,7 @@ def test_uih_grid_unpacks_row_by_row_with_its_own_slice_positions():
     slices = rng.integers(0, 4000, size=(5, 4, 6), dtype=np.uint16)
     row_cosine = np.array([np.cos(0.2), np.sin(0.2), 0.0])
     column_cosine = np.array([-np.sin(0.2) * np.cos(0.3), np.cos(0.2) * np.cos(0.3), -np.sin(0.3)])
-    normal = np.cross(row_cosine, column_cosine)
+    normal = slice_normal(np.concatenate([row_cosine, column_cosine]))
     positions = np.array([10.0, -20.0, 30.0]) + np.arange(5)[:, None] * 4.5 * normal
     grid = np.zeros((8, 18), dtype=np.uint16)
     for k in range(5):

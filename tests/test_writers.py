@@ -40,6 +40,7 @@ from dicom_gateway.writers.overlay import (
     upscale_factor,
     window,
 )
+from models.geometry import swap_ras_lps
 from models.manifest import Task
 from models.postprocessing import label_components
 from training.synthetic import SiteProfile, generate_case
@@ -49,7 +50,6 @@ PATIENT_NAME = "Müller^Jürgen"
 PATIENT_ID = "PID-ÄÖÜ-1"
 MODEL = ModelInfo("stroke-dwi-adc", "1", 3, "0123456789abcdef" * 4)
 SITE = SiteProfile(name="writers", in_plane_mm=3.0, slice_thickness_mm=3.0, slice_spacing_mm=3.0)
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 EXISTING = [2, 4, 5]
 
 
@@ -133,7 +133,7 @@ def lesions_from_labels(labels: np.ndarray, volume: hd.Volume) -> list[Lesion]:
 def labels_on_volume_grid(case_labels: np.ndarray, case_affine: np.ndarray, volume: hd.Volume) -> np.ndarray:
     """Nearest case voxel of every volume voxel, through patient space (the volume grid is the case grid permuted)."""
     index = np.stack(np.meshgrid(*[np.arange(n) for n in volume.spatial_shape], indexing="ij"), -1).reshape(-1, 3)
-    ras = (index @ volume.affine[:3, :3].T + volume.affine[:3, 3]) @ RAS_TO_LPS.T
+    ras = swap_ras_lps(index @ volume.affine[:3, :3].T + volume.affine[:3, 3])
     inverse = np.linalg.inv(case_affine)
     case_index = ras @ inverse[:3, :3].T + inverse[:3, 3]
     rounded = np.rint(case_index).astype(int)
