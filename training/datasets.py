@@ -29,6 +29,7 @@ __all__ = [
     "CaseFiles",
     "DatasetIndex",
     "Skipped",
+    "SyntheticSpec",
     "TrainingCase",
     "find_isles",
     "find_ms",
@@ -239,18 +240,20 @@ def load_cases(index: DatasetIndex) -> tuple[list[TrainingCase], list[Skipped]]:
 
 
 def synthetic_cases(
-    task: Task | str, n: int, seed: int, *, domain_randomization: bool = True
+    task: Task | str, n: int, seed: int, *, domain_randomization: bool = True, site: int | None = None
 ) -> Iterator[TrainingCase]:
     """`n` seeded synthetic cases. With domain randomization each draws a site profile, a geometry (axial, flipped,
     oblique), skull-stripping (p = 0.3) and a partial slab (p = 0.3, 60–130 mm), and stroke cases get healthy
     DWI-bright tissue with a normal ADC as hard negatives; stroke size and pattern are always drawn by
-    `generate_case` itself."""
+    `generate_case` itself. `site` acquires every case with the one scanner profile `generate_site(site)` instead,
+    as a real center's cases come from its own scanners; the other draws stay what they were."""
     from training.synthetic import derived_seed, generate_case, generate_site
 
     task = Task(task)
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     kind = "stroke" if task is Task.STROKE_DWI_ADC else "ms"
+    profile = generate_site(site) if site is not None else None
     for index in range(n):
         case_seed = derived_seed(seed, index)
         options = {}
@@ -264,6 +267,8 @@ def synthetic_cases(
             if rng.random() < PARTIAL_COVERAGE_PROBABILITY:
                 options["coverage_mm"] = float(rng.uniform(*PARTIAL_COVERAGE_MM))
             options["dwi_mimics"] = task is Task.STROKE_DWI_ADC
+        if profile is not None:
+            options["site"] = profile
         case = generate_case(kind, case_seed, **options)
         channels = [
             Channel(case.images[_SYNTHETIC_IMAGES[channel.name]], case.affine, channel.name)
@@ -272,13 +277,44 @@ def synthetic_cases(
         yield TrainingCase(case.case_id, channels, case.mask, None)
 
 
-def load_training_cases(spec: str, task: Task | str, seed: int) -> tuple[list[TrainingCase], list[Skipped]]:
-    """(cases, skipped) for a dataset spec (`open_dataset`) or `synthetic:N` (N seeded synthetic cases)."""
-    if spec.startswith("synthetic:"):
-        count = spec.split(":", 1)[1]
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """`synthetic:N[:seed=S][:site=K]`: N seeded synthetic cases. `seed` fixes the cases whatever seed the run
+    has; `site` acquires them all with scanner profile K, so simulated sites differ. `synthetic:N` draws a profile
+    per case from the run's seed, as it always did."""
+
+    count: int
+    seed: int | None = None
+    site: int | None = None
+
+    PREFIX = "synthetic:"
+
+    @classmethod
+    def parse(cls, spec: str) -> SyntheticSpec | None:
+        """The spec's parts, None when `spec` is not a synthetic one; ValueError naming the bad part."""
+        if not spec.startswith(cls.PREFIX):
+            return None
+        count, *options = spec.removeprefix(cls.PREFIX).split(":")
         if not count.isdigit() or int(count) < 1:
             raise ValueError(f"--data {spec}: synthetic:N needs a whole number N ≥ 1")
-        return list(synthetic_cases(task, int(count), seed)), []
+        values: dict[str, int] = {}
+        for option in options:
+            key, _, value = option.partition("=")
+            if key not in ("seed", "site") or key in values or not value.isdigit():
+                raise ValueError(f"--data {spec}: options after synthetic:N are seed=S and site=K (whole numbers "
+                                 f"≥ 0, each at most once), got {option!r}")
+            values[key] = int(value)
+        return cls(int(count), **values)
+
+
+def load_training_cases(spec: str, task: Task | str, seed: int) -> tuple[list[TrainingCase], list[Skipped]]:
+    """(cases, skipped) for a dataset spec (`open_dataset`) or a `SyntheticSpec` (seeded synthetic cases; `seed`
+    unless the spec names its own)."""
+    synthetic = SyntheticSpec.parse(spec)
+    if synthetic is not None:
+        case_seed = seed if synthetic.seed is None else synthetic.seed
+        options = {} if synthetic.site is None else {"site": synthetic.site}
+        return list(synthetic_cases(task, synthetic.count, case_seed, **options)), []
     return load_cases(open_dataset(spec, task))  # its skipped list includes the index's own
 
 

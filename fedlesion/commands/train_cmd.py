@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("train", help="train a segmentation model on one site's data")
     parser.add_argument("--task", required=True, choices=[task.value for task in Task])
     parser.add_argument("--data", required=True, metavar="SPEC",
-                        help="dataset folder or CSV manifest, or synthetic:N for N seeded synthetic cases")
+                        help="dataset folder or CSV manifest, or synthetic:N[:seed=S][:site=K] for N seeded synthetic "
+                             "cases (seed: their own seed; site: all acquired with scanner profile K)")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: last.pt, best.pt, metrics.csv, curves.png, plan.json")
     parser.add_argument("--epochs", type=int, metavar="N", help="epochs (default: the plan's)")
