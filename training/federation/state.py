@@ -1,0 +1,483 @@
+"""The coordinator's state in SQLite (`DIR/state.sqlite3`): sites, certificates, the plan, rounds, updates,
+versions and the audit log.
+
+Every process of a consortium's coordinator (`serve`, and `enroll`, `revoke`, `release`, `status` run beside it)
+opens the same file, so a revocation committed by `coordinator revoke` is what `serve`'s next call checks. Writes
+are short `BEGIN IMMEDIATE` transactions (dicom_gateway.sqlite_tx), `synchronous=FULL`: a committed row survives a
+power cut.
+
+Crash rule for versions: a round's package is written completely (under a temporary name, then renamed) *before*
+the transaction that records the version and closes the round. After `kill -9` between the two, `reconcile`
+finds the package on disk without its row and commits it then; so a version is never published twice and never
+skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
+from models.manifest import MANIFEST_FILE, Task, parse_manifest
+
+STATE_FILE = "state.sqlite3"
+INCOMING_PREFIX = ".incoming-"  # a package being written: crash debris when found at start
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sites (
+    name TEXT PRIMARY KEY,
+    role TEXT NOT NULL,
+    state TEXT NOT NULL,              -- active | paused | revoked
+    reason TEXT NOT NULL DEFAULT '',  -- why paused or revoked
+    payload_key BLOB NOT NULL,        -- the AES-GCM key in the site's bundle
+    enrolled_at REAL NOT NULL,
+    last_seen REAL,
+    activity TEXT NOT NULL DEFAULT '' -- the site's last heartbeat state (idle, training, ...)
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    fingerprint TEXT PRIMARY KEY,     -- sha256 of the DER certificate
+    site TEXT NOT NULL REFERENCES sites(name),
+    not_after REAL NOT NULL,
+    issued_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    id INTEGER PRIMARY KEY,
+    plan_sha256 TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    state TEXT NOT NULL,              -- open | closed
+    attempt INTEGER NOT NULL DEFAULT 1,
+    invited TEXT NOT NULL,            -- JSON list of site names
+    base_sha256 TEXT NOT NULL,
+    base_path TEXT NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    closed_at REAL,
+    version INTEGER,
+    note TEXT NOT NULL DEFAULT '',    -- why the round was retried, last
+    UNIQUE (plan_sha256, round)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    id INTEGER PRIMARY KEY,
+    round_id INTEGER NOT NULL REFERENCES rounds(id),
+    site TEXT NOT NULL,
+    accepted INTEGER NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    num_cases INTEGER NOT NULL DEFAULT 0,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    path TEXT,
+    received_at REAL NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_update ON updates (round_id, site) WHERE accepted = 1;
+CREATE TABLE IF NOT EXISTS versions (
+    task TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,              -- candidate | released
+    round_id INTEGER REFERENCES rounds(id),
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    released_by TEXT,
+    released_at REAL,
+    PRIMARY KEY (task, version)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY,
+    at REAL NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,             -- enroll | renew | revoke | resume | publish | release | plan
+    subject TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+
+class SiteState(StrEnum):
+    ACTIVE = "active"
+    PAUSED = "paused"  # not invited (e.g. its custodian refused the plan) until the plan changes
+    REVOKED = "revoked"
+
+
+class RoundState(StrEnum):
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class VersionState(StrEnum):
+    CANDIDATE = "candidate"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    role: str
+    state: SiteState
+    reason: str
+    payload_key: bytes
+    last_seen: float | None
+
+
+@dataclass(frozen=True)
+class Round:
+    id: int
+    plan_sha256: str
+    round: int
+    task: Task
+    state: RoundState
+    attempt: int
+    invited: tuple[str, ...]
+    base_sha256: str
+    base_path: Path
+    opened_at: float
+    deadline: float
+    version: int | None
+
+
+@dataclass(frozen=True)
+class AcceptedUpdate:
+    site: str
+    num_cases: int
+    metrics: Mapping[str, float]
+    path: Path
+
+
+@dataclass(frozen=True)
+class Version:
+    task: Task
+    version: int
+    state: VersionState
+    path: Path
+
+
+class CoordinatorState:
+    """The coordinator's tables; safe to share between threads (one connection per thread) and processes."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / STATE_FILE
+        self._connections = ThreadConnections(lambda: connect(self.path, synchronous="FULL"))
+        self._connections.get().executescript(_SCHEMA)  # idempotent: every process opening the file runs it
+
+    def close(self) -> None:
+        self._connections.close_all()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with write_transaction(self._connections.get()) as db:
+            yield db
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        with read_snapshot(self._connections.get()) as db:
+            yield db
+
+    # -- audit ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _audit(db: sqlite3.Connection, actor: str, action: str, subject: str, detail: Mapping[str, Any]) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, action, subject, detail) VALUES (?, ?, ?, ?, ?)",
+            (time.time(), actor, action, subject, json.dumps(dict(detail), sort_keys=True)),
+        )
+
+    def audit(self, actor: str, action: str, subject: str, **detail: Any) -> None:
+        with self._write() as db:
+            self._audit(db, actor, action, subject, detail)
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        with self._read() as db:
+            rows = db.execute("SELECT at, actor, action, subject, detail FROM audit ORDER BY id").fetchall()
+        return [dict(at=r[0], actor=r[1], action=r[2], subject=r[3], detail=json.loads(r[4])) for r in rows]
+
+    # -- sites and certificates -------------------------------------------------------------------------------
+    def enroll(self, name: str, role: str, fingerprint: str, not_after: float, payload_key: bytes, *,
+               actor: str) -> None:
+        """A new site with its first certificate; enrolling a name twice is refused (renew or revoke it)."""
+        now = time.time()
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM sites WHERE name = ?", (name,)).fetchone():
+                raise ValueError(f"site {name!r} is already enrolled: renew its certificate or enroll another name")
+            db.execute(
+                "INSERT INTO sites (name, role, state, payload_key, enrolled_at) VALUES (?, ?, ?, ?, ?)",
+                (name, role, SiteState.ACTIVE, payload_key, now),
+            )
+            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?)", (fingerprint, name, not_after, now))
+            self._audit(db, actor, "enroll", name, {"role": role, "fingerprint": fingerprint, "not_after": not_after})
+
+    def renew(self, name: str, fingerprint: str, not_after: float, *, actor: str) -> None:
+        """A new certificate for an enrolled, unrevoked site (the old one stays valid until it expires)."""
+        with self._write() as db:
+            site = self._site(db, name)
+            if site.state is SiteState.REVOKED:
+                raise ValueError(f"site {name!r} is revoked: enroll it under a new name")
+            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?)", (fingerprint, name, not_after, time.time()))
+            self._audit(db, actor, "renew", name, {"fingerprint": fingerprint, "not_after": not_after})
+
+    def revoke(self, name: str, reason: str, *, actor: str) -> None:
+        with self._write() as db:
+            self._site(db, name)
+            db.execute("UPDATE sites SET state = ?, reason = ? WHERE name = ?", (SiteState.REVOKED, reason, name))
+            self._audit(db, actor, "revoke", name, {"reason": reason})
+
+    def pause(self, name: str, reason: str) -> None:
+        """Stop inviting an active site (its custodian refused the plan); a revoked site stays revoked."""
+        with self._write() as db:
+            db.execute("UPDATE sites SET state = ?, reason = ? WHERE name = ? AND state = ?",
+                       (SiteState.PAUSED, reason, name, SiteState.ACTIVE))
+
+    def site(self, name: str) -> Site:
+        with self._read() as db:
+            return self._site(db, name)
+
+    @staticmethod
+    def _site(db: sqlite3.Connection, name: str) -> Site:
+        row = db.execute("SELECT name, role, state, reason, payload_key, last_seen FROM sites WHERE name = ?",
+                         (name,)).fetchone()
+        if row is None:
+            raise ValueError(f"no site named {name!r} is enrolled")
+        return Site(row[0], row[1], SiteState(row[2]), row[3], bytes(row[4]), row[5])
+
+    def certificate_site(self, fingerprint: str, now: float | None = None) -> tuple[Site | None, str | None]:
+        """The site a peer certificate belongs to, or None and why it may not call (unknown, expired, revoked)."""
+        now = time.time() if now is None else now
+        with self._read() as db:
+            row = db.execute("SELECT site, not_after FROM certificates WHERE fingerprint = ?",
+                             (fingerprint,)).fetchone()
+            if row is None:
+                return None, "unknown certificate (not issued by this coordinator's enrollment)"
+            site = self._site(db, row[0])
+        if site.state is SiteState.REVOKED:
+            return site, f"site {site.name} is revoked: {site.reason}"
+        if row[1] < now:
+            return site, f"site {site.name}'s certificate expired"
+        return site, None
+
+    def seen(self, name: str, activity: str, now: float | None = None) -> None:
+        with self._write() as db:
+            db.execute("UPDATE sites SET last_seen = ?, activity = ? WHERE name = ?",
+                       (time.time() if now is None else now, activity, name))
+
+    def active_sites(self, role: str, seen_after: float) -> list[str]:
+        """Enrolled sites of `role`, neither paused nor revoked, seen since `seen_after`: the ones a round invites."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT name FROM sites WHERE role = ? AND state = ? AND last_seen >= ? ORDER BY name",
+                (role, SiteState.ACTIVE, seen_after),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    # -- the plan ---------------------------------------------------------------------------------------------
+    def adopt_plan(self, plan_toml: str, plan_sha256: str, *, actor: str) -> bool:
+        """Record the plan `serve` runs; True when it changed. A new plan wakes the sites paused for the old one."""
+        with self._write() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'plan_sha256'").fetchone()
+            if row is not None and row[0] == plan_sha256:
+                return False
+            if row is not None:
+                unfinished = db.execute("SELECT 1 FROM rounds WHERE plan_sha256 = ? AND state = ?",
+                                        (row[0], RoundState.OPEN)).fetchone()
+                if unfinished:
+                    raise ValueError(f"a round of plan {row[0][:12]} is still open: serve that plan until it ends")
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('plan_sha256', ?)", (plan_sha256,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('plan_toml', ?)", (plan_toml,))
+            db.execute("UPDATE sites SET state = ?, reason = '' WHERE state = ?", (SiteState.ACTIVE, SiteState.PAUSED))
+            self._audit(db, actor, "plan", plan_sha256, {})
+            return True
+
+    # -- rounds -----------------------------------------------------------------------------------------------
+    def open_round(self, plan_sha256: str, number: int, task: Task, invited: Sequence[str], base_sha256: str,
+                   base_path: Path, deadline: float) -> Round:
+        with self._write() as db:
+            db.execute(
+                "INSERT INTO rounds (plan_sha256, round, task, state, invited, base_sha256, base_path, opened_at, "
+                "deadline) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (plan_sha256, number, str(task), RoundState.OPEN, json.dumps(list(invited)), base_sha256,
+                 str(base_path), time.time(), deadline),
+            )
+        return self.round(plan_sha256, number)  # type: ignore[return-value]
+
+    def retry_round(self, round_id: int, invited: Sequence[str], deadline: float, note: str) -> None:
+        """Reopen a round that missed its quorum: the updates it accepted stay (same base weights)."""
+        with self._write() as db:
+            db.execute(
+                "UPDATE rounds SET attempt = attempt + 1, invited = ?, deadline = ?, note = ? WHERE id = ?",
+                (json.dumps(list(invited)), deadline, note, round_id),
+            )
+
+    def round(self, plan_sha256: str, number: int) -> Round | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE plan_sha256 = ? AND round = ?",
+                             (plan_sha256, number)).fetchone()
+        return None if row is None else _round(row)
+
+    def last_round(self, plan_sha256: str) -> Round | None:
+        with self._read() as db:
+            row = db.execute(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE plan_sha256 = ? ORDER BY round DESC LIMIT 1",
+                             (plan_sha256,)).fetchone()
+        return None if row is None else _round(row)
+
+    def record_update(self, round_id: int, site: str, *, accepted: bool, reason: str = "", num_cases: int = 0,
+                      metrics: Mapping[str, float] | None = None, path: Path | None = None) -> str | None:
+        """Record an update (accepted or refused, with why); returns why an accepted one was refused after all
+        (the site already has an accepted update in this round), else None."""
+        with self._write() as db:
+            if accepted and db.execute("SELECT 1 FROM updates WHERE round_id = ? AND site = ? AND accepted = 1",
+                                       (round_id, site)).fetchone():
+                accepted, reason = False, "a second update from this site in this round"
+                path = None
+            db.execute(
+                "INSERT INTO updates (round_id, site, accepted, reason, num_cases, metrics, path, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (round_id, site, int(accepted), reason, num_cases, json.dumps(dict(metrics or {}), sort_keys=True),
+                 None if path is None else str(path), time.time()),
+            )
+        return None if accepted else reason
+
+    def has_accepted(self, round_id: int, site: str) -> bool:
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM updates WHERE round_id = ? AND site = ? AND accepted = 1",
+                              (round_id, site)).fetchone() is not None
+
+    def accepted_updates(self, round_id: int) -> list[AcceptedUpdate]:
+        with self._read() as db:
+            rows = db.execute("SELECT site, num_cases, metrics, path FROM updates WHERE round_id = ? AND accepted = 1 "
+                              "ORDER BY site", (round_id,)).fetchall()
+        return [AcceptedUpdate(r[0], r[1], json.loads(r[2]), Path(r[3])) for r in rows]
+
+    # -- versions ---------------------------------------------------------------------------------------------
+    def versions_dir(self, task: Task) -> Path:
+        return self.directory / "versions" / Task(task).value
+
+    def next_version(self, task: Task) -> int:
+        """One above every version recorded or lying on disk for `task` (a package without its row counts)."""
+        with self._read() as db:
+            row = db.execute("SELECT MAX(version) FROM versions WHERE task = ?", (str(task),)).fetchone()
+        on_disk = [int(p.name) for p in _package_dirs(self.versions_dir(task))]
+        return max([row[0] or 0, *on_disk]) + 1
+
+    def commit_candidate(self, task: Task, version: int, path: Path, *, round_id: int | None, actor: str,
+                         action: str = "publish") -> None:
+        """Record a written package as a candidate; with `round_id`, close that round in the same transaction."""
+        with self._write() as db:
+            self._commit_candidate(db, Task(task), version, path, round_id, actor, action)
+
+    def _commit_candidate(self, db: sqlite3.Connection, task: Task, version: int, path: Path, round_id: int | None,
+                          actor: str, action: str) -> None:
+        latest = db.execute("SELECT MAX(version) FROM versions WHERE task = ?", (str(task),)).fetchone()[0] or 0
+        if version <= latest:
+            raise ValueError(f"{task.value} version {version} is not newer than the recorded {latest}")
+        db.execute("INSERT INTO versions (task, version, state, round_id, path, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                   (str(task), version, VersionState.CANDIDATE, round_id, str(path), time.time()))
+        if round_id is not None:
+            db.execute("UPDATE rounds SET state = ?, closed_at = ?, version = ? WHERE id = ?",
+                       (RoundState.CLOSED, time.time(), version, round_id))
+        self._audit(db, actor, action, f"{task.value} {version}", {"round_id": round_id, "path": str(path)})
+
+    def mark_released(self, task: Task, version: int, *, actor: str) -> None:
+        with self._write() as db:
+            row = db.execute("SELECT state FROM versions WHERE task = ? AND version = ?",
+                             (str(task), version)).fetchone()
+            if row is None:
+                raise ValueError(f"no {Task(task).value} version {version} is recorded")
+            db.execute("UPDATE versions SET state = ?, released_by = ?, released_at = ? WHERE task = ? AND version = ?",
+                       (VersionState.RELEASED, actor, time.time(), str(task), version))
+            self._audit(db, actor, "release", f"{Task(task).value} {version}", {"was": row[0]})
+
+    def version(self, task: Task, version: int) -> Version | None:
+        with self._read() as db:
+            row = db.execute("SELECT task, version, state, path FROM versions WHERE task = ? AND version = ?",
+                             (str(task), version)).fetchone()
+        return None if row is None else Version(Task(row[0]), row[1], VersionState(row[2]), Path(row[3]))
+
+    def latest_released(self, task: Task) -> Version | None:
+        with self._read() as db:
+            row = db.execute("SELECT task, version, state, path FROM versions WHERE task = ? AND state = ? "
+                             "ORDER BY version DESC LIMIT 1", (str(task), VersionState.RELEASED)).fetchone()
+        return None if row is None else Version(Task(row[0]), row[1], VersionState(row[2]), Path(row[3]))
+
+    def reconcile(self, *, actor: str) -> list[str]:
+        """After a crash: commit each complete round package that lacks its row, remove half-written ones.
+
+        A package on disk whose round is already closed with another version, or whose round is unknown, cannot be
+        the next version: it is removed. Returns what was done, for the log.
+        """
+        done: list[str] = []
+        for task in Task:
+            root = self.versions_dir(task)
+            for debris in sorted(root.glob(INCOMING_PREFIX + "*")) if root.is_dir() else []:
+                shutil.rmtree(debris, ignore_errors=True)
+                done.append(f"removed half-written {debris}")
+            for package in _package_dirs(root):
+                version = int(package.name)
+                with self._write() as db:
+                    if db.execute("SELECT 1 FROM versions WHERE task = ? AND version = ?",
+                                  (task.value, version)).fetchone():
+                        continue
+                    training = parse_manifest((package / MANIFEST_FILE).read_bytes()).training
+                    row = db.execute(
+                        "SELECT id, state FROM rounds WHERE plan_sha256 = ? AND round = ?",
+                        (training.plan_sha256, training.federated_round),
+                    ).fetchone()
+                    if row is not None and row[1] == RoundState.OPEN:
+                        self._commit_candidate(db, task, version, package, row[0], actor, "resume")
+                        done.append(f"recorded {task.value} {version} of round {training.federated_round}")
+                        continue
+                shutil.rmtree(package)
+                done.append(f"removed {package}: its round is not open")
+        return done
+
+    # -- status -----------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """Sites, rounds (with refused updates and why, metrics per site), versions: `coordinator status`."""
+        with self._read() as db:
+            plan = db.execute("SELECT value FROM meta WHERE key = 'plan_sha256'").fetchone()
+            sites = [
+                dict(name=r[0], role=r[1], state=r[2], reason=r[3], last_seen=r[4], activity=r[5])
+                for r in db.execute("SELECT name, role, state, reason, last_seen, activity FROM sites ORDER BY name")
+            ]
+            rounds = []
+            for r in db.execute(f"SELECT {_ROUND_COLUMNS}, note FROM rounds ORDER BY id").fetchall():
+                round_ = _round(r[:-1])
+                updates = db.execute("SELECT site, accepted, reason, num_cases, metrics FROM updates "
+                                     "WHERE round_id = ? ORDER BY id", (round_.id,)).fetchall()
+                rounds.append(dict(
+                    round=round_.round, plan_sha256=round_.plan_sha256, task=round_.task.value, state=round_.state.value,
+                    attempt=round_.attempt, invited=list(round_.invited), version=round_.version, note=r[-1],
+                    contributors=[u[0] for u in updates if u[1]],
+                    rejected=[dict(site=u[0], reason=u[2]) for u in updates if not u[1]],
+                    metrics={u[0]: dict(json.loads(u[4]), cases=u[3]) for u in updates if u[1]},
+                ))
+            versions = [
+                dict(task=r[0], version=r[1], state=r[2], round_id=r[3], released_by=r[4], released_at=r[5])
+                for r in db.execute("SELECT task, version, state, round_id, released_by, released_at FROM versions "
+                                    "ORDER BY task, version")
+            ]
+        return dict(plan_sha256=plan[0] if plan else None, sites=sites, rounds=rounds, versions=versions)
+
+
+_ROUND_COLUMNS = ("id, plan_sha256, round, task, state, attempt, invited, base_sha256, base_path, opened_at, deadline, "
+                  "version")
+
+
+def _round(row: Sequence[Any]) -> Round:
+    return Round(row[0], row[1], row[2], Task(row[3]), RoundState(row[4]), row[5], tuple(json.loads(row[6])), row[7],
+                 Path(row[8]), row[9], row[10], row[11])
+
+
+def _package_dirs(root: Path) -> list[Path]:
+    """The version folders under `root` (named by their number), in version order."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+__all__ = ["AcceptedUpdate", "CoordinatorState", "Round", "RoundState", "Site", "SiteState", "Version",
+           "VersionState", "INCOMING_PREFIX", "STATE_FILE"]
