@@ -12,7 +12,7 @@ from fedlesion.cli import build_parser, main
 
 EXPECTED_COMMANDS = {
     "settings", "receive", "study", "inspect", "convert", "evaluate", "synth", "model", "fingerprint", "train", "export",
-    "node", "send-sample", "reprocess", "user", "segment",
+    "node", "send-sample", "reprocess", "user", "segment", "site",
 }
 
 
