@@ -151,12 +151,20 @@ class NetworkInfo:
 
 @dataclass(frozen=True)
 class TrainingInfo:
-    """Provenance: which approved plan produced the weights, in which federated round, and how sites scored it."""
+    """Provenance: which approved plan produced the weights, in which federated round, and how sites scored it.
+
+    A federated round also says how many of the sites it invited contributed ("N of M"; each contributor's case
+    count is among its `site_metrics`) and which fedlesion built the package. These keys are written only when set,
+    so manifests recorded before them keep their bytes.
+    """
 
     plan_sha256: str
     federated_round: int | None = None
     strategy: str | None = None
     site_metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    sites_contributed: int | None = None
+    sites_invited: int | None = None
+    fedlesion_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -231,6 +239,9 @@ def default_manifest(
     federated_round: int | None = None,
     strategy: str | None = None,
     site_metrics: Mapping[str, Mapping[str, float]] | None = None,
+    sites_contributed: int | None = None,
+    sites_invited: int | None = None,
+    fedlesion_version: str | None = None,
     preprocessing: Preprocessing | None = None,
     onnx: OnnxSpec | None = None,
     output: OutputSpec | None = None,
@@ -250,7 +261,8 @@ def default_manifest(
         onnx=onnx or OnnxSpec(),
         output=output or OutputSpec(),
         postprocessing=default_postprocessing(task),
-        training=TrainingInfo(plan_sha256, federated_round, strategy, dict(site_metrics or {})),
+        training=TrainingInfo(plan_sha256, federated_round, strategy, dict(site_metrics or {}), sites_contributed,
+                              sites_invited, fedlesion_version),
         network=network,
     )
 
@@ -491,13 +503,22 @@ def _training(obj: _Obj) -> TrainingInfo:
         site_metrics[site] = {
             name: _number(value, f"{site_obj.path}.{name}", minimum=-math.inf) for name, value in values.items()
         }
+    contributed, invited, version = (obj.optional(key) for key in ("sites_contributed", "sites_invited",
+                                                                    "fedlesion_version"))
     obj.done()
-    return TrainingInfo(
+    info = TrainingInfo(
         plan_sha256=plan,
         federated_round=None if round_ is None else _int(round_, f"{obj.path}.federated_round", minimum=0),
         strategy=None if strategy is None else _str(strategy, f"{obj.path}.strategy"),
         site_metrics=site_metrics,
+        sites_contributed=None if contributed is None else _int(contributed, f"{obj.path}.sites_contributed", minimum=0),
+        sites_invited=None if invited is None else _int(invited, f"{obj.path}.sites_invited", minimum=0),
+        fedlesion_version=None if version is None else _str(version, f"{obj.path}.fedlesion_version"),
     )
+    if info.sites_contributed is not None and info.sites_invited is not None:
+        if info.sites_contributed > info.sites_invited:
+            raise ValueError(f"{obj.path}.sites_contributed: {contributed} of {invited} invited sites")
+    return info
 
 
 def _network(obj: _Obj) -> NetworkInfo:
@@ -564,6 +585,9 @@ def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
         },
         "files": dict(manifest.files),
     }
+    for key in ("sites_contributed", "sites_invited", "fedlesion_version"):
+        if getattr(training, key) is not None:
+            out["training"][key] = getattr(training, key)
     if manifest.network is not None:
         out["network"] = {
             "architecture": manifest.network.architecture,

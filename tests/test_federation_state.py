@@ -20,7 +20,8 @@ TASK = Task.STROKE_DWI_ADC
 def _state(tmp_path: Path) -> CoordinatorState:
     state = CoordinatorState(tmp_path)
     for name in ("alpha", "beta"):
-        state.enroll(name, "trainer", f"fp-{name}", time.time() + 3600, b"k" * 32, actor="test")
+        state.enroll(name, "trainer", f"fp-{name}", time.time() + 3600, b"k" * 32, b"PEM " + name.encode(),
+                     actor="test")
         state.seen(name, "idle")
     return state
 
@@ -41,10 +42,11 @@ def test_certificates_answer_for_their_site_until_revoked_by_another_process(tmp
     site, reason = state.certificate_site("fp-beta")
     assert site.state is SiteState.REVOKED and reason == "site beta is revoked: laptop stolen"
     with pytest.raises(ValueError, match="already enrolled"):
-        state.enroll("alpha", "trainer", "fp-x", time.time(), b"k" * 32, actor="test")
+        state.enroll("alpha", "trainer", "fp-x", time.time(), b"k" * 32, b"PEM", actor="test")
     with pytest.raises(ValueError, match="revoked"):
-        state.renew("beta", "fp-beta2", time.time() + 60, actor="operator")
-    state.renew("alpha", "fp-alpha2", time.time() + 60, actor="operator")
+        state.renew("beta", "fp-beta2", time.time() + 60, b"PEM", actor="operator")
+    state.renew("alpha", "fp-alpha2", time.time() + 60, b"PEM alpha 2", actor="operator")
+    assert state.latest_certificate("alpha") == b"PEM alpha 2"
     assert state.certificate_site("fp-alpha2")[0].name == "alpha"
     assert state.active_sites("trainer", seen_after=time.time() - 60) == ["alpha"]
     assert state.active_sites("trainer", seen_after=time.time() + 60) == []

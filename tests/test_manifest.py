@@ -86,6 +86,20 @@ def test_task_defaults() -> None:
     assert default_preprocessing(Task.MS_FLAIR).size_divisible == 16
 
 
+def test_federated_provenance_is_recorded_only_when_set() -> None:
+    data = copy.deepcopy(EXAMPLE)
+    data["training"].update(federated_round=3, strategy="fedavg", sites_contributed=2, sites_invited=3,
+                            fedlesion_version="0.1.0", site_metrics={"site-a": {"cases": 12.0, "loss": 0.4}})
+    manifest = parse_manifest(encode(data))
+    training = manifest.training
+    assert (training.sites_contributed, training.sites_invited, training.fedlesion_version) == (2, 3, "0.1.0")
+    assert parse_manifest(manifest.to_json_bytes()) == manifest
+    assert "sites_invited" not in json.loads(parse_manifest(encode(EXAMPLE)).to_json_bytes())["training"]
+    data["training"]["sites_contributed"] = 4
+    with pytest.raises(ValueError, match=r"training\.sites_contributed: 4 of 3"):
+        parse_manifest(encode(data))
+
+
 @pytest.mark.parametrize(
     ("network", "window_invariant"),
     [

@@ -38,6 +38,7 @@ from models.package import build_package, external_data_tensors, sha256_hex
 from models.preprocessing import Channel, preprocess
 from models.registry import Registry
 from models.signing import demo_public_key, public_key_fingerprint
+from models.version import distribution_version
 from training.checkpoint import checkpoint_plan, checkpoint_threshold, load_checkpoint
 
 MAX_ABS_DIFF = 1e-4  # design.md §8
@@ -306,8 +307,14 @@ def export_package(
     demo: bool = False,
     description: str = "",
     registry: Registry | None = None,
+    sites_contributed: int | None = None,
+    sites_invited: int | None = None,
 ) -> ExportResult:
-    """Everything `export_checkpoint` does, returning the numbers as well (the CLI prints them)."""
+    """Everything `export_checkpoint` does, returning the numbers as well (the CLI prints them).
+
+    A federated round passes how many of its invited sites contributed; the manifest records them with the
+    fedlesion version that built it.
+    """
     try:
         state = load_checkpoint(checkpoint_path)
         plan = checkpoint_plan(state)
@@ -359,6 +366,9 @@ def export_package(
             federated_round=state["federated_round"],
             strategy=state["strategy"],
             site_metrics=site_metrics_from_history(state["history"]),
+            sites_contributed=sites_contributed,
+            sites_invited=sites_invited,
+            fedlesion_version=distribution_version(),
             preprocessing=plan.preprocessing,
             onnx=OnnxSpec(),
             output=OutputSpec(threshold=threshold),

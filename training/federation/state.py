@@ -47,7 +47,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     fingerprint TEXT PRIMARY KEY,     -- sha256 of the DER certificate
     site TEXT NOT NULL REFERENCES sites(name),
     not_after REAL NOT NULL,
-    issued_at REAL NOT NULL
+    issued_at REAL NOT NULL,
+    cert_pem TEXT NOT NULL            -- renewal re-issues it for the same key
 );
 CREATE TABLE IF NOT EXISTS rounds (
     id INTEGER PRIMARY KEY,
@@ -198,8 +199,8 @@ class CoordinatorState:
         return [dict(at=r[0], actor=r[1], action=r[2], subject=r[3], detail=json.loads(r[4])) for r in rows]
 
     # -- sites and certificates -------------------------------------------------------------------------------
-    def enroll(self, name: str, role: str, fingerprint: str, not_after: float, payload_key: bytes, *,
-               actor: str) -> None:
+    def enroll(self, name: str, role: str, fingerprint: str, not_after: float, payload_key: bytes, cert_pem: bytes,
+               *, actor: str) -> None:
         """A new site with its first certificate; enrolling a name twice is refused (renew or revoke it)."""
         now = time.time()
         with self._write() as db:
@@ -209,16 +210,18 @@ class CoordinatorState:
                 "INSERT INTO sites (name, role, state, payload_key, enrolled_at) VALUES (?, ?, ?, ?, ?)",
                 (name, role, SiteState.ACTIVE, payload_key, now),
             )
-            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?)", (fingerprint, name, not_after, now))
+            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?, ?)",
+                       (fingerprint, name, not_after, now, cert_pem.decode("ascii")))
             self._audit(db, actor, "enroll", name, {"role": role, "fingerprint": fingerprint, "not_after": not_after})
 
-    def renew(self, name: str, fingerprint: str, not_after: float, *, actor: str) -> None:
+    def renew(self, name: str, fingerprint: str, not_after: float, cert_pem: bytes, *, actor: str) -> None:
         """A new certificate for an enrolled, unrevoked site (the old one stays valid until it expires)."""
         with self._write() as db:
             site = self._site(db, name)
             if site.state is SiteState.REVOKED:
                 raise ValueError(f"site {name!r} is revoked: enroll it under a new name")
-            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?)", (fingerprint, name, not_after, time.time()))
+            db.execute("INSERT INTO certificates VALUES (?, ?, ?, ?, ?)",
+                       (fingerprint, name, not_after, time.time(), cert_pem.decode("ascii")))
             self._audit(db, actor, "renew", name, {"fingerprint": fingerprint, "not_after": not_after})
 
     def revoke(self, name: str, reason: str, *, actor: str) -> None:
@@ -226,6 +229,15 @@ class CoordinatorState:
             self._site(db, name)
             db.execute("UPDATE sites SET state = ?, reason = ? WHERE name = ?", (SiteState.REVOKED, reason, name))
             self._audit(db, actor, "revoke", name, {"reason": reason})
+
+    def latest_certificate(self, name: str) -> bytes:
+        """The site's newest certificate (PEM): what renewal re-issues."""
+        with self._read() as db:
+            row = db.execute("SELECT cert_pem FROM certificates WHERE site = ? ORDER BY issued_at DESC LIMIT 1",
+                             (name,)).fetchone()
+        if row is None:
+            raise ValueError(f"no site named {name!r} is enrolled")
+        return row[0].encode("ascii")
 
     def pause(self, name: str, reason: str) -> None:
         """Stop inviting an active site (its custodian refused the plan); a revoked site stays revoked."""
