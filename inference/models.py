@@ -5,6 +5,10 @@ so a swap in the middle of a job never mixes two models in one result (design.md
 against the trust policy and the versions served (older or equal refused), warmed up by one prediction on a small
 dummy head, and only then swapped in under a lock. Every refusal (design.md §2) leaves the old model serving and is
 kept with its time, path and reason for the models page.
+
+Which version serves is the registry's pin (`models.registry.InstalledPin`) when the task has one: an admin's
+install, an auto-install of a pulled release, or `fedlesion model rollback`; a newer version in the registry is then
+pending until installed. Without a pin the newest verified version serves, as it did before pulling existed.
 """
 
 from __future__ import annotations
@@ -223,22 +227,34 @@ class ModelService:
         with self._lock:
             return list(reversed(self._refusals))
 
+    def pending(self, task: Task) -> list[int]:
+        """Versions in the registry above the one served that wait for an install (only a pinned task has any:
+        without a pin the watcher serves the newest itself)."""
+        task = Task(task)
+        if self.registry.installed(task) is None:
+            return []
+        served = self.served_versions().get(task, 0)
+        return [v for v in self.registry.versions(task) if v > served and (task, v) not in self._refused]
+
     def status(self) -> dict[str, Any]:
         """Everything the models page and its JSON API show."""
         with self._lock:
             serving = dict(self._serving)
             refusals = list(reversed(self._refusals))
+        tasks = {}
+        for task in sorted(self.tasks):
+            pin = self.registry.installed(task)
+            tasks[task.value] = {
+                "serving": serving[task].describe() if task in serving else None,
+                "registry_versions": self.registry.versions(task),
+                "installed": pin.as_dict() if pin else None,
+                "pending": self.pending(task),
+            }
         return {
             "demo_mode": self.demo_mode,
             "trust_mode": self.trust.mode.value,
             "registry": str(self.registry.root),
-            "tasks": {
-                task.value: {
-                    "serving": serving[task].describe() if task in serving else None,
-                    "registry_versions": self.registry.versions(task),
-                }
-                for task in sorted(self.tasks)
-            },
+            "tasks": tasks,
             "refusals": [refusal.as_dict() for refusal in refusals],
         }
 
@@ -303,12 +319,22 @@ class ModelService:
 
     # -- swapping --------------------------------------------------------------------------------------------
     def poll_once(self) -> dict[Task, int]:
-        """Try, newest first, every registry version above the one served; swap in the first that verifies and
-        warms up. Returns the tasks that changed version."""
+        """A pinned task: swap in the pinned version (older ones too: a rollback) if it verifies and warms up.
+        Otherwise try, newest first, every registry version above the one served; swap in the first that verifies
+        and warms up. Returns the tasks that changed version."""
         swapped: dict[Task, int] = {}
         with self._poll_lock:
             for task in sorted(self.tasks):
                 served = self.served_versions().get(task)
+                pin = self.registry.installed(task)
+                if pin is not None:
+                    wanted = pin.version
+                    if wanted is not None and wanted != served and (task, wanted) not in self._refused:
+                        if self._try(task, self.registry.root / task.value / str(wanted), wanted, None):
+                            swapped[task] = wanted
+                        else:
+                            self._refused.add((task, wanted))
+                    continue
                 candidates = [v for v in self.registry.versions(task) if served is None or v > served]
                 for version in reversed(candidates):
                     if (task, version) in self._refused:
@@ -319,16 +345,23 @@ class ModelService:
                     self._refused.add((task, version))
         return swapped
 
-    def install(self, source: Path) -> ServingModel:
-        """Verify a package (directory or .tar, e.g. pulled from the coordinator), publish it to the registry and
-        swap it in now. Raises the refusal, which is also recorded; the old model keeps serving."""
+    def store(self, source: Path) -> LoadedPackage:
+        """Verify a package (directory or .tar, e.g. pulled from the coordinator) and publish it to the registry,
+        without installing it. Raises the refusal, which is also recorded."""
         source = Path(source)
         try:
-            loaded = self.registry.publish(source)
+            return self.registry.publish(source)
         except PackageRefused as error:
             self._record(None, None, source, error)
             raise
+
+    def install(self, source: Path, by: str = "install") -> ServingModel:
+        """`store` a package and swap it in now (moving the task's pin, if it has one, to it). Raises the refusal,
+        which is also recorded; the old model keeps serving."""
+        loaded = self.store(source)
         task, version = loaded.manifest.task, loaded.manifest.version
+        if self.registry.installed(task) is not None:
+            return self.install_version(task, version, by)
         self.poll_once()
         serving = self.current(task)
         if serving.version != version:
@@ -336,20 +369,60 @@ class ModelService:
             raise WarmUpFailed(refusal.reason if refusal else f"{task.value} version {version} was not swapped in")
         return serving
 
+    def install_version(self, task: Task, version: int, by: str) -> ServingModel:
+        """Serve `version` of `task` from the registry now and pin it (an admin's install, an auto-install). Raises
+        the refusal, which is also recorded; then the pin is unchanged and the old model keeps serving."""
+        task = Task(task)
+        if task not in self.tasks:
+            raise ValueError(f"task {task.value} is not enabled on this node")
+        if version not in self.registry.versions(task):
+            raise ValueError(f"{task.value} version {version} is not in the registry")
+        with self._poll_lock:
+            if self.served_versions().get(task) != version:
+                path = self.registry.root / task.value / str(version)
+                try:
+                    self._swap(task, path, version, None)
+                except (PackageRefused, OSError) as error:
+                    self._record(task, version, path, error)
+                    self._refused.add((task, version))
+                    raise
+            self._refused.discard((task, version))
+            self.registry.pin(task, version, by)
+        LOG.info("%s version %d installed by %s", task.value, version, by)
+        return self.current(task)
+
+    def hold(self, task: Task, by: str) -> None:
+        """Pin what serves now (or nothing) unless the task is pinned already, so a version about to be added to
+        the registry waits for an install instead of being swapped in by the watcher."""
+        task = Task(task)
+        with self._poll_lock:
+            if self.registry.installed(task) is None:
+                self.registry.pin(task, self.served_versions().get(task), by)
+
+    def record_refusal(self, task: Task | None, version: int | None, path: Path | str, error: Exception) -> None:
+        """A package refused outside the registry (e.g. a pulled release that failed verification): shown on the
+        models page with the others."""
+        self._record(task, version, path, error)
+
     def _try(self, task: Task, path: Path, version: int | None, served: int | None) -> bool:
-        """Verify, warm up and swap in the package at `path`; `version`: what its registry path says (None for
-        the embedded default served in place)."""
+        """`_swap`, with a refusal recorded instead of raised."""
         try:
-            loaded = load_package(path, self.trust, served={task: served} if served is not None else None)
-            if loaded.manifest.task is not task or version not in (None, loaded.manifest.version):
-                raise MalformedPackage(
-                    f"{path} holds {loaded.manifest.task.value} version {loaded.manifest.version}, "
-                    "not what its path says"
-                )
-            serving = warm_up(loaded, self._engine_factory)
+            self._swap(task, path, version, served)
         except (PackageRefused, OSError) as error:
             self._record(task, version, path, error)
             return False
+        return True
+
+    def _swap(self, task: Task, path: Path, version: int | None, served: int | None) -> None:
+        """Verify, warm up and swap in the package at `path`; `version`: what its registry path says (None for
+        the embedded default served in place); `served`: refuse anything not newer (None: a pin chose it)."""
+        loaded = load_package(path, self.trust, served={task: served} if served is not None else None)
+        if loaded.manifest.task is not task or version not in (None, loaded.manifest.version):
+            raise MalformedPackage(
+                f"{path} holds {loaded.manifest.task.value} version {loaded.manifest.version}, "
+                "not what its path says"
+            )
+        serving = warm_up(loaded, self._engine_factory)
         with self._lock:
             previous = self._serving.get(task)
             self._serving[task] = serving
@@ -358,9 +431,8 @@ class ModelService:
             task.value, serving.version, " (DEMO)" if loaded.demo else "", ", ".join(serving.providers),
             previous.version if previous else "none",
         )
-        return True
 
-    def _record(self, task: Task | None, version: int | None, path: Path, error: Exception) -> None:
+    def _record(self, task: Task | None, version: int | None, path: Path | str, error: Exception) -> None:
         refusal = Refusal(
             time=datetime.now(UTC).replace(microsecond=0),
             task=task.value if task is not None else None,

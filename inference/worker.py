@@ -146,8 +146,8 @@ class Worker:
         study = self._study(job)
         try:
             plan = plan_study(study, job.task, self.models, StudyRoles.from_json(job.roles_json))
-        except ModelUnavailable as error:
-            return Outcome(JobState.FAILED, str(error))
+        except ModelUnavailable as error:  # e.g. an enrolled node before its first release is installed
+            raise NotProcessed(f"no model: {error}") from None
         serving = plan.model  # kept for the whole job: hot-swap safe
         inputs = load_study_inputs(plan.roles, study)
         _check_inputs(inputs, serving)

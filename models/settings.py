@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,14 @@ class StorageSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Where signed model packages are kept and which publisher the node trusts (design.md §2)."""
+    """Where signed model packages are kept, which releases the node trusts and pulls (design.md §2, §7)."""
 
     registry_dir: Path | None = None  # default: <data_dir>/registry
-    enrollment_bundle: Path | None = None  # none: demo mode, only the shipped demo key is trusted
+    # one enrollment bundle file (`fedlesion coordinator enroll … --role node`): its release keys are the only ones
+    # trusted, and the node pulls released models from its coordinator; none: demo mode, only the demo key
+    enrollment_bundle: Path | None = None
+    pull_interval_s: float = field(default=300.0, metadata=checked(positive))
+    auto_install: bool = False  # false: a pulled version is pending until an admin installs it
 
     def registry_path(self, data_dir: Path) -> Path:
         return self.registry_dir or Path(data_dir) / REGISTRY_DIRNAME

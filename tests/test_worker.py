@@ -23,7 +23,7 @@ from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import SPOOL_DIRNAME
 from dicom_gateway.studies import DATABASE_NAME, StudyIndex
 from inference.jobs import JobQueue, JobState, results_dir
-from inference.models import ModelService
+from inference.models import ModelService, ModelUnavailable
 from inference.worker import Worker, installed_tasks, start_workers
 from models.manifest import Task, default_manifest
 from models.package import TrustPolicy, build_package
@@ -235,3 +235,22 @@ def test_broken_studies_end_their_own_jobs_and_the_loop_goes_on(node: Worker, st
     assert unmatched.reason.startswith("no task matched (stroke: no DWI series; ms: no model installed)")
     (notice,) = node.outbox.stored(OutputKey(FLAIR_ONLY_UID, 1, "none", "none"))
     assert dcmread(notice.path).ImageComments.startswith("AI analysis not performed: no task matched")
+
+
+class NoModelServes:
+    """A model source with nothing serving (an enrolled node before its first release is installed)."""
+
+    demo_mode = False
+
+    def current(self, task: Task):
+        raise ModelUnavailable(f"no verified model serves {task.value}")
+
+    def served_versions(self):
+        return {}
+
+
+def test_a_job_without_a_serving_model_is_not_processed_visibly(node: Worker, study) -> None:
+    receive(node, study[0])
+    node.models = NoModelServes()  # routed while a model served; gone when the worker plans the job
+    job = node.run_once()
+    assert (job.state, job.reason) == (JobState.NOT_PROCESSED, "no model: no verified model serves stroke-dwi-adc")

@@ -1,7 +1,10 @@
-"""`fedlesion model`: verify, publish and list signed model packages; make a publishing key pair.
+"""`fedlesion model`: verify, publish and list signed model packages; make a publishing key pair; roll a node's
+task back to the version installed before.
 
 Without `--public-key` the demo trust policy applies (only the shipped demo key), as on a node without an
-enrollment bundle; with it, the given publisher keys are trusted and demo packages are refused.
+enrollment bundle; with it, the given publisher keys are trusted and demo packages are refused. `rollback` works on
+the node's registry from the settings and trusts what the node trusts; the running node swaps within
+`inference.registry_poll_s`.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing.add_argument("--registry", type=Path, required=True, metavar="DIR")
     listing.set_defaults(func=run, action="list")
 
+    rollback = actions.add_parser(
+        "rollback", help="serve the version of TASK installed before the current one (audited)"
+    )
+    rollback.add_argument("task", type=_task, metavar="TASK", help="stroke-dwi-adc | ms-flair (or stroke | ms)")
+    rollback.set_defaults(func=run, action="rollback")
+
     keygen = actions.add_parser("keygen", help="write OUT_PREFIX.private.pem and OUT_PREFIX.public.pem (Ed25519)")
     keygen.add_argument("prefix", metavar="OUT_PREFIX")
     keygen.set_defaults(func=run, action="keygen")
@@ -49,9 +58,18 @@ def _add_public_key(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _task(text: str) -> Task:
+    try:
+        return Task(text)
+    except ValueError:
+        return Task.from_short_name(text)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "keygen":
         return _keygen(args.prefix)
+    if args.action == "rollback":
+        return _rollback(args)
     if args.action == "list":
         return _list(Registry(args.registry, TrustPolicy.demo()))
     trust = TrustPolicy.enrolled(map(load_public_key, args.public_key)) if args.public_key else TrustPolicy.demo()
@@ -78,6 +96,27 @@ def _list(registry: Registry) -> int:
     for task in Task:
         versions = registry.versions(task)
         print(f"{task.value}: {', '.join(map(str, versions)) if versions else '-'}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    import getpass
+
+    from fedlesion.settings import load_settings
+    from inference.models import trust_from_bundle
+    from inference.web.audit import AuditAction, AuditLog
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    registry = Registry(settings.registry_dir, trust_from_bundle(settings.models.enrollment_bundle, [args.task]))
+    pinned = registry.installed(args.task)
+    current = pinned.version if pinned else max(registry.versions(args.task), default=None)
+    user = f"cli:{getpass.getuser()}"
+    pin = registry.rollback(args.task, user)
+    AuditLog(settings.storage.data_dir).record(
+        user, AuditAction.MODEL_ROLLBACK, task=args.task.value, version=f"{current} -> {pin.version}"
+    )
+    print(f"{args.task.value}: rolled back from version {current} to version {pin.version}; a running node "
+          f"serves it within {settings.inference.registry_poll_s:g} s")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`fedlesion user add NAME`: create a web page account (there are no default credentials, design.md §6)."""
+"""`fedlesion user add NAME [--admin]`: create a web page account (there are no default credentials, design.md §6);
+an admin may also install pending model versions."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument(
         "--password-stdin", action="store_true", help="read the password from the first line of stdin (no prompt)"
     )
+    add.add_argument("--admin", action="store_true", help="the account may install pending model versions")
     add.set_defaults(func=run_add)
     listing = actions.add_parser("list", help="print the account names")
     listing.set_defaults(func=run_list)
@@ -45,10 +47,10 @@ def run_add(args: argparse.Namespace) -> int:
     password = _read_password(args.password_stdin)
     store = _store(args)
     try:
-        store.add_user(args.name, password)
+        store.add_user(args.name, password, admin=args.admin)
     finally:
         store.close()
-    print(f"user {args.name} added")
+    print(f"{'admin' if args.admin else 'user'} {args.name} added")
     return 0
 
 
@@ -56,7 +58,7 @@ def run_list(args: argparse.Namespace) -> int:
     store = _store(args)
     try:
         for name in store.user_names():
-            print(name)
+            print(f"{name} (admin)" if store.is_admin(name) else name)
     finally:
         store.close()
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, abort, current_app, g, jsonify
+from flask import Blueprint, Response, abort, current_app, g, jsonify, request
 
 from inference.web.audit import AuditAction
 from inference.web.data import DEMO_BANNER, VIEWER_ROLES
@@ -89,6 +89,15 @@ def overlay_slice(uid: str, role: str, index: int):
 def models():
     status = _context().data.models_status()
     return jsonify({**status, "banner": DEMO_BANNER if status.get("demo_mode") else None})
+
+
+@blueprint.post("/models/<task>/install")
+def install_model(task: str):
+    """Body {"version": N}: serve a pending version now (admins only)."""
+    version = (request.get_json(silent=True) or {}).get("version")
+    if type(version) is not int:
+        abort(400, description='the body must be {"version": <integer>}')
+    return jsonify(_context().install_model(task, version, g.user))
 
 
 @blueprint.get("/node")

@@ -18,6 +18,8 @@ from inference.web import security
 from inference.web.audit import AuditAction, AuditLog
 from inference.web.auth import UserStore, load_secret_key
 from inference.web.data import NodeData
+from models.errors import PackageRefused
+from models.manifest import Task
 
 LOG = logging.getLogger(__name__)
 
@@ -49,6 +51,25 @@ class WebContext:
         self.audit.record(user, AuditAction.REPROCESS, uid)
         return created
 
+    def install_model(self, task_value: str, version: int, user: str) -> dict[str, Any]:
+        """Serve a pending version now (admins only: 403), audited with its outcome; 404 for a task this node
+        does not run, 409 when the version is not in the registry or is refused (the old model keeps serving)."""
+        if not self.users.is_admin(user):
+            abort(403, description="only an admin may install a model version")
+        models = self.data.models
+        if task_value not in {task.value for task in models.tasks}:
+            abort(404)
+        try:
+            serving = models.install_version(Task(task_value), version, by=user)
+        except (PackageRefused, OSError) as error:
+            self.audit.record(user, AuditAction.MODEL_INSTALL, task=task_value, version=version,
+                              outcome=f"refused: {type(error).__name__}")
+            abort(409, description=f"{type(error).__name__}: {error}")
+        except ValueError as error:  # not in the registry
+            abort(409, description=str(error))
+        self.audit.record(user, AuditAction.MODEL_INSTALL, task=task_value, version=version, outcome="installed")
+        return serving.describe()
+
 
 def create_app(
     data_dir: Path | str,
@@ -59,10 +80,12 @@ def create_app(
     jobs: Any,
     models: Any,
     outbox: Any,
+    puller: Any = None,
     clock: Callable[[], float] = time.time,
 ) -> Flask:
     """`node` gives the cookie policy, `dicom` the disk watermark shown; `studies` a dicom_gateway StudyIndex, `jobs` an inference JobQueue, `models` a ModelService, `outbox` a
-    dicom_gateway Outbox; `clock` drives lockout and session timeout (tests pass a fake one)."""
+    dicom_gateway Outbox, `puller` the node's ModelPuller (None: the node does not pull); `clock` drives lockout and
+    session timeout (tests pass a fake one)."""
     from inference.web import api, ops, pages
 
     data_dir = Path(data_dir)
@@ -70,7 +93,7 @@ def create_app(
     app.secret_key = load_secret_key(data_dir)
     security.install(app, secure_cookies=node.web_secure_cookies)
     app.extensions["fedlesion"] = WebContext(
-        data=NodeData(data_dir, dicom, studies=studies, jobs=jobs, models=models, outbox=outbox),
+        data=NodeData(data_dir, dicom, studies=studies, jobs=jobs, models=models, outbox=outbox, puller=puller),
         users=UserStore(data_dir, clock=clock),
         audit=AuditLog(data_dir, clock=clock),
     )

@@ -1,4 +1,4 @@
-"""The audit log: who viewed or downloaded which study, when (design.md §6).
+"""The audit log: who viewed or downloaded which study, and who installed which model version, when (design.md §6).
 
 Append-only JSON lines in `<data_dir>/audit/audit.jsonl`, one object per event with the user, the UTC time, the
 action and the Study Instance UID; never a patient name or ID. Each line is written with one `write` on a file
@@ -27,6 +27,8 @@ class AuditAction(StrEnum):
     LOGIN = "login"
     LOGIN_FAILED = "login-failed"
     LOGOUT = "logout"
+    MODEL_INSTALL = "model-install"  # a pending version installed (web page, admin) or a rollback (CLI)
+    MODEL_ROLLBACK = "model-rollback"
 
 
 class AuditLog:

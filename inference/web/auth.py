@@ -3,7 +3,8 @@
 Why this shape (design.md §6): no default credentials, so an account exists only after `fedlesion user add`;
 passwords are stored as scrypt hashes with a per-user salt and compared in constant time; five failed logins lock an
 account for five minutes; sessions live server-side (the cookie carries a random token whose SHA-256 is stored), so
-logout and the 30-minute idle timeout are enforced here and not by a cookie the browser keeps.
+logout and the 30-minute idle timeout are enforced here and not by a cookie the browser keeps. An account is an
+admin only when made so (`fedlesion user add --admin`): admins install pending model versions.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS users (
     scrypt_p INTEGER NOT NULL,
     failed_logins INTEGER NOT NULL DEFAULT 0,
     locked_until REAL NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS sessions (
     token_sha256 TEXT PRIMARY KEY,
@@ -91,6 +93,9 @@ class UserStore:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
+        if "admin" not in columns:  # a database from before roles: everyone stays a plain user
+            self._db.execute("ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
         self.path.chmod(0o600)
         self._dummy_salt = secrets.token_bytes(16)
 
@@ -103,7 +108,7 @@ class UserStore:
         with self._lock, write_transaction(self._db) as db:
             yield db
 
-    def add_user(self, name: str, password: str) -> None:
+    def add_user(self, name: str, password: str, *, admin: bool = False) -> None:
         """Create an account; ValueError for a bad name, a short password or a name already taken."""
         check_user_name(name)
         if len(password) < MIN_PASSWORD_LENGTH:
@@ -113,9 +118,9 @@ class UserStore:
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO users (name, salt, hash, scrypt_n, scrypt_r, scrypt_p, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, salt, digest, SCRYPT_N, SCRYPT_R, SCRYPT_P, self._clock()),
+                    "INSERT INTO users (name, salt, hash, scrypt_n, scrypt_r, scrypt_p, created_at, admin)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (name, salt, digest, SCRYPT_N, SCRYPT_R, SCRYPT_P, self._clock(), int(admin)),
                 )
         except sqlite3.IntegrityError:
             raise ValueError(f"user {name!r} exists already") from None
@@ -123,6 +128,11 @@ class UserStore:
     def user_names(self) -> list[str]:
         with self._lock:
             return [row[0] for row in self._db.execute("SELECT name FROM users ORDER BY name")]
+
+    def is_admin(self, name: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT admin FROM users WHERE name = ?", (name,)).fetchone()
+        return bool(row and row[0])
 
     def login(self, name: str, password: str) -> LoginResult:
         """Check a password; the fifth failure in a row locks the account for LOCKOUT_S, even for the right one."""

@@ -27,6 +27,7 @@ from dicom_gateway.study_files import open_dicom, read_files
 from dicom_gateway.study_inputs import load_study_inputs
 from dicom_gateway.uids import is_valid_uid, spool_name
 from inference.jobs import RESULTS_DIRNAME, Job, JobQueue, JobState
+from inference.model_pull import ModelPuller
 from inference.models import ModelService
 from inference.report import DISCLAIMER, MASK_FILE, REPORT_FILE
 from models.durable import write_atomic
@@ -66,6 +67,7 @@ class NodeData:
         jobs: JobQueue,
         models: ModelService,
         outbox: Outbox,
+        puller: ModelPuller | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.dicom = dicom
@@ -73,6 +75,7 @@ class NodeData:
         self.jobs = jobs
         self.models = models
         self.outbox = outbox
+        self.puller = puller
         self._patients: dict[str, PatientContext] = {}
         self._build_lock = threading.Lock()
 
@@ -229,7 +232,8 @@ class NodeData:
     # --- models and node -------------------------------------------------------------------------------------
 
     def models_status(self) -> dict[str, Any]:
-        return self.models.status()
+        """The model service's status plus, on a node that pulls, the last pull's outcome."""
+        return {**self.models.status(), "pull": self.puller.status() if self.puller else None}
 
     def disk(self) -> DiskStatus:
         stats = os.statvfs(self.data_dir)

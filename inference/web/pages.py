@@ -103,4 +103,16 @@ def download(uid: str, task: str, name: str):
 
 @blueprint.get("/models")
 def models():
-    return render_template("models.html", status=_context().data.models_status())
+    context = _context()
+    return render_template(
+        "models.html", status=context.data.models_status(), is_admin=context.users.is_admin(g.user)
+    )
+
+
+@blueprint.post("/models/<task>/install")
+def install_model(task: str):
+    version = request.form.get("version", "")
+    if not version.isdigit():
+        abort(400, description="version must be a number")
+    _context().install_model(task, int(version), g.user)
+    return redirect(url_for("pages.models"))
