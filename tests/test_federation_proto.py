@@ -40,7 +40,8 @@ def test_the_stubs_describe_the_coordinator_service_and_round_trip_a_stream_part
     part = federation_pb2.StreamPart(chunk=federation_pb2.Chunk(index=3, payload=b"\x00\x01", sha256="ab"))
     again = federation_pb2.StreamPart.FromString(part.SerializeToString())
     assert again.WhichOneof("part") == "chunk" and again.chunk.index == 3 and again.chunk.payload == b"\x00\x01"
-    assert federation_pb2_grpc.GRPC_GENERATED_VERSION == grpc_tools_version_string, "regenerate with the pinned grpcio-tools"
+    generated_by = federation_pb2_grpc.GRPC_GENERATED_VERSION
+    assert generated_by == grpc_tools_version_string, "regenerate with the pinned grpcio-tools"
 
 
 def test_roles_narrow_and_never_widen() -> None:

@@ -8,7 +8,7 @@ __all__ = ["SiteRole"]
 
 
 class SiteRole(StrEnum):
-    """trainer ⊃ evaluator ⊃ node: a trainer may also evaluate and pull, an evaluator may pull, a node only pulls."""
+    """trainer ⊃ evaluator ⊃ node: a trainer may also evaluate and pull, an evaluator pull, a node only pulls."""
 
     TRAINER = "trainer"
     EVALUATOR = "evaluator"
