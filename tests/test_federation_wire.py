@@ -121,9 +121,11 @@ def test_a_chunk_broken_in_transit_or_a_truncated_stream_asks_for_a_resend() -> 
     for copy, part in zip(broken, parts, strict=True):
         copy.CopyFrom(part)
     broken[2].chunk.payload = flip(broken[2].chunk.payload, 40)
+    receiver = StreamReceiver(KEY, "site-a", 1 << 24)
     with pytest.raises(WireError, match="chunk 1 is broken") as raised:
-        receive(broken)
+        receiver.receive(broken)
     assert raised.value.resend is True
+    assert receiver.receive(parts)[1] == encode_weights(sample_weights())  # the resend, on the same receiver
     with pytest.raises(WireError, match=f"ended after {len(parts) - 2} of {len(parts) - 1} chunks") as raised:
         receive(parts[:-1])
     assert raised.value.resend is True

@@ -24,7 +24,7 @@ from models.manifest import Task
 from models.package import TrustPolicy
 from models.signing import load_public_key
 
-__all__ = ["BUNDLE_FORMAT", "SITE_KEY_FILE", "EnrollmentBundle", "release_trust"]
+__all__ = ["BUNDLE_FORMAT", "PAYLOAD_KEY_BYTES", "SITE_KEY_FILE", "EnrollmentBundle", "release_trust"]
 
 BUNDLE_FORMAT = "fedlesion-enrollment-bundle/1"
 SITE_KEY_FILE = "site.key"

@@ -254,7 +254,8 @@ class StreamReceiver:
     """Consumes one stream for `site`: checks, decrypts and reassembles it, never holding more than `max_bytes`.
 
     Given `plan_sha256`, `round` or `base_sha256`, a header that names other values is refused by name (a replay or
-    an update on other base weights); the chunks are decrypted under the header's values either way.
+    an update on other base weights); the chunks are decrypted under the header's values either way. One receiver
+    may take several streams in turn (a resend): each `receive` starts empty.
     """
 
     def __init__(
@@ -275,6 +276,7 @@ class StreamReceiver:
 
     def receive(self, parts: Iterable[pb2.StreamPart]) -> tuple[pb2.StreamHeader, bytes]:
         """(header, plaintext) of the stream, or WireError: resend=True for broken or missing chunks."""
+        self.held_bytes = 0
         iterator = iter(parts)
         first = next(iterator, None)
         if first is None or first.WhichOneof("part") != "header":
