@@ -57,7 +57,7 @@ def test_fedavg_weights_sites_by_their_case_counts() -> None:
     # (1·1 + 3·5)/4 = 4, (1·10 + 3·2)/4 = 4; counters (10 + 60)/4 = 17.5 → 18 (rounded half to even)
     np.testing.assert_array_equal(out["w"], np.array([4.0, 4.0], dtype=np.float32))
     assert out["w"].dtype == np.float32 and out["bn.num_batches_tracked"].dtype == base["bn.num_batches_tracked"].dtype
-    assert int(out["bn.num_batches_tracked"]) == 18
+    assert int(out["bn.num_batches_tracked"]) == 18 and isinstance(out["bn.num_batches_tracked"], np.ndarray)
     # FedProx aggregates as FedAvg does; its mu goes to the sites.
     prox = strategy_by_name("fedprox", {"mu": 0.1})
     assert isinstance(prox, FedProx) and prox.prox_mu == 0.1 and FedAvg().prox_mu == 0.0

@@ -65,7 +65,7 @@ class Strategy(ABC):
             for alpha, update in zip(alphas, updates):
                 total += alpha * np.asarray(update.weights[name], dtype=np.float64)
             if np.issubdtype(reference.dtype, np.integer):
-                total = np.rint(total)
+                np.rint(total, out=total)  # in place: a 0-d array stays an array
             out[name] = total.astype(reference.dtype)
         return out
 

@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS rounds (
 CREATE TABLE IF NOT EXISTS updates (
     id INTEGER PRIMARY KEY,
     round_id INTEGER NOT NULL REFERENCES rounds(id),
+    attempt INTEGER NOT NULL,         -- a refused site may try again in the round's next attempt
     site TEXT NOT NULL,
     accepted INTEGER NOT NULL,
     reason TEXT NOT NULL DEFAULT '',
@@ -245,6 +246,12 @@ class CoordinatorState:
             db.execute("UPDATE sites SET state = ?, reason = ? WHERE name = ? AND state = ?",
                        (SiteState.PAUSED, reason, name, SiteState.ACTIVE))
 
+    def unpause(self, name: str) -> None:
+        """A paused site said hello again (its custodian may have changed the policy): invite it again."""
+        with self._write() as db:
+            db.execute("UPDATE sites SET state = ?, reason = '' WHERE name = ? AND state = ?",
+                       (SiteState.ACTIVE, name, SiteState.PAUSED))
+
     def site(self, name: str) -> Site:
         with self._read() as db:
             return self._site(db, name)
@@ -346,17 +353,36 @@ class CoordinatorState:
                 accepted, reason = False, "a second update from this site in this round"
                 path = None
             db.execute(
-                "INSERT INTO updates (round_id, site, accepted, reason, num_cases, metrics, path, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (round_id, site, int(accepted), reason, num_cases, json.dumps(dict(metrics or {}), sort_keys=True),
+                "INSERT INTO updates (round_id, attempt, site, accepted, reason, num_cases, metrics, path, received_at) "
+                "VALUES (?, (SELECT attempt FROM rounds WHERE id = ?), ?, ?, ?, ?, ?, ?, ?)",
+                (round_id, round_id, site, int(accepted), reason, num_cases, json.dumps(dict(metrics or {}), sort_keys=True),
                  None if path is None else str(path), time.time()),
             )
         return None if accepted else reason
 
-    def has_accepted(self, round_id: int, site: str) -> bool:
+    def answered(self, round_id: int) -> set[str]:
+        """Sites done with the round's current attempt: an accepted update in any attempt, a refused one in this."""
         with self._read() as db:
-            return db.execute("SELECT 1 FROM updates WHERE round_id = ? AND site = ? AND accepted = 1",
-                              (round_id, site)).fetchone() is not None
+            rows = db.execute(
+                "SELECT DISTINCT u.site FROM updates u JOIN rounds r ON r.id = u.round_id "
+                "WHERE u.round_id = ? AND (u.accepted = 1 OR u.attempt = r.attempt)", (round_id,),
+            ).fetchall()
+        return {row[0] for row in rows}
+
+    def invite(self, round_id: int, site: str) -> None:
+        """Add a site that became active while the round was open (it joins this round rather than wait)."""
+        with self._write() as db:
+            row = db.execute("SELECT invited FROM rounds WHERE id = ?", (round_id,)).fetchone()
+            invited = json.loads(row[0])
+            if site not in invited:
+                db.execute("UPDATE rounds SET invited = ? WHERE id = ?", (json.dumps([*invited, site]), round_id))
+
+    def current_round(self, plan_sha256: str) -> Round | None:
+        """The plan's open round, if any."""
+        with self._read() as db:
+            row = db.execute(f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE plan_sha256 = ? AND state = ?",
+                             (plan_sha256, RoundState.OPEN)).fetchone()
+        return None if row is None else _round(row)
 
     def accepted_updates(self, round_id: int) -> list[AcceptedUpdate]:
         with self._read() as db:

@@ -1,0 +1,196 @@
+"""The coordinator in-process over loopback mTLS (training/federation/coordinator.py, admin.py): a round with good
+and refused updates, FedAvg on known numbers, candidate → release → pull, revocation without a restart, and the
+quorum and deadline rules driven by `step(now)`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from models.federation import federation_pb2 as pb2
+from models.federation import federation_pb2_grpc as pb2_grpc
+from models.federation.enrollment import EnrollmentBundle
+from models.federation.transport import PROTOCOL_VERSION, channel
+from models.federation.wire import StreamBinding, StreamReceiver, chunk_stream, decode_weights, encode_weights
+from models.manifest import Task, parse_manifest
+from models.signing import load_public_key, verify
+from training.federation import admin
+from training.federation.coordinator import Coordinator
+from training.federation.plan import FederatedPlan, plan_for
+from training.federation.state import RoundState
+
+TASK = Task.STROKE_DWI_ADC
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class FakeSite:
+    """The protocol as a site speaks it, with the update's content chosen by the test."""
+
+    def __init__(self, bundle: EnrollmentBundle) -> None:
+        self.bundle = bundle
+        self.channel = channel(bundle)
+        self.stub = pb2_grpc.CoordinatorStub(self.channel)
+
+    def hello(self) -> pb2.HelloReply:
+        return self.stub.Hello(pb2.HelloRequest(protocol_version=PROTOCOL_VERSION, fedlesion_version="test"))
+
+    def task(self) -> pb2.TaskReply:
+        return self.stub.GetTask(pb2.TaskRequest(protocol_version=PROTOCOL_VERSION))
+
+    def weights(self, task: pb2.TaskReply) -> dict[str, np.ndarray]:
+        parts = self.stub.GetWeights(pb2.WeightsRequest(plan_sha256=task.plan_sha256, round=task.round))
+        receiver = StreamReceiver(self.bundle.payload_key, self.bundle.site, task.max_update_bytes)
+        return decode_weights(receiver.receive(parts)[1])
+
+    def put(self, task: pb2.TaskReply, weights: dict[str, np.ndarray], cases: int, *,
+            base_sha256: str | None = None) -> pb2.UpdateReply:
+        binding = StreamBinding(task.plan_sha256, task.round, base_sha256 or task.base_sha256, self.bundle.site)
+        parts = chunk_stream(encode_weights(weights), key=self.bundle.payload_key, aad_fields=binding,
+                             header_fields={"num_cases": cases, "metrics": {"loss": 0.5}}, chunk_bytes=4096)
+        return self.stub.PutUpdate(parts)
+
+
+def _shifted(weights: dict[str, np.ndarray], by: float) -> dict[str, np.ndarray]:
+    return {name: (value + by).astype(value.dtype) for name, value in weights.items()}
+
+
+def _wait(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture()
+def coordinator_dir(tmp_path: Path) -> tuple[Path, dict[str, EnrollmentBundle]]:
+    directory = tmp_path / "coordinator"
+    admin.init(directory, f"127.0.0.1:{_free_port()}")
+    bundles = {
+        name: admin.enroll(directory, name, role, tmp_path / f"{name}.bundle")
+        for name, role in (("alpha", "trainer"), ("beta", "trainer"), ("gamma", "trainer"), ("ward", "node"))
+    }
+    return directory, bundles
+
+
+def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_pulled(coordinator_dir) -> None:
+    directory, bundles = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=1, quorum=2, deadline_s=120)
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=2, tick_s=0.05)
+    coordinator.start()
+    sites = {name: FakeSite(bundle) for name, bundle in bundles.items()}
+    try:
+        for name in ("alpha", "beta", "gamma"):
+            assert sites[name].hello().role == "trainer"
+        _wait(lambda: coordinator.state.current_round(plan.sha256) is not None)
+        tasks = {name: sites[name].task() for name in ("alpha", "beta", "gamma")}
+        assert {t.kind for t in tasks.values()} == {pb2.TaskReply.TRAIN}
+        assert FederatedPlan.from_toml(tasks["alpha"].plan_toml) == plan
+        base = sites["alpha"].weights(tasks["alpha"])
+        counter = next(n for n in base if n.endswith("num_batches_tracked"))
+
+        assert sites["alpha"].put(tasks["alpha"], _shifted(base, 1.0), cases=1).accepted
+        second = sites["alpha"].put(tasks["alpha"], _shifted(base, 1.0), cases=1)
+        assert not second.accepted and "second update" in second.reason
+        beta, task = sites["beta"], tasks["beta"]
+        name = next(n for n in base if base[n].dtype == np.float32 and base[n].ndim > 1)
+        refusals = {
+            "NaN or Inf": dict(base, **{name: np.full_like(base[name], np.nan)}),
+            "wrong tensor names": {("~" + n[1:] if n == name else n): v for n, v in base.items()},  # same size
+            f"{name}: shape": dict(base, **{name: base[name].reshape(-1)}),
+            f"{counter}: dtype": dict(base, **{counter: base[counter].astype(np.int32)}),
+            "more than the": dict(base, extra=np.zeros(1000, dtype=np.float32)),  # oversized
+        }
+        for expected, weights in refusals.items():
+            reply = beta.put(task, weights, cases=2)
+            assert not reply.accepted and not reply.resend and expected in reply.reason, (expected, reply.reason)
+        replay = beta.put(task, base, cases=2, base_sha256="0" * 64)  # computed on other base weights
+        assert not replay.accepted and "base_sha256" in replay.reason
+        assert sites["gamma"].put(tasks["gamma"], _shifted(base, 3.0), cases=3).accepted
+
+        _wait(lambda: coordinator.state.round(plan.sha256, 1).state is RoundState.CLOSED)
+        aggregate = decode_weights((coordinator.rounds_dir / "1" / "aggregate.weights").read_bytes())
+        # FedAvg: (1 · (w + 1) + 3 · (w + 3)) / 4 = w + 2.5; counters (1 · (c + 1) + 3 · (c + 3)) / 4 = c + 2.5 → c + 2
+        np.testing.assert_allclose(aggregate[name], base[name] + 2.5, rtol=0, atol=1e-5)
+        assert int(aggregate[counter]) == int(base[counter]) + 2
+
+        status = coordinator.state.status()
+        [round_] = status["rounds"]
+        assert round_["contributors"] == ["alpha", "gamma"] and round_["version"] == 1
+        refused = [r["reason"] for r in round_["rejected"] if r["site"] == "beta"]
+        assert len(refused) == 6 and "NaN or Inf" in refused[0]
+        assert status["versions"] == [dict(task=TASK.value, version=1, state="candidate", round_id=1,
+                                           released_by=None, released_at=None)]
+        manifest = parse_manifest((directory / "versions" / TASK.value / "1" / "manifest.json").read_bytes())
+        assert (manifest.training.sites_contributed, manifest.training.sites_invited) == (2, 3)
+        assert manifest.training.site_metrics["gamma"]["cases"] == 3.0
+        assert manifest.training.plan_sha256 == plan.sha256 and manifest.training.federated_round == 1
+
+        node = sites["ward"]
+        pull = pb2.ModelRequest(task=TASK.value, newer_than=0)
+        assert list(node.stub.GetLatestModel(pull)) == []  # a candidate never reaches a node
+        with pytest.raises(grpc.RpcError) as refused_call:
+            node.task()
+        assert refused_call.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "role node may not call GetTask" in refused_call.value.details()
+
+        admin.release(directory, TASK, 1, by="dr-test")
+        parts = list(node.stub.GetLatestModel(pull))
+        header = parts[0].header
+        assert header.version == 1 and b"".join(p.onnx_chunk for p in parts[1:]) != b""
+        release_key = load_public_key(bundles["ward"].release_public_keys[0])
+        assert verify(header.manifest_json, header.manifest_sig, release_key)
+        assert list(node.stub.GetLatestModel(pb2.ModelRequest(task=TASK.value, newer_than=1))) == []
+
+        admin.revoke(directory, "gamma", "left the consortium")  # another process's state, same database
+        with pytest.raises(grpc.RpcError) as revoked:
+            sites["gamma"].hello()
+        assert revoked.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        assert "revoked: left the consortium" in revoked.value.details()
+        actions = [entry["action"] for entry in coordinator.state.audit_log()]
+        assert actions[:4] == ["enroll"] * 4 and {"plan", "publish", "release", "revoke"} <= set(actions)
+    finally:
+        for site in sites.values():
+            site.channel.close()
+        coordinator.stop()
+
+
+def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_dir) -> None:
+    directory, _ = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=2, quorum=2, deadline_s=10)
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=2)
+    state, now = coordinator.state, time.time()
+    try:
+        state.seen("alpha", "idle", now=now)
+        coordinator.step(now)
+        assert state.current_round(plan.sha256) is None  # one active site cannot reach a quorum of two
+        state.seen("beta", "idle", now=now)
+        state.seen("gamma", "idle", now=now - 60)  # not seen within the heartbeat timeout
+        coordinator.step(now)
+        round_ = state.current_round(plan.sha256)
+        assert round_.round == 1 and round_.invited == ("alpha", "beta")
+        state.record_update(round_.id, "alpha", accepted=True, num_cases=2, path=directory / "u")
+        state.record_update(round_.id, "beta", accepted=False, reason="tensor holds NaN")
+        coordinator.step(now + 5)  # everyone answered, but below the quorum: wait for the deadline
+        assert state.current_round(plan.sha256).attempt == 1
+        state.seen("gamma", "idle", now=now + 10)
+        coordinator.step(now + 11)
+        retried = state.current_round(plan.sha256)
+        assert retried.attempt == 2 and retried.deadline == pytest.approx(now + 21)
+        assert set(retried.invited) == {"alpha", "gamma"}  # beta was last seen at `now`: timed out by now + 11
+        assert state.answered(retried.id) == {"alpha"}  # beta may try again in the new attempt
+        [row] = state.status()["rounds"]
+        assert "1 of quorum 2" in row["note"] and row["state"] == "open"
+        assert json.loads(json.dumps(state.status()))["sites"][0]["name"] == "alpha"
+    finally:
+        state.close()

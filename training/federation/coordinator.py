@@ -1,0 +1,433 @@
+"""The coordinator (`fedlesion coordinator serve`): the gRPC servicer and the round loop (design.md §7).
+
+A round invites the active trainer sites (enrolled, neither paused nor revoked, seen within the heartbeat timeout;
+a site that becomes active while the round is open joins it), collects their updates, and closes when every invited
+site has answered with at least the quorum accepted, or at the deadline with the quorum; below the quorum at the
+deadline it is retried with the sites active then (the updates it accepted stay: same base weights), so a dead
+site never stalls it. Closing aggregates with the plan's strategy, exports to ONNX with export.py's parity check,
+signs with the round key and records the next version as a candidate. After the last round the server keeps
+answering heartbeats, status and pulls.
+
+Every call passes `check` first (transport.add_coordinator_servicer): the peer certificate's fingerprint is looked
+up in the state database on each call, so `coordinator revoke` in another process takes effect at once. Refusals are
+logged with their reason; refused updates are recorded with theirs (`coordinator status`).
+
+A site whose custodian's policy refuses the task reports metrics of kind `refused` with the reason: the refusal is
+recorded in the open round (status shows it), and the site is paused (not invited) until it says hello again or the
+plan changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from models.durable import fsync_dir, write_atomic
+from models.federation import federation_pb2 as pb2
+from models.federation import federation_pb2_grpc as pb2_grpc
+from models.federation.roles import SiteRole
+from models.federation.transport import (
+    MESSAGE_OPTIONS,
+    PROTOCOL_VERSION,
+    add_coordinator_servicer,
+    peer_name,
+    server_credentials,
+)
+from models.federation.wire import (
+    StreamBinding,
+    StreamReceiver,
+    WireError,
+    chunk_stream,
+    decode_weights,
+    encode_weights,
+    weights_sha256,
+    weights_spec,
+)
+from models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Task
+from models.networks import build_network
+from models.package import sha256_hex
+from models.signing import load_private_key
+from models.version import distribution_version
+from training.checkpoint import save_checkpoint
+from training.export import export_package
+from training.federation.admin import CoordinatorDir
+from training.federation.aggregation import SiteUpdate, strategy_by_name
+from training.federation.plan import FederatedPlan
+from training.federation.state import INCOMING_PREFIX, AcceptedUpdate, Round, SiteState
+
+log = logging.getLogger(__name__)
+
+REFUSED = "refused"  # the MetricsReport kind of a site whose policy refused the task
+HEARTBEAT_INTERVAL_S = 5
+MODEL_CHUNK_BYTES = 1 << 20
+# The narrowest role each call needs (SiteRole.permits: trainer ⊃ evaluator ⊃ node).
+CALL_ROLES = {
+    "Hello": SiteRole.NODE,
+    "Heartbeat": SiteRole.NODE,
+    "GetLatestModel": SiteRole.NODE,
+    "GetTask": SiteRole.EVALUATOR,
+    "GetWeights": SiteRole.EVALUATOR,
+    "ReportMetrics": SiteRole.EVALUATOR,
+    "PutUpdate": SiteRole.TRAINER,
+}
+
+
+def initial_weights(plan: FederatedPlan) -> dict[str, np.ndarray]:
+    """Round 1's base: the plan's network initialised from the plan's seed (the same on every restart)."""
+    torch.manual_seed(plan.training.seed)
+    network = build_network(plan.training.in_channels, 1, plan.training.network)
+    return {name: value.detach().cpu().numpy().copy() for name, value in network.state_dict().items()}
+
+
+class Coordinator(pb2_grpc.CoordinatorServicer):
+    """One plan's rounds over the coordinator directory's state; `start` serves, `step` advances the rounds."""
+
+    def __init__(self, directory: Path, plan: FederatedPlan, *, heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+                 tick_s: float = 0.2) -> None:
+        self.layout = CoordinatorDir(Path(directory))
+        self.state = self.layout.state()
+        self.plan = plan
+        self.plan_toml = plan.to_toml()
+        self.strategy = strategy_by_name(plan.strategy, plan.strategy_params)
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_timeout_s = 3 * heartbeat_interval_s
+        self.tick_s = tick_s
+        self.rounds_dir = self.layout.root / "rounds" / plan.sha256[:16]
+        self._round_key = load_private_key(self.layout.round_key)
+        self._bases: dict[int, tuple[bytes, dict[str, np.ndarray]]] = {}  # round id → (encoding, weights)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._server: grpc.Server | None = None
+        self._loop: threading.Thread | None = None
+        self._resume()
+
+    # -- start-up, loop, shutdown -----------------------------------------------------------------------------
+    def _resume(self) -> None:
+        """Adopt the plan, repair what a crash left, and say which round resumes."""
+        if self.state.adopt_plan(self.plan_toml, self.plan.sha256, actor="serve"):
+            log.info("serving plan %s (%s, %d rounds)", self.plan.sha256[:12], self.plan.strategy, self.plan.rounds)
+        for line in self.state.reconcile(actor="serve"):
+            log.warning("after a crash: %s", line)
+        current = self.state.current_round(self.plan.sha256)
+        if current is not None:
+            self.state.audit("serve", "resume", f"round {current.round}", attempt=current.attempt)
+            log.info("resuming round %d (attempt %d)", current.round, current.attempt)
+
+    def start(self, listen: str | None = None) -> int:
+        """Serve on `listen` (default: the address in DIR/server) and run the round loop; returns the port."""
+        server_dir = self.layout.server
+        credentials = server_credentials((server_dir / "ca.pem").read_bytes(), (server_dir / "server.pem").read_bytes(),
+                                         (server_dir / "server.key").read_bytes())
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS)
+        add_coordinator_servicer(self._server, self, self.check)
+        port = self._server.add_secure_port(listen or self.layout.address, credentials)
+        if port == 0:
+            raise OSError(f"cannot listen on {listen or self.layout.address}")
+        self._server.start()
+        self._loop = threading.Thread(target=self._run, name="rounds", daemon=True)
+        self._loop.start()
+        log.info("coordinator listening on port %d", port)
+        return port
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._server is not None:
+            self._server.stop(grace=1).wait()
+        if self._loop is not None:
+            self._loop.join()
+        self.state.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:  # a failed step (export, disk) is retried at the next tick, never the end of serve
+                log.exception("round step failed; retrying")
+                self._stop.wait(5.0)
+            self._wake.wait(self.tick_s)
+            self._wake.clear()
+
+    def step(self, now: float | None = None) -> None:
+        """Advance the rounds once: open the next round, close or retry the open one."""
+        now = time.time() if now is None else now
+        current = self.state.current_round(self.plan.sha256)
+        if current is None:
+            last = self.state.last_round(self.plan.sha256)
+            number = 1 if last is None else last.round + 1
+            if number <= self.plan.rounds:
+                self._open(number, now)
+            return
+        answered = self.state.answered(current.id)
+        accepted = len(self.state.accepted_updates(current.id))
+        gone = {name for name in current.invited if self.state.site(name).state is not SiteState.ACTIVE}
+        if set(current.invited) <= answered | gone and accepted >= self.plan.quorum:
+            self._close(current)
+        elif now >= current.deadline:
+            if accepted >= self.plan.quorum:
+                self._close(current)
+            else:
+                self._retry(current, accepted, now)
+
+    def _active_trainers(self, now: float) -> list[str]:
+        return self.state.active_sites(SiteRole.TRAINER.value, seen_after=now - self.heartbeat_timeout_s)
+
+    def _open(self, number: int, now: float) -> None:
+        invited = self._active_trainers(now)
+        if len(invited) < self.plan.quorum:
+            return  # wait for enough sites: a round that cannot reach its quorum is not opened
+        base_path = self.rounds_dir / str(number - 1) / "aggregate.weights"
+        if number == 1:
+            base_path = self.rounds_dir / "initial.weights"
+            if not base_path.is_file():
+                self.rounds_dir.mkdir(parents=True, exist_ok=True)
+                data = encode_weights(initial_weights(self.plan))
+                write_atomic(base_path, lambda temp: temp.write_bytes(data))
+        base = base_path.read_bytes()
+        opened = self.state.open_round(self.plan.sha256, number, self.plan.task, invited, weights_sha256(base),
+                                       base_path, now + self.plan.deadline_s)
+        log.info("round %d opened: invited %s", opened.round, ", ".join(invited))
+
+    def _retry(self, current: Round, accepted: int, now: float) -> None:
+        invited = sorted(set(self._active_trainers(now)) | set(u.site for u in self.state.accepted_updates(current.id)))
+        note = f"attempt {current.attempt}: {accepted} of quorum {self.plan.quorum} accepted by the deadline"
+        self.state.retry_round(current.id, invited, now + self.plan.deadline_s, note)
+        log.warning("round %d retried (%s); invited %s", current.round, note, ", ".join(invited) or "nobody yet")
+
+    def _close(self, current: Round) -> None:
+        """Aggregate, export, sign, write the package whole, then record the version and close the round."""
+        started = time.perf_counter()
+        updates = self.state.accepted_updates(current.id)
+        _, base = self._base(current)
+        spec = weights_spec(base)
+        weights = self.strategy.aggregate(base, [
+            SiteUpdate(u.site, decode_weights(u.path.read_bytes(), spec), u.num_cases, u.metrics) for u in updates
+        ])
+        round_dir = self.rounds_dir / str(current.round)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        aggregate = encode_weights(weights)
+        write_atomic(round_dir / "aggregate.weights", lambda temp: temp.write_bytes(aggregate))
+        aggregated = time.perf_counter()
+        version = self.state.next_version(current.task)
+        target = self._export(current, weights, updates, version, round_dir)
+        self.state.commit_candidate(current.task, version, target, round_id=current.id, actor="serve")
+        log.info("round %d closed: %d of %d sites, %s version %d is a candidate (aggregate %.2f s, export %.1f s)",
+                 current.round, len(updates), len(current.invited), current.task.value, version,
+                 aggregated - started, time.perf_counter() - aggregated)
+
+    def _export(self, current: Round, weights: dict[str, np.ndarray], updates: list[AcceptedUpdate], version: int,
+                round_dir: Path) -> Path:
+        target = self.state.versions_dir(current.task) / str(version)
+        incoming = target.with_name(f"{INCOMING_PREFIX}{version}")
+        shutil.rmtree(incoming, ignore_errors=True)
+        incoming.parent.mkdir(parents=True, exist_ok=True)
+        site_metrics = {u.site: {**u.metrics, "cases": float(u.num_cases)} for u in updates}
+        with tempfile.TemporaryDirectory(dir=round_dir) as tmp:
+            checkpoint = save_checkpoint(
+                Path(tmp) / "aggregate.pt", plan=self.plan.training, epoch=current.round * self.plan.local_epochs,
+                model={name: torch.from_numpy(array) for name, array in weights.items()},
+                history=[{"site_metrics": site_metrics}], federated_round=current.round, strategy=self.plan.strategy,
+            )
+            export_package(
+                checkpoint, incoming, private_key=self._round_key, version=version,
+                description=(f"federated round {current.round} of plan {self.plan.sha256[:12]}: {len(updates)} of "
+                             f"{len(current.invited)} sites, {self.plan.strategy}, fedlesion {distribution_version()}"),
+                sites_contributed=len(updates), sites_invited=len(current.invited),
+            )
+        os.rename(incoming, target)
+        fsync_dir(target.parent)
+        return target
+
+    def _base(self, current: Round) -> tuple[bytes, dict[str, np.ndarray]]:
+        if current.id not in self._bases:
+            data = current.base_path.read_bytes()
+            self._bases = {current.id: (data, decode_weights(data))}  # one round's base at a time
+        return self._bases[current.id]
+
+    # -- the per-call check -----------------------------------------------------------------------------------
+    def check(self, fingerprint: str, name: str, method: str) -> str | None:
+        """None to let the call through, else why not (transport logs it and answers PERMISSION_DENIED)."""
+        site, reason = self.state.certificate_site(fingerprint)
+        if reason is not None:
+            return reason
+        if site.name != name:
+            return f"the certificate names {name!r}, enrolled as {site.name!r}"
+        needed = CALL_ROLES.get(method)
+        if needed is None or not SiteRole(site.role).permits(needed):
+            return f"role {site.role} may not call {method}"
+        return None
+
+    # -- the protocol -----------------------------------------------------------------------------------------
+    def Hello(self, request: pb2.HelloRequest, context: grpc.ServicerContext) -> pb2.HelloReply:  # noqa: N802
+        name = peer_name(context)
+        if request.protocol_version != PROTOCOL_VERSION:
+            reason = f"protocol version {request.protocol_version}; this coordinator speaks {PROTOCOL_VERSION}"
+            log.warning("refused hello from %s (fedlesion %s): %s", name, request.fedlesion_version, reason)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+        site = self.state.site(name)
+        role = SiteRole(site.role)
+        if request.role:
+            if not role.permits(request.role):
+                reason = f"role {request.role!r} is wider than the certificate's {role.value}"
+                log.warning("refused hello from %s: %s", name, reason)
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+            role = SiteRole(request.role)
+        self.state.unpause(name)
+        self.state.seen(name, "hello")
+        log.info("hello from %s (fedlesion %s, role %s)", name, request.fedlesion_version, role.value)
+        return pb2.HelloReply(protocol_version=PROTOCOL_VERSION, site=name, role=role.value,
+                              heartbeat_interval_s=int(self.heartbeat_interval_s))
+
+    def Heartbeat(self, request: pb2.HeartbeatRequest, context: grpc.ServicerContext) -> pb2.HeartbeatReply:  # noqa: N802
+        name = peer_name(context)
+        self.state.seen(name, request.state[:200])
+        current = self.state.current_round(self.plan.sha256) or self.state.last_round(self.plan.sha256)
+        return pb2.HeartbeatReply(current_round=0 if current is None else current.round)
+
+    def GetTask(self, request: pb2.TaskRequest, context: grpc.ServicerContext) -> pb2.TaskReply:  # noqa: N802
+        name = peer_name(context)
+        self.state.seen(name, "asking")
+        idle = pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=max(1, int(self.heartbeat_interval_s) // 2),
+                             plan_sha256=self.plan.sha256, task=self.plan.task.value)
+        site = self.state.site(name)
+        current = self.state.current_round(self.plan.sha256)
+        if current is None or site.role != SiteRole.TRAINER or site.state is not SiteState.ACTIVE:
+            return idle
+        if name in self.state.answered(current.id):
+            return idle
+        if name not in current.invited:
+            self.state.invite(current.id, name)
+            log.info("site %s joins round %d", name, current.round)
+        data, _ = self._base(current)
+        return pb2.TaskReply(kind=pb2.TaskReply.TRAIN, plan_toml=self.plan_toml, plan_sha256=self.plan.sha256,
+                             round=current.round, base_sha256=current.base_sha256, task=current.task.value,
+                             max_update_bytes=len(data), deadline_unix=current.deadline)
+
+    def _open_round_for(self, name: str, plan_sha256: str, number: int, context: grpc.ServicerContext) -> Round:
+        current = self.state.current_round(self.plan.sha256)
+        if current is None or plan_sha256 != current.plan_sha256 or number != current.round:
+            reason = f"plan {plan_sha256[:12]} round {number} is not open"
+            log.warning("refused a call from %s: %s", name, reason)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
+        if name not in current.invited:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"site {name} is not invited to round {number}")
+        return current
+
+    def GetWeights(self, request: pb2.WeightsRequest, context: grpc.ServicerContext) -> Iterator[pb2.StreamPart]:  # noqa: N802
+        name = peer_name(context)
+        current = self._open_round_for(name, request.plan_sha256, request.round, context)
+        data, _ = self._base(current)
+        self.state.seen(name, "downloading")
+        binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
+        yield from chunk_stream(data, key=self.state.site(name).payload_key, aad_fields=binding)
+
+    def PutUpdate(self, request_iterator: Iterator[pb2.StreamPart], context: grpc.ServicerContext) -> pb2.UpdateReply:  # noqa: N802
+        name = peer_name(context)
+        self.state.seen(name, "uploading")
+        current = self.state.current_round(self.plan.sha256)
+        if current is None:
+            return self._refuse(name, None, "no round is open")
+        if name not in current.invited:
+            return self._refuse(name, current, f"not invited to round {current.round}")
+        data, base = self._base(current)
+        receiver = StreamReceiver(self.state.site(name).payload_key, name, len(data), plan_sha256=current.plan_sha256,
+                                  round=current.round, base_sha256=current.base_sha256)
+        try:
+            header, plaintext = receiver.receive(request_iterator)
+            decode_weights(plaintext, weights_spec(base))
+        except WireError as error:
+            if error.resend:
+                log.warning("update from %s for round %d broken in transit, asked to resend: %s", name,
+                            current.round, error)
+                return pb2.UpdateReply(accepted=False, reason=str(error), resend=True)
+            return self._refuse(name, current, str(error))
+        if header.num_cases < 1:
+            return self._refuse(name, current, "the update reports no training cases")
+        updates_dir = self.rounds_dir / str(current.round) / "updates"
+        updates_dir.mkdir(parents=True, exist_ok=True)
+        path = updates_dir / f"{sha256_hex(name.encode())[:16]}-{current.attempt}.weights"
+        write_atomic(path, lambda temp: temp.write_bytes(plaintext))
+        metrics = {key: float(value) for key, value in header.metrics.items() if np.isfinite(value)}
+        refused = self.state.record_update(current.id, name, accepted=True, num_cases=int(header.num_cases),
+                                           metrics=metrics, path=path)
+        if refused is not None:
+            log.warning("refused update from %s for round %d: %s", name, current.round, refused)
+            return pb2.UpdateReply(accepted=False, reason=refused)
+        log.info("update from %s for round %d accepted (%d cases)", name, current.round, header.num_cases)
+        self._wake.set()
+        return pb2.UpdateReply(accepted=True)
+
+    def _refuse(self, name: str, current: Round | None, reason: str) -> pb2.UpdateReply:
+        log.warning("refused update from %s%s: %s", name, "" if current is None else f" for round {current.round}",
+                    reason)
+        if current is not None:
+            self.state.record_update(current.id, name, accepted=False, reason=reason)
+            self._wake.set()
+        return pb2.UpdateReply(accepted=False, reason=reason)
+
+    def ReportMetrics(self, request: pb2.MetricsReport, context: grpc.ServicerContext) -> pb2.MetricsReply:  # noqa: N802
+        name = peer_name(context)
+        self.state.seen(name, "reporting")
+        if request.kind == REFUSED:
+            reason = f"the site's policy refused the task: {request.reason[:500] or 'no reason given'}"
+            log.warning("site %s: %s", name, reason)
+            current = self.state.current_round(self.plan.sha256)
+            if current is not None and name in current.invited:
+                self.state.record_update(current.id, name, accepted=False, reason=reason)
+            self.state.pause(name, reason)
+            self._wake.set()
+            return pb2.MetricsReply(accepted=True)
+        log.info("metrics from %s, round %d (%s, %d cases): %s", name, request.round, request.kind,
+                 request.num_cases, dict(request.values))
+        return pb2.MetricsReply(accepted=True)
+
+    def GetLatestModel(self, request: pb2.ModelRequest, context: grpc.ServicerContext) -> Iterator[pb2.ModelPart]:  # noqa: N802
+        """The newest *released* version of the task when it is newer than the node's; candidates never leave."""
+        name = peer_name(context)
+        self.state.seen(name, "pulling")
+        try:
+            task = Task(request.task)
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown task {request.task!r}")
+        released = self.state.latest_released(task)
+        if released is None or released.version <= request.newer_than:
+            return
+        manifest, signature = (released.path / MANIFEST_FILE).read_bytes(), (released.path / SIGNATURE_FILE).read_bytes()
+        onnx = (released.path / "model.onnx").read_bytes()
+        log.info("site %s pulls %s version %d", name, task.value, released.version)
+        yield pb2.ModelPart(header=pb2.ModelHeader(
+            version=released.version, task=task.value, manifest_json=manifest, manifest_sig=signature,
+            onnx_bytes=len(onnx), onnx_sha256=sha256_hex(onnx),
+        ))
+        for start in range(0, len(onnx), MODEL_CHUNK_BYTES):
+            yield pb2.ModelPart(onnx_chunk=onnx[start:start + MODEL_CHUNK_BYTES])
+
+
+def serve(directory: Path, plan: FederatedPlan, *, listen: str | None = None) -> None:
+    """Run the coordinator until SIGTERM or Ctrl-C; after the last round it keeps serving."""
+    coordinator = Coordinator(directory, plan)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    coordinator.start(listen)
+    try:
+        while not stopped.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coordinator.stop()
+
+
+__all__ = ["CALL_ROLES", "Coordinator", "REFUSED", "initial_weights", "serve"]
