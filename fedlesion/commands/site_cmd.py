@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from models.manifest import Task
@@ -10,10 +11,26 @@ from models.manifest import Task
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "site", help="a federated training site: its custodian's policy",
+        "site", help="run a federated training site under its custodian's policy (or: site keygen, site policy)",
+        description="Runs the site: trains the coordinator's rounds on the policy's datasets (never exits when the "
+                    "coordinator is away; it retries). `site keygen` and `site policy` prepare its files.",
     )
+    parser.add_argument("--bundle", metavar="FILE", help="the enrollment bundle from `fedlesion coordinator enroll`")
+    parser.add_argument("--key", metavar="FILE", help="the site key when the bundle has none (default: site.key "
+                                                       "beside the bundle)")
+    parser.add_argument("--policy", metavar="TOML", help="the custodian's policy (`fedlesion site policy`)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where the site keeps its state, e.g. the plan pinned on first sight "
+                             "(default: site-state/ beside the policy)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.set_defaults(func=run, site_parser=parser)
     actions = parser.add_subparsers(title="site commands", metavar="ACTION", parser_class=type(parser))
+
+    keygen = actions.add_parser("keygen", help="make the site's key and certificate request")
+    keygen.add_argument("--out", required=True, metavar="DIR", help="writes DIR/site.key (0600) and DIR/site.csr")
+    keygen.add_argument("--name", metavar="SITE", help="the name the request carries (the coordinator's "
+                                                        "`enroll SITE` decides the certificate's; default: hostname)")
+    keygen.set_defaults(func=run_keygen)
 
     policy = actions.add_parser("policy", help="print a commented custodian policy to edit and keep")
     policy.add_argument("--role", required=True, choices=("train", "evaluate", "pull"),
@@ -36,7 +53,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    args.site_parser.error("choose an action: policy")
+    if not args.bundle or not args.policy:
+        args.site_parser.error("the site needs --bundle and --policy (or an action: keygen, policy)")
+    from models.federation.enrollment import EnrollmentBundle
+    from training.federation.policy import SitePolicy
+    from training.federation.site import Site
+
+    bundle = EnrollmentBundle.read(args.bundle, key_path=args.key)
+    policy = SitePolicy.read(args.policy)
+    state_dir = Path(args.state_dir) if args.state_dir else Path(args.policy).resolve().parent / "site-state"
+    site = Site(bundle, policy, state_dir, device=args.device)
+    print(f"site {bundle.site} ({site.role}) → {bundle.coordinator_address}; state in {state_dir}", file=sys.stderr)
+    site.run()
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    import socket
+
+    from training.federation.site import write_site_key
+
+    key_path, csr_path = write_site_key(Path(args.out), args.name or socket.gethostname())
+    print(f"wrote {key_path} (keep it on this machine) and {csr_path} (send it to the coordinator's operator)")
+    return 0
 
 
 def run_policy(args: argparse.Namespace) -> int:

@@ -1,0 +1,220 @@
+"""The site loop against a small coordinator on real mTLS loopback: it waits out a coordinator that is not there yet,
+trains a round with the plan's network, re-sends an update the coordinator asks for again, reports only aggregates,
+skips an unreadable case, and refuses a plan its custodian did not approve, telling the coordinator why."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedlesion.cli import main
+from models.federation import federation_pb2 as pb2
+from models.federation import federation_pb2_grpc, pki, transport
+from models.federation.enrollment import EnrollmentBundle
+from models.federation.wire import (
+    StreamBinding,
+    StreamReceiver,
+    chunk_stream,
+    decode_weights,
+    encode_weights,
+    weights_sha256,
+    weights_spec,
+)
+from models.networks import build_network
+from models.signing import generate_key_pair
+from training.federation.plan import FederatedPlan, plan_for
+from training.federation.policy import PINNED_PLAN_FILE, PolicyDataset, SitePolicy
+from training.federation.site import SHARED_METRICS, Backoff, Site
+
+PAYLOAD_KEY = bytes(range(32))
+ROUND = 3
+
+
+class FakeCoordinator(federation_pb2_grpc.CoordinatorServicer):
+    """One plan: TRAIN round 3 until an update is accepted (the first upload is asked for again), then EVALUATE
+    round 4 until a report arrives, then IDLE."""
+
+    def __init__(self, plan: FederatedPlan) -> None:
+        self.plan = plan
+        network = build_network(plan.training.in_channels, 1, plan.training.network)
+        self.global_weights = {name: value.numpy().copy() for name, value in network.state_dict().items()}
+        self.base_sha256 = weights_sha256(self.global_weights)
+        self.calls: list[str] = []
+        self.hellos: list[pb2.HelloRequest] = []
+        self.heartbeats: list[pb2.HeartbeatRequest] = []
+        self.reports: list[pb2.MetricsReport] = []
+        self.update: tuple[pb2.StreamHeader, dict[str, np.ndarray]] | None = None
+        self.done = threading.Event()
+
+    def Hello(self, request, context):  # noqa: N802 - the generated servicer's method names
+        self.calls.append("Hello")
+        self.hellos.append(request)
+        return pb2.HelloReply(protocol_version=transport.PROTOCOL_VERSION, site=transport.peer_name(context),
+                              role=request.role, heartbeat_interval_s=1)
+
+    def Heartbeat(self, request, context):  # noqa: N802
+        self.heartbeats.append(request)
+        return pb2.HeartbeatReply(current_round=ROUND)
+
+    def GetTask(self, request, context):  # noqa: N802
+        self.calls.append("GetTask")
+        if self.reports:
+            return pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=1)
+        kind, round_ = (pb2.TaskReply.TRAIN, ROUND) if self.update is None else (pb2.TaskReply.EVALUATE, ROUND + 1)
+        return pb2.TaskReply(
+            kind=kind, plan_toml=self.plan.to_toml(), plan_sha256=self.plan.sha256, round=round_,
+            base_sha256=self.base_sha256, task=str(self.plan.task), deadline_unix=time.time() + 600,
+        )
+
+    def GetWeights(self, request, context) -> Iterator[pb2.StreamPart]:  # noqa: N802
+        self.calls.append("GetWeights")
+        binding = StreamBinding(self.plan.sha256, request.round, self.base_sha256, transport.peer_name(context))
+        yield from chunk_stream(encode_weights(self.global_weights), key=PAYLOAD_KEY, aad_fields=binding,
+                                chunk_bytes=4096)
+
+    def PutUpdate(self, request_iterator, context):  # noqa: N802
+        self.calls.append("PutUpdate")
+        size = len(encode_weights(self.global_weights))
+        receiver = StreamReceiver(PAYLOAD_KEY, transport.peer_name(context), size, plan_sha256=self.plan.sha256,
+                                  round=ROUND, base_sha256=self.base_sha256)
+        header, plaintext = receiver.receive(request_iterator)
+        if self.calls.count("PutUpdate") == 1:
+            return pb2.UpdateReply(accepted=False, reason="chunk 0 is broken (sha256 mismatch)", resend=True)
+        self.update = header, decode_weights(plaintext, weights_spec(self.global_weights))
+        return pb2.UpdateReply(accepted=True)
+
+    def ReportMetrics(self, request, context):  # noqa: N802
+        self.calls.append("ReportMetrics")
+        self.reports.append(request)
+        self.done.set()
+        return pb2.MetricsReply(accepted=True)
+
+
+@pytest.fixture(scope="module")
+def ca() -> pki.CertificateAuthority:
+    return pki.create_ca()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _bundle(ca: pki.CertificateAuthority, port: int, name: str = "site-a") -> EnrollmentBundle:
+    key = pki.generate_key()
+    cert = pki.issue_certificate(ca, pki.make_csr(name, key), name, "trainer", 1)
+    return EnrollmentBundle(
+        site=name, role=pki.certificate_role(cert), coordinator_address=f"127.0.0.1:{port}", ca_cert_pem=ca.cert_pem,
+        cert_pem=cert, key_pem=pki.private_key_pem(key), release_public_keys=(generate_key_pair()[1],),
+        payload_key=PAYLOAD_KEY,
+    )
+
+
+def _serve(ca: pki.CertificateAuthority, servicer: FakeCoordinator, port: int) -> grpc.Server:
+    server_key, server_cert = pki.issue_server_certificate(ca, f"127.0.0.1:{port}")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    transport.add_coordinator_servicer(server, servicer, lambda fingerprint, name, method: None)
+    assert server.add_secure_port(f"127.0.0.1:{port}", transport.server_credentials(ca.cert_pem, server_cert,
+                                                                                   server_key)) == port
+    server.start()
+    return server
+
+
+def _run_site(site: Site) -> threading.Thread:
+    thread = threading.Thread(target=site.run, name="test-site", daemon=True)
+    thread.start()
+    return thread
+
+
+def test_site_waits_for_the_coordinator_trains_resends_evaluates_and_shares_only_aggregates(
+    ca: pki.CertificateAuthority, tmp_path: Path
+) -> None:
+    plan = plan_for("stroke-dwi-adc", local_epochs=2, strategy="fedprox")
+    broken = tmp_path / "broken.csv"
+    broken.write_text("case_id,dwi,adc,mask\nunreadable,nowhere_dwi.nii.gz,nowhere_adc.nii.gz,mask.nii.gz\n")
+    policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2:seed=1:site=4"),
+                                                PolicyDataset("archive", str(broken))),
+                        approved_plans=(plan.sha256,))
+    port = _free_port()
+    stop = threading.Event()
+    site = Site(_bundle(ca, port), policy, tmp_path / "state", backoff=Backoff(0.2, 0.5), stop=stop)
+    thread = _run_site(site)
+    time.sleep(1.0)  # the coordinator is not up yet: the site keeps retrying
+    assert thread.is_alive()
+    coordinator = FakeCoordinator(plan)
+    server = _serve(ca, coordinator, port)
+    try:
+        assert coordinator.done.wait(120), f"no evaluation report; calls: {coordinator.calls}"
+        time.sleep(0.5)  # the IDLE round trip that follows
+    finally:
+        stop.set()
+        thread.join(10)
+        server.stop(grace=None)
+    assert not thread.is_alive()
+    assert coordinator.hellos[0].protocol_version == transport.PROTOCOL_VERSION
+    assert coordinator.hellos[0].role == "trainer" and coordinator.hellos[0].fedlesion_version
+    assert coordinator.calls[:8] == ["Hello", "GetTask", "GetWeights", "PutUpdate", "PutUpdate", "GetTask",
+                                     "GetWeights", "ReportMetrics"]
+    assert coordinator.calls[8:] and set(coordinator.calls[8:]) == {"GetTask"}  # done: nothing run twice
+    assert coordinator.heartbeats
+    (report,) = coordinator.reports
+    assert (report.kind, report.round, report.num_cases, report.reason) == ("evaluate", ROUND + 1, 1, "")
+    assert set(report.values) <= set(SHARED_METRICS) and 0.0 <= report.values["val_dice"] <= 1.0
+    header, weights = coordinator.update
+    assert header.num_cases == 1  # two synthetic cases: one trains, one is held out
+    metrics = dict(header.metrics)
+    assert set(metrics) <= set(SHARED_METRICS)
+    assert metrics["n_skipped_cases"] == 1 and metrics["local_epochs"] == 2 and metrics["n_val_cases"] == 1
+    assert np.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_dice"] <= 1.0
+    moved = [name for name in weights if not np.array_equal(weights[name], coordinator.global_weights[name])]
+    assert moved, "the update must be trained weights, not the global ones"
+
+
+@pytest.mark.parametrize("pinned, approved, reason", [
+    (None, "other", "is not approved by the site's policy"),
+    ("pinned", None, "which the site approved on first sight"),
+])
+def test_unapproved_plan_is_refused_and_the_coordinator_told_why(
+    ca: pki.CertificateAuthority, tmp_path: Path, pinned: str | None, approved: str | None, reason: str
+) -> None:
+    plan, other = plan_for("stroke-dwi-adc"), plan_for("stroke-dwi-adc", local_epochs=2)
+    if pinned:
+        (tmp_path / "state").mkdir()
+        (tmp_path / "state" / PINNED_PLAN_FILE).write_text(other.sha256 + "\n")
+    policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2"),),
+                        approved_plans=(other.sha256,) if approved else (), approve_first_sight=pinned is not None)
+    port = _free_port()
+    coordinator = FakeCoordinator(plan)
+    server = _serve(ca, coordinator, port)
+    stop = threading.Event()
+    thread = _run_site(Site(_bundle(ca, port), policy, tmp_path / "state", stop=stop))
+    try:
+        assert coordinator.done.wait(30), f"no report; calls: {coordinator.calls}"
+    finally:
+        stop.set()
+        thread.join(10)
+        server.stop(grace=None)
+    (report,) = coordinator.reports
+    assert (report.kind, report.plan_sha256, report.round) == ("refused", plan.sha256, ROUND)
+    assert reason in report.reason and plan.sha256 in report.reason
+    assert "GetWeights" not in coordinator.calls and coordinator.update is None
+
+
+def test_keygen_writes_a_private_key_and_a_request(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["site", "keygen", "--out", str(tmp_path / "keys"), "--name", "hospital-a"]) == 0
+    key, csr = tmp_path / "keys" / "site.key", tmp_path / "keys" / "site.csr"
+    assert key.stat().st_mode & 0o777 == 0o600 and str(key) in capsys.readouterr().out
+    ca = pki.create_ca()
+    cert = pki.issue_certificate(ca, csr.read_bytes(), "hospital-a", "trainer", 30)
+    assert pki.key_matches_certificate(key.read_bytes(), cert)
+    assert main(["site", "keygen", "--out", str(tmp_path / "keys")]) == 2  # never overwrites a site's key
+    assert "site.key" in capsys.readouterr().err
