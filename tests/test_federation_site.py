@@ -218,3 +218,12 @@ def test_keygen_writes_a_private_key_and_a_request(tmp_path: Path, capsys: pytes
     assert pki.key_matches_certificate(key.read_bytes(), cert)
     assert main(["site", "keygen", "--out", str(tmp_path / "keys")]) == 2  # never overwrites a site's key
     assert "site.key" in capsys.readouterr().err
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
+    backoff = Backoff(initial_s=1.0, maximum_s=8.0)
+    delays = [backoff.next_delay() for _ in range(6)]
+    for delay, nominal in zip(delays, (1, 2, 4, 8, 8, 8)):
+        assert 0.8 * nominal <= delay <= nominal
+    backoff.reset()
+    assert backoff.next_delay() <= 1.0

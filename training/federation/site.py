@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 SITE_CSR_FILE = "site.csr"
 # The aggregate metrics an update or a report may carry; anything else a trainer returns stays at the site.
 SHARED_METRICS = ("train_loss", "val_dice", "val_avd_ml", "val_lf1", "n_val_cases", "n_skipped_cases", "local_epochs")
-UPLOAD_ATTEMPTS = 3  # a stream the coordinator asks to be re-sent (a broken chunk) goes again this many times at most
+TRANSFER_ATTEMPTS = 3  # a weights stream broken in transit (a bad chunk, a resend reply) is tried this many times
 IDLE_RETRY_S = 5.0  # an IDLE reply without retry_after_s
 REFUSED_RETRY_S = 30.0  # how soon a site that refused a task asks again (the plan or round may have changed)
 RPC_TIMEOUT_S = 30.0  # unary calls; streams are bounded by the round's deadline instead
@@ -304,14 +304,14 @@ class Site:
         receiver = StreamReceiver(self.bundle.payload_key, self.bundle.site, len(encode_weights(spec_weights)),
                                   plan_sha256=task.plan_sha256, round=task.round, base_sha256=task.base_sha256)
         plaintext = b""
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        for attempt in range(1, TRANSFER_ATTEMPTS + 1):
             parts = self._rpc.GetWeights(pb2.WeightsRequest(plan_sha256=task.plan_sha256, round=task.round),
                                          timeout=self._stream_timeout(task))
             try:
                 _, plaintext = receiver.receive(parts)
                 break
             except WireError as error:
-                if not error.resend or attempt == UPLOAD_ATTEMPTS:
+                if not error.resend or attempt == TRANSFER_ATTEMPTS:
                     raise TaskRefused(f"the global weights were refused: {error.reason}") from None
                 log.warning("global weights broken in transit (%s); fetching again", error.reason)
         if weights_sha256(plaintext) != task.base_sha256:
@@ -352,7 +352,7 @@ class Site:
         """PutUpdate, again while the coordinator answers resend (a chunk broken in transit)."""
         self._set_state("uploading", task.round)
         binding = StreamBinding(*update.key, self.bundle.site)
-        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+        for attempt in range(1, TRANSFER_ATTEMPTS + 1):
             parts = chunk_stream(update.plaintext, key=self.bundle.payload_key, aad_fields=binding,
                                  header_fields={"num_cases": update.n_cases, "metrics": update.metrics})
             reply = self._rpc.PutUpdate(parts, timeout=self._stream_timeout(task))
@@ -364,8 +364,8 @@ class Site:
                 self._done, self._pending = update.key, None
                 return
             log.warning("round %d: update broken in transit (%s); sending again (%d/%d)", task.round, reply.reason,
-                        attempt, UPLOAD_ATTEMPTS)
-        log.error("round %d: the update did not get through after %d attempts", task.round, UPLOAD_ATTEMPTS)
+                        attempt, TRANSFER_ATTEMPTS)
+        log.error("round %d: the update did not get through after %d attempts", task.round, TRANSFER_ATTEMPTS)
 
     def _evaluate(self, task: pb2.TaskReply, prepared: _Prepared) -> None:
         self._set_state("evaluating", task.round)
