@@ -219,19 +219,23 @@ def _task_settings(tasks: TasksSettings, task: Task) -> tuple[bool, str]:
 
 
 def registry_tasks(data_dir: Path, models: ModelSettings) -> frozenset[Task]:
-    """The tasks a model is installed for, read from disk for a process without a ModelService (the CLI): a
-    version in the registry, or (demo mode) the embedded default the node seeds an empty registry with."""
+    """The tasks a model is installed for, read from disk for a process without a ModelService (the CLI): the
+    version the registry pins (a pin to nothing: none yet), else any version in the registry, or (demo mode) the
+    embedded default the node seeds an empty registry with."""
     # the node's model service and the registry, imported only here
     from inference.models import DEFAULTS_DIR
     from models.registry import Registry, TrustPolicy
 
     registry = Registry(models.registry_path(data_dir), TrustPolicy.demo())
     demo = models.enrollment_bundle is None
-    return frozenset(
-        task
-        for task in Task
-        if registry.versions(task) or (demo and (DEFAULTS_DIR / task.value).is_dir())
-    )
+
+    def installed(task: Task) -> bool:
+        pin = registry.installed(task)
+        if pin is not None:
+            return pin.version is not None
+        return bool(registry.versions(task)) or (demo and (DEFAULTS_DIR / task.value).is_dir())
+
+    return frozenset(task for task in Task if installed(task))
 
 
 def process_owner() -> str:

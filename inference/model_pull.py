@@ -73,7 +73,7 @@ class ModelPuller:
             except PackageRefused:
                 continue  # recorded and logged by the model service; the other tasks still pull
             except Exception as failure:  # the coordinator unreachable or failing: keep serving, retry later
-                error = f"{type(failure).__name__}: {_first_line(failure)}"
+                error = describe_failure(failure)
                 LOG.warning(
                     "pulling %s from %s failed (%s); still serving %s, next try in %.0f s",
                     task.value, self.coordinator, error, self.models.served_versions().get(task, "nothing"),
@@ -121,8 +121,13 @@ class ModelPuller:
             }
 
 
-def _first_line(error: Exception) -> str:
-    """gRPC errors print several lines of debug context; the models page and the log want the reason."""
-    details = getattr(error, "details", None)
-    text = details() if callable(details) else str(error)
-    return (text or type(error).__name__).splitlines()[0][:300]
+def describe_failure(error: Exception) -> str:
+    """One line: a gRPC error's status and details (its text carries several lines of debug context), else the
+    exception's class and message."""
+    code, details = getattr(error, "code", None), getattr(error, "details", None)
+    if callable(code) and callable(details):
+        status = code()
+        text = f"{getattr(status, 'name', status)}: {details() or ''}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    return text.splitlines()[0][:300]

@@ -26,17 +26,16 @@ import numpy as np
 
 from inference.engine import Engine
 from models.errors import MalformedPackage, PackageRefused
+from models.federation.enrollment import EnrollmentBundle, release_trust
 from models.manifest import Manifest, Role, Task
 from models.package import LoadedPackage, TrustMode, TrustPolicy, load_package
 from models.preprocessing import Channel
 from models.registry import Registry
-from models.signing import load_public_key
 
 LOG = logging.getLogger(__name__)
 
 DEFAULTS_DIR = Path(__file__).resolve().parents[1] / "models" / "defaults"
 MAX_REFUSALS = 200  # the models page shows the recent ones; the log keeps all
-PUBLISHER_KEY_FILE = "publisher.pem"  # inside an enrollment bundle directory
 
 EngineFactory = Callable[[LoadedPackage], Engine]
 
@@ -116,15 +115,11 @@ class Refusal:
 
 
 def trust_from_bundle(bundle: Path | None, tasks: Iterable[Task]) -> TrustPolicy:
-    """No bundle: demo mode. A bundle is the publisher's Ed25519 public key as PEM, or a directory holding it
-    as `publisher.pem`; with it, demo-signed packages are refused."""
+    """No bundle: demo mode. A bundle is the one enrollment file `fedlesion coordinator enroll` wrote: its release
+    public keys (several, so keys can rotate) are the only ones trusted, and demo-signed packages are refused."""
     if bundle is None:
         return TrustPolicy.demo(tasks)
-    bundle = Path(bundle)
-    key_path = bundle / PUBLISHER_KEY_FILE if bundle.is_dir() else bundle
-    if not key_path.is_file():
-        raise ValueError(f"models.enrollment_bundle: {key_path} is not a publisher key file")
-    return TrustPolicy.enrolled([load_public_key(key_path.read_bytes())], tasks)
+    return release_trust(EnrollmentBundle.read(bundle), tasks)
 
 
 def warm_up_channels(manifest: Manifest) -> list[Channel]:

@@ -1,8 +1,8 @@
 """`fedlesion node`: the composition root. Receiver, models, job workers, sender, web page and retention from the
 settings sections the CLI hands over, started in dependency order and stopped in reverse (design.md §1, §5).
 
-Start-up: the models are verified and warmed up first (a study must never wait for a model that cannot load),
-crash debris of the spool is cleared and the studies table recovered, jobs of a killed node are queued again, the
+Start-up: the models are verified and warmed up first (a study must never wait for a model that cannot load), an
+enrolled node starts pulling released models (`inference.model_pull`), crash debris of the spool is cleared and the studies table recovered, jobs of a killed node are queued again, the
 sender and the web page start, and only then does the receiver (the same `Receiver` as `fedlesion receive`, with
 `dicom.receiver_processes` SCP processes) accept associations. SIGTERM/SIGINT: stop accepting associations and let
 open ones finish for up to 30 s, let each worker finish the job in hand (a job still running after `JOB_FINISH_S`
@@ -17,6 +17,7 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -30,6 +31,7 @@ from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import StudyIndex
 from inference.engine import Engine
 from inference.jobs import JobQueue, enabled_tasks
+from inference.model_pull import ModelPuller
 from inference.models import (
     ModelService,
     ModelUnavailable,
@@ -38,6 +40,8 @@ from inference.models import (
 from inference.settings import InferenceSettings, NodeSettings, TasksSettings
 from inference.study_plan import dwi_b_parameters
 from inference.worker import installed_tasks, start_workers
+from models.federation.enrollment import EnrollmentBundle
+from models.federation.pull import pull_latest
 from models.manifest import Task
 from models.package import LoadedPackage
 from models.settings import ModelSettings
@@ -46,6 +50,7 @@ LOG = logging.getLogger(__name__)
 
 JOB_FINISH_S = 120.0  # a job still running after this goes back to the queue (its attempt returned), not waited for
 RETENTION_EVERY_S = 3600.0
+PULL_DIRNAME = "pull"  # scratch folders of pulls in progress, under the data directory
 WEB_THREADS = 4
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 
@@ -88,6 +93,7 @@ class Node:
     web_port: int | None = None  # override node.web_port (0: any free port)
     exit_status: int = field(init=False, default=0)
     models: ModelService = field(init=False)
+    puller: ModelPuller | None = field(init=False, default=None)  # with models.enrollment_bundle
     receiver: Receiver = field(init=False)
     outbox: Outbox = field(init=False)
     jobs: JobQueue = field(init=False)
@@ -130,6 +136,7 @@ class Node:
         )
         self.models.start()
         self._closers.append(("models", self.models.stop))
+        self._start_puller()
 
         self.receiver = Receiver(
             self.data_dir, self.node.ae_title, self.dicom, describe_roles=self.describe_roles, log_level=self.log_level
@@ -168,6 +175,20 @@ class Node:
             flush=True,
         )
 
+    def _start_puller(self) -> None:
+        """An enrolled node pulls released models at start and every `models.pull_interval_s` (a thread: an
+        unreachable coordinator never holds the node's start-up, and the node serves what it has meanwhile)."""
+        bundle_path = self.model_settings.enrollment_bundle
+        if bundle_path is None:
+            return
+        bundle = EnrollmentBundle.read(bundle_path)
+        self.puller = ModelPuller(
+            self.models, partial(pull_latest, bundle), coordinator=bundle.coordinator_address,
+            interval_s=self.model_settings.pull_interval_s, auto_install=self.model_settings.auto_install,
+            work_dir=self.data_dir / PULL_DIRNAME,
+        )
+        self._spawn("model-pull", self.puller.run, self._stop)
+
     def describe_roles(self, paths: list[Path]) -> Any:
         """Series roles with the b-value and range of the stroke model being served (the defaults without one)."""
         try:
@@ -183,7 +204,7 @@ class Node:
 
         app = create_app(
             self.data_dir, self.node, self.dicom, studies=self.index, jobs=self.jobs, models=self.models,
-            outbox=self.outbox,
+            outbox=self.outbox, puller=self.puller,
         )
         port = self.node.web_port if self.web_port is None else self.web_port
         server = create_server(
@@ -250,7 +271,7 @@ class Node:
                 self.jobs.release_running()
             except Exception:  # the next start's recovery requeues them instead (spending an attempt)
                 LOG.exception("requeueing the jobs in hand failed")
-        for name in ("sender", "retention"):
+        for name in ("sender", "retention", "model-pull"):
             for thread in self._threads.get(name, []):
                 thread.join(60.0)
         for name, close in reversed(self._closers):

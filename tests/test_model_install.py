@@ -18,7 +18,7 @@ import pytest
 from dicom_gateway.outbox import Outbox
 from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import StudyIndex
-from inference.jobs import JobQueue
+from inference.jobs import JobQueue, registry_tasks
 from inference.model_pull import AUTO_INSTALL_USER, ModelPuller
 from inference.models import ModelService, ModelUnavailable
 from inference.settings import NodeSettings, TasksSettings
@@ -27,6 +27,7 @@ from models.errors import TamperedPackage, UntrustedSigner
 from models.manifest import Task
 from models.package import TrustPolicy
 from models.registry import INSTALLED_FILE
+from models.settings import ModelSettings
 from models.signing import generate_key_pair, load_private_key, load_public_key
 from tests.test_model_service import STROKE, drop_into_registry, make_package, service
 
@@ -105,7 +106,11 @@ def test_a_node_with_nothing_served_holds_nothing_until_an_install(tmp_path: Pat
     with pytest.raises(ModelUnavailable):
         models.current(STROKE)
     assert models.pending(STROKE) == [1]
+    # the CLI's view (reprocess routing) agrees: pinned to nothing is no model, although v1 lies in the registry
+    on_disk = ModelSettings(registry_dir=models.registry.root, enrollment_bundle=tmp_path / "node.bundle")
+    assert registry_tasks(tmp_path, on_disk) == frozenset()
     assert models.install_version(STROKE, 1, "alice").version == 1
+    assert registry_tasks(tmp_path, on_disk) == {STROKE}
 
 
 class FakeCoordinator:
@@ -176,7 +181,7 @@ def test_an_unreachable_coordinator_or_a_refused_release_changes_nothing(tmp_pat
     coordinator.reachable = False
     pulling = puller(models, coordinator, tmp_path, auto_install=True)
     assert pulling.pull_once() == {}
-    assert serving_version(models) == 1 and "connection refused" in pulling.status()["last_error"]
+    assert serving_version(models) == 1 and pulling.status()["last_error"] == "ConnectionError: connection refused"
 
     def refusing(task: Task, newer_than: int, dest: Path) -> Path | None:
         raise UntrustedSigner("package is signed by key abc, which this node does not trust")
@@ -197,6 +202,9 @@ def test_grpc_errors_are_kept_as_one_line(tmp_path: Path) -> None:
     models = service(tmp_path, defaults_dir=None)
 
     class Unavailable(grpc.RpcError):
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
         def details(self) -> str:
             return "failed to connect to all addresses\ndebug context follows"
 
@@ -205,7 +213,7 @@ def test_grpc_errors_are_kept_as_one_line(tmp_path: Path) -> None:
 
     pulling = ModelPuller(models, unavailable, coordinator="c:1", interval_s=1, auto_install=False, work_dir=tmp_path)
     pulling.pull_once()
-    assert pulling.status()["last_error"] == "Unavailable: failed to connect to all addresses"
+    assert pulling.status()["last_error"] == "UNAVAILABLE: failed to connect to all addresses"
 
 
 # -- the models page -------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from inference.models import (
     warm_up_channels,
 )
 from models.errors import DemoPackageRefused, TaskNotAllowed, VersionNotNewer
+from models.federation import pki
 from models.manifest import Task, default_manifest
 from models.package import TrustPolicy, build_package
 from models.signing import (
@@ -31,6 +32,7 @@ from models.signing import (
     load_private_key,
     load_public_key,
 )
+from tests.test_federation_pki import site_bundle
 
 STROKE = Task.STROKE_DWI_ADC
 
@@ -156,9 +158,8 @@ def test_older_and_equal_versions_are_refused(tmp_path: Path) -> None:
 
 def test_an_enrolled_node_refuses_demo_packages(tmp_path: Path) -> None:
     private_pem, public_pem = generate_key_pair()
-    (tmp_path / "bundle").mkdir()
-    (tmp_path / "bundle" / "publisher.pem").write_bytes(public_pem)
-    trust = trust_from_bundle(tmp_path / "bundle", {STROKE})
+    bundle = site_bundle(pki.create_ca(), public_pem, "node-a", role="node").write(tmp_path / "node-a.bundle")
+    trust = trust_from_bundle(bundle, {STROKE})
     defaults = tmp_path / "defaults"
     make_package(defaults / STROKE.value, 1)  # the embedded demo model cannot seed an enrolled node
     models = service(tmp_path, trust, defaults_dir=defaults)

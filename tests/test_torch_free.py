@@ -43,7 +43,8 @@ SCRIPT = textwrap.dedent(
     import models.adc, models.manifest, models.metrics, models.package, models.postprocessing, models.preprocessing
     import models.registry, models.resampling, models.signing
     import models.federation.enrollment, models.federation.federation_pb2_grpc, models.federation.pki
-    import models.federation.roles, models.federation.transport, models.federation.wire
+    import models.federation.pull, models.federation.roles, models.federation.transport, models.federation.wire
+    import inference.model_pull, inference.node
     import inference.engine
     import dicom_gateway.convert, dicom_gateway.outbox, dicom_gateway.receiver, dicom_gateway.roles
     import dicom_gateway.scp, dicom_gateway.scu, dicom_gateway.studies, dicom_gateway.study_inputs

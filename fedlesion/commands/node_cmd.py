@@ -11,7 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "node",
         help="run the node: receive studies over DICOM, segment them, send SEG/SC/SR back, serve the web page",
         description="Everything comes from the settings ([node], [dicom], [tasks], [inference], [storage], "
-        "[models]); without models.enrollment_bundle the node runs the embedded demo models in demo mode.",
+        "[models]); without models.enrollment_bundle the node runs the embedded demo models in demo mode, with it "
+        "it pulls released models from the bundle's coordinator.",
     )
     parser.add_argument("--dicom-port", type=int, metavar="N", help="override node.dicom_port (0: any free port)")
     parser.add_argument("--web-port", type=int, metavar="N", help="override node.web_port (0: any free port)")
