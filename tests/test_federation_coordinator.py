@@ -194,3 +194,28 @@ def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_di
         assert json.loads(json.dumps(state.status()))["sites"][0]["name"] == "alpha"
     finally:
         state.close()
+
+
+def test_the_command_line_sets_up_a_coordinator_and_reports_status(tmp_path: Path, capsys) -> None:
+    from fedlesion.cli import main
+
+    directory = tmp_path / "c"
+    assert main(["coordinator", "init", "--dir", str(directory), "--address", "127.0.0.1:50123"]) == 0
+    assert oct((directory / "ca" / "ca.key").stat().st_mode & 0o777) == "0o600"
+    assert not (directory / "server" / "ca.key").exists() and not list((directory / "server").glob("release*"))
+    out = tmp_path / "alpha.bundle"
+    assert main(["coordinator", "enroll", "alpha", "--dir", str(directory), "--role", "trainer", "--generate",
+                 "--out", str(out)]) == 0
+    assert oct(out.stat().st_mode & 0o777) == "0o600" and EnrollmentBundle.read(out).role.value == "trainer"
+    assert main(["coordinator", "revoke", "alpha", "--dir", str(directory), "--reason", "test"]) == 0
+    capsys.readouterr()
+    assert main(["coordinator", "plan", "--task", TASK.value, "--rounds", "2", "--strategy", "fedprox", "--mu", "0.1",
+                 "--network", "tiny"]) == 0
+    printed = FederatedPlan.from_toml(capsys.readouterr().out)
+    assert (printed.rounds, printed.strategy, printed.prox_mu) == (2, "fedprox", 0.1)
+    assert main(["coordinator", "status", "--dir", str(directory), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["sites"][0]["name"] == "alpha" and status["sites"][0]["state"] == "revoked"
+    assert status["rounds"] == [] and status["versions"] == []
+    assert main(["coordinator", "release", TASK.value, "1", "--dir", str(directory)]) == 2
+    assert "no stroke-dwi-adc version 1" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from fedlesion.commands import (
     convert_cmd,
+    coordinator_cmd,
     evaluate_cmd,
     export_cmd,
     fingerprint_cmd,
@@ -33,6 +34,7 @@ COMMANDS = [
     synth_cmd,
     fingerprint_cmd,
     train_cmd,
+    coordinator_cmd,
     site_cmd,
     segment_cmd,
     node_cmd,
