@@ -15,12 +15,16 @@ import tempfile
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from inference.models import ModelService
 from models.errors import PackageRefused
+from models.federation.enrollment import EnrollmentBundle
+from models.federation.pull import pull_latest
 from models.manifest import Task
+from models.settings import ModelSettings
 
 LOG = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ LOG = logging.getLogger(__name__)
 PullFunction = Callable[[Task, int, Path], Path | None]
 AUTO_INSTALL_USER = "auto-install"
 PULL_USER = "pull"  # who pinned the serving version when a pulled one became pending
+PULL_DIRNAME = "pull"  # scratch folders of pulls in progress, under the data directory
 
 
 class ModelPuller:
@@ -54,6 +59,18 @@ class ModelPuller:
         self._lock = threading.Lock()
         self._last_time: str | None = None
         self._last_error: str | None = None
+
+    @classmethod
+    def from_settings(cls, models: ModelService, settings: ModelSettings, data_dir: Path) -> ModelPuller:
+        """The puller `[models]` of an enrolled node asks for (without `enrollment_bundle`: ValueError)."""
+        if settings.enrollment_bundle is None:
+            raise ValueError("models.enrollment_bundle is not set: a node in demo mode pulls nothing")
+        bundle = EnrollmentBundle.read(settings.enrollment_bundle)
+        return cls(
+            models, partial(pull_latest, bundle), coordinator=bundle.coordinator_address,
+            interval_s=settings.pull_interval_s, auto_install=settings.auto_install,
+            work_dir=Path(data_dir) / PULL_DIRNAME,
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Pull now, then every interval until `stop` is set."""

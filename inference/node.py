@@ -17,7 +17,6 @@ import signal
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from importlib import metadata
 from pathlib import Path
 from types import FrameType
@@ -40,8 +39,6 @@ from inference.models import (
 from inference.settings import InferenceSettings, NodeSettings, TasksSettings
 from inference.study_plan import dwi_b_parameters
 from inference.worker import installed_tasks, start_workers
-from models.federation.enrollment import EnrollmentBundle
-from models.federation.pull import pull_latest
 from models.manifest import Task
 from models.package import LoadedPackage
 from models.settings import ModelSettings
@@ -50,7 +47,6 @@ LOG = logging.getLogger(__name__)
 
 JOB_FINISH_S = 120.0  # a job still running after this goes back to the queue (its attempt returned), not waited for
 RETENTION_EVERY_S = 3600.0
-PULL_DIRNAME = "pull"  # scratch folders of pulls in progress, under the data directory
 WEB_THREADS = 4
 ONNXRUNTIME_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 
@@ -178,16 +174,9 @@ class Node:
     def _start_puller(self) -> None:
         """An enrolled node pulls released models at start and every `models.pull_interval_s` (a thread: an
         unreachable coordinator never holds the node's start-up, and the node serves what it has meanwhile)."""
-        bundle_path = self.model_settings.enrollment_bundle
-        if bundle_path is None:
-            return
-        bundle = EnrollmentBundle.read(bundle_path)
-        self.puller = ModelPuller(
-            self.models, partial(pull_latest, bundle), coordinator=bundle.coordinator_address,
-            interval_s=self.model_settings.pull_interval_s, auto_install=self.model_settings.auto_install,
-            work_dir=self.data_dir / PULL_DIRNAME,
-        )
-        self._spawn("model-pull", self.puller.run, self._stop)
+        if self.model_settings.enrollment_bundle is not None:
+            self.puller = ModelPuller.from_settings(self.models, self.model_settings, self.data_dir)
+            self._spawn("model-pull", self.puller.run, self._stop)
 
     def describe_roles(self, paths: list[Path]) -> Any:
         """Series roles with the b-value and range of the stroke model being served (the defaults without one)."""

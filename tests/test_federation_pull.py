@@ -108,6 +108,14 @@ def federation() -> Iterator[Federation]:
     server.stop(grace=None)
 
 
+def closed_address() -> str:
+    """A loopback port that was bound and released again: nobody listens there."""
+    gone = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    port = gone.add_insecure_port("127.0.0.1:0")
+    gone.stop(grace=None)
+    return f"127.0.0.1:{port}"
+
+
 def enrolled_node(tmp_path: Path, federation: Federation, *, auto_install: bool = True):
     models = service(tmp_path, release_trust(federation.bundle, [STROKE]), defaults_dir=None)
     models.start(watch=False)
@@ -169,10 +177,7 @@ def test_an_unreachable_coordinator_leaves_the_node_serving(tmp_path: Path, fede
     assert puller.pull_once() == {STROKE: 1}
     assert models.pending(STROKE) == [1]  # without auto_install it waits for an admin
     models.install_version(STROKE, 1, "admin")
-    gone = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    closed_port = gone.add_insecure_port("127.0.0.1:0")  # bound, then released: nobody listens there
-    gone.stop(grace=None)
-    offline = replace(federation.bundle, coordinator_address=f"127.0.0.1:{closed_port}")
+    offline = replace(federation.bundle, coordinator_address=closed_address())
     puller = ModelPuller(models, partial(pull_latest, offline, timeout_s=1), coordinator=offline.coordinator_address,
                          interval_s=1, auto_install=True, work_dir=tmp_path / "pull")
     assert puller.pull_once() == {}
@@ -200,3 +205,28 @@ def test_an_enrolled_node_pulls_at_start_and_serves_the_release(tmp_path: Path, 
         assert node.puller is not None and node.puller.status()["last_error"] is None
     finally:
         node.stop()
+
+
+def test_model_pull_command_pulls_once_as_the_node_would(
+    tmp_path: Path, federation: Federation, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedlesion.cli import main
+
+    federation.servicer.releases = {4: release(tmp_path, 4, federation.release_key)}
+    config = tmp_path / "node.toml"
+    bundle = federation.bundle.write(tmp_path / "node-a.bundle")
+    config.write_text(f'[storage]\ndata_dir = "{tmp_path / "data"}"\n[tasks]\nms = false\n'
+                      f'[models]\nenrollment_bundle = "{bundle}"\n')
+    assert main(["--config", str(config), "model", "pull"]) == 0
+    assert capsys.readouterr().out == "stroke-dwi-adc: pulled version 4, serving nothing, pending 4\n"
+    assert main(["--config", str(config), "model", "pull"]) == 0
+    assert capsys.readouterr().out == "stroke-dwi-adc: nothing new, serving nothing, pending 4\n"
+
+    address = closed_address()
+    replace(federation.bundle, coordinator_address=address).write(bundle)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("models.federation.pull.HELLO_TIMEOUT_S", 1.0)
+        assert main(["--config", str(config), "model", "pull"]) == 1
+    captured = capsys.readouterr()
+    assert f"pulling from {address} failed" in captured.err
+    assert "serving nothing, pending 4" in captured.out

@@ -10,6 +10,7 @@ the node's registry from the settings and trusts what the node trusts; the runni
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from models.manifest import Task
@@ -43,6 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rollback.add_argument("task", type=_task, metavar="TASK", help="stroke-dwi-adc | ms-flair (or stroke | ms)")
     rollback.set_defaults(func=run, action="rollback")
 
+    pull = actions.add_parser(
+        "pull", help="pull released models once, as the node does ([models] enrollment_bundle, auto_install)"
+    )
+    pull.set_defaults(func=run, action="pull")
+
     keygen = actions.add_parser("keygen", help="write OUT_PREFIX.private.pem and OUT_PREFIX.public.pem (Ed25519)")
     keygen.add_argument("prefix", metavar="OUT_PREFIX")
     keygen.set_defaults(func=run, action="keygen")
@@ -70,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         return _keygen(args.prefix)
     if args.action == "rollback":
         return _rollback(args)
+    if args.action == "pull":
+        return _pull(args)
     if args.action == "list":
         return _list(Registry(args.registry, TrustPolicy.demo()))
     trust = TrustPolicy.enrolled(map(load_public_key, args.public_key)) if args.public_key else TrustPolicy.demo()
@@ -117,6 +125,38 @@ def _rollback(args: argparse.Namespace) -> int:
     )
     print(f"{args.task.value}: rolled back from version {current} to version {pin.version}; a running node "
           f"serves it within {settings.inference.registry_poll_s:g} s")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    """One pull pass on the node's registry; exit 1 when the coordinator could not be reached."""
+    from fedlesion.settings import load_settings
+    from inference.jobs import enabled_tasks
+    from inference.model_pull import ModelPuller
+    from inference.models import ModelService, trust_from_bundle
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    tasks = enabled_tasks(settings.tasks)
+    trust = trust_from_bundle(settings.models.enrollment_bundle, tasks)
+    # an enrolled node refuses the embedded demo defaults anyway: what serves is what the registry holds
+    models = ModelService(settings.registry_dir, trust, tasks, defaults_dir=None)
+    puller = ModelPuller.from_settings(models, settings.models, settings.storage.data_dir)
+    models.start(watch=False, seed=False)
+    stored = puller.pull_once()
+    for task in sorted(tasks):
+        pending = models.pending(task)
+        print(
+            f"{task.value}: "
+            + (f"pulled version {stored[task]}, " if task in stored else "nothing new, ")
+            + f"serving {models.served_versions().get(task, 'nothing')}"
+            + (f", pending {', '.join(map(str, pending))}" if pending else "")
+        )
+    for refusal in models.refusals():
+        print(f"refused: {refusal.kind}: {refusal.reason}")
+    error = puller.status()["last_error"]
+    if error:
+        print(f"fedlesion: pulling from {puller.coordinator} failed: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
