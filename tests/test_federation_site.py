@@ -4,6 +4,7 @@ skips an unreadable case, and refuses a plan its custodian did not approve, tell
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -227,3 +228,18 @@ def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
         assert 0.8 * nominal <= delay <= nominal
     backoff.reset()
     assert backoff.next_delay() <= 1.0
+
+
+def test_site_command_refuses_a_policy_wider_than_the_certificate(
+    ca: pki.CertificateAuthority, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = pki.generate_key()
+    cert = pki.issue_certificate(ca, pki.make_csr("x", key), "ward", "evaluator", 1)
+    bundle = dataclasses.replace(_bundle(ca, 1), site="ward", role=pki.certificate_role(cert), cert_pem=cert,
+                                 key_pem=pki.private_key_pem(key))
+    bundle.write(tmp_path / "ward.bundle")
+    policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2"),), approve_first_sight=True)
+    (tmp_path / "policy.toml").write_text(policy.to_toml())
+    assert main(["site", "--bundle", str(tmp_path / "ward.bundle"), "--policy", str(tmp_path / "policy.toml")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a trainer certificate; this site's certificate has role evaluator" in err and err.count("\n") == 1

@@ -230,6 +230,7 @@ class Site:
         training = task.kind == pb2.TaskReply.TRAIN
         try:
             plan = self._approved_plan(task, training=training)
+            self._set_state("training" if training else "evaluating", task.round)
             prepared = self._prepare(plan)
             if training:
                 self._train(task, plan, prepared)
@@ -324,7 +325,6 @@ class Site:
     def _train(self, task: pb2.TaskReply, plan: FederatedPlan, prepared: _Prepared) -> None:
         if not prepared.n_train:
             raise TaskRefused(f"no usable training case in the policy's datasets for task {plan.task}")
-        self._set_state("training", task.round)
         trainer = prepared.trainer
         weights = self._global_weights(task, trainer)
         budget_s = self.policy.max_hours_per_round * 3600
@@ -368,7 +368,6 @@ class Site:
         log.error("round %d: the update did not get through after %d attempts", task.round, TRANSFER_ATTEMPTS)
 
     def _evaluate(self, task: pb2.TaskReply, prepared: _Prepared) -> None:
-        self._set_state("evaluating", task.round)
         metrics = prepared.trainer.evaluate(self._global_weights(task, prepared.trainer))
         self._rpc.ReportMetrics(
             pb2.MetricsReport(plan_sha256=task.plan_sha256, round=task.round, kind="evaluate",
