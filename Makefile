@@ -24,14 +24,15 @@ $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 
 # `make run`: the node with the embedded demo models, data in ./fedlesion-data (the settings' default), DICOM on
 # 11112 and the web page on 127.0.0.1:8080 (FEDLESION_* variables override). The first start creates the web
-# account `admin` with a random password and prints it once; later starts keep it.
+# account `admin` (an admin: it may install pulled model versions) with a random password and prints it once; later
+# starts keep it.
 run: $(VENV)/.installed-cpu
 	@set -- $$($(VENV)/bin/fedlesion settings | $(VENV)/bin/python -c 'import json, sys; n = json.load(sys.stdin)["node"]; \
 		print(n["web_host"], n["web_port"], n["ae_title"], n["dicom_port"])') && [ $$# -eq 4 ] || exit 1; \
 	web="http://$$1:$$2/"; \
 	if ! $(VENV)/bin/fedlesion user list 2>/dev/null | grep -qx admin; then \
 		password=$$($(VENV)/bin/python -c 'import secrets; print(secrets.token_urlsafe(18))'); \
-		printf '%s\n' "$$password" | $(VENV)/bin/fedlesion user add admin --password-stdin >/dev/null || exit 1; \
+		printf '%s\n' "$$password" | $(VENV)/bin/fedlesion user add admin --admin --password-stdin >/dev/null || exit 1; \
 		echo "web page: $$web  user: admin  password: $$password  (shown once: keep it now)"; \
 	else \
 		echo "web page: $$web  user: admin (password printed at the first start)"; \
