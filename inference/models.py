@@ -308,7 +308,7 @@ class ModelService:
         try:
             loaded = self.registry.publish(source)
         except PackageRefused as error:
-            self._record(task, None, source, error)
+            self.record_refusal(task, None, source, error)
             return
         LOG.info("seeded the registry with the embedded %s version %d", task.value, loaded.manifest.version)
 
@@ -347,7 +347,7 @@ class ModelService:
         try:
             return self.registry.publish(source)
         except PackageRefused as error:
-            self._record(None, None, source, error)
+            self.record_refusal(None, None, source, error)
             raise
 
     def install(self, source: Path, by: str = "install") -> ServingModel:
@@ -378,7 +378,7 @@ class ModelService:
                 try:
                     self._swap(task, path, version, None)
                 except (PackageRefused, OSError) as error:
-                    self._record(task, version, path, error)
+                    self.record_refusal(task, version, path, error)
                     self._refused.add((task, version))
                     raise
             self._refused.discard((task, version))
@@ -394,17 +394,12 @@ class ModelService:
             if self.registry.installed(task) is None:
                 self.registry.pin(task, self.served_versions().get(task), by)
 
-    def record_refusal(self, task: Task | None, version: int | None, path: Path | str, error: Exception) -> None:
-        """A package refused outside the registry (e.g. a pulled release that failed verification): shown on the
-        models page with the others."""
-        self._record(task, version, path, error)
-
     def _try(self, task: Task, path: Path, version: int | None, served: int | None) -> bool:
         """`_swap`, with a refusal recorded instead of raised."""
         try:
             self._swap(task, path, version, served)
         except (PackageRefused, OSError) as error:
-            self._record(task, version, path, error)
+            self.record_refusal(task, version, path, error)
             return False
         return True
 
@@ -427,7 +422,9 @@ class ModelService:
             previous.version if previous else "none",
         )
 
-    def _record(self, task: Task | None, version: int | None, path: Path | str, error: Exception) -> None:
+    def record_refusal(self, task: Task | None, version: int | None, path: Path | str, error: Exception) -> None:
+        """Keep a refusal for the models page and log it; also for packages refused outside the registry (a pulled
+        release that failed verification)."""
         refusal = Refusal(
             time=datetime.now(UTC).replace(microsecond=0),
             task=task.value if task is not None else None,

@@ -219,7 +219,7 @@ def test_grpc_errors_are_kept_as_one_line(tmp_path: Path) -> None:
 # -- the models page -------------------------------------------------------------------------------------------
 
 
-def models_app(tmp_path: Path, models: ModelService):
+def models_app(tmp_path: Path, models: ModelService, puller: ModelPuller | None = None):
     from inference.web import create_app
     from inference.web.auth import UserStore
 
@@ -232,6 +232,7 @@ def models_app(tmp_path: Path, models: ModelService):
         data_dir, NodeSettings(), DicomSettings(),
         studies=StudyIndex(data_dir / "dicom.sqlite3", data_dir / "spool", DicomSettings()),
         jobs=JobQueue(data_dir, tasks=TasksSettings(ms=False)), models=models, outbox=Outbox(data_dir),
+        puller=puller,
     )
     app.config["TESTING"] = True
     return app
@@ -250,13 +251,18 @@ def test_an_admin_installs_a_pending_version_on_the_models_page(tmp_path: Path) 
     models = service(tmp_path, defaults_dir=None)
     models.registry.publish(make_package(tmp_path / "v1", 1))
     models.start(watch=False)
-    models.hold(STROKE, "pull")
-    models.store(make_package(tmp_path / "v2", 2))
-    app = models_app(tmp_path, models)
+    coordinator = FakeCoordinator()
+    coordinator.releases[2] = make_package(tmp_path / "v2", 2)
+    pulling = puller(models, coordinator, tmp_path, auto_install=False)
+    assert pulling.pull_once() == {STROKE: 2}
+    coordinator.reachable = False
+    pulling.pull_once()
+    app = models_app(tmp_path, models, pulling)
 
     radiologist = logged_in(app, "radiologist")
     html = radiologist.get("/models").get_data(as_text=True)
     assert 'id="pending-stroke-dwi-adc-2"' in html and "Install version 2" not in html
+    assert "Pulls from coordinator.test:7443" in html and "failed: ConnectionError: connection refused" in html
     refused = radiologist.post("/models/stroke-dwi-adc/install", data={"version": "2", "csrf_token": radiologist.csrf})
     assert refused.status_code == 403 and serving_version(models) == 1
 
