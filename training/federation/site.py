@@ -342,8 +342,11 @@ class Site:
                                    prox_mu=plan.prox_mu)
             epochs_done += 1
         assert update is not None
+        trained_s = time.monotonic() - started
         metrics = {"train_loss": update.metrics["train_loss"], "local_epochs": epochs_done,
                    "n_skipped_cases": prepared.n_skipped, **trainer.evaluate()}
+        log.info("round %d: %d local epoch(s) in %.1f s, validation in %.1f s", task.round, epochs_done, trained_s,
+                 time.monotonic() - started - trained_s)
         self._pending = _Update((task.plan_sha256, task.round, task.base_sha256), encode_weights(update.weights),
                                 update.n_cases, _shared(metrics))
         self._upload(task, self._pending)
