@@ -165,8 +165,18 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         coordinator.stop()
 
 
+class PeerContext:
+    """What a servicer method reads of its gRPC context: the peer certificate (transport checked it already)."""
+
+    def __init__(self, bundle: EnrollmentBundle) -> None:
+        self.bundle = bundle
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return {"x509_pem_cert": [self.bundle.cert_pem]}
+
+
 def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_dir) -> None:
-    directory, _ = coordinator_dir
+    directory, bundles = coordinator_dir
     plan = plan_for(TASK, network="tiny", rounds=2, quorum=2, deadline_s=10)
     coordinator = Coordinator(directory, plan, heartbeat_interval_s=2)
     state, now = coordinator.state, time.time()
@@ -192,6 +202,14 @@ def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_di
         [row] = state.status()["rounds"]
         assert "1 of quorum 2" in row["note"] and row["state"] == "open"
         assert json.loads(json.dumps(state.status()))["sites"][0]["name"] == "alpha"
+
+        # gamma's custodian refuses the plan: recorded in the round, gamma paused until the next round asks again
+        refusal = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="refused", reason="plan not approved")
+        assert coordinator.ReportMetrics(refusal, PeerContext(bundles["gamma"])).accepted
+        assert state.site("gamma").state.value == "paused" and "plan not approved" in state.site("gamma").reason
+        assert state.answered(retried.id) == {"alpha", "gamma"}
+        assert coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["gamma"])).kind == pb2.TaskReply.IDLE
+        assert "plan not approved" in state.status()["rounds"][0]["rejected"][-1]["reason"]
     finally:
         state.close()
 

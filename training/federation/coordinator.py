@@ -13,8 +13,9 @@ up in the state database on each call, so `coordinator revoke` in another proces
 logged with their reason; refused updates are recorded with theirs (`coordinator status`).
 
 A site whose custodian's policy refuses the task reports metrics of kind `refused` with the reason: the refusal is
-recorded in the open round (status shows it), and the site is paused (not invited) until it says hello again or the
-plan changes.
+recorded in the open round (status shows it), and the site is paused with that reason until the next round opens
+or the round's retry (each asks it again: its custodian may have approved the plan meanwhile) or it says hello
+again.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         return self.state.active_sites(SiteRole.TRAINER.value, seen_after=now - self.heartbeat_timeout_s)
 
     def _open(self, number: int, now: float) -> None:
+        self.state.unpause()
         invited = self._active_trainers(now)
         if len(invited) < self.plan.quorum:
             return  # wait for enough sites: a round that cannot reach its quorum is not opened
@@ -201,6 +203,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         log.info("round %d opened: invited %s", opened.round, ", ".join(invited))
 
     def _retry(self, current: Round, accepted: int, now: float) -> None:
+        self.state.unpause()
         invited = sorted(set(self._active_trainers(now)) | set(u.site for u in self.state.accepted_updates(current.id)))
         note = f"attempt {current.attempt}: {accepted} of quorum {self.plan.quorum} accepted by the deadline"
         self.state.retry_round(current.id, invited, now + self.plan.deadline_s, note)

@@ -104,7 +104,7 @@ CREATE TABLE IF NOT EXISTS audit (
 
 class SiteState(StrEnum):
     ACTIVE = "active"
-    PAUSED = "paused"  # not invited (e.g. its custodian refused the plan) until the plan changes
+    PAUSED = "paused"  # its custodian's policy refused the task: not invited again in this round
     REVOKED = "revoked"
 
 
@@ -246,11 +246,11 @@ class CoordinatorState:
             db.execute("UPDATE sites SET state = ?, reason = ? WHERE name = ? AND state = ?",
                        (SiteState.PAUSED, reason, name, SiteState.ACTIVE))
 
-    def unpause(self, name: str) -> None:
-        """A paused site said hello again (its custodian may have changed the policy): invite it again."""
+    def unpause(self, name: str | None = None) -> None:
+        """Invite a paused site again (`name`), or every paused site (None: a new round asks them again)."""
         with self._write() as db:
-            db.execute("UPDATE sites SET state = ?, reason = '' WHERE name = ? AND state = ?",
-                       (SiteState.ACTIVE, name, SiteState.PAUSED))
+            db.execute("UPDATE sites SET state = ?, reason = '' WHERE state = ? AND (? IS NULL OR name = ?)",
+                       (SiteState.ACTIVE, SiteState.PAUSED, name, name))
 
     def site(self, name: str) -> Site:
         with self._read() as db:
