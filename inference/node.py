@@ -28,7 +28,7 @@ from dicom_gateway.roles import classify_study
 from dicom_gateway.scu import Sender
 from dicom_gateway.settings import DicomSettings
 from dicom_gateway.studies import StudyIndex
-from inference.engine import Engine
+from inference.engine import Engine, return_large_buffers_to_the_system
 from inference.jobs import JobQueue, enabled_tasks
 from inference.model_pull import ModelPuller
 from inference.models import (
@@ -115,6 +115,7 @@ class Node:
             raise
 
     def _start(self) -> None:
+        return_large_buffers_to_the_system()
         runtime = check_onnxruntime_install()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         tasks = enabled_tasks(self.tasks)

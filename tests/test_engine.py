@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 
 import numpy as np
 import onnxruntime
@@ -19,6 +20,7 @@ from inference.engine import (
     gaussian_importance,
     physical_cores,
     provider_options,
+    return_large_buffers_to_the_system,
     window_size,
     window_starts,
 )
@@ -141,6 +143,11 @@ def _package(tmp_path, onnx_bytes: bytes, network: NetworkInfo | None = POINTWIS
 
 def _image(seed: int = 0, shape: tuple[int, ...] = (1, 48, 40, 32)) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_large_buffers_threshold_is_set_on_glibc() -> None:
+    assert return_large_buffers_to_the_system() is True
 
 
 def test_session_options_are_applied(engine_package) -> None:
