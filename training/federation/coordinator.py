@@ -211,6 +211,10 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
 
     def _close(self, current: Round) -> None:
         """Aggregate, export, sign, write the package whole, then record the version and close the round."""
+        for line in self.state.reconcile(actor="serve"):  # a package an earlier failed close left unrecorded
+            log.warning("before closing round %d: %s", current.round, line)
+        if self.state.current_round(self.plan.sha256) is None:
+            return
         started = time.perf_counter()
         updates = self.state.accepted_updates(current.id)
         _, base = self._base(current)
