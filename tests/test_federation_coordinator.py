@@ -78,7 +78,8 @@ def coordinator_dir(tmp_path: Path) -> tuple[Path, dict[str, EnrollmentBundle]]:
     admin.init(directory, f"127.0.0.1:{_free_port()}")
     bundles = {
         name: admin.enroll(directory, name, role, tmp_path / f"{name}.bundle")
-        for name, role in (("alpha", "trainer"), ("beta", "trainer"), ("gamma", "trainer"), ("ward", "node"))
+        for name, role in (("alpha", "trainer"), ("beta", "trainer"), ("gamma", "trainer"), ("judge", "evaluator"),
+                           ("ward", "node"))
     }
     return directory, bundles
 
@@ -136,6 +137,17 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         assert manifest.training.site_metrics["gamma"]["cases"] == 3.0
         assert manifest.training.plan_sha256 == plan.sha256 and manifest.training.federated_round == 1
 
+        judge = sites["judge"]
+        assert judge.hello().role == "evaluator"
+        evaluate = judge.task()
+        assert evaluate.kind == pb2.TaskReply.EVALUATE and evaluate.round == 1
+        np.testing.assert_array_equal(judge.weights(evaluate)[name], aggregate[name])
+        report = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="evaluate", num_cases=4,
+                                   values={"dice": 0.25})
+        assert judge.stub.ReportMetrics(report).accepted
+        assert coordinator.state.status()["rounds"][0]["evaluations"] == {"judge": {"dice": 0.25, "cases": 4}}
+        assert judge.task().kind == pb2.TaskReply.IDLE  # nothing newer to score
+
         node = sites["ward"]
         pull = pb2.ModelRequest(task=TASK.value, newer_than=0)
         assert list(node.stub.GetLatestModel(pull)) == []  # a candidate never reaches a node
@@ -158,7 +170,7 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         assert revoked.value.code() is grpc.StatusCode.PERMISSION_DENIED
         assert "revoked: left the consortium" in revoked.value.details()
         actions = [entry["action"] for entry in coordinator.state.audit_log()]
-        assert actions[:4] == ["enroll"] * 4 and {"plan", "publish", "release", "revoke"} <= set(actions)
+        assert actions[:5] == ["enroll"] * 5 and {"plan", "publish", "release", "revoke"} <= set(actions)
     finally:
         for site in sites.values():
             site.channel.close()

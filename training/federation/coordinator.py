@@ -5,8 +5,9 @@ a site that becomes active while the round is open joins it), collects their upd
 site has answered with at least the quorum accepted, or at the deadline with the quorum; below the quorum at the
 deadline it is retried with the sites active then (the updates it accepted stay: same base weights), so a dead
 site never stalls it. Closing aggregates with the plan's strategy, exports to ONNX with export.py's parity check,
-signs with the round key and records the next version as a candidate. After the last round the server keeps
-answering heartbeats, status and pulls.
+signs with the round key and records the next version as a candidate. An evaluator (by its certificate, or a
+trainer whose hello narrows to evaluator) is given the newest round aggregate it has not scored; the metrics it
+reports are kept with the round. After the last round the server keeps answering heartbeats, status and pulls.
 
 Every call passes `check` first (transport.add_coordinator_servicer): the peer certificate's fingerprint is looked
 up in the state database on each call, so `coordinator revoke` in another process takes effect at once. Refusals are
@@ -107,7 +108,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self.tick_s = tick_s
         self.rounds_dir = self.layout.root / "rounds" / plan.sha256[:16]
         self._round_key = load_private_key(self.layout.round_key)
-        self._bases: dict[int, tuple[bytes, dict[str, np.ndarray]]] = {}  # round id → (encoding, weights)
+        self._weights_cache: dict[Path, tuple[bytes, dict[str, np.ndarray]]] = {}
+        self._hello_roles: dict[str, SiteRole] = {}  # the role each site's last hello asked for (narrowing only)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
@@ -258,10 +260,19 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         return target
 
     def _base(self, current: Round) -> tuple[bytes, dict[str, np.ndarray]]:
-        if current.id not in self._bases:
-            data = current.base_path.read_bytes()
-            self._bases = {current.id: (data, decode_weights(data))}  # one round's base at a time
-        return self._bases[current.id]
+        return self._weights(current.base_path)
+
+    def _aggregate(self, closed: Round) -> tuple[bytes, dict[str, np.ndarray]]:
+        return self._weights(self.rounds_dir / str(closed.round) / "aggregate.weights")
+
+    def _weights(self, path: Path) -> tuple[bytes, dict[str, np.ndarray]]:
+        """A weights file (canonical encoding) and its arrays, read once; the last two files read are kept."""
+        cached = self._weights_cache.get(path)
+        if cached is None:
+            data = path.read_bytes()
+            cached = (data, decode_weights(data))
+            self._weights_cache = {**dict(list(self._weights_cache.items())[-1:]), path: cached}
+        return cached
 
     # -- the per-call check -----------------------------------------------------------------------------------
     def check(self, fingerprint: str, name: str, method: str) -> str | None:
@@ -291,6 +302,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 log.warning("refused hello from %s: %s", name, reason)
                 context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
             role = SiteRole(request.role)
+        self._hello_roles[name] = role
         self.state.unpause(name)
         self.state.seen(name, "hello")
         log.info("hello from %s (fedlesion %s, role %s)", name, request.fedlesion_version, role.value)
@@ -309,8 +321,11 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         idle = pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=max(1, int(self.heartbeat_interval_s) // 2),
                              plan_sha256=self.plan.sha256, task=self.plan.task.value)
         site = self.state.site(name)
+        role = self._hello_roles.get(name, SiteRole(site.role))
+        if role is SiteRole.EVALUATOR:
+            return self._evaluate_task(name) or idle
         current = self.state.current_round(self.plan.sha256)
-        if current is None or site.role != SiteRole.TRAINER or site.state is not SiteState.ACTIVE:
+        if current is None or role is not SiteRole.TRAINER or site.state is not SiteState.ACTIVE:
             return idle
         if name in self.state.answered(current.id):
             return idle
@@ -321,6 +336,16 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         return pb2.TaskReply(kind=pb2.TaskReply.TRAIN, plan_toml=self.plan_toml, plan_sha256=self.plan.sha256,
                              round=current.round, base_sha256=current.base_sha256, task=current.task.value,
                              max_update_bytes=len(data), deadline_unix=current.deadline)
+
+    def _evaluate_task(self, name: str) -> pb2.TaskReply | None:
+        """An evaluator's task: the newest round aggregate it has not scored yet."""
+        closed = self.state.round_to_evaluate(self.plan.sha256, name)
+        if closed is None:
+            return None
+        data, _ = self._aggregate(closed)
+        return pb2.TaskReply(kind=pb2.TaskReply.EVALUATE, plan_toml=self.plan_toml, plan_sha256=self.plan.sha256,
+                             round=closed.round, base_sha256=weights_sha256(data), task=closed.task.value,
+                             max_update_bytes=len(data))
 
     def _open_round_for(self, name: str, plan_sha256: str, number: int, context: grpc.ServicerContext) -> Round:
         current = self.state.current_round(self.plan.sha256)
@@ -334,10 +359,15 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
 
     def GetWeights(self, request: pb2.WeightsRequest, context: grpc.ServicerContext) -> Iterator[pb2.StreamPart]:  # noqa: N802
         name = peer_name(context)
-        current = self._open_round_for(name, request.plan_sha256, request.round, context)
-        data, _ = self._base(current)
         self.state.seen(name, "downloading")
-        binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
+        closed = self.state.round(request.plan_sha256, request.round)
+        if self._hello_roles.get(name) is SiteRole.EVALUATOR and closed is not None and closed.version is not None:
+            data, _ = self._aggregate(closed)
+            binding = StreamBinding(closed.plan_sha256, closed.round, weights_sha256(data), name)
+        else:
+            current = self._open_round_for(name, request.plan_sha256, request.round, context)
+            data, _ = self._base(current)
+            binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
         yield from chunk_stream(data, key=self.state.site(name).payload_key, aad_fields=binding)
 
     def PutUpdate(self, request_iterator: Iterator[pb2.StreamPart], context: grpc.ServicerContext) -> pb2.UpdateReply:  # noqa: N802
@@ -396,6 +426,12 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             self.state.pause(name, reason)
             self._wake.set()
             return pb2.MetricsReply(accepted=True)
+        if request.kind == "evaluate":
+            closed = self.state.round(request.plan_sha256, request.round)
+            if closed is None or closed.version is None:
+                return pb2.MetricsReply(accepted=False, reason=f"round {request.round} has no aggregate to evaluate")
+            values = {key: float(value) for key, value in request.values.items() if np.isfinite(value)}
+            self.state.record_evaluation(closed.id, name, int(request.num_cases), values)
         log.info("metrics from %s, round %d (%s, %d cases): %s", name, request.round, request.kind,
                  request.num_cases, dict(request.values))
         return pb2.MetricsReply(accepted=True)

@@ -79,6 +79,14 @@ CREATE TABLE IF NOT EXISTS updates (
     path TEXT,
     received_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS evaluations (
+    round_id INTEGER NOT NULL REFERENCES rounds(id),
+    site TEXT NOT NULL,
+    num_cases INTEGER NOT NULL,
+    metrics TEXT NOT NULL,            -- aggregate validation metrics of the round's aggregate at an evaluator
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round_id, site)
+);
 CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_update ON updates (round_id, site) WHERE accepted = 1;
 CREATE TABLE IF NOT EXISTS versions (
     task TEXT NOT NULL,
@@ -390,6 +398,21 @@ class CoordinatorState:
                               "ORDER BY site", (round_id,)).fetchall()
         return [AcceptedUpdate(r[0], r[1], json.loads(r[2]), Path(r[3])) for r in rows]
 
+    def round_to_evaluate(self, plan_sha256: str, site: str) -> Round | None:
+        """The plan's newest closed round that `site` has not evaluated yet."""
+        with self._read() as db:
+            row = db.execute(
+                f"SELECT {_ROUND_COLUMNS} FROM rounds WHERE plan_sha256 = ? AND state = ? AND id NOT IN "
+                "(SELECT round_id FROM evaluations WHERE site = ?) ORDER BY round DESC LIMIT 1",
+                (plan_sha256, RoundState.CLOSED, site),
+            ).fetchone()
+        return None if row is None else _round(row)
+
+    def record_evaluation(self, round_id: int, site: str, num_cases: int, metrics: Mapping[str, float]) -> None:
+        with self._write() as db:
+            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?)",
+                       (round_id, site, num_cases, json.dumps(dict(metrics), sort_keys=True), time.time()))
+
     # -- versions ---------------------------------------------------------------------------------------------
     def versions_dir(self, task: Task) -> Path:
         return self.directory / "versions" / Task(task).value
@@ -492,6 +515,11 @@ class CoordinatorState:
                     contributors=[u[0] for u in updates if u[1]],
                     rejected=[dict(site=u[0], reason=u[2]) for u in updates if not u[1]],
                     metrics={u[0]: dict(json.loads(u[4]), cases=u[3]) for u in updates if u[1]},
+                    evaluations={
+                        e[0]: dict(json.loads(e[2]), cases=e[1])
+                        for e in db.execute("SELECT site, num_cases, metrics FROM evaluations WHERE round_id = ? "
+                                            "ORDER BY site", (round_.id,))
+                    },
                 ))
             versions = [
                 dict(task=r[0], version=r[1], state=r[2], round_id=r[3], released_by=r[4], released_at=r[5])
