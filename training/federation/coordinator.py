@@ -232,6 +232,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         version = self.state.next_version(current.task)
         target = self._export(current, weights, updates, version, round_dir)
         self.state.commit_candidate(current.task, version, target, round_id=current.id, actor="serve")
+        self._wake.set()  # open the next round at once
         log.info("round %d closed: %d of %d sites, %s version %d is a candidate (aggregate %.2f s, export %.1f s)",
                  current.round, len(updates), len(current.invited), current.task.value, version,
                  aggregated - started, time.perf_counter() - aggregated)
