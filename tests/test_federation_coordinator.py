@@ -249,3 +249,36 @@ def test_the_command_line_sets_up_a_coordinator_and_reports_status(tmp_path: Pat
     assert status["rounds"] == [] and status["versions"] == []
     assert main(["coordinator", "release", TASK.value, "1", "--dir", str(directory)]) == 2
     assert "no stroke-dwi-adc version 1" in capsys.readouterr().err
+
+
+def test_renewal_and_publish_keep_sites_and_versions_consistent(coordinator_dir, tmp_path: Path) -> None:
+    from models.manifest import default_manifest
+    from models.package import build_package
+    from models.signing import demo_private_key, generate_key_pair, load_private_key
+    from tests.onnx_graphs import first_channel_sigmoid
+
+    directory, bundles = coordinator_dir
+    old = tmp_path / "alpha.bundle"
+    renewed = admin.renew(directory, "alpha", tmp_path / "alpha-2.bundle", old_bundle=old, lifetime_days=30)
+    assert renewed.fingerprint != bundles["alpha"].fingerprint and renewed.key_pem == bundles["alpha"].key_pem
+    assert renewed.payload_key == bundles["alpha"].payload_key
+    state = admin.CoordinatorDir(directory).state()
+    assert state.certificate_site(renewed.fingerprint)[0].name == "alpha"
+
+    def package(version: int, key, demo: bool = False) -> Path:
+        manifest = default_manifest(TASK, version, plan_sha256="d" * 64, demo=demo, description="central")
+        return build_package(tmp_path / f"p{version}-{demo}", first_channel_sigmoid(), manifest, key)
+
+    central = load_private_key(generate_key_pair()[0])
+    with pytest.raises(ValueError, match="next stroke-dwi-adc version here is 1"):
+        admin.publish(directory, package(3, central))
+    with pytest.raises(ValueError, match="demo"):
+        admin.publish(directory, package(1, demo_private_key(), demo=True))
+    assert admin.publish(directory, package(1, central)).manifest.version == 1
+    assert [(v["version"], v["state"]) for v in state.status()["versions"]] == [(1, "candidate")]
+    released = admin.release(directory, TASK, 1, by="dr-test")
+    assert verify((released / "manifest.json").read_bytes(), (released / "manifest.sig").read_bytes(),
+                  load_public_key(bundles["ward"].release_public_keys[0]))
+    with pytest.raises(ValueError, match="already released"):
+        admin.release(directory, TASK, 1)
+    state.close()
