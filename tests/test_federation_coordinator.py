@@ -226,6 +226,43 @@ def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_di
         state.close()
 
 
+def test_an_update_arriving_while_the_round_closes_is_refused_not_counted(coordinator_dir) -> None:
+    directory, bundles = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=1, quorum=1, deadline_s=10)
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=2)
+    state, now = coordinator.state, time.time()
+
+    def put(name: str, by: float) -> pb2.UpdateReply:
+        binding = StreamBinding(plan.sha256, round_.round, round_.base_sha256, name)
+        parts = chunk_stream(encode_weights(_shifted(base, by)), key=bundles[name].payload_key, aad_fields=binding,
+                             header_fields={"num_cases": 1, "metrics": {}})
+        return coordinator.PutUpdate(parts, PeerContext(bundles[name]))
+
+    late: list[pb2.UpdateReply] = []
+
+    def export(current, weights, updates, version, round_dir) -> Path:  # beta's update lands during the export
+        late.append(put("beta", 2.0))
+        target = state.versions_dir(current.task) / str(version)
+        target.mkdir(parents=True)
+        return target
+
+    try:
+        for name in ("alpha", "beta"):
+            state.seen(name, "idle", now=now)
+        coordinator.step(now)
+        round_ = state.current_round(plan.sha256)
+        base = decode_weights(coordinator._base(round_)[0])
+        assert put("alpha", 1.0).accepted
+        coordinator._export = export
+        coordinator.step(now + 11)  # the deadline, with the quorum of one: the round closes without beta
+        [reply] = late
+        assert not reply.accepted and "round 1 is closing" in reply.reason
+        [row] = state.status()["rounds"]
+        assert row["contributors"] == ["alpha"] and row["version"] == 1 and row["state"] == "closed"
+    finally:
+        state.close()
+
+
 def test_the_command_line_sets_up_a_coordinator_and_reports_status(tmp_path: Path, capsys) -> None:
     from fedlesion.cli import main
 

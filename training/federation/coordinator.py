@@ -110,6 +110,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self._round_key = load_private_key(self.layout.round_key)
         self._weights_cache: dict[Path, tuple[bytes, dict[str, np.ndarray]]] = {}
         self._hello_roles: dict[str, SiteRole] = {}  # the role each site's last hello asked for (narrowing only)
+        self._closing_lock = threading.Lock()  # an update is recorded wholly before or wholly after a close starts
+        self._closing: int | None = None  # the round being aggregated: updates arriving meanwhile are refused
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
@@ -218,7 +220,17 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         if self.state.current_round(self.plan.sha256) is None:
             return
         started = time.perf_counter()
-        updates = self.state.accepted_updates(current.id)
+        with self._closing_lock:
+            self._closing = current.id
+            updates = self.state.accepted_updates(current.id)
+        try:
+            self._aggregate_and_export(current, updates, started)
+        finally:
+            with self._closing_lock:
+                self._closing = None
+
+    def _aggregate_and_export(self, current: Round, updates: list[AcceptedUpdate], started: float) -> None:
+        """The version is built from exactly `updates`, the ones the round's record lists as contributors."""
         _, base = self._base(current)
         spec = weights_spec(base)
         weights = self.strategy.aggregate(base, [
@@ -398,8 +410,11 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         path = updates_dir / f"{sha256_hex(name.encode())[:16]}-{current.attempt}.weights"
         write_atomic(path, lambda temp: temp.write_bytes(plaintext))
         metrics = {key: float(value) for key, value in header.metrics.items() if np.isfinite(value)}
-        refused = self.state.record_update(current.id, name, accepted=True, num_cases=int(header.num_cases),
-                                           metrics=metrics, path=path)
+        with self._closing_lock:
+            if self._closing == current.id:  # the version being built cannot include it: never report it as used
+                return self._refuse(name, current, f"round {current.round} is closing; the update came too late")
+            refused = self.state.record_update(current.id, name, accepted=True, num_cases=int(header.num_cases),
+                                               metrics=metrics, path=path)
         if refused is not None:
             log.warning("refused update from %s for round %d: %s", name, current.round, refused)
             return pb2.UpdateReply(accepted=False, reason=refused)
