@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicom_gateway.settings import Destination
-from dicom_gateway.sqlite_tx import connect, write_transaction
+from models.sqlite_tx import connect, write_transaction
 from dicom_gateway.uids import is_valid_uid, spool_name
 from models.durable import fsync_dir, write_atomic
 

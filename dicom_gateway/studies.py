@@ -35,7 +35,7 @@ from pydicom.errors import InvalidDicomError
 from dicom_gateway.records import StoredInstance
 from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import SPOOL_DIRNAME
-from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
+from models.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from dicom_gateway.uids import is_valid_uid
 
 logger = logging.getLogger(__name__)

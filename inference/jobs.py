@@ -34,7 +34,7 @@ from typing import Any
 from pydicom.errors import InvalidDicomError
 
 from dicom_gateway.settings import DicomSettings
-from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
+from models.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from dicom_gateway.studies import StudyIndex, StudyReady
 from dicom_gateway.study_files import open_dicom
 from dicom_gateway.uids import is_valid_uid, spool_name

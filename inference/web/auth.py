@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from dicom_gateway.sqlite_tx import connect, write_transaction
+from models.sqlite_tx import connect, write_transaction
 from models.durable import create_file
 
 USERS_DATABASE = "users.sqlite3"

@@ -3,7 +3,7 @@ versions and the audit log.
 
 Every process of a consortium's coordinator (`serve`, and `enroll`, `revoke`, `release`, `status` run beside it)
 opens the same file, so a revocation committed by `coordinator revoke` is what `serve`'s next call checks. Writes
-are short `BEGIN IMMEDIATE` transactions (dicom_gateway.sqlite_tx), `synchronous=FULL`: a committed row survives a
+are short `BEGIN IMMEDIATE` transactions (models.sqlite_tx), `synchronous=FULL`: a committed row survives a
 power cut.
 
 Crash rule for versions: a round's package is written completely (under a temporary name, then renamed) *before*
@@ -25,7 +25,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from dicom_gateway.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
+from models.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from models.manifest import MANIFEST_FILE, Task, parse_manifest
 
 STATE_FILE = "state.sqlite3"
