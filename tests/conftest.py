@@ -19,6 +19,20 @@ MS_FLAIR = MS_CASE / "FLAIR_N4_noneck_reduced_winsor_regtoFLAIR_brain_N4_regtoMN
 MS_MASK = MS_CASE / "GOLD_STANDARD_N4_noneck_reduced_winsor_regtoFLAIR_regtoMNI.nii.gz"
 MNI_T1 = SHARED_DATA / "nifti/templates/nilearn_0.14.1/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
 
+# Prepended to a `python -c` script: the process runs as a limited center's node (design.md §1), where torch, MONAI
+# and onnx cannot be imported.
+WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "monai", "onnx", "onnxscript"):
+            raise ModuleNotFoundError(f"{name} is blocked: not part of a limited center's install")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+"""
+
 
 def require(*paths: Path) -> None:
     """Skip, naming the file, when the shared data folder is not beside the repository."""

@@ -40,7 +40,7 @@ from models.geometry import swap_ras_lps, voxel_volume_ml
 from models.manifest import OutputSpec, Task, default_manifest, parse_manifest
 from models.package import build_package
 from models.signing import demo_private_key
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, WITHOUT_TORCH
 from tests.onnx_graphs import first_channel_sigmoid
 from tests.orthanc import Orthanc, require_orthanc, start_orthanc
 from training.synthetic import SyntheticCase, generate_case
@@ -57,17 +57,8 @@ KNOWN_MODEL_THRESHOLD = 0.9  # sigmoid(z) ≥ 0.9: z-scored DWI above ln 9 ≈ 2
 START_TIMEOUT_S = 180
 JOB_TIMEOUT_S = 420
 
-# The node as a limited center runs it (design.md §1): torch, MONAI and onnx cannot be imported in its process.
-_NODE_WITHOUT_TORCH = """
-import importlib.abc, sys
-
-class Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "monai", "onnx", "onnxscript"):
-            raise ModuleNotFoundError(f"{name} is blocked: not part of a limited center's install")
-        return None
-
-sys.meta_path.insert(0, Blocker())
+# The node as a limited center runs it: torch, MONAI and onnx cannot be imported in its process.
+_NODE_WITHOUT_TORCH = WITHOUT_TORCH + """
 from fedlesion.cli import main
 sys.exit(main(["node"]))
 """

@@ -338,7 +338,9 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         if role is SiteRole.EVALUATOR:
             return self._evaluate_task(name) or idle
         current = self.state.current_round(self.plan.sha256)
-        if current is None or role is not SiteRole.TRAINER or site.state is not SiteState.ACTIVE:
+        # A closing round hands out no more work: whatever the site sent back would come too late for it.
+        if current is None or current.id == self._closing or role is not SiteRole.TRAINER \
+                or site.state is not SiteState.ACTIVE:
             return idle
         if name in self.state.answered(current.id):
             return idle
