@@ -53,12 +53,15 @@ class FakeSite:
         receiver = StreamReceiver(self.bundle.payload_key, self.bundle.site, task.max_update_bytes)
         return decode_weights(receiver.receive(parts)[1])
 
+    def parts(self, task: pb2.TaskReply, weights: dict[str, np.ndarray], cases: int, *,
+              base_sha256: str | None = None) -> list[pb2.StreamPart]:
+        binding = StreamBinding(task.plan_sha256, task.round, base_sha256 or task.base_sha256, self.bundle.site)
+        return list(chunk_stream(encode_weights(weights), key=self.bundle.payload_key, aad_fields=binding,
+                                 header_fields={"num_cases": cases, "metrics": {"loss": 0.5}}, chunk_bytes=4096))
+
     def put(self, task: pb2.TaskReply, weights: dict[str, np.ndarray], cases: int, *,
             base_sha256: str | None = None) -> pb2.UpdateReply:
-        binding = StreamBinding(task.plan_sha256, task.round, base_sha256 or task.base_sha256, self.bundle.site)
-        parts = chunk_stream(encode_weights(weights), key=self.bundle.payload_key, aad_fields=binding,
-                             header_fields={"num_cases": cases, "metrics": {"loss": 0.5}}, chunk_bytes=4096)
-        return self.stub.PutUpdate(parts)
+        return self.stub.PutUpdate(iter(self.parts(task, weights, cases, base_sha256=base_sha256)))
 
 
 def _shifted(weights: dict[str, np.ndarray], by: float) -> dict[str, np.ndarray]:
@@ -100,7 +103,8 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         base = sites["alpha"].weights(tasks["alpha"])
         counter = next(n for n in base if n.endswith("num_batches_tracked"))
 
-        assert sites["alpha"].put(tasks["alpha"], _shifted(base, 1.0), cases=1).accepted
+        alpha_update = sites["alpha"].parts(tasks["alpha"], _shifted(base, 1.0), cases=1)
+        assert sites["alpha"].stub.PutUpdate(iter(alpha_update)).accepted
         second = sites["alpha"].put(tasks["alpha"], _shifted(base, 1.0), cases=1)
         assert not second.accepted and "second update" in second.reason
         beta, task = sites["beta"], tasks["beta"]
@@ -117,7 +121,14 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
             assert not reply.accepted and not reply.resend and expected in reply.reason, (expected, reply.reason)
         replay = beta.put(task, base, cases=2, base_sha256="0" * 64)  # computed on other base weights
         assert not replay.accepted and "base_sha256" in replay.reason
-        assert sites["gamma"].put(tasks["gamma"], _shifted(base, 3.0), cases=3).accepted
+        replayed = beta.stub.PutUpdate(iter(alpha_update))  # alpha's accepted stream, sent again by beta
+        assert not replayed.accepted and not replayed.resend and "does not decrypt" in replayed.reason
+        broken = sites["gamma"].parts(tasks["gamma"], _shifted(base, 3.0), cases=3)
+        payload = broken[1].chunk.payload
+        broken[1].chunk.payload = bytes([payload[0] ^ 1]) + payload[1:]  # one bit flipped in transit
+        in_transit = sites["gamma"].stub.PutUpdate(iter(broken))
+        assert not in_transit.accepted and in_transit.resend and "broken" in in_transit.reason
+        assert sites["gamma"].put(tasks["gamma"], _shifted(base, 3.0), cases=3).accepted  # the resend
 
         _wait(lambda: coordinator.state.round(plan.sha256, 1).state is RoundState.CLOSED)
         aggregate = decode_weights((coordinator.rounds_dir / "1" / "aggregate.weights").read_bytes())
@@ -129,7 +140,8 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         [round_] = status["rounds"]
         assert round_["contributors"] == ["alpha", "gamma"] and round_["version"] == 1
         refused = [r["reason"] for r in round_["rejected"] if r["site"] == "beta"]
-        assert len(refused) == 6 and "NaN or Inf" in refused[0]
+        assert len(refused) == 7 and "NaN or Inf" in refused[0]
+        assert not [r for r in round_["rejected"] if r["site"] == "gamma"]  # a resend is not a refusal
         assert status["versions"] == [dict(task=TASK.value, version=1, state="candidate", round_id=1,
                                            released_by=None, released_at=None)]
         manifest = parse_manifest((directory / "versions" / TASK.value / "1" / "manifest.json").read_bytes())
