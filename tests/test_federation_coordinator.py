@@ -23,7 +23,7 @@ from models.signing import load_public_key, verify
 from training.federation import admin
 from training.federation.coordinator import Coordinator
 from training.federation.plan import FederatedPlan, plan_for
-from training.federation.state import RoundState
+from training.federation.state import Round, RoundState
 
 TASK = Task.STROKE_DWI_ADC
 
@@ -238,14 +238,15 @@ def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_di
         state.close()
 
 
-def test_an_update_arriving_while_the_round_closes_is_refused_not_counted(coordinator_dir) -> None:
+def test_an_update_arriving_while_the_round_closes_or_after_is_refused_not_counted(coordinator_dir) -> None:
     directory, bundles = coordinator_dir
-    plan = plan_for(TASK, network="tiny", rounds=1, quorum=1, deadline_s=10)
+    plan = plan_for(TASK, network="tiny", rounds=2, quorum=1, deadline_s=10)
     coordinator = Coordinator(directory, plan, heartbeat_interval_s=2)
     state, now = coordinator.state, time.time()
 
-    def put(name: str, by: float) -> pb2.UpdateReply:
-        binding = StreamBinding(plan.sha256, round_.round, round_.base_sha256, name)
+    def put(name: str, by: float, trained_for: Round | None = None) -> pb2.UpdateReply:
+        on = trained_for or round_
+        binding = StreamBinding(plan.sha256, on.round, on.base_sha256, name)
         parts = chunk_stream(encode_weights(_shifted(base, by)), key=bundles[name].payload_key, aad_fields=binding,
                              header_fields={"num_cases": 1, "metrics": {}})
         return coordinator.PutUpdate(parts, PeerContext(bundles[name]))
@@ -271,6 +272,17 @@ def test_an_update_arriving_while_the_round_closes_is_refused_not_counted(coordi
         assert not reply.accepted and "round 1 is closing" in reply.reason
         [row] = state.status()["rounds"]
         assert row["contributors"] == ["alpha"] and row["version"] == 1 and row["state"] == "closed"
+
+        for name in ("alpha", "beta"):
+            state.seen(name, "idle", now=now + 12)
+        coordinator.step(now + 12)  # round 2 opens; beta's round-1 update, trained past the deadline, arrives now
+        first, round_ = round_, state.current_round(plan.sha256)
+        assert round_.round == 2 and "beta" in round_.invited
+        stale = put("beta", 2.0, trained_for=first)
+        assert not stale.accepted and not stale.resend
+        assert coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["beta"])).kind == pb2.TaskReply.TRAIN
+        assert "for round 1, round 2 is open" in stale.reason
+        assert put("beta", 2.0).accepted  # its round-2 update still counts
     finally:
         state.close()
 

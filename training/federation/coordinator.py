@@ -21,6 +21,7 @@ again.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -393,11 +394,19 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             return self._refuse(name, None, "no round is open")
         if name not in current.invited:
             return self._refuse(name, current, f"not invited to round {current.round}")
+        parts = iter(request_iterator)
+        first = next(parts, None)
+        if first is not None and first.HasField("header") and first.header.round != current.round:
+            # Trained for a round that closed meanwhile: refused, but it does not answer the open round, whose
+            # task the site has yet to run.
+            reason = f"the update is for round {first.header.round}, round {current.round} is open"
+            log.warning("refused update from %s: %s", name, reason)
+            return pb2.UpdateReply(accepted=False, reason=reason)
         data, base = self._base(current)
         receiver = StreamReceiver(self.state.site(name).payload_key, name, len(data), plan_sha256=current.plan_sha256,
                                   round=current.round, base_sha256=current.base_sha256)
         try:
-            header, plaintext = receiver.receive(request_iterator)
+            header, plaintext = receiver.receive(itertools.chain([] if first is None else [first], parts))
             decode_weights(plaintext, weights_spec(base))
         except WireError as error:
             if error.resend:
