@@ -46,7 +46,7 @@ SITE_DATA = {
     "site-c": "synthetic:2:seed=3:site=9",
 }
 KILLED_SITE, REVOKED_SITE = "site-c", "site-b"
-DEADLINE_S = 35.0  # round 1 at two sites (imports, data, training, validation) and a coordinator restart: ≈ 11 s
+DEADLINE_S = 30.0  # round 1 at two sites (imports, data, training, validation): 10-20 s on a loaded 2-core box
 WAIT_S = 150.0
 
 # A limited center's node pulls (auto_install) and segments a case with what it serves.
@@ -159,17 +159,20 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     for name in SITE_DATA:
         start_site(name)
 
-    # Round 1: once all three sites are in it, one is killed, and so is the coordinator, which is restarted at once:
-    # it resumes the round, which closes at its deadline with the quorum.
+    # Round 1: once all three sites are in it, one is killed. The others' updates are accepted, and the coordinator,
+    # killed while the round waits for the dead site, is restarted: it resumes the round with those updates, and the
+    # round closes at its deadline with the quorum.
     wait_for(processes, lambda: (row := round_row(coordinator, 1)) and set(row["invited"]) == set(SITE_DATA),
              "all three sites in round 1")
     processes.kill9(KILLED_SITE)
+    alive = sorted(set(SITE_DATA) - {KILLED_SITE})
+    wait_for(processes, lambda: sorted(round_row(coordinator, 1)["contributors"]) == alive, "the live sites' updates")
     processes.kill9("coordinator")
     killed_in = round_row(coordinator, 1)
     serve()
     state = admin.CoordinatorDir(coordinator).state()
     try:
-        deadline = state.current_round(plan.sha256).deadline
+        deadline = state.round(plan.sha256, 1).deadline
     finally:
         state.close()
     time.sleep(max(0.0, deadline - time.time()))
@@ -178,7 +181,7 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     first = round_row(coordinator, 1)
     assert killed_in["state"] == "open" and first["attempt"] == killed_in["attempt"] == 1  # resumed, not retried
     assert set(first["invited"]) == set(SITE_DATA) and first["version"] == 1
-    assert sorted(first["contributors"]) == sorted(set(SITE_DATA) - {KILLED_SITE})
+    assert sorted(first["contributors"]) == alive and first["metrics"].keys() == set(alive)
 
     # Round 2: the restarted site is back; the round closes as soon as all three have answered.
     wait_for(processes, lambda: (row := round_row(coordinator, 2)) and row["state"] == "closed", "round 2 to close")
