@@ -42,7 +42,9 @@ class DicomSettings:
     allowed_calling_aes: tuple[str, ...] = field(default=(), metadata=checked(ae_titles))  # empty: any
     complete_on_release: tuple[str, ...] = field(default=(), metadata=checked(ae_titles))
     max_associations: int = field(default=8, metadata=checked(positive))
-    receiver_processes: int = field(default=1, metadata=checked(positive))  # >1: SCP processes sharing the port
+    # SCP processes sharing the port. 2: pynetdicom spends ~2.5 ms of Python per instance under one GIL, so one process
+    # saturates a core (benchmarks/ingest.py: 0.31-0.41x storescp with 1, 0.44-0.49x with 2 on the 2-core machine).
+    receiver_processes: int = field(default=2, metadata=checked(positive))
     max_instance_bytes: int = field(default=1 << 30, metadata=checked(positive))
     max_frame_pixels: int = field(default=4096 * 4096, metadata=checked(positive))
     max_frames: int = field(default=5000, metadata=checked(positive))
