@@ -301,8 +301,7 @@ def report(plan: Any, rounds: dict[int, tuple[float, float, float]], sites: list
     print(f"bytes per site per round {median(total) / model_bytes:.2f}x the fp32 model ({model_bytes / 1e6:.2f} MB, "
           f"{elements:,} parameters and buffers): sent {median(s for s, _ in traffic) / model_bytes:.2f}x, received "
           f"{median(r for _, r in traffic) / model_bytes:.2f}x (goal <= 2.1x); the weights travel as "
-          f"{sites[0].wire_elements:,} elements ({sites[0].wire_elements / elements:.2f}x: the state dict lists "
-          f"tensors shared between modules once per name)", flush=True)
+          f"{sites[0].wire_elements:,} tensor elements ({sites[0].wire_elements / elements:.2f}x the model's)", flush=True)
     print(f"export + sign {export_s:.1f} s (ONNX export with the parity check, manifest, round-key signature; "
           f"the last round only)", flush=True)
     print(f"coordinator peak RSS {peaks[0]:.0f} MiB over the rounds, {peaks[1]:.0f} MiB with the export", flush=True)

@@ -6,9 +6,12 @@ returns logits; export appends the activation so the ONNX graph outputs probabil
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
+import numpy as np
 import torch
 from monai.networks.nets import DynUNet, UNet
 
@@ -88,6 +91,39 @@ def build_network(in_channels: int, out_channels: int = 1, plan: NetworkPlan = N
         num_res_units=2,
         norm=plan.norm.value,
     )
+
+
+def network_weights(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor under its first name only: what travels and is averaged in a federation.
+
+    MONAI's DynUNet registers its encoder blocks a second time (`skip_layers`), so its state dict names half of its
+    tensors twice; shipping both names doubled every transfer. `load_network_weights` fills the other names too,
+    since they are the same tensors.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in network.state_dict().items():
+        identity = (tensor.data_ptr(), tuple(tensor.shape))
+        if tensor.numel() and identity in seen:
+            continue
+        seen.add(identity)
+        weights[name] = tensor
+    return weights
+
+
+def load_network_weights(network: torch.nn.Module, weights: Mapping[str, Any]) -> None:
+    """Copy (possibly partial, e.g. FedBN without norm layers) weights into `network`; unknown names and wrong
+    shapes are a ValueError."""
+    state = network.state_dict()
+    unknown = sorted(set(weights) - set(state))
+    if unknown:
+        raise ValueError(f"weights name unknown parameters: {', '.join(unknown[:5])}")
+    for name, value in weights.items():
+        tensor = torch.as_tensor(np.asarray(value))
+        if tuple(tensor.shape) != tuple(state[name].shape):
+            raise ValueError(f"weights {name}: shape {tuple(tensor.shape)}, the model has {tuple(state[name].shape)}")
+        with torch.no_grad():
+            state[name].copy_(tensor.to(state[name].dtype))
 
 
 def parameter_count(network: torch.nn.Module) -> int:

@@ -29,7 +29,7 @@ from models.federation.wire import (
     weights_sha256,
     weights_spec,
 )
-from models.networks import build_network
+from models.networks import build_network, network_weights
 from models.signing import generate_key_pair
 from training.federation.plan import FederatedPlan, plan_for
 from training.federation.policy import PINNED_PLAN_FILE, PolicyDataset, SitePolicy
@@ -46,7 +46,7 @@ class FakeCoordinator(federation_pb2_grpc.CoordinatorServicer):
     def __init__(self, plan: FederatedPlan) -> None:
         self.plan = plan
         network = build_network(plan.training.in_channels, 1, plan.training.network)
-        self.global_weights = {name: value.numpy().copy() for name, value in network.state_dict().items()}
+        self.global_weights = {name: value.numpy().copy() for name, value in network_weights(network).items()}
         self.base_sha256 = weights_sha256(self.global_weights)
         self.calls: list[str] = []
         self.hellos: list[pb2.HelloRequest] = []

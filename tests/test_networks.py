@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
-from models.networks import Architecture, NetworkPlan, build_network, parameter_count  # noqa: E402
+from models.networks import (  # noqa: E402
+    Architecture,
+    NetworkPlan,
+    build_network,
+    load_network_weights,
+    network_weights,
+    parameter_count,
+)
 
 
 @pytest.mark.parametrize("architecture", list(Architecture))
@@ -22,6 +30,28 @@ def test_forward_shape_and_parameter_count(architecture: Architecture, capsys: p
     with capsys.disabled():
         print(f"\n{architecture.value}: {count} parameters, filters {plan.filters}")
     assert 1_000 < count < 1_000_000
+
+
+@pytest.mark.parametrize("architecture", list(Architecture))
+def test_network_weights_hold_each_tensor_once_and_load_back_whole(architecture: Architecture) -> None:
+    """DynUNet names its encoder blocks twice in its state dict: what a federation ships holds each tensor once, and
+    loading it into a fresh network restores every name, the second ones included."""
+    plan = NetworkPlan(architecture=architecture, base_filters=4, depth=3, max_filters=16, norm="batch")
+    torch.manual_seed(1)
+    trained = build_network(2, 1, plan)
+    weights = {name: tensor.numpy().copy() for name, tensor in network_weights(trained).items()}
+    unique_elements = sum(tensor.numel() for tensor in [*trained.parameters(), *trained.buffers()])
+    assert sum(array.size for array in weights.values()) == unique_elements
+    if architecture is Architecture.DYNUNET:
+        assert len(weights) < len(trained.state_dict())
+    torch.manual_seed(2)
+    fresh = build_network(2, 1, plan)
+    load_network_weights(fresh, weights)
+    expected = trained.state_dict()
+    for name, tensor in fresh.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    with pytest.raises(ValueError, match="unknown"):
+        load_network_weights(fresh, {"no.such.tensor": np.zeros(1, np.float32)})
 
 
 def test_plan_filters_double_and_cap() -> None:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from models.geometry import voxel_volume_ml
 from models.metrics import compute_metrics
-from models.networks import build_network
+from models.networks import build_network, load_network_weights, network_weights
 from models.preprocessing import Channel, PreprocessedCase, preprocess, to_source
 from models.resampling import resample
 from training.checkpoint import checkpoint_plan, load_checkpoint, save_checkpoint
@@ -233,20 +233,12 @@ class LocalTrainer:
 
     # -- weights ---------------------------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {name: value.detach().cpu().numpy().copy() for name, value in self.model.state_dict().items()}
+        """Each tensor once (`network_weights`): what a site sends and the coordinator averages."""
+        return {name: value.detach().cpu().numpy().copy() for name, value in network_weights(self.model).items()}
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Load (possibly partial, e.g. FedBN without norm layers) weights; unknown names are an error."""
-        state = self.model.state_dict()
-        unknown = sorted(set(weights) - set(state))
-        if unknown:
-            raise ValueError(f"weights name unknown parameters: {', '.join(unknown[:5])}")
-        for name, value in weights.items():
-            tensor = torch.as_tensor(np.asarray(value))
-            if tuple(tensor.shape) != tuple(state[name].shape):
-                raise ValueError(f"weights {name}: shape {tuple(tensor.shape)}, the model has {tuple(state[name].shape)}")
-            with torch.no_grad():
-                state[name].copy_(tensor.to(state[name].dtype))
+        load_network_weights(self.model, weights)
 
     # -- training --------------------------------------------------------------------------------------------
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:

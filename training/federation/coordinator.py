@@ -59,7 +59,7 @@ from models.federation.wire import (
     weights_spec,
 )
 from models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Task
-from models.networks import build_network
+from models.networks import build_network, load_network_weights, network_weights
 from models.package import sha256_hex
 from models.signing import load_private_key
 from models.version import distribution_version
@@ -88,10 +88,11 @@ CALL_ROLES = {
 
 
 def initial_weights(plan: FederatedPlan) -> dict[str, np.ndarray]:
-    """Round 1's base: the plan's network initialised from the plan's seed (the same on every restart)."""
+    """Round 1's base: the plan's network initialised from the plan's seed (the same on every restart), each tensor
+    once (`network_weights`)."""
     torch.manual_seed(plan.training.seed)
     network = build_network(plan.training.in_channels, 1, plan.training.network)
-    return {name: value.detach().cpu().numpy().copy() for name, value in network.state_dict().items()}
+    return {name: value.detach().cpu().numpy().copy() for name, value in network_weights(network).items()}
 
 
 class Coordinator(pb2_grpc.CoordinatorServicer):
@@ -257,10 +258,12 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         shutil.rmtree(incoming, ignore_errors=True)
         incoming.parent.mkdir(parents=True, exist_ok=True)
         site_metrics = {u.site: {**u.metrics, "cases": float(u.num_cases)} for u in updates}
+        network = build_network(self.plan.training.in_channels, 1, self.plan.training.network)
+        load_network_weights(network, weights)  # the checkpoint holds the whole state dict, shared tensors included
         with tempfile.TemporaryDirectory(dir=round_dir) as tmp:
             checkpoint = save_checkpoint(
                 Path(tmp) / "aggregate.pt", plan=self.plan.training, epoch=current.round * self.plan.local_epochs,
-                model={name: torch.from_numpy(array) for name, array in weights.items()},
+                model=network.state_dict(),
                 history=[{"site_metrics": site_metrics}], federated_round=current.round, strategy=self.plan.strategy,
             )
             export_package(
