@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -234,6 +235,33 @@ def test_a_round_waits_for_its_quorum_and_retries_at_the_deadline(coordinator_di
         assert state.answered(retried.id) == {"alpha", "gamma"}
         assert coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["gamma"])).kind == pb2.TaskReply.IDLE
         assert "plan not approved" in state.status()["rounds"][0]["rejected"][-1]["reason"]
+    finally:
+        state.close()
+
+
+def test_a_site_waiting_for_a_round_gets_its_task_when_the_round_opens_not_at_its_next_poll(coordinator_dir) -> None:
+    """GetTask holds an idle answer (a long poll): the round's opening answers it, well before its retry_after_s."""
+    directory, bundles = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=1, quorum=1, deadline_s=60)
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=20)  # idle sites would ask again after 10 s
+    state, now = coordinator.state, time.time()
+    replies: list[tuple[pb2.TaskReply, float]] = []
+
+    def ask() -> None:
+        asked = time.monotonic()
+        replies.append((coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["alpha"])), time.monotonic() - asked))
+
+    try:
+        state.seen("alpha", "idle", now=now)
+        asking = threading.Thread(target=ask)
+        asking.start()
+        time.sleep(0.3)  # no round yet: the call waits
+        assert not replies
+        coordinator.step(now)  # the round opens
+        asking.join(5)
+        [(task, waited)] = replies
+        assert task.kind == pb2.TaskReply.TRAIN and task.round == 1
+        assert waited < coordinator.idle_retry_s / 2
     finally:
         state.close()
 

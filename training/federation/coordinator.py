@@ -75,6 +75,10 @@ log = logging.getLogger(__name__)
 REFUSED = "refused"  # the MetricsReport kind of a site whose policy refused the task
 HEARTBEAT_INTERVAL_S = 5
 MODEL_CHUNK_BYTES = 1 << 20
+SERVER_THREADS = 16
+# At most this many GetTask calls hold an idle answer at once (a long poll), so heartbeats, uploads and pulls always
+# find a free server thread; a site beyond it gets its idle answer at once and polls as before.
+TASK_WAITERS = SERVER_THREADS // 2
 # The narrowest role each call needs (SiteRole.permits: trainer ⊃ evaluator ⊃ node).
 CALL_ROLES = {
     "Hello": SiteRole.NODE,
@@ -107,6 +111,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self.strategy = strategy_by_name(plan.strategy, plan.strategy_params)
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = 3 * heartbeat_interval_s
+        self.idle_retry_s = max(1, int(heartbeat_interval_s) // 2)  # an idle site's retry_after_s
         self.tick_s = tick_s
         self.rounds_dir = self.layout.root / "rounds" / plan.sha256[:16]
         self._round_key = load_private_key(self.layout.round_key)
@@ -116,6 +121,9 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self._closing: int | None = None  # the round being aggregated: updates arriving meanwhile are refused
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._work = threading.Condition()  # notified when a round opens, is retried or closes
+        self._work_generation = 0
+        self._task_waiters = 0
         self._server: grpc.Server | None = None
         self._loop: threading.Thread | None = None
         self._resume()
@@ -137,7 +145,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         server_dir = self.layout.server
         credentials = server_credentials((server_dir / "ca.pem").read_bytes(), (server_dir / "server.pem").read_bytes(),
                                          (server_dir / "server.key").read_bytes())
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=MESSAGE_OPTIONS)
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS), options=MESSAGE_OPTIONS)
         add_coordinator_servicer(self._server, self, self.check)
         port = self._server.add_secure_port(listen or self.layout.address, credentials)
         if port == 0:
@@ -151,6 +159,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        self._work_changed()
         if self._server is not None:
             self._server.stop(grace=1).wait()
         if self._loop is not None:
@@ -206,6 +215,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         base = base_path.read_bytes()
         opened = self.state.open_round(self.plan.sha256, number, self.plan.task, invited, weights_sha256(base),
                                        base_path, now + self.plan.deadline_s)
+        self._work_changed()
         log.info("round %d opened: invited %s", opened.round, ", ".join(invited))
 
     def _retry(self, current: Round, accepted: int, now: float) -> None:
@@ -213,6 +223,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         invited = sorted(set(self._active_trainers(now)) | set(u.site for u in self.state.accepted_updates(current.id)))
         note = f"attempt {current.attempt}: {accepted} of quorum {self.plan.quorum} accepted by the deadline"
         self.state.retry_round(current.id, invited, now + self.plan.deadline_s, note)
+        self._work_changed()
         log.warning("round %d retried (%s); invited %s", current.round, note, ", ".join(invited) or "nobody yet")
 
     def _close(self, current: Round) -> None:
@@ -247,6 +258,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         target = self._export(current, weights, updates, version, round_dir)
         self.state.commit_candidate(current.task, version, target, round_id=current.id, actor="serve")
         self._wake.set()  # open the next round at once
+        self._work_changed()  # an evaluator has a new aggregate to score
         log.info("round %d closed: %d of %d sites, %s version %d is a candidate (aggregate %.2f s, export %.1f s)",
                  current.round, len(updates), len(current.invited), current.task.value, version,
                  aggregated - started, time.perf_counter() - aggregated)
@@ -332,10 +344,40 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         current = self.state.current_round(self.plan.sha256) or self.state.last_round(self.plan.sha256)
         return pb2.HeartbeatReply(current_round=0 if current is None else current.round)
 
+    def _work_changed(self) -> None:
+        with self._work:
+            self._work_generation += 1
+            self._work.notify_all()
+
+    def _wait_for_work(self, generation: int, timeout_s: float) -> bool:
+        """Wait until the rounds change after `generation` (True) or `timeout_s` passes (False); False at once when
+        TASK_WAITERS calls wait already or the coordinator stops."""
+        with self._work:
+            if timeout_s <= 0 or self._task_waiters >= TASK_WAITERS:
+                return False
+            self._task_waiters += 1
+            try:
+                changed = self._work.wait_for(lambda: self._work_generation != generation or self._stop.is_set(),
+                                              timeout_s)
+            finally:
+                self._task_waiters -= 1
+        return changed and not self._stop.is_set()
+
     def GetTask(self, request: pb2.TaskRequest, context: grpc.ServicerContext) -> pb2.TaskReply:  # noqa: N802
+        """The site's task; an idle answer is held for up to its retry_after_s while nothing changes (a long poll),
+        so a site hears of a new round when it opens rather than at its next poll (that wait was most of a round's
+        overhead: benchmarks/fl_round.py)."""
         name = peer_name(context)
         self.state.seen(name, "asking")
-        idle = pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=max(1, int(self.heartbeat_interval_s) // 2),
+        give_up = time.monotonic() + self.idle_retry_s
+        while True:
+            generation = self._work_generation
+            task = self._task(name)
+            if task.kind != pb2.TaskReply.IDLE or not self._wait_for_work(generation, give_up - time.monotonic()):
+                return task
+
+    def _task(self, name: str) -> pb2.TaskReply:
+        idle = pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=self.idle_retry_s,
                              plan_sha256=self.plan.sha256, task=self.plan.task.value)
         site = self.state.site(name)
         role = self._hello_roles.get(name, SiteRole(site.role))
