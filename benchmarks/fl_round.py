@@ -2,7 +2,8 @@
 
 The coordinator is `training.federation.coordinator.Coordinator` (the round loop and servicer `coordinator serve`
 runs) in its own process, on a directory made with `coordinator init` and three `coordinator enroll --generate`
-bundles, with the default plan's network (the stroke DynUNet: 1.4 M parameters, 5.7 MB in fp32). The three sites are threads of this process
+bundles, with the issue's reference network: the default `NetworkPlan()`'s DynUNet (5.7 M parameters, 22.8 MB in
+fp32; `--network cpu-plan` takes the default CPU plan's 1.4 M-parameter one instead). The three sites are threads of this process
 that speak the real protocol over mTLS (`models.federation.transport.channel`, encrypted chunk streams of
 `models.federation.wire`) as `fedlesion site` does, including its polling (an IDLE reply's `retry_after_s`), but their
 local training is a fixed no-op: the global weights plus DELTA on every float tensor.
@@ -20,12 +21,13 @@ Prints, first line first:
 Goals: overhead < 0.5 s (Flower ≈ 10 s), ≤ 2.1× the model size per site and round; the whole run < 4 min on 2 cores.
 Progress goes to stderr.
 
-    .venv/bin/python benchmarks/fl_round.py [--rounds 8] [--keep DIR]
+    .venv/bin/python benchmarks/fl_round.py [--rounds 8] [--network reference|cpu-plan] [--keep DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import multiprocessing
 import resource
@@ -212,15 +214,20 @@ def progress(text: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="rounds to run; the last one also exports (default 8)")
+    parser.add_argument("--network", choices=("reference", "cpu-plan"), default="reference",
+                        help="reference: NetworkPlan()'s 5.7 M-parameter DynUNet (default); cpu-plan: the CPU plan's")
     parser.add_argument("--keep", type=Path, help="run in this new directory and keep it (coordinator.log)")
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be at least 2 (the last round's export is timed apart)")
 
+    from models.networks import NetworkPlan
     from training.federation.plan import plan_for
 
     started = time.perf_counter()
     plan = plan_for(Task.STROKE_DWI_ADC, network="default", rounds=args.rounds, quorum=len(SITES), deadline_s=120)
+    if args.network == "reference":
+        plan = dataclasses.replace(plan, training=dataclasses.replace(plan.training, network=NetworkPlan()))
     workdir = args.keep or Path(tempfile.mkdtemp(prefix="fl_round-"))
     try:
         return run(plan, workdir, started)
