@@ -115,3 +115,14 @@ def test_only_released_versions_are_latest(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no stroke-dwi-adc version 7"):
         state.mark_released(TASK, 7, actor="dr-who")
     assert {(v["version"], v["state"]) for v in state.status()["versions"]} == {(1, "released"), (2, "candidate")}
+
+
+def test_the_state_file_holding_payload_keys_is_owner_only(tmp_path: Path) -> None:
+    (tmp_path / "state.sqlite3").touch(mode=0o644)  # an existing file is tightened too
+    state = _state(tmp_path)
+    try:
+        for path in tmp_path.glob("state.sqlite3*"):  # the database and SQLite's WAL and shared-memory files
+            assert path.stat().st_mode & 0o777 == 0o600, path
+        assert len(list(tmp_path.glob("state.sqlite3*"))) >= 2
+    finally:
+        state.close()

@@ -15,6 +15,7 @@ skipped.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import time
@@ -174,6 +175,9 @@ class CoordinatorState:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.path = self.directory / STATE_FILE
+        # it holds every site's payload key: owner-only, like the key files (SQLite gives its WAL the same mode)
+        os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+        os.chmod(self.path, 0o600)
         self._connections = ThreadConnections(lambda: connect(self.path, synchronous="FULL"))
         self._connections.get().executescript(_SCHEMA)  # idempotent: every process opening the file runs it
 
