@@ -3,10 +3,12 @@
 The coordinator is `training.federation.coordinator.Coordinator` (the round loop and servicer `coordinator serve`
 runs) in its own process, on a directory made with `coordinator init` and three `coordinator enroll --generate`
 bundles, with the issue's reference network: the default `NetworkPlan()`'s DynUNet (5.7 M parameters, 22.8 MB in
-fp32; `--network cpu-plan` takes the default CPU plan's 1.4 M-parameter one instead). The three sites are threads of this process
-that speak the real protocol over mTLS (`models.federation.transport.channel`, encrypted chunk streams of
-`models.federation.wire`) as `fedlesion site` does, including its polling (an IDLE reply's `retry_after_s`), but their
-local training is a fixed no-op: the global weights plus DELTA on every float tensor.
+fp32; `--network cpu-plan` takes the default CPU plan's 1.4 M-parameter one instead). The three sites are processes
+of their own, as separate hospitals are (threads of one process would share one GIL and time each other's hashing and
+encryption), that speak the real protocol over mTLS (`models.federation.transport.channel`, encrypted chunk streams
+of `models.federation.wire`) as `fedlesion site` does, including its polling (an IDLE reply's `retry_after_s`), but
+their local training is a fixed no-op: the global weights plus DELTA on every float tensor. Each site sends its
+trace of each round to this process as the round ends.
 
 Prints, first line first:
 - `round overhead`: round opened → aggregate committed (the candidate's version row and the round closed in one
@@ -131,39 +133,39 @@ class RoundTrace:
     received: int = 0
 
 
+def run_site(bundle: EnrollmentBundle, conn: Connection) -> None:
+    """One site's process: sends ("trace", round, RoundTrace fields, wire elements) per round, or ("error", text)."""
+    try:
+        NoOpSite(bundle, conn).run()
+    except BaseException as error:  # noqa: BLE001 - reported by the main process
+        conn.send(("error", f"{bundle.site}: {error!r}"))
+
+
 @dataclass
 class NoOpSite:
     """A site that speaks the protocol as `fedlesion site` does but returns the global weights plus DELTA."""
 
     bundle: EnrollmentBundle
-    stop: threading.Event
-    rounds: dict[int, RoundTrace] = field(default_factory=dict)
+    conn: Connection
     wire_elements: int = 0  # tensor elements of the global weights as they travel
-    error: BaseException | None = None
 
     def run(self) -> None:
-        try:
-            with channel(self.bundle) as grpc_channel:
-                self._loop(federation_pb2_grpc.CoordinatorStub(grpc_channel))
-        except BaseException as error:  # noqa: BLE001 - reported by the main thread
-            self.error = error
-            self.stop.set()
+        with channel(self.bundle) as grpc_channel:
+            self._loop(federation_pb2_grpc.CoordinatorStub(grpc_channel))
 
     def _loop(self, stub: federation_pb2_grpc.CoordinatorStub) -> None:
         stub.Hello(pb2.HelloRequest(protocol_version=PROTOCOL_VERSION, role="trainer"), timeout=RPC_TIMEOUT_S)
         done: set[int] = set()
-        while not self.stop.is_set():
+        while True:  # until the main process ends this one
             request = pb2.TaskRequest(protocol_version=PROTOCOL_VERSION)
             task = stub.GetTask(request, timeout=RPC_TIMEOUT_S)
             if task.kind != pb2.TaskReply.TRAIN or task.round in done:
-                self.stop.wait(float(task.retry_after_s or IDLE_RETRY_S))
+                time.sleep(float(task.retry_after_s or IDLE_RETRY_S))
                 continue
-            trace = self.rounds.setdefault(task.round, RoundTrace())
-            trace.task_at = time.time()
-            trace.sent += request.ByteSize()
-            trace.received += task.ByteSize()
+            trace = RoundTrace(task_at=time.time(), sent=request.ByteSize(), received=task.ByteSize())
             self._train(stub, task, trace)
             done.add(task.round)
+            self.conn.send(("trace", task.round, dataclasses.asdict(trace), self.wire_elements))
 
     def _train(self, stub: federation_pb2_grpc.CoordinatorStub, task: pb2.TaskReply, trace: RoundTrace) -> None:
         request = pb2.WeightsRequest(plan_sha256=task.plan_sha256, round=task.round)
@@ -248,30 +250,42 @@ def run(plan: Any, workdir: Path, started: float) -> int:
     if not parent_conn.poll(120) or parent_conn.recv()[0] != "listening":
         raise RuntimeError("the coordinator did not start; see coordinator.log")
 
-    stop = threading.Event()
-    sites = [NoOpSite(bundle, stop) for bundle in bundles]
-    threads = [threading.Thread(target=site.run, name=site.bundle.site, daemon=True) for site in sites]
-    for thread in threads:
-        thread.start()
+    site_conns, site_processes = {}, []
+    for bundle in bundles:
+        receiving, sending = multiprocessing.get_context("spawn").Pipe(duplex=False)
+        site_conns[receiving] = bundle.site
+        site_processes.append(multiprocessing.get_context("spawn").Process(
+            target=run_site, args=(bundle, sending), name=bundle.site, daemon=True))
+        site_processes[-1].start()
+    traces: dict[str, dict[int, RoundTrace]] = {site: {} for site in site_conns.values()}
+    wire_elements = 0
     rounds: dict[int, tuple[float, float, float]] = {}
     peaks: tuple[float, float] | None = None
-    while peaks is None:
-        if stop.is_set() or not coordinator.is_alive():
-            break
-        if not parent_conn.poll(0.5):
+    failure: str | None = None
+    while peaks is None and failure is None and coordinator.is_alive():
+        ready = multiprocessing.connection.wait([parent_conn, *site_conns], timeout=0.5)
+        if not ready:
             progress(f"round {len(rounds) + 1}/{plan.rounds} open, {time.perf_counter() - started:.0f} s elapsed"
                      + (" (the last round exports)" if len(rounds) + 1 == plan.rounds else ""))
-            continue
-        message = parent_conn.recv()
-        if message[0] == "round":
-            rounds[message[1]] = message[2:]
-        elif message[0] == "peaks":
-            peaks = message[1:]
-    stop.set()
+        for conn in ready:
+            try:
+                message = conn.recv()
+            except EOFError:
+                failure = f"{site_conns.get(conn, 'the coordinator')} ended unexpectedly"
+                break
+            if message[0] == "round":
+                rounds[message[1]] = message[2:]
+            elif message[0] == "peaks":
+                peaks = message[1:]
+            elif message[0] == "trace":
+                traces[site_conns[conn]][message[1]] = RoundTrace(**message[2])
+                wire_elements = message[3]
+            elif message[0] == "error":
+                failure = message[1]
+    for process in site_processes:
+        process.terminate()
+        process.join(10)
     coordinator.join(30)
-    for thread in threads:
-        thread.join(10)
-    failure = next((site.error for site in sites if site.error is not None), None)
     if peaks is None or failure is not None:
         print(file=sys.stderr)
         print(f"failed after {len(rounds)} round(s): {failure or 'the coordinator stopped'}; "
@@ -279,26 +293,26 @@ def run(plan: Any, workdir: Path, started: float) -> int:
         return 1
     progress("done")
     print(file=sys.stderr, flush=True)
-    report(plan, rounds, sites, peaks, model_elements(plan), time.perf_counter() - started)
+    report(plan, rounds, traces, wire_elements, peaks, model_elements(plan), time.perf_counter() - started)
     return 0
 
 
-def report(plan: Any, rounds: dict[int, tuple[float, float, float]], sites: list[NoOpSite],
-           peaks: tuple[float, float], elements: int, wall_s: float) -> None:
+def report(plan: Any, rounds: dict[int, tuple[float, float, float]], traces: dict[str, dict[int, RoundTrace]],
+           wire_elements: int, peaks: tuple[float, float], elements: int, wall_s: float) -> None:
     def median(values: Iterable[float]) -> float:
         return statistics.median(list(values))
 
     overhead, poll, down, up, close = [], [], [], [], []
     for number, (opened, committed, export_s) in sorted(rounds.items()):
-        traces = [site.rounds[number] for site in sites]
+        site_traces = [by_round[number] for by_round in traces.values()]
         overhead.append(committed - opened - export_s)
-        poll.append(max(t.task_at for t in traces) - opened)
-        down.append(max(t.weights_at - t.task_at for t in traces))
-        up.append(max(t.accepted_at - t.weights_at for t in traces))
-        close.append(committed - export_s - max(t.accepted_at for t in traces))
+        poll.append(max(t.task_at for t in site_traces) - opened)
+        down.append(max(t.weights_at - t.task_at for t in site_traces))
+        up.append(max(t.accepted_at - t.weights_at for t in site_traces))
+        close.append(committed - export_s - max(t.accepted_at for t in site_traces))
     export_s = rounds[plan.rounds][2]
     model_bytes = 4 * elements
-    traffic = [(t.sent, t.received) for site in sites for t in site.rounds.values()]
+    traffic = [(t.sent, t.received) for by_round in traces.values() for t in by_round.values()]
     total = [sent + received for sent, received in traffic]
     print(f"round overhead {median(overhead):.2f} s (median of {len(overhead)} rounds, range "
           f"{min(overhead):.2f}-{max(overhead):.2f} s; goal < 0.5 s, Flower ≈ 10 s)", flush=True)
@@ -308,7 +322,7 @@ def report(plan: Any, rounds: dict[int, tuple[float, float, float]], sites: list
     print(f"bytes per site per round {median(total) / model_bytes:.2f}x the fp32 model ({model_bytes / 1e6:.2f} MB, "
           f"{elements:,} parameters and buffers): sent {median(s for s, _ in traffic) / model_bytes:.2f}x, received "
           f"{median(r for _, r in traffic) / model_bytes:.2f}x (goal <= 2.1x); the weights travel as "
-          f"{sites[0].wire_elements:,} tensor elements ({sites[0].wire_elements / elements:.2f}x the model's)", flush=True)
+          f"{wire_elements:,} tensor elements ({wire_elements / elements:.2f}x the model's)", flush=True)
     print(f"export + sign {export_s:.1f} s (ONNX export with the parity check, manifest, round-key signature; "
           f"the last round only)", flush=True)
     print(f"coordinator peak RSS {peaks[0]:.0f} MiB over the rounds, {peaks[1]:.0f} MiB with the export", flush=True)

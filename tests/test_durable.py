@@ -23,6 +23,13 @@ def test_write_atomic_syncs_the_file_then_the_directory(tmp_path: Path, fsynced:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
 
 
+def test_a_file_dropped_from_the_page_cache_is_whole_on_disk(tmp_path: Path, fsynced: list[Path]) -> None:
+    data = os.urandom(3 << 20)
+    write_atomic(tmp_path / "update.weights", lambda temp: temp.write_bytes(data), keep_cached=False)
+    assert (tmp_path / "update.weights").read_bytes() == data
+    assert fsynced[0].parent == tmp_path and fsynced[1] == tmp_path  # the file, then the directory
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path: Path, fsynced: list[Path]) -> None:
     target = tmp_path / "mask.nii.gz"
     target.write_bytes(b"old")

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from training.federation.aggregation import FedAvg, FedProx, SiteUpdate, strategy_by_name
+from training.federation.aggregation import SUM_BLOCK, FedAvg, FedProx, SiteUpdate, strategy_by_name
 from training.federation.plan import FederatedPlan, plan_for
 
 
@@ -62,6 +62,20 @@ def test_fedavg_weights_sites_by_their_case_counts() -> None:
     prox = strategy_by_name("fedprox", {"mu": 0.1})
     assert isinstance(prox, FedProx) and prox.prox_mu == 0.1 and FedAvg().prox_mu == 0.0
     np.testing.assert_array_equal(prox.aggregate(base, updates)["w"], out["w"])
+
+
+def test_fedavg_sums_tensors_larger_than_one_block_exactly() -> None:
+    # A tensor of 2.5 blocks: every element is weighted like the others, across the block edges.
+    size = 5 * SUM_BLOCK // 2
+    base = {"w": np.zeros((size // 2, 2), dtype=np.float32), "bn.num_batches_tracked": np.array(0)}
+    ramp = np.arange(size, dtype=np.float32).reshape(size // 2, 2)
+    updates = [SiteUpdate("a", {"w": ramp, "bn.num_batches_tracked": np.array(3)}, 1),
+               SiteUpdate("b", {"w": 3 * ramp, "bn.num_batches_tracked": np.array(7)}, 3)]
+    out = FedAvg().aggregate(base, updates)
+    # (1·r + 3·3r)/4 = 2.5·r, exact in float32 for these integers; counters (3 + 21)/4 = 6
+    np.testing.assert_array_equal(out["w"], 2.5 * ramp)
+    assert out["w"].shape == base["w"].shape and out["w"].dtype == np.float32
+    assert int(out["bn.num_batches_tracked"]) == 6
 
 
 def test_aggregation_refuses_updates_unlike_the_model() -> None:

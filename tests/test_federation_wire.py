@@ -115,6 +115,15 @@ def flip(payload: bytes, at: int) -> bytes:
     return payload[:at] + bytes([payload[at] ^ 1]) + payload[at + 1 :]
 
 
+def test_a_stream_sent_with_its_known_sha256_is_received_and_a_wrong_one_is_refused() -> None:
+    plaintext = encode_weights(sample_weights())
+    header, received = receive(stream(plaintext, plaintext_sha256=weights_sha256(plaintext)))
+    assert received == plaintext and header.total_sha256 == sha256_hex(plaintext)
+    with pytest.raises(WireError, match="does not match the header's size and sha256") as refused:
+        receive(stream(plaintext, plaintext_sha256="0" * 64))
+    assert not refused.value.resend
+
+
 def test_a_chunk_broken_in_transit_or_a_truncated_stream_asks_for_a_resend() -> None:
     parts = stream(encode_weights(sample_weights()), chunk_bytes=256)
     broken = [pb2.StreamPart() for _ in parts]

@@ -80,8 +80,11 @@ def _wire_dtype(name: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 
 def encode_weights(weights: Mapping[str, np.ndarray]) -> bytes:
-    """The canonical bytes of `weights`; finiteness is the receiver's check, so a diverged update is refused there."""
-    parts = [MAGIC, struct.pack("<I", len(weights))]
+    """The canonical bytes of `weights`; finiteness is the receiver's check, so a diverged update is refused there.
+
+    The tensors join as buffers (no per-tensor copy): one copy of the weights is made, into the result.
+    """
+    parts: list[bytes | memoryview] = [MAGIC, struct.pack("<I", len(weights))]
     for name in sorted(weights):
         array = np.asarray(weights[name])
         if not isinstance(name, str) or not name:
@@ -94,7 +97,7 @@ def encode_weights(weights: Mapping[str, np.ndarray]) -> bytes:
             struct.pack("<B", list(DTYPE_CODES.values()).index(dtype)),
             struct.pack("<B", array.ndim),
             struct.pack(f"<{array.ndim}Q", *array.shape),
-            np.ascontiguousarray(array, dtype=dtype).tobytes(),
+            memoryview(np.ascontiguousarray(array, dtype=dtype)),
         ]
     return b"".join(parts)
 
@@ -218,10 +221,13 @@ def chunk_stream(
     header_fields: Mapping[str, Any] | None = None,
     chunk_bytes: int = CHUNK_BYTES,
     compress: bool | None = None,
+    plaintext_sha256: str | None = None,
 ) -> Iterator[pb2.StreamPart]:
     """The header then the encrypted chunks of `plaintext`; `header_fields` adds num_cases and metrics.
 
     `compress=None` decides with `should_compress`. The chunk count is at least one, so every stream has a chunk.
+    `plaintext_sha256` is `plaintext`'s sha256 hex where the caller holds it already (the coordinator sends the same
+    weights to every site): a wrong one makes every receiver refuse the stream.
     """
     binding, aead = _binding(aad_fields), _aead(key)
     if chunk_bytes <= 0:
@@ -238,7 +244,7 @@ def chunk_stream(
         base_sha256=binding.base_sha256,
         chunk_count=max(1, math.ceil(len(body) / chunk_bytes)),
         total_bytes=len(plaintext),
-        total_sha256=sha256_hex(plaintext),
+        total_sha256=plaintext_sha256 or sha256_hex(plaintext),
         compression=ZLIB if compressed else "",
         **extra,
     )

@@ -4,7 +4,9 @@ One small class per rule, Flower-like: `aggregate(global_weights, updates)` retu
 issue has FedAvg (α_k = n_k / n, n_k the site's local training cases) and FedProx (the same aggregation; its μ
 reaches each site's `LocalTrainer` through the plan as `prox_mu`). The next federated issue adds the others under
 the same interface. Sums run in float64 and are cast back to each tensor's dtype; the integer counters of
-normalization layers (num_batches_tracked) are averaged the same way and rounded.
+normalization layers (num_batches_tracked) are averaged the same way and rounded. The float64 sums run a block of
+elements at a time in two small buffers, so a large model costs no float64 copy of each update (fresh memory is the
+dearest part of a close).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 
 Weights = dict[str, np.ndarray]
+SUM_BLOCK = 1 << 16  # elements summed at a time: two float64 buffers of 512 KiB
 
 
 @dataclass(frozen=True)
@@ -59,14 +62,23 @@ class Strategy(ABC):
         for update in updates:
             _check_like(global_weights, update)
         alphas = self.coefficients(updates)
+        total, term = np.empty(SUM_BLOCK, np.float64), np.empty(SUM_BLOCK, np.float64)
         out: Weights = {}
         for name, reference in global_weights.items():
-            total = np.zeros(reference.shape, dtype=np.float64)
-            for alpha, update in zip(alphas, updates):
-                total += alpha * np.asarray(update.weights[name], dtype=np.float64)
-            if np.issubdtype(reference.dtype, np.integer):
-                np.rint(total, out=total)  # in place: a 0-d array stays an array
-            out[name] = total.astype(reference.dtype)
+            result = np.empty(reference.shape, reference.dtype)
+            flat_result = result.reshape(-1)
+            sources = [np.asarray(update.weights[name]).reshape(-1) for update in updates]
+            for start in range(0, flat_result.size, SUM_BLOCK):
+                stop = min(start + SUM_BLOCK, flat_result.size)
+                block_total, block_term = total[: stop - start], term[: stop - start]
+                block_total.fill(0.0)
+                for alpha, source in zip(alphas, sources):
+                    np.multiply(source[start:stop], alpha, out=block_term, dtype=np.float64)
+                    block_total += block_term
+                if np.issubdtype(reference.dtype, np.integer):
+                    np.rint(block_total, out=block_total)
+                flat_result[start:stop] = block_total
+            out[name] = result
         return out
 
 

@@ -116,6 +116,9 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self.rounds_dir = self.layout.root / "rounds" / plan.sha256[:16]
         self._round_key = load_private_key(self.layout.round_key)
         self._weights_cache: dict[Path, tuple[bytes, dict[str, np.ndarray]]] = {}
+        # Accepted updates of the open round as PutUpdate decoded them, by file: the close need not read and decode
+        # them again (after a restart it reads the files).
+        self._decoded_updates: dict[Path, dict[str, np.ndarray]] = {}
         self._hello_roles: dict[str, SiteRole] = {}  # the role each site's last hello asked for (narrowing only)
         self._closing_lock = threading.Lock()  # an update is recorded wholly before or wholly after a close starts
         self._closing: int | None = None  # the round being aggregated: updates arriving meanwhile are refused
@@ -212,7 +215,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 self.rounds_dir.mkdir(parents=True, exist_ok=True)
                 data = encode_weights(initial_weights(self.plan))
                 write_atomic(base_path, lambda temp: temp.write_bytes(data))
-        base = base_path.read_bytes()
+        base, _ = self._weights(base_path)
         opened = self.state.open_round(self.plan.sha256, number, self.plan.task, invited, weights_sha256(base),
                                        base_path, now + self.plan.deadline_s)
         self._work_changed()
@@ -236,23 +239,29 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         with self._closing_lock:
             self._closing = current.id
             updates = self.state.accepted_updates(current.id)
+            decoded, self._decoded_updates = self._decoded_updates, {}
         try:
-            self._aggregate_and_export(current, updates, started)
+            self._aggregate_and_export(current, updates, decoded, started)
         finally:
             with self._closing_lock:
                 self._closing = None
 
-    def _aggregate_and_export(self, current: Round, updates: list[AcceptedUpdate], started: float) -> None:
+    def _aggregate_and_export(self, current: Round, updates: list[AcceptedUpdate],
+                              decoded: dict[Path, dict[str, np.ndarray]], started: float) -> None:
         """The version is built from exactly `updates`, the ones the round's record lists as contributors."""
         _, base = self._base(current)
         spec = weights_spec(base)
         weights = self.strategy.aggregate(base, [
-            SiteUpdate(u.site, decode_weights(u.path.read_bytes(), spec), u.num_cases, u.metrics) for u in updates
+            SiteUpdate(u.site, decoded[u.path] if u.path in decoded else decode_weights(u.path.read_bytes(), spec),
+                       u.num_cases, u.metrics)
+            for u in updates
         ])
         round_dir = self.rounds_dir / str(current.round)
         round_dir.mkdir(parents=True, exist_ok=True)
         aggregate = encode_weights(weights)
-        write_atomic(round_dir / "aggregate.weights", lambda temp: temp.write_bytes(aggregate))
+        aggregate_path = round_dir / "aggregate.weights"
+        write_atomic(aggregate_path, lambda temp: temp.write_bytes(aggregate), keep_cached=False)
+        self._remember_weights(aggregate_path, (aggregate, weights))  # the next round's base
         aggregated = time.perf_counter()
         version = self.state.next_version(current.task)
         target = self._export(current, weights, updates, version, round_dir)
@@ -300,8 +309,11 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         if cached is None:
             data = path.read_bytes()
             cached = (data, decode_weights(data))
-            self._weights_cache = {**dict(list(self._weights_cache.items())[-1:]), path: cached}
+            self._remember_weights(path, cached)
         return cached
+
+    def _remember_weights(self, path: Path, weights: tuple[bytes, dict[str, np.ndarray]]) -> None:
+        self._weights_cache = {**dict(list(self._weights_cache.items())[-1:]), path: weights}
 
     # -- the per-call check -----------------------------------------------------------------------------------
     def check(self, fingerprint: str, name: str, method: str) -> str | None:
@@ -429,7 +441,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             current = self._open_round_for(name, request.plan_sha256, request.round, context)
             data, _ = self._base(current)
             binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
-        yield from chunk_stream(data, key=self.state.site(name).payload_key, aad_fields=binding)
+        yield from chunk_stream(data, key=self.state.site(name).payload_key, aad_fields=binding,
+                                plaintext_sha256=binding.base_sha256)
 
     def PutUpdate(self, request_iterator: Iterator[pb2.StreamPart], context: grpc.ServicerContext) -> pb2.UpdateReply:  # noqa: N802
         name = peer_name(context)
@@ -452,7 +465,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                                   round=current.round, base_sha256=current.base_sha256)
         try:
             header, plaintext = receiver.receive(itertools.chain([] if first is None else [first], parts))
-            decode_weights(plaintext, weights_spec(base))
+            weights = decode_weights(plaintext, weights_spec(base))
         except WireError as error:
             if error.resend:
                 log.warning("update from %s for round %d broken in transit, asked to resend: %s", name,
@@ -464,13 +477,15 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         updates_dir = self.rounds_dir / str(current.round) / "updates"
         updates_dir.mkdir(parents=True, exist_ok=True)
         path = updates_dir / f"{sha256_hex(name.encode())[:16]}-{current.attempt}.weights"
-        write_atomic(path, lambda temp: temp.write_bytes(plaintext))
+        write_atomic(path, lambda temp: temp.write_bytes(plaintext), keep_cached=False)  # read after a restart
         metrics = {key: float(value) for key, value in header.metrics.items() if np.isfinite(value)}
         with self._closing_lock:
             if self._closing == current.id:  # the version being built cannot include it: never report it as used
                 return self._refuse(name, current, f"round {current.round} is closing; the update came too late")
             refused = self.state.record_update(current.id, name, accepted=True, num_cases=int(header.num_cases),
                                                metrics=metrics, path=path)
+            if refused is None:
+                self._decoded_updates[path] = weights
         if refused is not None:
             log.warning("refused update from %s for round %d: %s", name, current.round, refused)
             return pb2.UpdateReply(accepted=False, reason=refused)
