@@ -56,6 +56,9 @@ def test_weights_round_trip_canonically_with_an_integer_counter() -> None:
         assert decoded[name].dtype == array.dtype and np.array_equal(decoded[name], array)
     assert decoded["net.norm.num_batches_tracked"] == 1234567890123
     decoded["net.norm.bias"][0] = 0.0  # writable, not a view of the received bytes
+    views = decode_weights(encoded, copy=False)  # the coordinator's: read-only views of the bytes it keeps
+    assert all(np.array_equal(views[name], array) for name, array in weights.items())
+    assert not views["net.norm.bias"].flags.writeable
     assert weights_sha256(weights) == weights_sha256(encoded) == sha256_hex(encoded)
     assert weights_sha256(sample_weights(1)) != weights_sha256(weights)
     big_endian = {name: array.astype(array.dtype.newbyteorder(">")) for name, array in weights.items()}

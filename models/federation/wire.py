@@ -120,8 +120,14 @@ class _Reader:
         return struct.unpack(layout, self.take(struct.calcsize(layout), what))
 
 
-def decode_weights(data: bytes, expected: Mapping[str, WeightSpec] | None = None) -> dict[str, np.ndarray]:
-    """Parse `encode_weights` bytes; WireError names the first wrong name, shape, dtype, NaN/Inf or malformed byte."""
+def decode_weights(
+    data: bytes, expected: Mapping[str, WeightSpec] | None = None, *, copy: bool = True
+) -> dict[str, np.ndarray]:
+    """Parse `encode_weights` bytes; WireError names the first wrong name, shape, dtype, NaN/Inf or malformed byte.
+
+    `copy=False` returns read-only views of `data` (on a little-endian machine), for a reader that keeps `data`
+    anyway and only reads the arrays (the coordinator's updates and base weights): no second copy of the weights.
+    """
     reader = _Reader(data)
     if bytes(reader.take(len(MAGIC), "the magic")) != MAGIC:
         raise WireError("not a fedlesion weights encoding (bad magic)")
@@ -146,7 +152,7 @@ def decode_weights(data: bytes, expected: Mapping[str, WeightSpec] | None = None
         array = np.frombuffer(reader.take(size, f"{name}'s values"), dtype=dtype).reshape(shape)
         if dtype == FLOAT and not np.isfinite(array).all():
             raise WireError(f"{name}: NaN or Inf values")
-        weights[name] = array.astype(dtype.newbyteorder("="))
+        weights[name] = array.astype(dtype.newbyteorder("="), copy=copy)
     if reader.position != len(reader.view):
         raise WireError(f"{len(reader.view) - reader.position} bytes after the last tensor")
     if expected is not None:
@@ -251,7 +257,7 @@ def chunk_stream(
     yield pb2.StreamPart(header=header)
     for index in range(header.chunk_count):
         nonce = os.urandom(NONCE_BYTES)
-        piece = body[index * chunk_bytes : (index + 1) * chunk_bytes]
+        piece = memoryview(body)[index * chunk_bytes : (index + 1) * chunk_bytes]
         payload = nonce + aead.encrypt(nonce, piece, binding.associated_data(index, header))
         yield pb2.StreamPart(chunk=pb2.Chunk(index=index, payload=payload, sha256=sha256_hex(payload)))
 
@@ -321,7 +327,8 @@ class StreamReceiver:
         size = len(chunk.payload) - NONCE_BYTES - TAG_BYTES
         if self.held_bytes + size > self.max_bytes:
             raise WireError(f"the stream exceeds the {self.max_bytes} bytes allowed: cut off at chunk {index}")
-        nonce, sealed = chunk.payload[:NONCE_BYTES], chunk.payload[NONCE_BYTES:]
+        payload = memoryview(chunk.payload)
+        nonce, sealed = payload[:NONCE_BYTES], payload[NONCE_BYTES:]
         try:
             piece = self._aead.decrypt(nonce, sealed, binding.associated_data(index, header))
         except InvalidTag:

@@ -252,7 +252,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         _, base = self._base(current)
         spec = weights_spec(base)
         weights = self.strategy.aggregate(base, [
-            SiteUpdate(u.site, decoded[u.path] if u.path in decoded else decode_weights(u.path.read_bytes(), spec),
+            SiteUpdate(u.site, decoded[u.path] if u.path in decoded else decode_weights(u.path.read_bytes(), spec, copy=False),
                        u.num_cases, u.metrics)
             for u in updates
         ])
@@ -308,7 +308,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         cached = self._weights_cache.get(path)
         if cached is None:
             data = path.read_bytes()
-            cached = (data, decode_weights(data))
+            cached = (data, decode_weights(data, copy=False))
             self._remember_weights(path, cached)
         return cached
 
@@ -465,7 +465,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                                   round=current.round, base_sha256=current.base_sha256)
         try:
             header, plaintext = receiver.receive(itertools.chain([] if first is None else [first], parts))
-            weights = decode_weights(plaintext, weights_spec(base))
+            weights = decode_weights(plaintext, weights_spec(base), copy=False)
         except WireError as error:
             if error.resend:
                 log.warning("update from %s for round %d broken in transit, asked to resend: %s", name,
