@@ -118,12 +118,14 @@ def flip(payload: bytes, at: int) -> bytes:
     return payload[:at] + bytes([payload[at] ^ 1]) + payload[at + 1 :]
 
 
-def test_a_stream_sent_with_its_known_sha256_is_received_and_a_wrong_one_is_refused() -> None:
+@pytest.mark.parametrize("compress", [False, True])  # the receiver hashes an uncompressed body chunk by chunk
+def test_a_stream_sent_with_its_known_sha256_is_received_and_a_wrong_one_is_refused(compress: bool) -> None:
     plaintext = encode_weights(sample_weights())
-    header, received = receive(stream(plaintext, plaintext_sha256=weights_sha256(plaintext)))
+    options = {"compress": compress, "chunk_bytes": 256}
+    header, received = receive(stream(plaintext, plaintext_sha256=weights_sha256(plaintext), **options))
     assert received == plaintext and header.total_sha256 == sha256_hex(plaintext)
     with pytest.raises(WireError, match="does not match the header's size and sha256") as refused:
-        receive(stream(plaintext, plaintext_sha256="0" * 64))
+        receive(stream(plaintext, plaintext_sha256=sha256_hex(plaintext[:-1]), **options))
     assert not refused.value.resend
 
 

@@ -10,6 +10,7 @@ transit fails its sha256 first and is re-sent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -297,14 +298,19 @@ class StreamReceiver:
         self._check_header(header)
         binding = StreamBinding(header.plan_sha256, header.round, header.base_sha256, self.site)
         pieces: list[bytes] = []
+        # An uncompressed body is the plaintext: hashed chunk by chunk while each is fresh in the cache, no second pass.
+        hasher = hashlib.sha256() if header.compression != ZLIB else None
         for part in iterator:
             if part.WhichOneof("part") != "chunk":
                 raise WireError("a second header inside the stream")
             pieces.append(self._open(part.chunk, len(pieces), header, binding))
+            if hasher is not None:
+                hasher.update(pieces[-1])
         if len(pieces) < header.chunk_count:
             raise WireError(f"the stream ended after {len(pieces)} of {header.chunk_count} chunks", resend=True)
         plaintext = self._inflate(b"".join(pieces), header)
-        if len(plaintext) != header.total_bytes or sha256_hex(plaintext) != header.total_sha256:
+        digest = hasher.hexdigest() if hasher is not None else sha256_hex(plaintext)
+        if len(plaintext) != header.total_bytes or digest != header.total_sha256:
             raise WireError("the reassembled payload does not match the header's size and sha256")
         return header, plaintext
 

@@ -33,7 +33,6 @@ from models.federation.wire import (
     chunk_stream,
     decode_weights,
     encode_weights,
-    weights_sha256,
     weights_spec,
 )
 from models.version import distribution_version
@@ -304,18 +303,19 @@ class Site:
         spec_weights = trainer.get_weights()
         receiver = StreamReceiver(self.bundle.payload_key, self.bundle.site, len(encode_weights(spec_weights)),
                                   plan_sha256=task.plan_sha256, round=task.round, base_sha256=task.base_sha256)
-        plaintext = b""
+        header, plaintext = pb2.StreamHeader(), b""
         for attempt in range(1, TRANSFER_ATTEMPTS + 1):
             parts = self._rpc.GetWeights(pb2.WeightsRequest(plan_sha256=task.plan_sha256, round=task.round),
                                          timeout=self._stream_timeout(task))
             try:
-                _, plaintext = receiver.receive(parts)
+                header, plaintext = receiver.receive(parts)
                 break
             except WireError as error:
                 if not error.resend or attempt == TRANSFER_ATTEMPTS:
                     raise TaskRefused(f"the global weights were refused: {error.reason}") from None
                 log.warning("global weights broken in transit (%s); fetching again", error.reason)
-        if weights_sha256(plaintext) != task.base_sha256:
+        # `receive` proved sha256(plaintext) == the header's total_sha256: no second pass over the weights.
+        if header.total_sha256 != task.base_sha256:
             raise TaskRefused("the global weights do not match the task's base sha256")
         try:
             return decode_weights(plaintext, weights_spec(spec_weights))
