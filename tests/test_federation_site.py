@@ -243,3 +243,37 @@ def test_site_command_refuses_a_policy_wider_than_the_certificate(
     assert main(["site", "--bundle", str(tmp_path / "ward.bundle"), "--policy", str(tmp_path / "policy.toml")]) == 2
     err = capsys.readouterr().err
     assert "needs a trainer certificate; this site's certificate has role evaluator" in err and err.count("\n") == 1
+
+
+class SwappedWeightsCoordinator(FakeCoordinator):
+    """Announces one base sha256 but streams other weights (bound to that base, so they decrypt): a coordinator bug
+    or a swapped file that the site must not train on."""
+
+    def GetWeights(self, request, context) -> Iterator[pb2.StreamPart]:  # noqa: N802
+        self.calls.append("GetWeights")
+        other = {name: (value + 1).astype(value.dtype) for name, value in self.global_weights.items()}
+        binding = StreamBinding(self.plan.sha256, request.round, self.base_sha256, transport.peer_name(context))
+        yield from chunk_stream(encode_weights(other), key=PAYLOAD_KEY, aad_fields=binding, chunk_bytes=4096)
+
+
+def test_global_weights_other_than_the_tasks_base_are_refused_and_reported(
+    ca: pki.CertificateAuthority, tmp_path: Path
+) -> None:
+    plan = plan_for("stroke-dwi-adc")
+    policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2:seed=1"),),
+                        approved_plans=(plan.sha256,))
+    port = _free_port()
+    coordinator = SwappedWeightsCoordinator(plan)
+    server = _serve(ca, coordinator, port)
+    stop = threading.Event()
+    thread = _run_site(Site(_bundle(ca, port), policy, tmp_path / "state", stop=stop))
+    try:
+        assert coordinator.done.wait(60), f"no report; calls: {coordinator.calls}"
+    finally:
+        stop.set()
+        thread.join(10)
+        server.stop(grace=None)
+    (report,) = coordinator.reports
+    assert (report.kind, report.round) == ("refused", ROUND)
+    assert "do not match the task's base sha256" in report.reason
+    assert "GetWeights" in coordinator.calls and "PutUpdate" not in coordinator.calls and coordinator.update is None
