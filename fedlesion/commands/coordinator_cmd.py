@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from models.federation.roles import SiteRole
 from models.manifest import Task
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -28,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     enroll = actions.add_parser("enroll", help="sign a site's certificate request into its enrollment bundle")
     enroll.add_argument("site", metavar="SITE")
     _dir(enroll)
-    enroll.add_argument("--role", required=True, choices=("trainer", "evaluator", "node"))
+    enroll.add_argument("--role", required=True, choices=[role.value for role in SiteRole])
     source = enroll.add_mutually_exclusive_group(required=True)
     source.add_argument("--csr", type=Path, metavar="FILE", help="the request from `fedlesion site keygen`")
     source.add_argument("--generate", action="store_true",

@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from dicom_gateway.writers.overlay import patient_orientation
+from models.geometry import swap_ras_lps
 
 _CACHED_VOLUMES = 6
 _OPPOSITE_DIRECTION = str.maketrans("RLAPHF", "LRPAFH")
@@ -63,9 +64,9 @@ def edge_letters(affine: np.ndarray) -> dict[str, str]:
     axis left to right, second top to bottom), so the reader can tell left from right on screen. The letters are
     those the SC overlay writes as PatientOrientation (R/L, A/P, H/F; an oblique direction's letters largest
     first)."""
-    ras = np.asarray(affine, dtype=np.float64)[:3, :2]
-    lps = ras * np.array([[-1.0], [-1.0], [1.0]]) / np.linalg.norm(ras, axis=0)  # NIfTI RAS+ to DICOM LPS+
-    right, bottom = patient_orientation(lps.T.ravel().tolist())
+    axes = np.asarray(affine, dtype=np.float64)[:3, :2].T  # the first two voxel axes' directions in RAS+
+    lps = swap_ras_lps(axes / np.linalg.norm(axes, axis=1, keepdims=True))
+    right, bottom = patient_orientation(lps.ravel().tolist())
     return {
         "left": right.translate(_OPPOSITE_DIRECTION),
         "right": right,
