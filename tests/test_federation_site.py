@@ -136,6 +136,23 @@ def _run_site(site: Site) -> threading.Thread:
     return thread
 
 
+def _first_report(ca: pki.CertificateAuthority, coordinator: FakeCoordinator, policy: SitePolicy,
+                  state_dir: Path) -> pb2.MetricsReport:
+    """Run a site against `coordinator` until it sends its one report (a refusal, in the tests that use this)."""
+    port = _free_port()
+    server = _serve(ca, coordinator, port)
+    stop = threading.Event()
+    thread = _run_site(Site(_bundle(ca, port), policy, state_dir, stop=stop))
+    try:
+        assert coordinator.done.wait(30), f"no report; calls: {coordinator.calls}"
+    finally:
+        stop.set()
+        thread.join(10)
+        server.stop(grace=None)
+    (report,) = coordinator.reports
+    return report
+
+
 def test_site_waits_for_the_coordinator_trains_resends_evaluates_and_shares_only_aggregates(
     ca: pki.CertificateAuthority, tmp_path: Path
 ) -> None:
@@ -193,18 +210,8 @@ def test_unapproved_plan_is_refused_and_the_coordinator_told_why(
         (tmp_path / "state" / PINNED_PLAN_FILE).write_text(other.sha256 + "\n")
     policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2"),),
                         approved_plans=(other.sha256,) if approved else (), approve_first_sight=pinned is not None)
-    port = _free_port()
     coordinator = FakeCoordinator(plan)
-    server = _serve(ca, coordinator, port)
-    stop = threading.Event()
-    thread = _run_site(Site(_bundle(ca, port), policy, tmp_path / "state", stop=stop))
-    try:
-        assert coordinator.done.wait(30), f"no report; calls: {coordinator.calls}"
-    finally:
-        stop.set()
-        thread.join(10)
-        server.stop(grace=None)
-    (report,) = coordinator.reports
+    report = _first_report(ca, coordinator, policy, tmp_path / "state")
     assert (report.kind, report.plan_sha256, report.round) == ("refused", plan.sha256, ROUND)
     assert reason in report.reason and plan.sha256 in report.reason
     assert "GetWeights" not in coordinator.calls and coordinator.update is None
@@ -262,18 +269,8 @@ def test_global_weights_other_than_the_tasks_base_are_refused_and_reported(
     plan = plan_for("stroke-dwi-adc")
     policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2:seed=1"),),
                         approved_plans=(plan.sha256,))
-    port = _free_port()
     coordinator = SwappedWeightsCoordinator(plan)
-    server = _serve(ca, coordinator, port)
-    stop = threading.Event()
-    thread = _run_site(Site(_bundle(ca, port), policy, tmp_path / "state", stop=stop))
-    try:
-        assert coordinator.done.wait(60), f"no report; calls: {coordinator.calls}"
-    finally:
-        stop.set()
-        thread.join(10)
-        server.stop(grace=None)
-    (report,) = coordinator.reports
+    report = _first_report(ca, coordinator, policy, tmp_path / "state")
     assert (report.kind, report.round) == ("refused", ROUND)
     assert "do not match the task's base sha256" in report.reason
     assert "GetWeights" in coordinator.calls and "PutUpdate" not in coordinator.calls and coordinator.update is None
