@@ -251,11 +251,13 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         """The version is built from exactly `updates`, the ones the round's record lists as contributors."""
         _, base = self._base(current)
         spec = weights_spec(base)
-        weights = self.strategy.aggregate(base, [
-            SiteUpdate(u.site, decoded[u.path] if u.path in decoded else decode_weights(u.path.read_bytes(), spec, copy=False),
-                       u.num_cases, u.metrics)
-            for u in updates
-        ])
+
+        def arrays(update: AcceptedUpdate) -> dict[str, np.ndarray]:  # decoded on arrival, or read after a restart
+            if update.path in decoded:
+                return decoded[update.path]
+            return decode_weights(update.path.read_bytes(), spec, copy=False)
+
+        weights = self.strategy.aggregate(base, [SiteUpdate(u.site, arrays(u), u.num_cases, u.metrics) for u in updates])
         round_dir = self.rounds_dir / str(current.round)
         round_dir.mkdir(parents=True, exist_ok=True)
         aggregate = encode_weights(weights)
