@@ -15,7 +15,8 @@ from models.networks import NetworkPlan, build_network, network_weights
 from training.checkpoint import checkpoint_threshold, load_checkpoint
 from training.datasets import synthetic_cases
 from training.plan import TrainingPlan, default_plan
-from training.trainer import THRESHOLD_CANDIDATES, LocalTrainer, LocalUpdate, crop, train_model
+from training.patches import crop
+from training.trainer import THRESHOLD_CANDIDATES, LocalTrainer, LocalUpdate, train_model
 
 TINY = {
     "network": {"depth": 3, "base_filters": 4, "max_filters": 32},
@@ -54,10 +55,14 @@ def test_default_plans_round_trip_and_hash():
             assert set(data["preprocessing"]) == {"target_spacing_mm", "patch_size", "size_divisible", "normalization"}
             assert data["threshold"] == 0.5 and data["loss"] == "dice_ce"
     cpu = default_plan("stroke-dwi-adc")
-    assert (cpu.network.depth, cpu.network.base_filters, cpu.patch_size) == (4, 16, (64, 64, 64))
+    assert (cpu.network.depth, cpu.network.base_filters, cpu.patch_size) == (4, 8, (64, 64, 48))
     assert cpu.preprocessing.target_spacing_mm == (2.0, 2.0, 2.0) and not cpu.amp
     ms = default_plan("ms-flair")
-    assert ms.in_channels == 1 and ms.patch_size == (96, 96, 48) and ms.preprocessing.target_spacing_mm == (1, 1, 1)
+    assert ms.in_channels == 1 and ms.patch_size == (64, 64, 64)
+    assert ms.preprocessing.target_spacing_mm == (1.5, 1.5, 1.5)
+    assert default_plan("ms-flair", "cuda").preprocessing.target_spacing_mm == (1, 1, 1)
+    # batch normalization for both tasks: the node runs whole volumes, the model's own output (design.md §5)
+    assert {default_plan(task, device).network.norm.value for task in Task for device in ("cpu", "cuda")} == {"batch"}
     assert default_plan("stroke-dwi-adc", "cuda").amp
     assert cpu.with_overrides({"lr": 5e-4}).sha256() != cpu.sha256()
     assert abs(cpu.foreground_fraction - 1 / 3) < 1e-9

@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -39,36 +39,18 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
-from models.geometry import voxel_volume_ml
 from models.metrics import compute_metrics
-from models.networks import build_network, load_network_weights, network_weights
-from models.preprocessing import Channel, PreprocessedCase, preprocess, to_source
-from models.resampling import resample
+from models.networks import Norm, build_network, load_network_weights, network_weights
+from models.preprocessing import to_source
 from training.checkpoint import checkpoint_plan, load_checkpoint, save_checkpoint
+from training.patches import CaseLike, PatchSampler, PreparedCase, prepare_case
 from training.plan import TrainingPlan
+from training.stream import CaseStream
 from training.synthetic import derived_seed
 
 VAL_METRICS = ("dice", "avd_ml", "lf1")
+VAL_WINDOW = 160  # voxels per axis of a validation window for batch-normalized networks
 THRESHOLD_CANDIDATES = tuple(round(0.3 + 0.05 * step, 2) for step in range(14))  # 0.30 … 0.95
-
-
-class CaseLike(Protocol):
-    """What the trainer needs of a case: `training.datasets.TrainingCase` has it."""
-
-    case_id: str
-    channels: list[Channel]
-    mask: np.ndarray  # on the first channel's grid
-
-
-@dataclass(frozen=True)
-class PreparedCase:
-    case_id: str
-    image: np.ndarray  # (C, X, Y, Z) float32, preprocessed, not padded
-    label: np.ndarray  # (X, Y, Z) uint8 on the same grid
-    foreground: np.ndarray  # (N, 3) int32 indices of label voxels
-    preprocessed: PreprocessedCase
-    source_mask: np.ndarray  # ground truth on the source grid, for validation
-    voxel_ml: float  # of the source grid
 
 
 @dataclass
@@ -85,65 +67,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu or cuda, got {device}")
     return device
-
-
-def prepare_case(case: CaseLike, plan: TrainingPlan) -> PreparedCase:
-    """Preprocess once and put the mask on the preprocessed grid (linear, then ≥ 0.5)."""
-    channels = list(case.channels)
-    if len(channels) != plan.in_channels:
-        raise ValueError(f"case {case.case_id}: {len(channels)} channel(s), the plan needs {plan.in_channels}")
-    mask = np.asarray(case.mask)
-    if mask.shape != channels[0].data.shape:
-        raise ValueError(f"case {case.case_id}: mask shape {mask.shape} is not the first channel's "
-                         f"{channels[0].data.shape}")
-    pre = preprocess(channels, plan.preprocessing, pad_for_inference=False)
-    grid = pre.image.shape[1:]
-    label = resample((mask > 0).astype(np.float32), channels[0].affine, pre.affine, grid, order=1) >= 0.5
-    return PreparedCase(
-        case_id=str(case.case_id),
-        image=pre.image,
-        label=label.astype(np.uint8),
-        foreground=np.argwhere(label).astype(np.int32),
-        preprocessed=pre,
-        source_mask=(mask > 0).astype(np.uint8),
-        voxel_ml=voxel_volume_ml(channels[0].affine),
-    )
-
-
-def crop(array: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    """array[..., start:start+size] over the last three axes, zero-padded where the window leaves the array."""
-    spatial = array.shape[-3:]
-    out = np.zeros((*array.shape[:-3], *size), dtype=array.dtype)
-    src, dst = [], []
-    for s, n, dim in zip(start, size, spatial):
-        lo, hi = max(s, 0), min(s + n, dim)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[(..., *dst)] = array[(..., *src)]
-    return out
-
-
-class PatchSampler:
-    """Draws (image, label) patches: `foreground_fraction` centred on a lesion voxel, the rest anywhere."""
-
-    def __init__(self, cases: Sequence[PreparedCase], patch_size: Sequence[int], foreground_fraction: float):
-        if not cases:
-            raise ValueError("no training cases")
-        self.cases = cases
-        self.patch = tuple(int(v) for v in patch_size)
-        self.foreground_fraction = foreground_fraction
-
-    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        case = self.cases[int(rng.integers(len(self.cases)))]
-        shape = case.label.shape
-        if len(case.foreground) and rng.random() < self.foreground_fraction:
-            centre = case.foreground[int(rng.integers(len(case.foreground)))]
-        else:
-            centre = np.array([int(rng.integers(n)) for n in shape])
-        start = [int(c) - p // 2 for c, p in zip(centre, self.patch)]
-        return crop(case.image, start, self.patch), crop(case.label[None], start, self.patch)
 
 
 def build_augmentation(plan: TrainingPlan) -> Compose:
@@ -193,7 +116,7 @@ class LocalTrainer:
     def __init__(
         self,
         plan: TrainingPlan,
-        train_cases: Iterable[CaseLike],
+        train_cases: Iterable[CaseLike] | CaseStream,
         val_cases: Iterable[CaseLike] | None = None,
         device: str | torch.device = "cpu",
         *,
@@ -206,9 +129,11 @@ class LocalTrainer:
             # Tiny gradients make Adam's second moments denormal, and x86 denormal arithmetic is ~100× slower:
             # measured, 20 steps on a repeated batch took 4 s or 64 s depending on it.
             torch.set_flush_denormal(True)
-        self.train_data = [prepare_case(case, plan) for case in train_cases]
-        self.val_data = [prepare_case(case, plan) for case in (val_cases or [])]
-        if not self.train_data:
+        # A stream replaces the training cases with a fresh pool every epoch (`batches`).
+        self.stream = train_cases if isinstance(train_cases, CaseStream) else None
+        self.train_data = [] if self.stream else [self._prepare(case) for case in train_cases]  # type: ignore[union-attr]
+        self.val_data = [self._prepare(case) for case in (val_cases or [])]
+        if not self.train_data and not self.stream:
             raise ValueError("no training cases")
         torch.manual_seed(plan.seed)
         self.model = build_network(plan.in_channels, 1, plan.network).to(self.device)
@@ -225,11 +150,18 @@ class LocalTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(plan, step))
         self.amp = plan.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.sampler = PatchSampler(self.train_data, plan.patch_size, plan.foreground_fraction)
+        self.sampler = PatchSampler(self.train_data, plan.patch_size, plan.foreground_fraction) if self.train_data \
+            else None
         self.augment = build_augmentation(plan)
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
         self.best_val_dice: float | None = None
+
+    def _prepare(self, case: CaseLike) -> PreparedCase:
+        if len(case.channels) != self.plan.in_channels:
+            raise ValueError(f"case {case.case_id}: {len(case.channels)} channel(s), the plan needs "
+                             f"{self.plan.in_channels}")
+        return prepare_case(case, self.plan.preprocessing)
 
     # -- weights ---------------------------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -242,8 +174,12 @@ class LocalTrainer:
 
     # -- training --------------------------------------------------------------------------------------------
     def batches(self, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches, a pure function of (plan, cases, epoch)."""
+        """The epoch's batches, a pure function of (plan, cases, epoch); a stream's cases are its epoch's pool."""
         plan = self.plan
+        if self.stream is not None:
+            self.train_data = self.stream.pool(epoch)
+            self.sampler = PatchSampler(self.train_data, plan.patch_size, plan.foreground_fraction)
+        assert self.sampler is not None
         rng = np.random.default_rng(_epoch_seed(plan.seed, epoch, 0))
         self.augment.set_random_state(seed=_epoch_seed(plan.seed, epoch, 1) % (2**32))
         remaining = plan.iterations_per_epoch
@@ -341,13 +277,21 @@ class LocalTrainer:
     # -- validation ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, case: PreparedCase) -> np.ndarray:
-        """Probabilities on the preprocessed grid (sliding windows, Gaussian, `plan.val_overlap`)."""
+        """Probabilities on the preprocessed grid (sliding windows, Gaussian, `plan.val_overlap`).
+
+        A batch-normalized network is window-invariant, so it runs windows as large as the node's engine does (up to
+        `VAL_WINDOW` per axis, usually the whole grid): validation then scores what the node will output.
+        """
         self.model.eval()
         image = torch.as_tensor(case.image[None]).to(self.device)
+        roi = self.plan.patch_size
+        if self.plan.network.norm is Norm.BATCH:
+            divisible = self.plan.network.size_divisible
+            roi = tuple(min(-(-n // divisible) * divisible, VAL_WINDOW) for n in case.image.shape[1:])
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
             logits = sliding_window_inference(
-                image, roi_size=self.plan.patch_size, sw_batch_size=self.plan.batch_size, predictor=self.model,
-                overlap=self.plan.val_overlap, mode="gaussian",
+                image, roi_size=roi, sw_batch_size=1, predictor=self.model, overlap=self.plan.val_overlap,
+                mode="gaussian",
             )
         logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
@@ -539,7 +483,4 @@ def calibrate_checkpoint(trainer: LocalTrainer, checkpoint: Path, report: Path) 
     return threshold
 
 
-__all__ = [
-    "LocalTrainer", "LocalUpdate", "PatchSampler", "PreparedCase", "build_augmentation", "calibrate_checkpoint",
-    "crop", "prepare_case", "resolve_device", "train_model",
-]
+__all__ = ["LocalTrainer", "LocalUpdate", "build_augmentation", "calibrate_checkpoint", "resolve_device", "train_model"]

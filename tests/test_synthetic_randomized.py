@@ -1,0 +1,147 @@
+"""The domain-randomised training generator: shapes from the libraries, each transform's range, DWI/ADC physics,
+laterality in the ground truth, determinism; and the stream and patch sampler that feed it to training."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.conftest import require
+from training.synthetic import randomized as rz
+from training.synthetic.anatomy import shared_data_dir
+from training.synthetic.shapes import ShapeLibrary, load_shape, shape_paths
+
+SHARED = shared_data_dir()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_data() -> None:
+    require(SHARED / "nifti" / "templates", SHARED / "nifti" / "soop_lesions", SHARED / "nifti" / "ms_lesion_shapes")
+
+
+@pytest.fixture(scope="module")
+def strokes() -> list:
+    return [rz.draw_training_case("stroke", seed, 2.0) for seed in range(4)]
+
+
+@pytest.mark.parametrize("library, count", [(ShapeLibrary.STROKE, 1448), (ShapeLibrary.MS, 27)])
+def test_library_masks_land_on_the_template_at_their_own_world_coordinates(library, count) -> None:
+    paths = shape_paths(library)
+    assert len(paths) == count
+    shape = load_shape(library, 3)
+    image = nib.load(paths[3])
+    voxels = np.argwhere(np.asarray(image.dataobj) > 0)
+    assert shape.mask.sum() == len(voxels)  # nothing lost or duplicated by the move
+    world = nib.affines.apply_affine(image.affine, voxels)
+    on_template = np.argwhere(shape.mask) + shape.origin
+    template_world = on_template + rz.BOX_ORIGIN_MM  # the template grid is 1 mm, axes along RAS
+    assert np.array_equal(np.sort(world.round().astype(int), axis=0), np.sort(template_world.astype(int), axis=0))
+    labels = rz.template_labels().labels[tuple(on_template.T)]
+    assert np.isin(labels, rz.INTRACRANIAL).mean() > 0.8  # real lesions sit in the template's brain
+
+
+def test_mirroring_moves_a_shape_to_the_other_hemisphere() -> None:
+    shape = load_shape(ShapeLibrary.STROKE, 10)
+    mask, origin = rz._mirror(shape, rz.template_labels().shape)
+    x = (np.argwhere(shape.mask)[:, 0] + shape.origin[0]).mean() + rz.BOX_ORIGIN_MM[0]
+    mirrored = (np.argwhere(mask)[:, 0] + origin[0]).mean() + rz.BOX_ORIGIN_MM[0]
+    assert mirrored == pytest.approx(-x)
+
+
+def test_same_seed_same_volume_other_seed_differs(strokes) -> None:
+    again = rz.draw_training_case("stroke", 1, 2.0)
+    for key, image in strokes[1].images.items():
+        assert np.array_equal(image, again.images[key])
+    assert np.array_equal(strokes[1].lesion_labels, again.lesion_labels)
+    assert not np.array_equal(strokes[0].images["adc"].shape, strokes[1].images["adc"].shape) or \
+        not np.array_equal(strokes[0].images["adc"], strokes[1].images["adc"])
+
+
+def test_grid_units_and_ranges(strokes) -> None:
+    for case in strokes:
+        assert np.allclose(np.diag(case.affine)[:3], 2.0) and np.allclose(case.affine[:3, :3], np.diag([2.0] * 3))
+        adc = case.images["adc"]
+        assert adc.min() >= 0 and adc.max() <= 5000
+        brain = case.brain_mask.astype(bool) & (adc > 0)
+        assert 550 < np.median(adc[brain]) < 1300  # µm²/s: parenchyma dominates, CSF raises the median a little
+        assert rz.THICKNESS_MM[0] <= case.slice_thickness_mm <= rz.THICKNESS_MM[1]
+        if case.skull_stripped:
+            outside = case.images["dwi_b1000"][case.brain_mask == 0]
+            assert (outside > 0).mean() < 0.05  # at most the one-voxel dilation of a loose stripping mask
+    decisions = [np.random.default_rng(np.random.SeedSequence(seed).spawn(4)[3]).random() for seed in range(200)]
+    assert 0.3 < np.mean(np.array(decisions) < rz.SKULL_STRIP_PROBABILITY) < 0.5  # the stripping draw's own stream
+
+
+def test_deformation_stays_within_its_ranges() -> None:
+    affine, shape = rz._output_grid(2.0)
+    for seed in range(3):
+        coords = rz._template_coordinates(np.random.default_rng(seed), affine, shape)
+        centre_index = np.ravel_multi_index(tuple(n // 2 for n in shape), shape)
+        centre_mm = coords[:, centre_index] + rz.BOX_ORIGIN_MM
+        expected = affine[:3, :3] @ np.array([n // 2 for n in shape]) + affine[:3, 3]
+        # the grid centre moves by at most the shift, the elastic field (3 σ) and the rotation of ~1 mm offset
+        assert np.all(np.abs(centre_mm - expected) < rz.SHIFT_MM + 3 * rz.ELASTIC_MM + 3.0)
+        step = coords.reshape(3, *shape)[:, 1:, :, :] - coords.reshape(3, *shape)[:, :-1, :, :]
+        length = np.linalg.norm(step, axis=0).mean() / 2.0  # template mm per output mm along x
+        assert 1 / rz.SCALE_RANGE[1] - 0.05 < length < 1 / rz.SCALE_RANGE[0] + 0.05
+
+
+def test_dwi_is_bright_where_the_adc_is_low_and_only_there() -> None:
+    """All white matter; the left half is infarct. The lesion's ADC is the drawn fraction of the tissue's, and its
+    DWI is brighter by what S0 gain and exp(−b·ΔADC) predict."""
+    labels = np.full((32, 32, 16), rz.WM, dtype=np.int8)
+    lesion = np.zeros(labels.shape, dtype=np.float32)
+    lesion[:16] = 1.0
+    for seed in range(5):
+        images, _ = rz._render_stroke(np.random.default_rng(seed), labels, lesion, 2.0)
+        adc, dwi = images["adc"], images["dwi_b1000"]
+        inner = (slice(4, 12), slice(4, 28), slice(4, 12)), (slice(20, 28), slice(4, 28), slice(4, 12))
+        lesion_adc, healthy_adc = np.median(adc[inner[0]]), np.median(adc[inner[1]])
+        assert 500 < healthy_adc < 950
+        assert 0.3 < lesion_adc / healthy_adc < 0.95
+        assert np.median(dwi[inner[0]]) > 1.1 * np.median(dwi[inner[1]])
+
+
+def test_t2_bright_mimics_keep_a_normal_adc() -> None:
+    labels = np.full((40, 40, 20), rz.WM, dtype=np.int8)
+    s0 = np.ones(labels.shape, dtype=np.float32)
+    adc = np.full(labels.shape, 700.0, dtype=np.float32)
+    for seed in range(20):
+        rz._diffusion_mimics(np.random.default_rng(seed), labels, np.zeros(labels.shape, np.float32), s0, adc, 2.0)
+    assert s0.max() > 1.3  # some tissue became T2-bright …
+    assert adc.min() >= 700.0  # … and none of it got a low ADC
+
+
+def test_laterality_of_every_lesion_follows_the_template_side(strokes) -> None:
+    """Each ground-truth lesion's side is where it lies in the symmetric template; on the output grid (rotated ≤ 12°,
+    shifted ≤ 8 mm) a lesion well off the midline lies on that side of the head's centre."""
+    checked = 0
+    for case in [*strokes, *(rz.draw_training_case("stroke", seed, 2.0) for seed in (11, 12))]:
+        brain = np.argwhere(case.brain_mask > 0)
+        mid_x = (case.affine[:3, :3] @ brain.mean(0) + case.affine[:3, 3])[0]
+        for lesion in case.lesions:
+            offset = lesion.centroid_ras_mm[0] - mid_x
+            if abs(offset) > 25.0:
+                assert (offset < 0) == (lesion.side == "left"), lesion
+                checked += 1
+    assert checked >= 3
+
+
+def test_ms_draws_flair_with_bright_lesions() -> None:
+    case = rz.draw_training_case("ms", 3, 1.5)
+    assert set(case.images) == {"flair"} and case.mask.any()
+    flair = case.images["flair"]
+    brain = (case.brain_mask > 0) & (case.mask == 0)
+    assert np.median(flair[case.mask > 0]) > np.median(flair[brain])
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        rz.draw_training_case("tumour", 1, 2.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="seed"):
+        rz.draw_training_case("stroke", -1, 2.0)
+    with pytest.raises(ValueError, match="spacing"):
+        rz.draw_training_case("stroke", 1, 0.2)
+    with pytest.raises(ValueError, match="outside"):
+        load_shape(ShapeLibrary.MS, 27)

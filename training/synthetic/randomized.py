@@ -1,0 +1,532 @@
+"""Domain-randomised training volumes in the manner of SynthSeg and SynthStroke: fresh anatomy, contrast and
+acquisition on every draw, real lesion shapes pasted into the MNI152 template's tissue label map.
+
+One draw (`draw_training_case(kind, seed, spacing_mm)`):
+1. **Labels.** The template's tissue classes at 1 mm (`template_labels`: white matter, cortical and deep grey matter,
+   ventricles, other CSF, skull, scalp) and lesions on the same grid: real shapes from the shape libraries
+   (`shapes.py`), mirrored to either side at random, eroded or dilated, cut to parenchyma; stroke adds embolic showers
+   of small blobs (ISLES'22 has many lesions under 0.2 ml); MS adds procedural periventricular, juxtacortical and
+   infratentorial ovoids. Some draws have no lesion at all.
+2. **Space.** A random affine (rotation, scaling, shear, shift) plus a smooth elastic field maps an RAS grid at
+   `spacing_mm` into the template; labels are read nearest-neighbour, the soft-edged lesion map linearly.
+3. **Contrast.** Every tissue gets a random intensity in a physiological range, with inner texture. Stroke keeps the
+   diffusion physics coupled: an ADC per tissue (CSF ≈ 3000, parenchyma ≈ 600–950 µm²/s), a lesion ADC of
+   0.4–0.85 × the tissue's, a random T2 (S0) contrast, and DWI = S0·exp(−b·ADC) at a random b; the ADC map is
+   recomputed from the noisy b0 and DWI as a scanner does, so "bright on DWI because the ADC is low" is what
+   separates a lesion from DWI-bright healthy tissue (T2 shine-through, coil proximity, susceptibility pile-up,
+   drawn as hard negatives). MS draws a FLAIR: dark CSF, bright lesions at a random contrast.
+4. **Acquisition.** A multiplicative bias field, slice thickness (anisotropic blur along a random axis), Rician
+   noise, a gamma on the weighted image, a random scanner scale, a cut slab now and then, and skull stripping on a
+   fraction of the draws so one model serves research (stripped) and clinical (whole-head) data.
+
+Everything draws from `np.random.default_rng(seed)`'s children, so a seed gives the same arrays on any machine. The
+result is a `SyntheticCase` (the phantom generator's type), so writers and metrics take it as they take a phantom.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from models.geometry import voxel_volume_ml
+from training.synthetic.anatomy import BOX_ORIGIN_MM, BOX_SIZE_MM, build_anatomy, shared_data_dir, template_available
+from training.synthetic.case import CaseKind, GroundTruthLesion, SiteProfile, SyntheticCase
+from training.synthetic.lesions import _ovoid
+from training.synthetic.shapes import LesionShape, ShapeLibrary, load_shape, shape_paths
+
+# Tissue classes of the label map (index = label value).
+TISSUE_LABELS = ("air", "wm", "gm", "deep_gm", "ventricle", "csf", "skull", "scalp")
+AIR, WM, GM, DEEP_GM, VENTRICLE, CSF, SKULL, SCALP = range(len(TISSUE_LABELS))
+PARENCHYMA = (WM, GM, DEEP_GM)
+INTRACRANIAL = (WM, GM, DEEP_GM, VENTRICLE, CSF)
+DEEP_GM_DEPTH_MM = 18.0  # grey matter this far inside the brain is basal ganglia and thalamus, not cortex
+
+# Physiological ranges the contrast draws come from. S0 and FLAIR are relative to white matter.
+ADC_RANGE_UM2_S = {
+    WM: (600.0, 850.0), GM: (750.0, 950.0), DEEP_GM: (680.0, 900.0), VENTRICLE: (2600.0, 3300.0),
+    CSF: (2300.0, 3300.0), SKULL: (300.0, 1200.0), SCALP: (300.0, 1600.0),
+}
+S0_RANGE = {
+    WM: (1.0, 1.0), GM: (1.05, 1.45), DEEP_GM: (0.95, 1.35), VENTRICLE: (1.6, 3.5), CSF: (1.4, 3.2),
+    SKULL: (0.0, 0.12), SCALP: (0.1, 0.9),
+}
+FLAIR_RANGE = {
+    WM: (1.0, 1.0), GM: (1.05, 1.45), DEEP_GM: (0.95, 1.35), VENTRICLE: (0.02, 0.35), CSF: (0.05, 0.5),
+    SKULL: (0.0, 0.15), SCALP: (0.4, 1.6),
+}
+LESION_ADC_FRACTION = (0.4, 0.85)  # of the tissue's own ADC
+LESION_S0_GAIN = (1.0, 1.6)  # acute infarcts gain T2 signal over hours
+MS_LESION_GAIN = (1.3, 2.5)  # FLAIR, relative to the tissue they sit in
+B_VALUE_RANGE = (800.0, 1400.0)  # s/mm², inside the stroke manifest's accepted 700–1500
+NO_LESION_PROBABILITY = 0.1
+SKULL_STRIP_PROBABILITY = 0.4
+SLAB_PROBABILITY = 0.15
+SLAB_MM = (70.0, 140.0)
+SHOWER_PROBABILITY = 0.35
+SECOND_SHAPE_PROBABILITY = 0.25
+ROTATION_DEG = 12.0
+SCALE_RANGE = (0.88, 1.12)
+SHIFT_MM = 8.0
+ELASTIC_MM = 3.0  # peak standard deviation of the smooth displacement
+ELASTIC_SPACING_MM = 24.0  # control-point spacing of the elastic field
+THICKNESS_MM = (1.0, 6.0)  # simulated slice thickness; never finer than the output spacing
+NOISE_RANGE = (0.01, 0.06)  # Rician sigma relative to white matter's b0 / FLAIR
+BIAS_RANGE = (0.0, 0.35)
+GAMMA_RANGE = (0.8, 1.25)
+SCALE_LOG_RANGE = (np.log(50.0), np.log(3000.0))  # scanner units of the weighted images
+
+
+@dataclass(frozen=True)
+class TemplateLabels:
+    labels: np.ndarray  # int8 (197, 233, 189) tissue classes on the template's 1 mm grid
+    depth_mm: np.ndarray  # float32, distance inside the intracranial hull (≥ 0), for deep placements
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.labels.shape  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=1)
+def template_labels() -> TemplateLabels:
+    """The template's tissue classes (≈ 3 s once per process, then shared read-only)."""
+    if not template_available():
+        raise ValueError(f"the MNI152 template is needed for randomised training data; not found under "
+                         f"{shared_data_dir()}")
+    anatomy = build_anatomy(np.random.default_rng(0), 1.0, source="template")
+    f = anatomy.fractions
+    air = np.clip(1.0 - (f["wm"] + f["gm"] + f["csf"] + f["skull"] + f["scalp"]), 0.0, 1.0)
+    order = np.stack([air, f["wm"], f["gm"], f["csf"], f["skull"], f["scalp"]])
+    to_label = np.array([AIR, WM, GM, CSF, SKULL, SCALP], dtype=np.int8)
+    labels = to_label[np.argmax(order, axis=0)]
+    labels[(labels == CSF) & anatomy.ventricles] = VENTRICLE
+    intracranial = np.isin(labels, INTRACRANIAL)
+    depth = ndimage.distance_transform_edt(intracranial).astype(np.float32)
+    labels[(labels == GM) & (depth > DEEP_GM_DEPTH_MM)] = DEEP_GM
+    labels.flags.writeable = False
+    depth.flags.writeable = False
+    return TemplateLabels(labels, depth)
+
+
+def template_affine() -> np.ndarray:
+    affine = np.eye(4)
+    affine[:3, 3] = BOX_ORIGIN_MM
+    return affine
+
+
+# -- lesions on the template grid -----------------------------------------------------------------------------
+
+
+@dataclass
+class _LesionCanvas:
+    """Lesion labels (int16, 1…n, in painting order) on the template grid."""
+
+    labels: np.ndarray
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int, int]) -> _LesionCanvas:
+        return cls(np.zeros(shape, dtype=np.int16))
+
+    def add(self, mask: np.ndarray, origin: np.ndarray) -> None:
+        """Paint `mask` (template box at `origin`) with the next label where nothing is painted yet."""
+        low = np.maximum(origin, 0)
+        high = np.minimum(np.asarray(origin) + mask.shape, self.labels.shape)
+        if np.any(high <= low):
+            return
+        local = mask[tuple(slice(int(lo - o), int(hi - o)) for lo, hi, o in zip(low, high, origin))]
+        region = self.labels[tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))]
+        region[local & (region == 0)] = int(self.labels.max()) + 1
+
+
+def _mirror(shape: LesionShape, template_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The shape mirrored across the template's mid-sagittal plane (x = 0 at index 98): the other hemisphere."""
+    mask = shape.mask[::-1]
+    origin = np.array(shape.origin)
+    origin[0] = template_shape[0] - 1 - (origin[0] + shape.mask.shape[0] - 1)
+    return mask, origin
+
+
+def _library_lesion(
+    library: ShapeLibrary, rng: np.random.Generator, template: TemplateLabels
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random library mask, mirrored half the time, eroded or dilated a little, cut to parenchyma."""
+    shape = load_shape(library, int(rng.integers(len(shape_paths(library)))))
+    mask, origin = (shape.mask, np.array(shape.origin)) if rng.random() < 0.5 else _mirror(shape, template.shape)
+    change = int(rng.choice([-1, 0, 0, 1]))
+    if change < 0 and mask.sum() > 200:
+        mask = ndimage.binary_erosion(mask)
+    elif change > 0:
+        mask = np.pad(mask, 1)
+        origin = origin - 1
+        mask = ndimage.binary_dilation(mask)
+    if library is ShapeLibrary.MS and rng.random() < 0.7:  # a random subset of the patient's lesions
+        parts, count = ndimage.label(mask)
+        keep = np.flatnonzero(rng.random(count) < rng.uniform(0.3, 1.0)) + 1
+        mask = np.isin(parts, keep)
+    return _in_parenchyma(mask, origin, template), origin
+
+
+def _in_parenchyma(mask: np.ndarray, origin: np.ndarray, template: TemplateLabels) -> np.ndarray:
+    low = np.clip(origin, 0, None)
+    high = np.minimum(origin + mask.shape, template.shape)
+    inside = np.zeros_like(mask)
+    local = tuple(slice(int(lo - o), int(hi - o)) for lo, hi, o in zip(low, high, origin))
+    box = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
+    inside[local] = np.isin(template.labels[box], PARENCHYMA)
+    return mask & inside
+
+
+def _blobs(
+    rng: np.random.Generator,
+    template: TemplateLabels,
+    count: int,
+    centre: np.ndarray,
+    spread_mm: float,
+    radius_mm: tuple[float, float],
+    allowed: tuple[int, ...],
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`count` small irregular ovoids within `spread_mm` of `centre` (template index), each in `allowed` tissue."""
+    candidates = np.argwhere(np.isin(template.labels[_around(centre, spread_mm, template.shape)], allowed))
+    if len(candidates) == 0:
+        return []
+    offset = np.array([s.start for s in _around(centre, spread_mm, template.shape)])
+    out = []
+    for index in candidates[rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)]:
+        semi = rng.uniform(*radius_mm) * rng.uniform(0.7, 1.3, 3)
+        box, inside = _ovoid(index + offset, semi, _unit(rng.standard_normal(3)), template.shape)
+        mask = inside & np.isin(template.labels[box], allowed)
+        if mask.any():
+            out.append((mask, np.array([s.start for s in box])))
+    return out
+
+
+def _around(centre: np.ndarray, reach_mm: float, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    reach = int(np.ceil(reach_mm))
+    return tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, n)) for c, n in zip(centre, shape))
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / max(float(np.linalg.norm(vector)), 1e-9)
+
+
+def _stroke_lesions(rng: np.random.Generator, template: TemplateLabels) -> _LesionCanvas:
+    canvas = _LesionCanvas.empty(template.shape)
+    if rng.random() < NO_LESION_PROBABILITY:
+        return canvas
+    shower = rng.random() < SHOWER_PROBABILITY
+    if not shower or rng.random() < 0.6:
+        for _ in range(2 if rng.random() < SECOND_SHAPE_PROBABILITY else 1):
+            canvas.add(*_library_lesion(ShapeLibrary.STROKE, rng, template))
+    if shower:  # embolic: many small lesions in one vascular region
+        painted = np.argwhere(canvas.labels > 0)
+        if len(painted) and rng.random() < 0.7:
+            centre = painted[rng.integers(len(painted))]
+        else:
+            brain = np.argwhere(np.isin(template.labels[::4, ::4, ::4], PARENCHYMA)) * 4
+            centre = brain[rng.integers(len(brain))]
+        for mask, origin in _blobs(rng, template, int(rng.integers(3, 26)), centre, rng.uniform(15.0, 45.0),
+                                   (1.0, 3.5), PARENCHYMA):
+            canvas.add(mask, origin)
+    return canvas
+
+
+def _ms_lesions(rng: np.random.Generator, template: TemplateLabels) -> _LesionCanvas:
+    canvas = _LesionCanvas.empty(template.shape)
+    if rng.random() < NO_LESION_PROBABILITY / 2:
+        return canvas
+    if rng.random() < 0.7:
+        canvas.add(*_library_lesion(ShapeLibrary.MS, rng, template))
+    ventricle_wall = np.argwhere(ndimage.binary_dilation(template.labels[::2, ::2, ::2] == VENTRICLE)
+                                 & (template.labels[::2, ::2, ::2] == WM)) * 2
+    juxtacortical = np.argwhere((template.labels[::2, ::2, ::2] == WM) & (template.depth_mm[::2, ::2, ::2] < 12.0)) * 2
+    z_index = np.arange(template.shape[2]) + BOX_ORIGIN_MM[2]
+    infratentorial = np.argwhere((template.labels[::2, ::2, ::2] == WM)
+                                 & (z_index[::2] < -25.0)[None, None, :]) * 2
+    for anchors, count, radius in ((ventricle_wall, rng.integers(0, 10), (1.5, 4.5)),
+                                   (juxtacortical, rng.integers(0, 6), (1.0, 3.0)),
+                                   (infratentorial, rng.integers(0, 3), (1.0, 3.0))):
+        for _ in range(int(count)):
+            if len(anchors) == 0:
+                break
+            centre = anchors[rng.integers(len(anchors))]
+            for mask, origin in _blobs(rng, template, 1, centre, 3.0, radius, (WM, DEEP_GM)):
+                canvas.add(mask, origin)
+    return canvas
+
+
+# -- space ----------------------------------------------------------------------------------------------------
+
+
+def _output_grid(spacing_mm: float) -> tuple[np.ndarray, tuple[int, int, int]]:
+    shape = tuple(int(n) for n in np.floor(BOX_SIZE_MM / spacing_mm).astype(int) + 1)
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    affine[:3, 3] = BOX_ORIGIN_MM
+    return affine, shape  # type: ignore[return-value]
+
+
+def _template_coordinates(
+    rng: np.random.Generator, affine: np.ndarray, shape: tuple[int, int, int]
+) -> np.ndarray:
+    """(3, N) template voxel coordinates of every output voxel under a random affine + elastic map."""
+    angles = np.deg2rad(rng.uniform(-ROTATION_DEG, ROTATION_DEG, 3))
+    rotation = np.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = np.cos(angle), np.sin(angle)
+        a, b = [i for i in range(3) if i != axis]
+        step = np.eye(3)
+        step[a, a], step[a, b], step[b, a], step[b, b] = c, -s, s, c
+        rotation = rotation @ step
+    shear = np.eye(3) + np.triu(rng.uniform(-0.05, 0.05, (3, 3)), 1)
+    linear = rotation @ shear @ np.diag(1.0 / rng.uniform(*SCALE_RANGE, 3))
+    centre = BOX_ORIGIN_MM + BOX_SIZE_MM / 2.0
+    shift = rng.uniform(-SHIFT_MM, SHIFT_MM, 3)
+    # template mm = linear · (world − centre) + centre + shift + elastic(world); voxel = template mm − box origin
+    to_template = np.eye(4)
+    to_template[:3, :3] = linear @ affine[:3, :3]
+    to_template[:3, 3] = linear @ (affine[:3, 3] - centre) + centre + shift - BOX_ORIGIN_MM
+    index = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    coords = to_template[:3, :3].astype(np.float32) @ index + to_template[:3, 3:4].astype(np.float32)
+    sigma = rng.uniform(0.0, ELASTIC_MM)
+    if sigma > 0.1:
+        spacing = float(affine[0, 0])
+        control = tuple(max(2, int(np.ceil(n * spacing / ELASTIC_SPACING_MM)) + 1) for n in shape)
+        for axis in range(3):
+            field = rng.standard_normal(control).astype(np.float32) * sigma
+            zoom = [n / c for n, c in zip(shape, control)]
+            coords[axis] += ndimage.zoom(field, zoom, order=1, grid_mode=True, mode="nearest").reshape(-1)
+    return coords
+
+
+# -- contrast and acquisition --------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cells: int) -> np.ndarray:
+    """Unit-peak smooth random field: normal noise on a coarse `cells`-wide grid, upsampled linearly."""
+    coarse = tuple(max(2, cells * n // max(shape)) for n in shape)
+    field = rng.standard_normal(coarse).astype(np.float32)
+    up = ndimage.zoom(field, [n / c for n, c in zip(shape, coarse)], order=1, grid_mode=True, mode="nearest")
+    return up / max(float(np.abs(up).max()), 1e-6)
+
+
+def _table(rng: np.random.Generator, ranges: dict[int, tuple[float, float]]) -> np.ndarray:
+    table = np.zeros(len(TISSUE_LABELS), dtype=np.float32)
+    for label, (low, high) in ranges.items():
+        table[label] = rng.uniform(low, high)
+    return table
+
+
+def _blur_thickness(rng: np.random.Generator, images: list[np.ndarray], spacing_mm: float) -> float:
+    """Blur along a random slice axis (z most often) as a thick slice would; returns the thickness drawn."""
+    thickness = float(rng.uniform(max(THICKNESS_MM[0], spacing_mm), THICKNESS_MM[1]))
+    axis = int(rng.choice(3, p=[0.15, 0.15, 0.7]))
+    sigma = [0.35 * rng.uniform(0.0, 1.0)] * 3  # in-plane point spread, voxels
+    sigma[axis] = np.sqrt(max(thickness**2 - spacing_mm**2, 0.0)) / 2.355 / spacing_mm
+    for image in images:
+        ndimage.gaussian_filter(image, sigma, output=image, truncate=3.0)
+    return thickness
+
+
+def _rician(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.ndarray:
+    real = image + rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    imaginary = rng.standard_normal(image.shape, dtype=np.float32) * sigma
+    return np.sqrt(real * real + imaginary * imaginary)
+
+
+def _render_stroke(
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float
+) -> tuple[dict[str, np.ndarray], float]:
+    """b0, DWI and a scanner-computed ADC (µm²/s) from the label map and the soft lesion map."""
+    shape = labels.shape
+    b_value = float(rng.uniform(*B_VALUE_RANGE))
+    texture = _smooth_noise(rng, shape, int(rng.integers(8, 24)))
+    s0 = _table(rng, S0_RANGE)[labels] * (1.0 + rng.uniform(0.0, 0.1) * texture)
+    adc = _table(rng, ADC_RANGE_UM2_S)[labels] * (1.0 + rng.uniform(0.0, 0.08) * _smooth_noise(rng, shape, 16))
+    fraction = rng.uniform(*LESION_ADC_FRACTION) + 0.08 * _smooth_noise(rng, shape, 24)
+    adc *= 1.0 - lesion * (1.0 - np.clip(fraction, 0.3, 0.95))
+    s0 *= 1.0 + lesion * (rng.uniform(*LESION_S0_GAIN) - 1.0)
+    _diffusion_mimics(rng, labels, lesion, s0, adc, spacing_mm)
+    dwi = s0 * np.exp(-b_value * adc * 1e-6)
+    gain = (1.0 + rng.uniform(*BIAS_RANGE) * _smooth_noise(rng, shape, 3)) * _coil_and_pileup(rng, labels, spacing_mm)
+    s0 *= gain
+    dwi *= gain
+    thickness = _blur_thickness(rng, [s0, dwi], spacing_mm)
+    sigma = rng.uniform(*NOISE_RANGE)
+    s0, dwi = _rician(rng, s0, sigma), _rician(rng, dwi, sigma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        measured = 1e6 * np.log(s0 / np.maximum(dwi, 1e-4)) / b_value
+    measured = np.clip(np.nan_to_num(measured), 0.0, 5000.0)
+    measured[s0 < rng.uniform(0.08, 0.2)] = 0.0  # scanners blank the ADC where b0 is background
+    scale = float(np.exp(rng.uniform(*SCALE_LOG_RANGE)))
+    gamma = float(rng.uniform(*GAMMA_RANGE))
+    images = {
+        "dwi_b0": (s0 * scale).astype(np.float32),
+        "dwi_b1000": (np.power(dwi, gamma) * scale).astype(np.float32),
+        "adc": measured.astype(np.float32),
+    }
+    return images, thickness
+
+
+def _diffusion_mimics(
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, s0: np.ndarray, adc: np.ndarray,
+    spacing_mm: float,
+) -> None:
+    """Healthy tissue bright on DWI with a normal or raised ADC (T2 shine-through, vasogenic oedema, old
+    infarcts): what a radiologist tells from an acute infarct by the ADC, and so must the model."""
+    tissue = np.isin(labels, PARENCHYMA) & (lesion < 0.05)
+    candidates = np.argwhere(tissue[::3, ::3, ::3]) * 3
+    if len(candidates) == 0:
+        return
+    for index in candidates[rng.choice(len(candidates), size=int(rng.integers(0, 5)))]:
+        radius = rng.uniform(2.0, 10.0, 3) / spacing_mm
+        box = tuple(slice(max(int(i - 3 * r), 0), min(int(i + 3 * r) + 1, n))
+                    for i, r, n in zip(index, radius, labels.shape))
+        grid = np.ogrid[box]
+        blob = np.exp(-0.5 * sum(((g - i) / r) ** 2 for g, i, r in zip(grid, index, radius))).astype(np.float32)
+        blob *= tissue[box]
+        s0[box] *= 1.0 + rng.uniform(0.3, 1.2) * blob
+        adc[box] *= 1.0 + rng.uniform(0.0, 0.5) * blob
+
+
+def _coil_and_pileup(rng: np.random.Generator, labels: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Gain on every b-value alike (so the ADC keeps its value): receive-coil proximity and EPI pile-up."""
+    shape = labels.shape
+    axes = [np.arange(n, dtype=np.float32) * spacing_mm for n in shape]
+    head = np.argwhere(labels[::4, ::4, ::4] != AIR) * 4 * spacing_mm
+    centre = head.mean(0) if len(head) else np.array(shape) * spacing_mm / 2.0
+    direction = _unit(rng.standard_normal(3) + np.array([0.0, -1.5, 0.0]))
+    depth = sum(((a - c) * d).reshape([-1 if i == k else 1 for k in range(3)])
+                for i, (a, c, d) in enumerate(zip(axes, centre, direction)))
+    surface = float(np.percentile(head @ direction - centre @ direction, 98)) if len(head) else 0.0
+    gain = 1.0 + rng.uniform(0.0, 0.7) * np.exp(-np.clip(surface - depth, 0.0, None) / rng.uniform(15.0, 35.0))
+    for _ in range(int(rng.integers(0, 4))):  # susceptibility pile-up near air–bone interfaces
+        spot = head[rng.integers(len(head))] if len(head) else centre
+        radius = rng.uniform(6.0, 15.0)
+        bump = sum(((a - s) ** 2).reshape([-1 if i == k else 1 for k in range(3)])
+                   for i, (a, s) in enumerate(zip(axes, spot)))
+        gain = gain * (1.0 + rng.uniform(0.3, 1.5) * np.exp(-bump / (2.0 * radius**2)))
+    return np.broadcast_to(gain, shape).astype(np.float32)
+
+
+def _render_flair(
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float
+) -> tuple[dict[str, np.ndarray], float]:
+    shape = labels.shape
+    flair = _table(rng, FLAIR_RANGE)[labels] * (1.0 + rng.uniform(0.0, 0.1) * _smooth_noise(rng, shape, 16))
+    gain = rng.uniform(*MS_LESION_GAIN) * (1.0 + 0.1 * _smooth_noise(rng, shape, 24))
+    flair *= 1.0 + lesion * (gain - 1.0)
+    flair *= 1.0 + rng.uniform(*BIAS_RANGE) * _smooth_noise(rng, shape, 3)
+    thickness = _blur_thickness(rng, [flair], spacing_mm)
+    flair = _rician(rng, flair, rng.uniform(*NOISE_RANGE))
+    scale = float(np.exp(rng.uniform(*SCALE_LOG_RANGE)))
+    return {"flair": (np.power(flair, rng.uniform(*GAMMA_RANGE)) * scale).astype(np.float32)}, thickness
+
+
+# -- one draw ---------------------------------------------------------------------------------------------------
+
+
+def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> SyntheticCase:
+    """One domain-randomised case on an RAS grid at `spacing_mm` (isotropic), from `seed` alone."""
+    if kind not in ("stroke", "ms"):
+        raise ValueError(f"kind must be stroke or ms, got {kind!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not 0.8 <= spacing_mm <= 3.0:
+        raise ValueError(f"spacing_mm must be in [0.8, 3], got {spacing_mm!r}")
+    lesion_rng, space_rng, contrast_rng, strip_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4)
+    )
+    template = template_labels()
+    canvas = _stroke_lesions(lesion_rng, template) if kind == "stroke" else _ms_lesions(lesion_rng, template)
+    affine, shape = _output_grid(spacing_mm)
+    coords = _template_coordinates(space_rng, affine, shape)
+    labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="constant", cval=AIR).reshape(shape)
+    soft = _lesion_on_grid(canvas, coords, shape, float(lesion_rng.uniform(0.4, 1.0)))
+    render = _render_stroke if kind == "stroke" else _render_flair
+    images, thickness = render(contrast_rng, labels, soft, spacing_mm)
+    brain = np.isin(labels, INTRACRANIAL)
+    skull_stripped = bool(strip_rng.random() < SKULL_STRIP_PROBABILITY)
+    if skull_stripped:
+        kept = _perturbed(brain, strip_rng)
+        for image in images.values():
+            image[~kept] = 0.0
+    mask = soft >= 0.5
+    if strip_rng.random() < SLAB_PROBABILITY:
+        slab = _slab(brain, strip_rng.uniform(*SLAB_MM) / spacing_mm, strip_rng)
+        images = {key: np.ascontiguousarray(image[:, :, slab]) for key, image in images.items()}
+        mask, brain = mask[:, :, slab], brain[:, :, slab]
+        coords = coords.reshape(3, *shape)[:, :, :, slab].reshape(3, -1)
+        affine = affine.copy()
+        affine[2, 3] += slab.start * spacing_mm
+    lesion_labels, lesions = _ground_truth(mask, coords, affine, "infarct" if kind == "stroke" else "ms")
+    site = SiteProfile(name=f"randomized-{seed}", in_plane_mm=spacing_mm, slice_thickness_mm=round(thickness, 2),
+                       slice_spacing_mm=max(round(thickness, 2), spacing_mm))
+    return SyntheticCase(
+        case_id=f"{kind}-randomized-{seed}", kind=kind, seed=seed, geometry="axial", affine=affine, images=images,
+        lesion_labels=lesion_labels, lesions=lesions, site=site, skull_stripped=skull_stripped,
+        slice_thickness_mm=round(thickness, 2), brain_mask=brain.astype(np.uint8), anatomy_source="mni152-randomized",
+    )
+
+
+def _lesion_on_grid(canvas: _LesionCanvas, coords: np.ndarray, shape: tuple[int, int, int], edge_mm: float) -> np.ndarray:
+    """The soft lesion map (edges blurred by `edge_mm`) on the output grid; only the output voxels that land in the
+    lesions' box are interpolated."""
+    soft = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    painted = np.argwhere(canvas.labels > 0)
+    if len(painted):
+        low = np.maximum(painted.min(0) - 4, 0)
+        high = np.minimum(painted.max(0) + 5, canvas.labels.shape)
+        box = tuple(slice(int(lo), int(hi)) for lo, hi in zip(low, high))
+        local_soft = ndimage.gaussian_filter((canvas.labels[box] > 0).astype(np.float32), edge_mm)
+        inside = np.all((coords >= low[:, None]) & (coords <= (high - 1)[:, None]), axis=0)
+        local = coords[:, inside] - low[:, None].astype(np.float32)
+        soft[inside] = ndimage.map_coordinates(local_soft, local, order=1, mode="constant")
+    return soft.reshape(shape)
+
+
+def _perturbed(brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A skull-stripping mask as tools make them: the brain, a voxel tighter or looser here and there."""
+    change = int(rng.integers(-1, 2))
+    if change < 0:
+        return ndimage.binary_erosion(brain)
+    if change > 0:
+        return ndimage.binary_dilation(brain)
+    return brain
+
+
+def _slab(brain: np.ndarray, slices: float, rng: np.random.Generator) -> slice:
+    count = max(8, int(round(slices)))
+    occupied = np.flatnonzero(brain.any(axis=(0, 1)))
+    if len(occupied) == 0 or count >= brain.shape[2]:
+        return slice(0, brain.shape[2])
+    low = max(0, int(occupied[0]))
+    high = max(low, min(brain.shape[2] - count, int(occupied[-1]) - count // 2))
+    start = int(rng.integers(low, high + 1))
+    return slice(start, start + count)
+
+
+def _ground_truth(
+    mask: np.ndarray, coords: np.ndarray, affine: np.ndarray, kind: str
+) -> tuple[np.ndarray, list[GroundTruthLesion]]:
+    """Connected lesions 1…n, each with its side read from where its voxels lie in the (symmetric) template:
+    the template's x < 0 is the patient's left, whatever rotation the draw applied."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    voxel_ml = voxel_volume_ml(affine)
+    flat = labels.reshape(-1)
+    template_x = coords[0] + BOX_ORIGIN_MM[0]
+    lesions = []
+    for label in range(1, count + 1):
+        members = np.flatnonzero(flat == label)
+        voxels = np.array(np.unravel_index(members, labels.shape))
+        centroid = affine[:3, :3] @ voxels.mean(1) + affine[:3, 3]
+        lesions.append(GroundTruthLesion(
+            label=label, kind=kind,  # type: ignore[arg-type]
+            side="left" if float(template_x[members].mean()) < 0 else "right",
+            centroid_ras_mm=tuple(round(float(c), 3) for c in centroid),  # type: ignore[arg-type]
+            volume_ml=round(len(members) * voxel_ml, 6),
+        ))
+    return labels.astype(np.int16), lesions
+
+
+__all__ = ["TISSUE_LABELS", "TemplateLabels", "draw_training_case", "template_affine", "template_labels"]
