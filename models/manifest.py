@@ -154,8 +154,9 @@ class TrainingInfo:
     """Provenance: which approved plan produced the weights, in which federated round, and how sites scored it.
 
     A federated round also says how many of the sites it invited contributed ("N of M"; each contributor's case
-    count is among its `site_metrics`) and which fedlesion built the package. These keys are written only when set,
-    so manifests recorded before them keep their bytes.
+    count is among its `site_metrics`) and which fedlesion built the package. A locally trained model says what it
+    was trained on, how many training patches it saw, for how many hours and on what hardware. These keys are
+    written only when set, so manifests recorded before them keep their bytes.
     """
 
     plan_sha256: str
@@ -165,6 +166,14 @@ class TrainingInfo:
     sites_contributed: int | None = None
     sites_invited: int | None = None
     fedlesion_version: str | None = None
+    data: str | None = None
+    patches_seen: int | None = None
+    hours: float | None = None
+    hardware: str | None = None
+
+
+OPTIONAL_TRAINING_KEYS = ("sites_contributed", "sites_invited", "fedlesion_version", "data", "patches_seen", "hours",
+                          "hardware")
 
 
 @dataclass(frozen=True)
@@ -242,6 +251,7 @@ def default_manifest(
     sites_contributed: int | None = None,
     sites_invited: int | None = None,
     fedlesion_version: str | None = None,
+    provenance: Mapping[str, Any] | None = None,
     preprocessing: Preprocessing | None = None,
     onnx: OnnxSpec | None = None,
     output: OutputSpec | None = None,
@@ -262,7 +272,7 @@ def default_manifest(
         output=output or OutputSpec(),
         postprocessing=default_postprocessing(task),
         training=TrainingInfo(plan_sha256, federated_round, strategy, dict(site_metrics or {}), sites_contributed,
-                              sites_invited, fedlesion_version),
+                              sites_invited, fedlesion_version, **dict(provenance or {})),
         network=network,
     )
 
@@ -503,8 +513,8 @@ def _training(obj: _Obj) -> TrainingInfo:
         site_metrics[site] = {
             name: _number(value, f"{site_obj.path}.{name}", minimum=-math.inf) for name, value in values.items()
         }
-    contributed, invited, version = (obj.optional(key) for key in ("sites_contributed", "sites_invited",
-                                                                    "fedlesion_version"))
+    contributed, invited, version, data, patches, hours, hardware = (obj.optional(key)
+                                                                     for key in OPTIONAL_TRAINING_KEYS)
     obj.done()
     info = TrainingInfo(
         plan_sha256=plan,
@@ -514,6 +524,10 @@ def _training(obj: _Obj) -> TrainingInfo:
         sites_contributed=None if contributed is None else _int(contributed, f"{obj.path}.sites_contributed", minimum=0),
         sites_invited=None if invited is None else _int(invited, f"{obj.path}.sites_invited", minimum=0),
         fedlesion_version=None if version is None else _str(version, f"{obj.path}.fedlesion_version"),
+        data=None if data is None else _str(data, f"{obj.path}.data"),
+        patches_seen=None if patches is None else _int(patches, f"{obj.path}.patches_seen", minimum=0),
+        hours=None if hours is None else _number(hours, f"{obj.path}.hours", minimum=0.0),
+        hardware=None if hardware is None else _str(hardware, f"{obj.path}.hardware"),
     )
     if info.sites_contributed is not None and info.sites_invited is not None:
         if info.sites_contributed > info.sites_invited:
@@ -585,7 +599,7 @@ def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
         },
         "files": dict(manifest.files),
     }
-    for key in ("sites_contributed", "sites_invited", "fedlesion_version"):
+    for key in OPTIONAL_TRAINING_KEYS:
         if getattr(training, key) is not None:
             out["training"][key] = getattr(training, key)
     if manifest.network is not None:

@@ -48,7 +48,7 @@ def test_round_trip_with_weights_only(tmp_path):
     assert raw["plan"]["network"] == {"architecture": "dynunet", "base_filters": 4, "depth": 3, "max_filters": 16,
                                       "norm": "batch"}
     assert raw["plan"]["preprocessing"] == {
-        "target_spacing_mm": [1.0, 1.0, 1.0], "patch_size": [32, 32, 32], "size_divisible": 16,
+        "target_spacing_mm": [1.5, 1.5, 1.5], "patch_size": [32, 32, 32], "size_divisible": 16,
         "normalization": {"method": "zscore-head-mask", "clip_percentiles": [0.5, 99.5]},
     }
     assert raw["plan"]["in_channels"] == 1 and raw["plan"]["threshold"] == 0.5

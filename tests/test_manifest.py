@@ -100,6 +100,20 @@ def test_federated_provenance_is_recorded_only_when_set() -> None:
         parse_manifest(encode(data))
 
 
+def test_local_training_provenance_round_trips_and_is_checked() -> None:
+    data = copy.deepcopy(EXAMPLE)
+    data["training"].update(data="synthetic-stream:8", patches_seen=5600, hours=1.25, hardware="2 CPU cores")
+    manifest = parse_manifest(encode(data))
+    training = manifest.training
+    assert (training.data, training.patches_seen, training.hours, training.hardware) == \
+        ("synthetic-stream:8", 5600, 1.25, "2 CPU cores")
+    assert parse_manifest(manifest.to_json_bytes()) == manifest
+    assert "hours" not in json.loads(parse_manifest(encode(EXAMPLE)).to_json_bytes())["training"]
+    data["training"]["hours"] = -1
+    with pytest.raises(ValueError, match=r"training\.hours"):
+        parse_manifest(encode(data))
+
+
 @pytest.mark.parametrize(
     ("network", "window_invariant"),
     [

@@ -298,6 +298,15 @@ def site_metrics_from_history(history: Sequence[Any]) -> dict[str, dict[str, flo
     return {}
 
 
+def _provenance(state: Any, plan: Any, trained_on: str | None, hardware: str | None) -> dict[str, Any]:
+    """What the manifest says of a local run; nothing when the caller describes neither data nor hardware."""
+    if trained_on is None and hardware is None:
+        return {}
+    hours = sum(float(row.get("seconds") or 0.0) for row in state["history"] if "threshold" not in row) / 3600.0
+    return {"data": trained_on, "hardware": hardware, "patches_seen": int(state["epoch"]) * plan.iterations_per_epoch,
+            "hours": round(hours, 2)}
+
+
 def export_package(
     checkpoint_path: Path,
     out_dir: Path,
@@ -309,11 +318,14 @@ def export_package(
     registry: Registry | None = None,
     sites_contributed: int | None = None,
     sites_invited: int | None = None,
+    trained_on: str | None = None,
+    hardware: str | None = None,
 ) -> ExportResult:
     """Everything `export_checkpoint` does, returning the numbers as well (the CLI prints them).
 
     A federated round passes how many of its invited sites contributed; the manifest records them with the
-    fedlesion version that built it.
+    fedlesion version that built it. `trained_on` and `hardware` describe a local run; the manifest gets them with
+    the patches the checkpoint's epochs drew and the hours its history recorded.
     """
     try:
         state = load_checkpoint(checkpoint_path)
@@ -369,6 +381,7 @@ def export_package(
             sites_contributed=sites_contributed,
             sites_invited=sites_invited,
             fedlesion_version=distribution_version(),
+            provenance=_provenance(state, plan, trained_on, hardware),
             preprocessing=plan.preprocessing,
             onnx=OnnxSpec(),
             output=OutputSpec(threshold=threshold),

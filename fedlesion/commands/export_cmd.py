@@ -21,6 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--version", type=int, default=None, metavar="N", help="default: the latest version + 1")
     parser.add_argument("--demo", action="store_true", help="mark the package demo (forced with the demo key)")
     parser.add_argument("--description", default="", metavar="TEXT")
+    parser.add_argument("--trained-on", metavar="TEXT", help="what the model was trained on (into the manifest)")
+    parser.add_argument("--hardware", metavar="TEXT", help="the hardware it was trained on, e.g. \"2 CPU cores\" (into the manifest)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR", help="also keep the package here")
     parser.set_defaults(func=run)
 
@@ -42,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         "demo": args.demo,
         "description": args.description,
         "registry": registry,
+        "trained_on": args.trained_on,
+        "hardware": args.hardware,
     }
     if args.out is not None:
         result = export_package(args.checkpoint, args.out, **options)
