@@ -28,7 +28,7 @@ def test_spec_parses(text, expected) -> None:
 @pytest.mark.parametrize("text, message", [
     ("synthetic-stream:0", "P ≥ 1"),
     ("synthetic-stream:x", "P ≥ 1"),
-    ("synthetic-stream:4:site=1", "seed=S and workers=W"),
+    ("synthetic-stream:4:site=1", "seed=… and workers=…"),
     ("synthetic-stream:4:seed=1:seed=2", "at most once"),
     ("synthetic-stream:4:workers=0", "at least 1"),
 ])

@@ -292,19 +292,30 @@ class SyntheticSpec:
     @classmethod
     def parse(cls, spec: str) -> SyntheticSpec | None:
         """The spec's parts, None when `spec` is not a synthetic one; ValueError naming the bad part."""
-        if not spec.startswith(cls.PREFIX):
-            return None
-        count, *options = spec.removeprefix(cls.PREFIX).split(":")
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"--data {spec}: synthetic:N needs a whole number N ≥ 1")
-        values: dict[str, int] = {}
-        for option in options:
-            key, _, value = option.partition("=")
-            if key not in ("seed", "site") or key in values or not value.isdigit():
-                raise ValueError(f"--data {spec}: options after synthetic:N are seed=S and site=K (whole numbers "
-                                 f"≥ 0, each at most once), got {option!r}")
-            values[key] = int(value)
-        return cls(int(count), **values)
+        parsed = parse_counted_spec(spec, cls.PREFIX, "N", ("seed", "site"))
+        return None if parsed is None else cls(parsed[0], **parsed[1])
+
+
+def parse_counted_spec(
+    spec: str, prefix: str, count_name: str, keys: tuple[str, ...]
+) -> tuple[int, dict[str, int]] | None:
+    """`<prefix><count>[:key=value]…` with whole numbers: (count, options), None without the prefix; a ValueError
+    names the bad part."""
+    if not spec.startswith(prefix):
+        return None
+    usage = f"{prefix}{count_name}"
+    count, *options = spec.removeprefix(prefix).split(":")
+    if not count.isdigit() or int(count) < 1:
+        raise ValueError(f"--data {spec}: {usage} needs a whole number {count_name} ≥ 1")
+    values: dict[str, int] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in keys or key in values or not value.isdigit():
+            allowed = " and ".join(f"{name}=…" for name in keys)
+            raise ValueError(f"--data {spec}: options after {usage} are {allowed} (whole numbers ≥ 0, each at most "
+                             f"once), got {option!r}")
+        values[key] = int(value)
+    return int(count), values
 
 
 def load_training_cases(spec: str, task: Task | str, seed: int) -> tuple[list[TrainingCase], list[Skipped]]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from models.manifest import Preprocessing, Task, default_inputs
 from models.preprocessing import Channel
-from training.datasets import TrainingCase
+from training.datasets import TrainingCase, parse_counted_spec
 from training.patches import PreparedCase, prepare_case
 from training.synthetic import derived_seed
 from training.synthetic.randomized import draw_training_case
@@ -41,21 +41,12 @@ class SyntheticStreamSpec:
     @classmethod
     def parse(cls, spec: str) -> SyntheticStreamSpec | None:
         """The spec's parts, None when `spec` is not a stream; ValueError naming the bad part."""
-        if not spec.startswith(cls.PREFIX):
+        parsed = parse_counted_spec(spec, cls.PREFIX, "P", ("seed", "workers"))
+        if parsed is None:
             return None
-        pool, *options = spec.removeprefix(cls.PREFIX).split(":")
-        if not pool.isdigit() or int(pool) < 1:
-            raise ValueError(f"--data {spec}: synthetic-stream:P needs a whole number P ≥ 1 (volumes per epoch)")
-        values: dict[str, int] = {}
-        for option in options:
-            key, _, value = option.partition("=")
-            if key not in ("seed", "workers") or key in values or not value.isdigit():
-                raise ValueError(f"--data {spec}: options after synthetic-stream:P are seed=S and workers=W (whole "
-                                 f"numbers, each at most once), got {option!r}")
-            values[key] = int(value)
-        if values.get("workers", 1) < 1:
+        if parsed[1].get("workers", 1) < 1:
             raise ValueError(f"--data {spec}: workers must be at least 1")
-        return cls(int(pool), **values)
+        return cls(parsed[0], **parsed[1])
 
 
 def randomized_case(task: Task | str, seed: int, spacing_mm: float) -> TrainingCase:
