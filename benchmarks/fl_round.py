@@ -97,7 +97,7 @@ def run_coordinator(directory: Path, plan_toml: str, conn: Connection) -> None:
         def _close(self, current: Any) -> None:
             super()._close(current)
             committed = time.time()
-            conn.send(("round", current.round, current.opened_at, committed, self.export_s))
+            conn.send(("round", current.round, current.opened_at, committed, self.export_s, time.process_time()))
             if current.round == self.plan.rounds:
                 finished.set()
 
@@ -124,13 +124,15 @@ def run_coordinator(directory: Path, plan_toml: str, conn: Connection) -> None:
 # -- the sites -------------------------------------------------------------------------------------------------------
 @dataclass
 class RoundTrace:
-    """One site's view of one round: when it got the task, the weights, the update's answer; bytes each way."""
+    """One site's view of one round: when it got the task, the weights, the update's answer; bytes each way; the
+    process's CPU seconds so far when the update was accepted."""
 
     task_at: float = 0.0
     weights_at: float = 0.0
     accepted_at: float = 0.0
     sent: int = 0
     received: int = 0
+    cpu_s: float = 0.0
 
 
 def run_site(bundle: EnrollmentBundle, conn: Connection) -> None:
@@ -174,8 +176,10 @@ class NoOpSite:
                                   plan_sha256=task.plan_sha256, round=task.round, base_sha256=task.base_sha256)
         _, plaintext = receiver.receive(_counted(stub.GetWeights(request, timeout=RPC_TIMEOUT_S), trace, "received"))
         trace.weights_at = time.time()
-        weights = {name: array + DELTA if array.dtype == np.float32 else array
-                   for name, array in decode_weights(plaintext).items()}
+        weights = decode_weights(plaintext)  # writable copies, as the real site's: the no-op moves them in place
+        for array in weights.values():
+            if array.dtype == np.float32:
+                array += DELTA
         self.wire_elements = sum(int(array.size) for array in weights.values())
         binding = StreamBinding(task.plan_sha256, task.round, task.base_sha256, self.bundle.site)
         parts = chunk_stream(encode_weights(weights), key=self.bundle.payload_key, aad_fields=binding,
@@ -185,6 +189,7 @@ class NoOpSite:
         if not reply.accepted:
             raise RuntimeError(f"{self.bundle.site}: update for round {task.round} refused: {reply.reason}")
         trace.accepted_at = time.time()
+        trace.cpu_s = time.process_time()
 
 
 def _counted(parts: Iterable[Any], trace: RoundTrace, direction: str) -> Iterator[Any]:
@@ -259,7 +264,7 @@ def run(plan: Any, workdir: Path, started: float) -> int:
         site_processes[-1].start()
     traces: dict[str, dict[int, RoundTrace]] = {site: {} for site in site_conns.values()}
     wire_elements = 0
-    rounds: dict[int, tuple[float, float, float]] = {}
+    rounds: dict[int, tuple[float, float, float, float]] = {}
     peaks: tuple[float, float] | None = None
     failure: str | None = None
     while peaks is None and failure is None and coordinator.is_alive():
@@ -297,13 +302,13 @@ def run(plan: Any, workdir: Path, started: float) -> int:
     return 0
 
 
-def report(plan: Any, rounds: dict[int, tuple[float, float, float]], traces: dict[str, dict[int, RoundTrace]],
+def report(plan: Any, rounds: dict[int, tuple[float, float, float, float]], traces: dict[str, dict[int, RoundTrace]],
            wire_elements: int, peaks: tuple[float, float], elements: int, wall_s: float) -> None:
     def median(values: Iterable[float]) -> float:
         return statistics.median(list(values))
 
     overhead, poll, down, up, close = [], [], [], [], []
-    for number, (opened, committed, export_s) in sorted(rounds.items()):
+    for number, (opened, committed, export_s, _) in sorted(rounds.items()):
         site_traces = [by_round[number] for by_round in traces.values()]
         overhead.append(committed - opened - export_s)
         poll.append(max(t.task_at for t in site_traces) - opened)
@@ -319,6 +324,13 @@ def report(plan: Any, rounds: dict[int, tuple[float, float, float]], traces: dic
     print(f"  of which (medians): waiting for the sites' next poll {median(poll):.2f} s, global weights down "
           f"{median(down):.2f} s, no-op + update up {median(up):.2f} s, close (decode, aggregate, commit) "
           f"{median(close):.2f} s", flush=True)
+    # CPU seconds between one round's end and the next's (the first and the exporting last round left out): on 2
+    # shared cores this moves less with other people's load than the wall-clock overhead does.
+    steady = range(2, plan.rounds)
+    coordinator_cpu = [rounds[n][3] - rounds[n - 1][3] for n in steady]
+    sites_cpu = [sum(by_round[n].cpu_s - by_round[n - 1].cpu_s for by_round in traces.values()) for n in steady]
+    print(f"  CPU per round (medians of rounds 2-{plan.rounds - 1}): coordinator {median(coordinator_cpu):.2f} s, "
+          f"the {len(traces)} sites {median(sites_cpu):.2f} s", flush=True)
     print(f"bytes per site per round {median(total) / model_bytes:.2f}x the fp32 model ({model_bytes / 1e6:.2f} MB, "
           f"{elements:,} parameters and buffers): sent {median(s for s, _ in traffic) / model_bytes:.2f}x, received "
           f"{median(r for _, r in traffic) / model_bytes:.2f}x (goal <= 2.1x); the weights travel as "

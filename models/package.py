@@ -106,7 +106,7 @@ class LoadedPackage:
         return {**self.files, MANIFEST_FILE: self.manifest_bytes, SIGNATURE_FILE: self.signature}
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -106,7 +106,7 @@ def encode_weights(weights: Mapping[str, np.ndarray]) -> bytes:
 class _Reader:
     """Bounds-checked reads over the encoded bytes: a short or malformed payload is a WireError, never an IndexError."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | memoryview) -> None:
         self.view = memoryview(data)
         self.position = 0
 
@@ -122,7 +122,7 @@ class _Reader:
 
 
 def decode_weights(
-    data: bytes, expected: Mapping[str, WeightSpec] | None = None, *, copy: bool = True
+    data: bytes | memoryview, expected: Mapping[str, WeightSpec] | None = None, *, copy: bool = True
 ) -> dict[str, np.ndarray]:
     """Parse `encode_weights` bytes; WireError names the first wrong name, shape, dtype, NaN/Inf or malformed byte.
 
@@ -178,9 +178,9 @@ def weights_spec(weights: Mapping[str, np.ndarray]) -> dict[str, WeightSpec]:
     return {name: (tuple(np.shape(array)), np.asarray(array).dtype) for name, array in weights.items()}
 
 
-def weights_sha256(weights: Mapping[str, np.ndarray] | bytes) -> str:
+def weights_sha256(weights: Mapping[str, np.ndarray] | bytes | memoryview) -> str:
     """sha256 hex of the canonical encoding (pass the encoded bytes when you have them, to skip re-encoding)."""
-    return sha256_hex(weights if isinstance(weights, bytes) else encode_weights(weights))
+    return sha256_hex(weights if isinstance(weights, bytes | memoryview) else encode_weights(weights))
 
 
 @dataclass(frozen=True)
@@ -287,8 +287,13 @@ class StreamReceiver:
         self.expected = {"plan_sha256": plan_sha256, "round": round, "base_sha256": base_sha256}
         self.held_bytes = 0  # decrypted bytes buffered so far (the tests watch it)
 
-    def receive(self, parts: Iterable[pb2.StreamPart]) -> tuple[pb2.StreamHeader, bytes]:
-        """(header, plaintext) of the stream, or WireError: resend=True for broken or missing chunks."""
+    def receive(self, parts: Iterable[pb2.StreamPart]) -> tuple[pb2.StreamHeader, memoryview]:
+        """(header, plaintext) of the stream, or WireError: resend=True for broken or missing chunks.
+
+        The plaintext is a read-only view of one buffer the chunks are decrypted into (no join, no per-chunk
+        plaintext objects: fresh memory is the dearest part of a round on a small VM); it accepts what bytes do for
+        `decode_weights`, `weights_sha256` and a file write.
+        """
         self.held_bytes = 0
         iterator = iter(parts)
         first = next(iterator, None)
@@ -297,22 +302,30 @@ class StreamReceiver:
         header = first.header
         self._check_header(header)
         binding = StreamBinding(header.plan_sha256, header.round, header.base_sha256, self.site)
-        pieces: list[bytes] = []
-        # An uncompressed body is the plaintext: hashed chunk by chunk while each is fresh in the cache, no second pass.
-        hasher = hashlib.sha256() if header.compression != ZLIB else None
+        compressed = header.compression == ZLIB
+        # An uncompressed body is the plaintext: decrypted in place into a buffer of the announced size (at most
+        # max_bytes) and hashed chunk by chunk while each is fresh in the cache, no second pass.
+        body = memoryview(np.empty(0 if compressed else header.total_bytes, np.uint8))
+        pieces: list[bytes | memoryview] = []  # a compressed body's chunks, inflated once whole
+        hasher = hashlib.sha256()
         for part in iterator:
             if part.WhichOneof("part") != "chunk":
                 raise WireError("a second header inside the stream")
-            pieces.append(self._open(part.chunk, len(pieces), header, binding))
-            if hasher is not None:
-                hasher.update(pieces[-1])
+            into = None if compressed else body[self.held_bytes :]
+            piece = self._open(part.chunk, len(pieces), header, binding, into)
+            pieces.append(piece)
+            if not compressed:
+                hasher.update(piece)
         if len(pieces) < header.chunk_count:
             raise WireError(f"the stream ended after {len(pieces)} of {header.chunk_count} chunks", resend=True)
-        plaintext = self._inflate(b"".join(pieces), header)
-        digest = hasher.hexdigest() if hasher is not None else sha256_hex(plaintext)
-        if len(plaintext) != header.total_bytes or digest != header.total_sha256:
+        received = self.held_bytes
+        if compressed:
+            body = memoryview(self._inflate(b"".join(pieces)))
+            hasher.update(body)
+            received = len(body)
+        if received != header.total_bytes or hasher.hexdigest() != header.total_sha256:
             raise WireError("the reassembled payload does not match the header's size and sha256")
-        return header, plaintext
+        return header, body.toreadonly()
 
     def _check_header(self, header: pb2.StreamHeader) -> None:
         for name, value in self.expected.items():
@@ -323,20 +336,28 @@ class StreamReceiver:
         if header.compression not in ("", ZLIB):
             raise WireError(f"unknown compression {header.compression!r}")
 
-    def _open(self, chunk: pb2.Chunk, index: int, header: pb2.StreamHeader, binding: StreamBinding) -> bytes:
+    def _open(self, chunk: pb2.Chunk, index: int, header: pb2.StreamHeader, binding: StreamBinding,
+              into: memoryview | None) -> memoryview | bytes:
+        """Chunk `index` checked and decrypted: into the start of `into` where it fits (the view is returned),
+        else as new bytes (a compressed body, or chunks that overrun the announced size: that stream is refused)."""
         if index >= header.chunk_count:
             raise WireError(f"more chunks than the {header.chunk_count} the header announced")
         if chunk.index != index:
             raise WireError(f"chunk {chunk.index} arrived where chunk {index} was due", resend=True)
-        if sha256_hex(chunk.payload) != chunk.sha256:
+        payload = chunk.payload  # each read of a bytes field copies it
+        if sha256_hex(payload) != chunk.sha256:
             raise WireError(f"chunk {index} is broken (sha256 mismatch)", resend=True)
-        size = len(chunk.payload) - NONCE_BYTES - TAG_BYTES
+        size = len(payload) - NONCE_BYTES - TAG_BYTES
         if self.held_bytes + size > self.max_bytes:
             raise WireError(f"the stream exceeds the {self.max_bytes} bytes allowed: cut off at chunk {index}")
-        payload = memoryview(chunk.payload)
-        nonce, sealed = payload[:NONCE_BYTES], payload[NONCE_BYTES:]
+        view = memoryview(payload)
+        nonce, sealed, associated = view[:NONCE_BYTES], view[NONCE_BYTES:], binding.associated_data(index, header)
         try:
-            piece = self._aead.decrypt(nonce, sealed, binding.associated_data(index, header))
+            if into is not None and 0 <= size <= len(into):
+                self._aead.decrypt_into(nonce, sealed, associated, into[:size])
+                piece: memoryview | bytes = into[:size]
+            else:
+                piece = self._aead.decrypt(nonce, sealed, associated)
         except InvalidTag:
             raise WireError(
                 f"chunk {index} does not decrypt for site {self.site!r}, plan, round {header.round} and base weights "
@@ -345,9 +366,7 @@ class StreamReceiver:
         self.held_bytes += len(piece)
         return piece
 
-    def _inflate(self, body: bytes, header: pb2.StreamHeader) -> bytes:
-        if header.compression != ZLIB:
-            return body
+    def _inflate(self, body: bytes) -> bytes:
         inflater = zlib.decompressobj()
         try:
             plaintext = inflater.decompress(body, self.max_bytes + 1)
