@@ -55,7 +55,14 @@ from models.federation import federation_pb2 as pb2  # noqa: E402
 from models.federation import federation_pb2_grpc  # noqa: E402
 from models.federation.enrollment import EnrollmentBundle  # noqa: E402
 from models.federation.transport import PROTOCOL_VERSION, channel  # noqa: E402
-from models.federation.wire import StreamBinding, StreamReceiver, chunk_stream, decode_weights, encode_weights  # noqa: E402
+from models.federation.wire import (  # noqa: E402
+    StreamBinding,
+    StreamReceiver,
+    chunk_stream,
+    decode_weights,
+    encode_weights,
+    keep_freed_buffers,
+)
 from models.manifest import Task  # noqa: E402
 
 SITES = ("site-a", "site-b", "site-c")
@@ -152,6 +159,7 @@ class NoOpSite:
     wire_elements: int = 0  # tensor elements of the global weights as they travel
 
     def run(self) -> None:
+        keep_freed_buffers()  # as `fedlesion site` does
         with channel(self.bundle) as grpc_channel:
             self._loop(federation_pb2_grpc.CoordinatorStub(grpc_channel))
 

@@ -55,6 +55,7 @@ from models.federation.wire import (
     chunk_stream,
     decode_weights,
     encode_weights,
+    keep_freed_buffers,
     weights_sha256,
     weights_spec,
 )
@@ -145,6 +146,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
 
     def start(self, listen: str | None = None) -> int:
         """Serve on `listen` (default: the address in DIR/server) and run the round loop; returns the port."""
+        keep_freed_buffers()  # every round frees and allocates model-sized buffers again
         server_dir = self.layout.server
         credentials = server_credentials((server_dir / "ca.pem").read_bytes(), (server_dir / "server.pem").read_bytes(),
                                          (server_dir / "server.key").read_bytes())

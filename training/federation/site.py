@@ -33,6 +33,7 @@ from models.federation.wire import (
     chunk_stream,
     decode_weights,
     encode_weights,
+    keep_freed_buffers,
     weights_spec,
 )
 from models.version import distribution_version
@@ -146,6 +147,7 @@ class Site:
     # -- the loop ----------------------------------------------------------------------------------------------
     def run(self) -> None:
         """Hello, then tasks, until `stop`; any failure to reach the coordinator is retried with backoff."""
+        keep_freed_buffers()  # every round frees and allocates model-sized buffers again
         try:
             while not self.stop.is_set():
                 try:
