@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import platform
 import zlib
 from collections.abc import Iterator
 
@@ -19,6 +20,7 @@ from models.federation.wire import (
     chunk_stream,
     decode_weights,
     encode_weights,
+    keep_freed_buffers,
     should_compress,
     weights_sha256,
     weights_spec,
@@ -248,3 +250,18 @@ def test_compression_is_used_only_when_it_pays() -> None:
     forced = stream(weights, compress=True)
     assert forced[0].header.compression == "zlib" and receive(forced)[1] == weights
     assert stream(sparse, compress=False)[0].header.compression == ""
+
+
+def test_the_received_plaintext_is_a_read_only_view_that_decodes_without_a_copy() -> None:
+    plaintext = encode_weights(sample_weights())
+    _, received = receive(stream(plaintext, chunk_bytes=256))
+    assert isinstance(received, memoryview) and received.readonly and received == plaintext
+    assert weights_sha256(received) == weights_sha256(plaintext)
+    arrays = decode_weights(received, copy=False)
+    assert not any(array.flags.writeable for array in arrays.values())
+    assert all(array.flags.writeable for array in decode_weights(received).values())  # copy=True: the site trains them
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_buffers_are_kept_for_the_next_round_on_glibc() -> None:
+    assert keep_freed_buffers() is True
