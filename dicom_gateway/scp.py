@@ -32,6 +32,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_gateway.header_scan import Header, UnreadableHeader, parse_header
 from dicom_gateway.records import StoredInstance
+from dicom_gateway.scp_reactors import WakingRequestHandler
 from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import Spool, SpoolClosedError, SpoolOutcome
 from dicom_gateway.uids import OWN_MANUFACTURER
@@ -63,7 +64,6 @@ DECODABLE_TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 
 MAX_PDU_BYTES = 1 << 20  # large PDUs: fewer Python round trips per instance
-DUL_POLL_INTERVAL_S = 0.0005  # pynetdicom: 0.001; lower answers sooner, costs idle CPU per open association
 _PER_MESSAGE_LOG_EVENTS = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_RECV, evt.EVT_PDU_SENT)
 _DISK_CHECK_INTERVAL_S = 0.5
 _ACCEPT_POLL_INTERVAL_S = 0.05  # how soon stop() takes effect (socketserver's default is 0.5 s)
@@ -197,7 +197,8 @@ class StorageScp:
         ]
         try:
             server = self.ae.make_server(
-                (host, port), evt_handlers=handlers, server_class=_AcceptorServer, reuse_port=reuse_port
+                (host, port), evt_handlers=handlers, server_class=_AcceptorServer, reuse_port=reuse_port,
+                request_handler=WakingRequestHandler,
             )
         except BaseException:
             _UnrestrictedStorage.release()
@@ -236,9 +237,6 @@ class StorageScp:
 
     def _on_connection_open(self, event: evt.Event) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        # pynetdicom's DUL thread polls its socket and queues, sleeping this long when idle (default 1 ms): that
-        # sleep is paid twice per C-STORE round trip. It is a plain attribute on each association's DUL.
-        event.assoc.dul._run_loop_delay = DUL_POLL_INTERVAL_S
         # pynetdicom binds debug-logging handlers to every PDU and DIMSE message; they re-decode each message
         # (about a quarter of the CPU per instance) only to format debug lines. The SCP logs per association.
         for notification in _PER_MESSAGE_LOG_EVENTS:

@@ -464,6 +464,34 @@ def test_tcp_nodelay_is_set_on_accepted_connections(start_scp) -> None:
         assoc.release()
 
 
+def _context_switches(thread: threading.Thread) -> int:
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads per-thread counters from Linux's /proc")
+def test_an_idle_association_waits_instead_of_polling(start_scp) -> None:
+    """pynetdicom's reactors poll every 1 ms (about 1,000 wake-ups a second each); ours wait for data, a queued
+    primitive or IDLE_WAIT_S, and still answer at once."""
+    running = start_scp()
+    assoc = pynetdicom_scu(running.port)
+    try:
+        (accepted,) = running.scp.ae.active_associations
+        threads = (accepted, accepted.dul)
+        before = [_context_switches(thread) for thread in threads]
+        time.sleep(1.0)
+        wakeups = [_context_switches(thread) - count for thread, count in zip(threads, before)]
+        assert all(count < 100 for count in wakeups), wakeups
+        round_trips = []
+        for _ in range(5):
+            started = time.monotonic()
+            assert assoc.send_c_echo().Status == 0
+            round_trips.append(time.monotonic() - started)
+        assert sorted(round_trips)[2] < 0.03  # answered on the data, not at the next idle check (0.05 s)
+    finally:
+        assoc.release()
+
+
 def test_stop_finishes_in_flight_stores_and_refuses_new_associations(start_scp) -> None:
     running = start_scp()
     assoc = pynetdicom_scu(running.port)
