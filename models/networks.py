@@ -126,6 +126,20 @@ def load_network_weights(network: torch.nn.Module, weights: Mapping[str, Any]) -
             state[name].copy_(tensor.to(state[name].dtype))
 
 
+NORMALIZATION_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def normalization_weight_names(network: torch.nn.Module) -> set[str]:
+    """The names in `network_weights` that belong to normalization layers (affine parameters, running statistics,
+    counters): what FedBN keeps at each site."""
+    owned = {
+        tensor.data_ptr()
+        for module in network.modules() if isinstance(module, NORMALIZATION_LAYERS)
+        for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False))
+    }
+    return {name for name, tensor in network_weights(network).items() if tensor.data_ptr() in owned}
+
+
 def parameter_count(network: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in network.parameters())
 

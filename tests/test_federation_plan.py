@@ -30,7 +30,7 @@ def test_plan_toml_round_trips_and_its_identity_is_the_training_plan_hash() -> N
     ("edit", "message"),
     [
         (("rounds = 4", "rounds = 0"), "federation.rounds"),
-        (('strategy = "fedprox"', 'strategy = "median"'), "unknown strategy 'median'"),
+        (('strategy = "fedprox"', 'strategy = "krum"'), "unknown strategy 'krum'"),
         (("mu = 0.05", "mu = -1.0"), "mu must be"),
         (("deadline_s = 30.0", "deadline_s = 0"), "federation.deadline_s"),
         (('task = "stroke-dwi-adc"', 'task = "ms-flair"'), "differs from training.task"),

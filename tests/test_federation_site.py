@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 
 from fedlesion.cli import main
 from models.federation import federation_pb2 as pb2
@@ -29,11 +30,12 @@ from models.federation.wire import (
     weights_sha256,
     weights_spec,
 )
-from models.networks import build_network, network_weights
+from models.networks import build_network, network_weights, normalization_weight_names
 from models.signing import generate_key_pair
 from training.federation.plan import FederatedPlan, plan_for
 from training.federation.policy import PINNED_PLAN_FILE, PolicyDataset, SitePolicy
-from training.federation.site import SHARED_METRICS, Backoff, Site
+from training.federation.site import SHARED_METRICS, Backoff, Site, _Prepared
+from training.trainer import LocalUpdate
 
 PAYLOAD_KEY = bytes(range(32))
 ROUND = 3
@@ -274,3 +276,62 @@ def test_global_weights_other_than_the_tasks_base_are_refused_and_reported(
     assert (report.kind, report.round) == ("refused", ROUND)
     assert "do not match the task's base sha256" in report.reason
     assert "GetWeights" in coordinator.calls and "PutUpdate" not in coordinator.calls and coordinator.update is None
+
+
+class RecordingTrainer:
+    """A trainer on a conv + batch norm network that records the weights each round starts from and moves every
+    tensor by one."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.BatchNorm3d(1))
+        self.started_from: list[dict[str, np.ndarray]] = []
+
+    def train(self, weights, epochs, *, global_weights=None, prox_mu=0.0) -> LocalUpdate:
+        self.started_from.append({name: np.array(value) for name, value in weights.items()})
+        return LocalUpdate({name: (value + 1).astype(value.dtype) for name, value in weights.items()}, 1,
+                           {"train_loss": 0.5})
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+
+def test_a_fedbn_site_trains_with_its_own_normalization_layers_across_rounds_and_restarts(
+    ca: pki.CertificateAuthority, tmp_path: Path
+) -> None:
+    def train_round(plan: FederatedPlan, site: Site, trainer: RecordingTrainer, round_: int, value: float) -> None:
+        global_weights = {name: np.full_like(tensor.detach().numpy(), value)
+                          for name, tensor in network_weights(trainer.model).items()}
+        site._global_weights = lambda task, _: global_weights  # what the coordinator streams: all `value`
+        site._upload = lambda task, update: None
+        task = pb2.TaskReply(plan_sha256=plan.sha256, round=round_, base_sha256="b" * 64)
+        site._train(task, plan, _Prepared(plan.sha256, trainer, 1, 0, 0))
+
+    def site_for(plan: FederatedPlan) -> Site:
+        policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2"),),
+                            approved_plans=(plan.sha256,))
+        return Site(_bundle(ca, 1), policy, tmp_path / "state")
+
+    fedbn, trainer = plan_for("stroke-dwi-adc", network="tiny", strategy="fedbn"), RecordingTrainer()
+    norm = {"1.weight", "1.bias", "1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert normalization_weight_names(trainer.model) == norm
+    site = site_for(fedbn)
+    train_round(fedbn, site, trainer, 1, 5.0)  # no local layers yet: the global ones
+    train_round(fedbn, site, trainer, 2, 7.0)
+    first, second = trainer.started_from
+    assert all(np.all(value == 5) for value in first.values())
+    assert all(np.all(second[name] == (6 if name in norm else 7)) for name in second)  # round 1's own layers
+    train_round(fedbn, site_for(fedbn), trainer, 3, 9.0)  # a restarted site: its layers come from its state folder
+    assert all(np.all(trainer.started_from[-1][name] == (7 if name in norm else 9)) for name in norm | {"0.weight"})
+    fedavg = plan_for("stroke-dwi-adc", network="tiny")
+    train_round(fedavg, site_for(fedavg), trainer, 1, 3.0)  # FedAvg: the global weights as they come
+    assert all(np.all(value == 3) for value in trainer.started_from[-1].values())
+
+
+def test_the_normalization_layers_of_the_plans_network_are_found_by_module_type() -> None:
+    plan = plan_for("stroke-dwi-adc", network="tiny", strategy="fedbn")
+    network = build_network(plan.training.in_channels, 1, plan.training.network)
+    names = normalization_weight_names(network)
+    assert names and names < set(network_weights(network))
+    assert all(".norm" in name for name in names) and any(name.endswith("running_var") for name in names)
+    assert not any(name.endswith("conv.weight") for name in names)

@@ -12,6 +12,7 @@ from typing import Any
 
 from models.federation.roles import SiteRole
 from models.manifest import Task
+from training.federation.aggregation import STRATEGY_NAMES
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -58,8 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--task", required=True, choices=[task.value for task in Task])
     plan.add_argument("--rounds", type=int, default=3, metavar="R")
     plan.add_argument("--local-epochs", type=int, default=1, metavar="E")
-    plan.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedprox"))
+    plan.add_argument("--strategy", default="fedavg", choices=STRATEGY_NAMES)
     plan.add_argument("--mu", type=float, metavar="MU", help="FedProx's proximal weight (default 0.01)")
+    plan.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                      help="a parameter of the rule (repeatable): beta=0.9 (beta), temperature=1.0 and "
+                           "score=cases|val_loss (softmax), fraction=0.25 (trimmed-mean)")
     plan.add_argument("--quorum", type=int, default=1, metavar="Q", help="accepted updates a round needs")
     plan.add_argument("--deadline-s", type=float, default=3600.0, metavar="S", help="seconds a round waits")
     plan.add_argument("--network", default="default", choices=("tiny", "default"),
@@ -138,7 +142,15 @@ def run_revoke(args: argparse.Namespace) -> int:
 def run_plan(args: argparse.Namespace) -> int:
     from training.federation.plan import plan_for
 
-    params = {} if args.mu is None else {"mu": args.mu}
+    params: dict[str, float | str] = {} if args.mu is None else {"mu": args.mu}
+    for item in args.param:
+        name, separator, value = item.partition("=")
+        if not separator or not name:
+            raise ValueError(f"--param {item!r}: expected NAME=VALUE")
+        try:
+            params[name] = float(value)
+        except ValueError:
+            params[name] = value  # a text parameter (softmax's score): the rule checks its value
     plan = plan_for(args.task, network=args.network, rounds=args.rounds, local_epochs=args.local_epochs,
                     strategy=args.strategy, strategy_params=params, quorum=args.quorum, deadline_s=args.deadline_s)
     sys.stdout.write(plan.to_toml())

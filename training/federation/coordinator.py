@@ -67,7 +67,7 @@ from models.version import distribution_version
 from training.checkpoint import save_checkpoint
 from training.export import export_package
 from training.federation.admin import CoordinatorDir
-from training.federation.aggregation import SiteUpdate, strategy_by_name
+from training.federation.aggregation import SiteUpdate
 from training.federation.plan import FederatedPlan
 from training.federation.state import INCOMING_PREFIX, AcceptedUpdate, Round, SiteState
 
@@ -109,7 +109,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self.state = self.layout.state()
         self.plan = plan
         self.plan_toml = plan.to_toml()
-        self.strategy = strategy_by_name(plan.strategy, plan.strategy_params)
+        self.strategy = plan.rule()
         self.heartbeat_interval_s = heartbeat_interval_s
         self.heartbeat_timeout_s = 3 * heartbeat_interval_s
         self.idle_retry_s = max(1, int(heartbeat_interval_s) // 2)  # an idle site's retry_after_s
@@ -285,6 +285,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         site_metrics = {u.site: {**u.metrics, "cases": float(u.num_cases)} for u in updates}
         network = build_network(self.plan.training.in_channels, 1, self.plan.training.network)
         load_network_weights(network, weights)  # the checkpoint holds the whole state dict, shared tensors included
+        normalization = (" (each site trains with its own normalization layers; this model's are their FedAvg "
+                         "average)") if self.strategy.local_normalization else ""
         with tempfile.TemporaryDirectory(dir=round_dir) as tmp:
             checkpoint = save_checkpoint(
                 Path(tmp) / "aggregate.pt", plan=self.plan.training, epoch=current.round * self.plan.local_epochs,
@@ -294,7 +296,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             export_package(
                 checkpoint, incoming, private_key=self._round_key, version=version,
                 description=(f"federated round {current.round} of plan {self.plan.sha256[:12]}: {len(updates)} of "
-                             f"{len(current.invited)} sites, {self.plan.strategy}, fedlesion {distribution_version()}"),
+                             f"{len(current.invited)} sites, {self.plan.strategy}{normalization}, fedlesion "
+                             f"{distribution_version()}"),
                 sites_contributed=len(updates), sites_invited=len(current.invited),
             )
         os.rename(incoming, target)

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from models.manifest import Normalization, Preprocessing, Task
 from models.networks import Architecture, NetworkPlan
-from training.federation.aggregation import STRATEGY_NAMES, strategy_by_name
+from training.federation.aggregation import STRATEGIES, STRATEGY_NAMES, Strategy, StrategyParams, strategy_by_name
 from training.plan import TrainingPlan, default_plan
 
 NETWORK_SIZES = ("tiny", "default")
@@ -41,7 +41,7 @@ class FederatedPlan:
     training: TrainingPlan
     rounds: int
     strategy: str = "fedavg"
-    strategy_params: Mapping[str, float] = field(default_factory=dict)
+    strategy_params: StrategyParams = field(default_factory=dict)
     quorum: int = 1
     deadline_s: float = 600.0
 
@@ -56,16 +56,13 @@ class FederatedPlan:
         if isinstance(deadline, bool) or not isinstance(deadline, (int, float)) or not 0 < deadline < math.inf:
             raise ValueError(f"federation.deadline_s: must be a number > 0, got {deadline!r}")
         object.__setattr__(self, "deadline_s", float(deadline))
-        params: dict[str, float] = {}
-        for key, value in dict(self.strategy_params).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"federation.strategy_params.{key}: must be a finite number, got {value!r}")
-            params[str(key)] = float(value)
-        object.__setattr__(self, "strategy_params", params)
+        if not isinstance(self.strategy_params, Mapping):
+            raise ValueError(f"federation.strategy_params: must be a table, got {self.strategy_params!r}")
         try:  # the strategy validates its own name and parameters (e.g. FedProx's mu ≥ 0)
-            strategy_by_name(self.strategy, params)
+            rule = strategy_by_name(self.strategy, self.strategy_params)
         except ValueError as error:
             raise ValueError(f"federation.strategy: {error}") from None
+        object.__setattr__(self, "strategy_params", dict(rule.params))  # defaults included: the TOML says them all
 
     @property
     def task(self) -> Task:
@@ -78,7 +75,16 @@ class FederatedPlan:
     @property
     def prox_mu(self) -> float:
         """The proximal weight a site passes to `LocalTrainer.train(prox_mu=…)` (0 unless FedProx)."""
-        return strategy_by_name(self.strategy, self.strategy_params).prox_mu
+        return self.rule().prox_mu
+
+    @property
+    def local_normalization(self) -> bool:
+        """Whether each site keeps its own normalization layers (FedBN)."""
+        return self.rule().local_normalization
+
+    def rule(self) -> Strategy:
+        """The aggregation rule the plan names, with its parameters."""
+        return strategy_by_name(self.strategy, self.strategy_params)
 
     @property
     def sha256(self) -> str:
@@ -101,7 +107,7 @@ class FederatedPlan:
             "deadline_s": self.deadline_s,
         }
         lines += _toml_table(federation, _FEDERATION_COMMENTS)
-        lines += ["", "[federation.strategy_params]", "# e.g. mu = 0.01 for fedprox: the proximal term's weight"]
+        lines += ["", "[federation.strategy_params]", *_strategy_params_comments()]
         lines += _toml_table(dict(self.strategy_params), {})
         lines += ["", "# The training plan every site runs (training/plan.py), local epochs included."]
         lines += _toml_tables("training", self.training.to_dict(), _TRAINING_COMMENTS)
@@ -143,7 +149,7 @@ def plan_for(
     rounds: int = 3,
     local_epochs: int = 1,
     strategy: str = "fedavg",
-    strategy_params: Mapping[str, float] | None = None,
+    strategy_params: StrategyParams | None = None,
     quorum: int = 1,
     deadline_s: float = 600.0,
 ) -> FederatedPlan:
@@ -185,6 +191,14 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise ValueError(f"a plan value of type {type(value).__name__} has no TOML form")
+
+
+def _strategy_params_comments() -> list[str]:
+    """Each rule's parameters and their defaults, as comment lines for the plan's reader."""
+    return ["# the rule's parameters; their defaults:"] + [
+        f"#   {name}: " + ", ".join(f"{key} = {_toml_value(value)}" for key, value in cls.parameters.items())
+        for name, cls in STRATEGIES.items() if cls.parameters
+    ]
 
 
 def _toml_table(values: Mapping[str, Any], comments: Mapping[str, str]) -> list[str]:

@@ -6,6 +6,7 @@ Every call goes over mTLS with the site's enrollment bundle; weights travel as e
 number of training (and validation) cases, the loss and the mean validation metrics; never a case id, a file name, an
 image or a per-case value. A coordinator that is down or restarting costs the site a retry with exponential backoff,
 forever; a site killed mid-round is a new site process that says hello and takes the next task it is given.
+Under FedBN a site trains from the global weights with its own normalization layers, kept in its state folder.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import logging
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 
-from models.durable import create_file
+from models.durable import create_file, write_atomic
 from models.federation import federation_pb2 as pb2
 from models.federation import federation_pb2_grpc
 from models.federation.enrollment import SITE_KEY_FILE, EnrollmentBundle
@@ -41,7 +44,7 @@ from training.datasets import TrainingCase, load_training_cases, split_cases
 from training.federation.plan import FederatedPlan
 from training.federation.policy import DatasetUse, PlanApproval, PolicyRole, SitePolicy
 
-__all__ = ["Backoff", "Site", "write_site_key"]
+__all__ = ["Backoff", "LocalNormalization", "Site", "write_site_key"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ SITE_CSR_FILE = "site.csr"
 SHARED_METRICS = ("train_loss", "val_dice", "val_avd_ml", "val_lf1", "n_val_cases", "n_skipped_cases", "local_epochs")
 TRANSFER_ATTEMPTS = 3  # a weights stream broken in transit (a bad chunk, a resend reply) is tried this many times
 IDLE_RETRY_S = 5.0  # an IDLE reply without retry_after_s
+LOCAL_NORMALIZATION_DIR = "local-normalization"  # FedBN: each plan's own normalization layers, under STATE_DIR
 REFUSED_RETRY_S = 30.0  # how soon a site that refused a task asks again (the plan or round may have changed)
 RPC_TIMEOUT_S = 30.0  # unary calls; streams are bounded by the round's deadline instead
 
@@ -102,6 +106,28 @@ class _Prepared:
     n_train: int
     n_val: int
     n_skipped: int
+
+
+@dataclass(frozen=True)
+class LocalNormalization:
+    """FedBN at a site: its own normalization layers (`names`), kept in a file of its state folder per plan, so that
+    they last across rounds and restarts; the global weights never overwrite them."""
+
+    path: Path
+    names: frozenset[str]
+
+    def starting_weights(self, global_weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The global weights with the site's own normalization layers in place (the global ones before its first
+        round)."""
+        if not self.path.is_file():
+            return dict(global_weights)
+        spec = weights_spec({name: global_weights[name] for name in self.names})
+        return {**global_weights, **decode_weights(self.path.read_bytes(), spec)}
+
+    def keep(self, weights: Mapping[str, np.ndarray]) -> None:
+        data = encode_weights({name: weights[name] for name in self.names})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, lambda temp: temp.write_bytes(data))
 
 
 class TaskRefused(Exception):
@@ -329,6 +355,8 @@ class Site:
             raise TaskRefused(f"no usable training case in the policy's datasets for task {plan.task}")
         trainer = prepared.trainer
         weights = self._global_weights(task, trainer)
+        local = self._local_normalization(plan, trainer) if plan.local_normalization else None
+        start = weights if local is None else local.starting_weights(weights)
         budget_s = self.policy.max_hours_per_round * 3600
         if task.deadline_unix:
             budget_s = min(budget_s, task.deadline_unix - time.time())
@@ -340,10 +368,12 @@ class Site:
                 log.warning("round %d: stopping after %d of %d local epochs (time budget %.0f s)", task.round,
                             epochs_done, plan.local_epochs, budget_s)
                 break
-            update = trainer.train(weights if epochs_done == 0 else None, 1, global_weights=weights,
+            update = trainer.train(start if epochs_done == 0 else None, 1, global_weights=weights,
                                    prox_mu=plan.prox_mu)
             epochs_done += 1
         assert update is not None
+        if local is not None:
+            local.keep(update.weights)
         trained_s = time.monotonic() - started
         metrics = {"train_loss": update.metrics["train_loss"], "local_epochs": epochs_done,
                    "n_skipped_cases": prepared.n_skipped, **trainer.evaluate()}
@@ -352,6 +382,12 @@ class Site:
         self._pending = _Update((task.plan_sha256, task.round, task.base_sha256), encode_weights(update.weights),
                                 update.n_cases, _shared(metrics))
         self._upload(task, self._pending)
+
+    def _local_normalization(self, plan: FederatedPlan, trainer: Any) -> LocalNormalization:
+        from models.networks import normalization_weight_names
+
+        return LocalNormalization(self.state_dir / LOCAL_NORMALIZATION_DIR / f"{plan.sha256[:16]}.weights",
+                                  frozenset(normalization_weight_names(trainer.model)))
 
     def _upload(self, task: pb2.TaskReply, update: _Update) -> None:
         """PutUpdate, again while the coordinator answers resend (a chunk broken in transit)."""
