@@ -315,6 +315,102 @@ def test_an_update_arriving_while_the_round_closes_or_after_is_refused_not_count
         state.close()
 
 
+def test_screening_refuses_hostile_updates_at_the_close_and_suspends_a_site_refused_twice_until_resumed(
+        coordinator_dir, capsys) -> None:
+    """Round 1: gamma's change ×100 (norm); round 2: gamma's change sign-flipped (direction), its second refusal in a
+    row: suspended, not invited, until `coordinator resume`. Round 3: alpha reports more cases than it declared and
+    beta 10⁶: refused, and one update left is below the quorum, so the round waits. FedBN's manifest says how its
+    normalization was made."""
+    from fedlesion.cli import main
+
+    directory, bundles = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=3, quorum=2, deadline_s=30, strategy="fedbn")
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=2)
+    state, now = coordinator.state, time.time()
+    rng = np.random.default_rng(3)
+    shared: dict[str, np.ndarray] = {}
+
+    def put(name: str, factor: float, cases: int = 10) -> pb2.UpdateReply:
+        """The round's base moved by `factor` times a change shared by all sites plus the site's own noise."""
+        round_ = state.current_round(plan.sha256)
+        base = decode_weights(coordinator._base(round_)[0])
+        weights = {}
+        for key, value in base.items():
+            if value.dtype.kind != "f":
+                weights[key] = value
+                continue
+            change = shared.setdefault(key, rng.normal(0, 0.01, value.shape)) + rng.normal(0, 0.003, value.shape)
+            weights[key] = (value + factor * change).astype(value.dtype)
+        binding = StreamBinding(plan.sha256, round_.round, round_.base_sha256, name)
+        parts = chunk_stream(encode_weights(weights), key=bundles[name].payload_key, aad_fields=binding,
+                             header_fields={"num_cases": cases, "metrics": {}})
+        return coordinator.PutUpdate(parts, PeerContext(bundles[name]))
+
+    def run_round(at: float, factors: dict[str, float], cases: dict[str, int] | None = None) -> Round:
+        for name in ("alpha", "beta", "gamma"):
+            state.seen(name, "idle", now=at)
+        coordinator.step(at)
+        opened = state.current_round(plan.sha256)
+        for name, factor in factors.items():
+            assert put(name, factor, (cases or {}).get(name, 10)).accepted  # screening comes at the close
+        coordinator.step(at + 1)
+        return opened
+
+    try:
+        first = run_round(now, {"alpha": 1.0, "beta": 1.0, "gamma": 100.0})
+        [row] = state.status()["rounds"]
+        assert row["state"] == "closed" and row["contributors"] == ["alpha", "beta"]
+        [scaled] = row["rejected"]
+        assert scaled["site"] == "gamma" and "× the median of the others'" in scaled["reason"]
+        manifest = parse_manifest((directory / "versions" / TASK.value / "1" / "manifest.json").read_bytes())
+        assert manifest.training.strategy == "fedbn" and manifest.training.sites_contributed == 2
+        assert "own normalization layers; this model's are their FedAvg average" in manifest.description
+        assert first.round == 1 and state.site("gamma").state.value == "active"
+
+        def export(current, weights, updates, version, round_dir) -> Path:  # no ONNX needed from here on
+            target = state.versions_dir(current.task) / str(version)
+            target.mkdir(parents=True)
+            return target
+
+        coordinator._export = export
+        run_round(now + 2, {"alpha": 1.0, "beta": 1.0, "gamma": -1.0})
+        flipped = state.status()["rounds"][1]
+        assert flipped["contributors"] == ["alpha", "beta"] and flipped["state"] == "closed"
+        assert "points away from the others'" in flipped["rejected"][0]["reason"]
+        gamma = state.site("gamma")
+        assert gamma.state.value == "suspended" and "refused 2 updates in a row" in gamma.reason
+
+        for name in ("alpha", "beta", "gamma"):
+            state.seen(name, "idle", now=now + 4)
+        coordinator.step(now + 4)
+        third = state.current_round(plan.sha256)
+        assert third.round == 3 and third.invited == ("alpha", "beta")  # a suspended site is not invited
+        assert coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["gamma"])).kind == pb2.TaskReply.IDLE
+        capsys.readouterr()
+        assert main(["coordinator", "status", "--dir", str(directory)]) == 0
+        shown = capsys.readouterr().out
+        assert "suspended (screening refused 2 updates in a row" in shown
+        assert "refused from gamma: screening: its change from the global weights points away" in shown
+
+        assert main(["coordinator", "resume", "gamma", "--dir", str(directory)]) == 0
+        assert main(["coordinator", "declare", "alpha", "--cases", "5", "--dir", str(directory)]) == 0
+        assert "resumed gamma" in capsys.readouterr().out and state.site("gamma").state.value == "active"
+        assert coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["gamma"])).kind == pb2.TaskReply.TRAIN
+        for name, cases in (("alpha", 6), ("beta", 10**6), ("gamma", 10)):
+            assert put(name, 1.0, cases).accepted
+        coordinator.step(now + 5)
+        claims = state.status()["rounds"][2]
+        assert claims["state"] == "open" and claims["contributors"] == ["gamma"]  # below the quorum: it waits
+        assert {r["site"]: r["reason"] for r in claims["rejected"]} == {
+            "alpha": "screening: it reports 6 training cases, above its declared dataset size of 5",
+            "beta": "screening: it reports 1000000 training cases, above the plan's cap of 100000",
+        }
+        actions = [(entry["action"], entry["subject"]) for entry in state.audit_log()]
+        assert ("suspend", "gamma") in actions and ("resume", "gamma") in actions and ("declare", "alpha") in actions
+    finally:
+        state.close()
+
+
 def test_the_command_line_sets_up_a_coordinator_and_reports_status(tmp_path: Path, capsys) -> None:
     from fedlesion.cli import main
 

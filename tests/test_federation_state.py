@@ -126,3 +126,45 @@ def test_the_state_file_holding_payload_keys_is_owner_only(tmp_path: Path) -> No
         assert len(list(tmp_path.glob("state.sqlite3*"))) >= 2
     finally:
         state.close()
+
+
+def test_screening_refusals_count_per_site_and_the_second_in_a_row_suspends_it_until_resumed(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.declare("alpha", 40, actor="operator")
+    assert state.declared_cases() == {"alpha": 40}
+    with pytest.raises(ValueError, match="integer ≥ 1"):
+        state.declare("beta", 0, actor="operator")
+    refused = {"beta": "its change points away"}
+
+    def screened_round(number: int, passed: list[str]) -> list[str]:
+        round_ = state.open_round(PLAN, number, TASK, ["alpha", "beta"], "b" * 64, tmp_path / "base", time.time() + 60)
+        for name in ("alpha", "beta"):
+            state.record_update(round_.id, name, accepted=True, num_cases=3, path=tmp_path / f"{name}{number}")
+        suspended = state.record_screening(round_.id, refused, passed, actor="serve")
+        state.commit_candidate(TASK, number, tmp_path / str(number), round_id=round_.id, actor="serve")
+        return suspended
+
+    assert screened_round(1, ["alpha"]) == []
+    assert [u.site for u in state.accepted_updates(1)] == ["alpha"]  # beta's update no longer counts
+    assert state.site("beta").state is SiteState.ACTIVE
+    assert screened_round(2, ["alpha"]) == ["beta"]
+    beta = state.site("beta")
+    assert beta.state is SiteState.SUSPENDED and "refused 2 updates in a row" in beta.reason
+    assert "coordinator resume beta" in beta.reason
+    state.unpause()  # what opening a round does for policy pauses: a suspension stays
+    assert state.active_sites("trainer", seen_after=0) == ["alpha"]
+    status = state.status()
+    assert status["rounds"][1]["rejected"] == [{"site": "beta", "reason": "screening: its change points away"}]
+    assert [(s["name"], s["declared_cases"], s["refused_in_a_row"]) for s in status["sites"]] == [
+        ("alpha", 40, 0), ("beta", None, 2)]
+    state.resume("beta", actor="operator")
+    assert state.site("beta").state is SiteState.ACTIVE and state.status()["sites"][1]["refused_in_a_row"] == 0
+    with pytest.raises(ValueError, match="is active: only a suspended or paused site resumes"):
+        state.resume("beta", actor="operator")
+    assert screened_round(3, ["alpha"]) == []  # once again one refusal, not two in a row
+    refused = {}
+    screened_round(4, ["alpha", "beta"])  # an update that passes clears the count
+    assert state.status()["sites"][1]["refused_in_a_row"] == 0
+    actions = [(entry["action"], entry["subject"]) for entry in state.audit_log() if entry["subject"] == "beta"]
+    assert actions[1:] == [("screen", "beta"), ("screen", "beta"), ("suspend", "beta"), ("resume", "beta"),
+                           ("screen", "beta")]

@@ -55,6 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.add_argument("--reason", default="", metavar="TEXT")
     revoke.set_defaults(func=run_revoke)
 
+    resume = actions.add_parser("resume", help="let a site that screening suspended (or a paused one) back in")
+    resume.add_argument("site", metavar="SITE")
+    _dir(resume)
+    resume.set_defaults(func=run_resume)
+
+    declare = actions.add_parser("declare", help="record a site's declared dataset size (screening's case check)")
+    declare.add_argument("site", metavar="SITE")
+    _dir(declare)
+    declare.add_argument("--cases", type=int, required=True, metavar="N",
+                         help="its local training cases: an update reporting more is refused")
+    declare.set_defaults(func=run_declare)
+
     plan = actions.add_parser("plan", help="print a commented federated plan to edit and keep")
     plan.add_argument("--task", required=True, choices=[task.value for task in Task])
     plan.add_argument("--rounds", type=int, default=3, metavar="R")
@@ -167,6 +179,22 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_resume(args: argparse.Namespace) -> int:
+    from training.federation import admin
+
+    admin.resume(args.dir, args.site)
+    print(f"resumed {args.site}: invited from the next round it can join")
+    return 0
+
+
+def run_declare(args: argparse.Namespace) -> int:
+    from training.federation import admin
+
+    admin.declare(args.dir, args.site, args.cases)
+    print(f"{args.site} declares {args.cases} training cases: an update reporting more is refused")
+    return 0
+
+
 def run_release(args: argparse.Namespace) -> int:
     from training.federation import admin
 
@@ -198,8 +226,9 @@ def run_status(args: argparse.Namespace) -> int:
     print("sites:")
     for site in status["sites"]:
         why = f" ({site['reason']})" if site["reason"] else ""
+        declared = f", declares {site['declared_cases']} cases" if site["declared_cases"] else ""
         print(f"  {site['name']:<20} {site['role']:<9} {site['state']}{why}, last seen {_when(site['last_seen'])}"
-              f"{', ' + site['activity'] if site['activity'] else ''}")
+              f"{', ' + site['activity'] if site['activity'] else ''}{declared}")
     print("rounds:")
     for round_ in status["rounds"]:
         version = f", version {round_['version']}" if round_["version"] else ""

@@ -1,5 +1,5 @@
 """The coordinator directory and the operator's commands that run beside `serve`: init, enroll, renew, revoke,
-release and publish.
+resume, declare, release and publish.
 
 Keys live apart (ARCHITECTURE.md): `DIR/ca/` is read only here by init, enroll and renew; `DIR/release/` only by
 `release` (and its public keys by enroll, for the bundles); `serve` reads `DIR/server/` and the state database,
@@ -159,6 +159,16 @@ def revoke(directory: Path, site: str, reason: str) -> None:
     CoordinatorDir(Path(directory)).state().revoke(site, reason or "revoked by the operator", actor=operator())
 
 
+def resume(directory: Path, site: str) -> None:
+    """Let a site that screening suspended (or a paused one) back into the rounds, from the next one it can join."""
+    CoordinatorDir(Path(directory)).state().resume(site, actor=operator())
+
+
+def declare(directory: Path, site: str, cases: int) -> None:
+    """Record the dataset size a site declared: screening refuses its updates reporting more training cases."""
+    CoordinatorDir(Path(directory)).state().declare(site, cases, actor=operator())
+
+
 def release(directory: Path, task: Task | str, version: int, *, by: str | None = None) -> Path:
     """Sign a candidate's manifest with the release key and mark it released: from now on nodes may pull it."""
     layout = CoordinatorDir(Path(directory))
@@ -212,5 +222,5 @@ def publish(directory: Path, package: Path) -> LoadedPackage:
     return loaded
 
 
-__all__ = ["CoordinatorDir", "DEFAULT_LIFETIME_DAYS", "enroll", "init", "operator", "publish", "release", "renew",
-           "revoke"]
+__all__ = ["CoordinatorDir", "DEFAULT_LIFETIME_DAYS", "declare", "enroll", "init", "operator", "publish", "release",
+           "renew", "resume", "revoke"]

@@ -13,6 +13,10 @@ Every call passes `check` first (transport.add_coordinator_servicer): the peer c
 up in the state database on each call, so `coordinator revoke` in another process takes effect at once. Refusals are
 logged with their reason; refused updates are recorded with theirs (`coordinator status`).
 
+Before aggregating, a round's accepted updates are screened against each other (screening.py: case count, norm,
+direction): a refused one is recorded as refused with its reason, and a site refused twice in a row is suspended
+until `coordinator resume`. If fewer than the quorum pass, the round stays open (its deadline retries it).
+
 A site whose custodian's policy refuses the task reports metrics of kind `refused` with the reason: the refusal is
 recorded in the open round (status shows it), and the site is paused with that reason until the next round opens
 or the round's retry (each asks it again: its custodian may have approved the plan meanwhile) or it says hello
@@ -69,6 +73,7 @@ from training.export import export_package
 from training.federation.admin import CoordinatorDir
 from training.federation.aggregation import SiteUpdate
 from training.federation.plan import FederatedPlan
+from training.federation.screening import screen
 from training.federation.state import INCOMING_PREFIX, AcceptedUpdate, Round, SiteState
 
 log = logging.getLogger(__name__)
@@ -243,14 +248,20 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             updates = self.state.accepted_updates(current.id)
             decoded, self._decoded_updates = self._decoded_updates, {}
         try:
-            self._aggregate_and_export(current, updates, decoded, started)
+            updates, site_updates = self._screened(current, updates, decoded)
+            if len(updates) < self.plan.quorum:
+                log.warning("round %d: %d update(s) passed screening, below the quorum of %d; the round waits",
+                            current.round, len(updates), self.plan.quorum)
+                return
+            self._aggregate_and_export(current, updates, site_updates, started)
         finally:
             with self._closing_lock:
                 self._closing = None
 
-    def _aggregate_and_export(self, current: Round, updates: list[AcceptedUpdate],
-                              decoded: dict[Path, dict[str, np.ndarray]], started: float) -> None:
-        """The version is built from exactly `updates`, the ones the round's record lists as contributors."""
+    def _screened(self, current: Round, updates: list[AcceptedUpdate], decoded: dict[Path, dict[str, np.ndarray]]
+                  ) -> tuple[list[AcceptedUpdate], list[SiteUpdate]]:
+        """The round's accepted updates that pass screening (screening.py), as recorded and with their arrays; the
+        refused ones become refusals with their reason, and a site refused twice in a row is suspended."""
         _, base = self._base(current)
         spec = weights_spec(base)
 
@@ -259,7 +270,21 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 return decoded[update.path]
             return decode_weights(update.path.read_bytes(), spec, copy=False)
 
-        weights = self.strategy.aggregate(base, [SiteUpdate(u.site, arrays(u), u.num_cases, u.metrics) for u in updates])
+        site_updates = [SiteUpdate(u.site, arrays(u), u.num_cases, u.metrics) for u in updates]
+        refused = screen(base, site_updates, self.plan.screening, self.state.declared_cases(), self.strategy)
+        for site, reason in refused.items():
+            log.warning("refused update from %s for round %d at screening: %s", site, current.round, reason)
+        passed = [u.site for u in updates if u.site not in refused]
+        for site in self.state.record_screening(current.id, refused, passed, actor="serve"):
+            log.warning("site %s suspended: %s", site, self.state.site(site).reason)
+        return ([u for u in updates if u.site not in refused],
+                [u for u in site_updates if u.site not in refused])
+
+    def _aggregate_and_export(self, current: Round, updates: list[AcceptedUpdate], site_updates: list[SiteUpdate],
+                              started: float) -> None:
+        """The version is built from exactly `updates`, the ones the round's record lists as contributors."""
+        _, base = self._base(current)
+        weights = self.strategy.aggregate(base, site_updates)
         round_dir = self.rounds_dir / str(current.round)
         round_dir.mkdir(parents=True, exist_ok=True)
         aggregate = encode_weights(weights)

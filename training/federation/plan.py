@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from models.manifest import Normalization, Preprocessing, Task
 from models.networks import Architecture, NetworkPlan
 from training.federation.aggregation import STRATEGIES, STRATEGY_NAMES, Strategy, StrategyParams, strategy_by_name
+from training.federation.screening import SCREENING_COMMENTS, ScreeningLimits
 from training.plan import TrainingPlan, default_plan
 
 NETWORK_SIZES = ("tiny", "default")
@@ -44,6 +45,7 @@ class FederatedPlan:
     strategy_params: StrategyParams = field(default_factory=dict)
     quorum: int = 1
     deadline_s: float = 600.0
+    screening: ScreeningLimits = ScreeningLimits()
 
     def __post_init__(self) -> None:
         if not isinstance(self.training, TrainingPlan):
@@ -63,6 +65,8 @@ class FederatedPlan:
         except ValueError as error:
             raise ValueError(f"federation.strategy: {error}") from None
         object.__setattr__(self, "strategy_params", dict(rule.params))  # defaults included: the TOML says them all
+        if not isinstance(self.screening, ScreeningLimits):
+            raise ValueError("federation.screening: must be ScreeningLimits")
 
     @property
     def task(self) -> Task:
@@ -109,6 +113,8 @@ class FederatedPlan:
         lines += _toml_table(federation, _FEDERATION_COMMENTS)
         lines += ["", "[federation.strategy_params]", *_strategy_params_comments()]
         lines += _toml_table(dict(self.strategy_params), {})
+        lines += ["", "[federation.screening]", "# every update is checked against the others of its round first"]
+        lines += _toml_table(asdict(self.screening), SCREENING_COMMENTS)
         lines += ["", "# The training plan every site runs (training/plan.py), local epochs included."]
         lines += _toml_tables("training", self.training.to_dict(), _TRAINING_COMMENTS)
         return "\n".join(lines) + "\n"
@@ -126,7 +132,7 @@ class FederatedPlan:
             if not isinstance(data.get(section), dict):
                 raise ValueError(f"plan: missing [{section}] table")
         federation = dict(data["federation"])
-        known = {"task", "rounds", "strategy", "strategy_params", "quorum", "deadline_s"}
+        known = {"task", "rounds", "strategy", "strategy_params", "quorum", "deadline_s", "screening"}
         unknown = sorted(set(federation) - known)
         if unknown:
             raise ValueError(f"plan: unknown key(s) in [federation]: {', '.join(unknown)}")
@@ -136,6 +142,7 @@ class FederatedPlan:
             raise ValueError(f"federation.task: {task!r} differs from training.task {str(training.task)!r}")
         if "rounds" not in federation:
             raise ValueError("federation.rounds: missing")
+        federation["screening"] = ScreeningLimits.from_table(federation.get("screening", {}))
         try:
             return cls(training=training, **federation)
         except TypeError as error:
@@ -152,6 +159,7 @@ def plan_for(
     strategy_params: StrategyParams | None = None,
     quorum: int = 1,
     deadline_s: float = 600.0,
+    screening: ScreeningLimits = ScreeningLimits(),
 ) -> FederatedPlan:
     """A federated plan around today's CPU plan (`default`) or a network small enough for tests (`tiny`).
 
@@ -174,7 +182,7 @@ def plan_for(
             val_overlap=0.0,
         )
     training = replace(training, epochs=local_epochs)
-    return FederatedPlan(training, rounds, strategy, dict(strategy_params or {}), quorum, deadline_s)
+    return FederatedPlan(training, rounds, strategy, dict(strategy_params or {}), quorum, deadline_s, screening)
 
 
 def _toml_value(value: Any) -> str:

@@ -100,11 +100,17 @@ CREATE TABLE IF NOT EXISTS versions (
     released_at REAL,
     PRIMARY KEY (task, version)
 );
+CREATE TABLE IF NOT EXISTS site_screening (
+    site TEXT PRIMARY KEY REFERENCES sites(name),
+    declared_cases INTEGER,           -- the dataset size the site declared to the consortium (`coordinator declare`)
+    refused_in_a_row INTEGER NOT NULL DEFAULT 0  -- its updates screening refused since one passed; 2 suspends it
+);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
     at REAL NOT NULL,
     actor TEXT NOT NULL,
-    action TEXT NOT NULL,             -- enroll | renew | revoke | resume | publish | release | plan
+    action TEXT NOT NULL,             -- enroll | renew | revoke | declare | screen | suspend | resume | publish
+                                      -- | release | plan
     subject TEXT NOT NULL,
     detail TEXT NOT NULL DEFAULT '{}'
 );
@@ -114,6 +120,7 @@ CREATE TABLE IF NOT EXISTS audit (
 class SiteState(StrEnum):
     ACTIVE = "active"
     PAUSED = "paused"  # its custodian's policy refused the task: not invited again in this round
+    SUSPENDED = "suspended"  # screening refused its updates twice in a row: not invited until `coordinator resume`
     REVOKED = "revoked"
 
 
@@ -263,6 +270,59 @@ class CoordinatorState:
         with self._write() as db:
             db.execute("UPDATE sites SET state = ?, reason = '' WHERE state = ? AND (? IS NULL OR name = ?)",
                        (SiteState.ACTIVE, SiteState.PAUSED, name, name))
+
+    def resume(self, name: str, *, actor: str) -> None:
+        """The operator lets a suspended (or paused) site back in: invited again, its screening record cleared."""
+        with self._write() as db:
+            site = self._site(db, name)
+            if site.state not in (SiteState.SUSPENDED, SiteState.PAUSED):
+                raise ValueError(f"site {name!r} is {site.state.value}: only a suspended or paused site resumes")
+            db.execute("UPDATE sites SET state = ?, reason = '' WHERE name = ?", (SiteState.ACTIVE, name))
+            db.execute("UPDATE site_screening SET refused_in_a_row = 0 WHERE site = ?", (name,))
+            self._audit(db, actor, "resume", name, {"was": site.state.value, "reason": site.reason})
+
+    # -- screening --------------------------------------------------------------------------------------------
+    def declare(self, name: str, cases: int, *, actor: str) -> None:
+        """The dataset size a site declared: screening refuses an update reporting more training cases."""
+        if isinstance(cases, bool) or not isinstance(cases, int) or cases < 1:
+            raise ValueError(f"declared cases must be an integer ≥ 1, got {cases!r}")
+        with self._write() as db:
+            self._site(db, name)
+            db.execute("INSERT INTO site_screening (site, declared_cases) VALUES (?, ?) "
+                       "ON CONFLICT (site) DO UPDATE SET declared_cases = excluded.declared_cases", (name, cases))
+            self._audit(db, actor, "declare", name, {"cases": cases})
+
+    def declared_cases(self) -> dict[str, int]:
+        with self._read() as db:
+            rows = db.execute("SELECT site, declared_cases FROM site_screening WHERE declared_cases IS NOT NULL")
+            return {row[0]: row[1] for row in rows}
+
+    def record_screening(self, round_id: int, refused: Mapping[str, str], passed: Sequence[str], *,
+                         actor: str) -> list[str]:
+        """Turn the round's accepted updates that screening refused into refusals, with why; count them per site
+        (an update that passes resets the count) and suspend a site at its second in a row. Returns the sites
+        suspended now."""
+        suspended: list[str] = []
+        with self._write() as db:
+            for site, reason in refused.items():
+                db.execute("UPDATE updates SET accepted = 0, reason = ? WHERE round_id = ? AND site = ? AND accepted = 1",
+                           (f"screening: {reason}", round_id, site))
+                db.execute("INSERT INTO site_screening (site, refused_in_a_row) VALUES (?, 1) ON CONFLICT (site) "
+                           "DO UPDATE SET refused_in_a_row = refused_in_a_row + 1", (site,))
+                in_a_row = db.execute("SELECT refused_in_a_row FROM site_screening WHERE site = ?",
+                                      (site,)).fetchone()[0]
+                self._audit(db, actor, "screen", site, {"round_id": round_id, "reason": reason,
+                                                        "refused_in_a_row": in_a_row})
+                if in_a_row >= 2 and self._site(db, site).state in (SiteState.ACTIVE, SiteState.PAUSED):
+                    why = (f"screening refused {in_a_row} updates in a row (last: {reason}); "
+                           f"`fedlesion coordinator resume {site}` lets it back")
+                    db.execute("UPDATE sites SET state = ?, reason = ? WHERE name = ?", (SiteState.SUSPENDED, why, site))
+                    self._audit(db, actor, "suspend", site, {"reason": why})
+                    suspended.append(site)
+            for site in passed:
+                db.execute("INSERT INTO site_screening (site) VALUES (?) ON CONFLICT (site) "
+                           "DO UPDATE SET refused_in_a_row = 0", (site,))
+        return suspended
 
     def site(self, name: str) -> Site:
         with self._read() as db:
@@ -505,8 +565,10 @@ class CoordinatorState:
         with self._read() as db:
             plan = db.execute("SELECT value FROM meta WHERE key = 'plan_sha256'").fetchone()
             sites = [
-                dict(name=r[0], role=r[1], state=r[2], reason=r[3], last_seen=r[4], activity=r[5])
-                for r in db.execute("SELECT name, role, state, reason, last_seen, activity FROM sites ORDER BY name")
+                dict(name=r[0], role=r[1], state=r[2], reason=r[3], last_seen=r[4], activity=r[5],
+                     declared_cases=r[6], refused_in_a_row=r[7] or 0)
+                for r in db.execute("SELECT name, role, state, reason, last_seen, activity, declared_cases, "
+                                    "refused_in_a_row FROM sites LEFT JOIN site_screening ON site = name ORDER BY name")
             ]
             rounds = []
             for r in db.execute(f"SELECT {_ROUND_COLUMNS}, note FROM rounds ORDER BY id").fetchall():
