@@ -1,5 +1,5 @@
 {
   "algorithm": "ed25519",
   "public_key": "ybj9sAzQnTa3BflHw+oaO/MUtgx3wg0lNQ30brMJEUM=",
-  "signature": "Q8lhPFVamRM9IMLJqRcqntRljVONF7MgMnMKnoqTzDS6jzhPuG2YL62OPsaL9yYRrBLuU3z5KMPdGfNqtm1PAw=="
+  "signature": "0O6uHETZMbFGjgBt++Jc6MPSTDkJMw2KvT4ZIe01mec0GZCLsbtQmQosGXnzBxvEE5bnli1dPnQCcxFPuNjrBw=="
 }
