@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import require
 from training.synthetic import randomized as rz
-from training.synthetic.anatomy import shared_data_dir
+from training.synthetic.anatomy import box_grid, shared_data_dir
 from training.synthetic.shapes import ShapeLibrary, load_shape, shape_paths
 
 SHARED = shared_data_dir()
@@ -74,7 +74,7 @@ def test_grid_units_and_ranges(strokes) -> None:
 
 
 def test_deformation_stays_within_its_ranges() -> None:
-    affine, shape = rz._output_grid(2.0)
+    affine, shape = box_grid(2.0)
     for seed in range(3):
         coords = rz._template_coordinates(np.random.default_rng(seed), affine, shape)
         centre_index = np.ravel_multi_index(tuple(n // 2 for n in shape), shape)

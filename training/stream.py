@@ -86,19 +86,20 @@ class CaseStream:
         _isotropic(preprocessing)
         # spawn: the trainer's process holds torch's thread pools, which a forked child must not inherit.
         self._executor = ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn"))
-        self._pending: dict[int, list[Future]] = {}
+        self._next: tuple[int, list[Future]] | None = None  # the pool being drawn ahead: (epoch, futures)
         self.drawn = 0
         self.draw_seconds = 0.0  # wall time spent waiting for pools, summed over epochs
 
     def pool(self, epoch: int) -> list[PreparedCase]:
         """Epoch `epoch`'s volumes (a pure function of seed, epoch and P); starts drawing the next epoch's."""
         started = time.perf_counter()
-        futures = self._pending.pop(epoch, None) or self._submit(epoch)
-        for stale in [key for key in self._pending if key != epoch + 1]:
-            for future in self._pending.pop(stale):
+        if self._next is not None and self._next[0] == epoch:
+            futures = self._next[1]
+        else:  # the first epoch of a run, or an epoch out of order: what was drawn ahead is not needed
+            for future in self._next[1] if self._next else []:
                 future.cancel()
-        if epoch + 1 not in self._pending:
-            self._pending[epoch + 1] = self._submit(epoch + 1)
+            futures = self._submit(epoch)
+        self._next = (epoch + 1, self._submit(epoch + 1))
         cases = [future.result() for future in futures]
         self.draw_seconds += time.perf_counter() - started
         self.drawn += len(cases)

@@ -150,8 +150,6 @@ class LocalTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(plan, step))
         self.amp = plan.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        self.sampler = PatchSampler(self.train_data, plan.patch_size, plan.foreground_fraction) if self.train_data \
-            else None
         self.augment = build_augmentation(plan)
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
@@ -178,8 +176,7 @@ class LocalTrainer:
         plan = self.plan
         if self.stream is not None:
             self.train_data = self.stream.pool(epoch)
-            self.sampler = PatchSampler(self.train_data, plan.patch_size, plan.foreground_fraction)
-        assert self.sampler is not None
+        sampler = PatchSampler(self.train_data, plan.patch_size, plan.foreground_fraction)
         rng = np.random.default_rng(_epoch_seed(plan.seed, epoch, 0))
         self.augment.set_random_state(seed=_epoch_seed(plan.seed, epoch, 1) % (2**32))
         remaining = plan.iterations_per_epoch
@@ -188,7 +185,7 @@ class LocalTrainer:
             remaining -= size
             images, labels = [], []
             for _ in range(size):
-                image, label = self.sampler.sample(rng)
+                image, label = sampler.sample(rng)
                 item = self.augment({"image": image, "label": label})
                 images.append(_tensor(item["image"]))
                 labels.append((_tensor(item["label"]) > 0.5).float())
@@ -404,7 +401,7 @@ def plot_curves(history: Sequence[Mapping[str, Any]], path: Path) -> None:
 
 def train_model(
     plan: TrainingPlan,
-    train_cases: Iterable[CaseLike],
+    train_cases: Iterable[CaseLike] | CaseStream,
     val_cases: Iterable[CaseLike] | None,
     out_dir: str | Path,
     *,

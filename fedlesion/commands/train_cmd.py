@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         if args.val_cases < 1:
             raise ValueError(f"--val-cases must be at least 1, got {args.val_cases}")
         stream = CaseStream(args.task, stream_spec, args.seed, plan.preprocessing)
+        train, context = stream, stream  # the stream's worker processes end with the training
         val = validation_cases(args.task, args.val_cases, stream.seed, plan.preprocessing)
         print(f"training on {stream_spec.pool} fresh volume(s) per epoch, validating on {len(val)}; plan sha256 "
               f"{plan.sha256()}", file=sys.stderr)
@@ -89,19 +91,17 @@ def run(args: argparse.Namespace) -> int:
         if not cases:
             raise ValueError(f"--data {args.data}: no usable cases")
         train, val = split_cases(cases, args.val_fraction, args.seed)
+        context = contextlib.nullcontext()
         print(f"training on {len(train)} case(s), validating on {len(val)}; plan sha256 {plan.sha256()}",
               file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if stream_spec is not None:
-        started = time.perf_counter()
-        with stream:
-            checkpoint = train_model(plan, stream, val, out, resume=args.resume, device=args.device,
-                                     progress=not args.no_progress)
-        print(stream.report(time.perf_counter() - started), file=sys.stderr)
-    else:
+    started = time.perf_counter()
+    with context:
         checkpoint = train_model(plan, train, val, out, resume=args.resume, device=args.device,
                                  progress=not args.no_progress)
+    if stream_spec is not None:
+        print(stream.report(time.perf_counter() - started), file=sys.stderr)
     if (out / "threshold.csv").exists() and checkpoint.name == "best.pt":
         print(f"threshold {checkpoint_threshold(load_checkpoint(checkpoint)):g}, calibrated on the validation cases "
               f"(validation Dice per candidate: {out / 'threshold.csv'})", file=sys.stderr)

@@ -78,7 +78,7 @@ def build_anatomy(rng: np.random.Generator, resolution_mm: float, *, source: str
     return _procedural_anatomy(rng, float(resolution_mm))
 
 
-def _box_grid(resolution_mm: float) -> tuple[np.ndarray, tuple[int, int, int]]:
+def box_grid(resolution_mm: float) -> tuple[np.ndarray, tuple[int, int, int]]:
     shape = tuple(int(n) for n in np.floor(BOX_SIZE_MM / resolution_mm).astype(int) + 1)
     affine = np.diag([resolution_mm, resolution_mm, resolution_mm, 1.0])
     affine[:3, 3] = BOX_ORIGIN_MM
@@ -99,7 +99,7 @@ def _template_anatomy(resolution_mm: float, data_dir: str) -> Anatomy:
         maps[name] = np.asarray(image.dataobj, dtype=np.float32) / 255.0
     brain = (maps["t1"] > 0).astype(np.float32)
     wm, gm = maps["wm"], maps["gm"]
-    affine, shape = _box_grid(resolution_mm)
+    affine, shape = box_grid(resolution_mm)
     if resolution_mm != 1.0:
         wm, gm, brain = (_resample_separable(m, resolution_mm, shape) for m in (wm, gm, brain))
     csf = np.clip(brain - wm - gm, 0.0, 1.0)
@@ -112,7 +112,7 @@ def _template_anatomy(resolution_mm: float, data_dir: str) -> Anatomy:
 
 def _procedural_anatomy(rng: np.random.Generator, resolution_mm: float) -> Anatomy:
     """An ellipsoidal brain with a noise-folded cortical ribbon, sulci and two lateral ventricles."""
-    affine, shape = _box_grid(resolution_mm)
+    affine, shape = box_grid(resolution_mm)
     axes = [affine[a, 3] + np.arange(shape[a]) * resolution_mm for a in range(3)]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
     semi = np.array([70.0, 88.0, 62.0]) * rng.uniform(0.95, 1.05, 3)

@@ -32,9 +32,16 @@ import numpy as np
 from scipy import ndimage
 
 from models.geometry import voxel_volume_ml
-from training.synthetic.anatomy import BOX_ORIGIN_MM, BOX_SIZE_MM, build_anatomy, shared_data_dir, template_available
+from training.synthetic.anatomy import (
+    BOX_ORIGIN_MM,
+    BOX_SIZE_MM,
+    box_grid,
+    build_anatomy,
+    shared_data_dir,
+    template_available,
+)
 from training.synthetic.case import CaseKind, GroundTruthLesion, SiteProfile, SyntheticCase
-from training.synthetic.lesions import _ovoid
+from training.synthetic.lesions import _ovoid, _unit
 from training.synthetic.shapes import LesionShape, ShapeLibrary, load_shape, shape_paths
 
 # Tissue classes of the label map (index = label value).
@@ -108,12 +115,6 @@ def template_labels() -> TemplateLabels:
     labels.flags.writeable = False
     depth.flags.writeable = False
     return TemplateLabels(labels, depth)
-
-
-def template_affine() -> np.ndarray:
-    affine = np.eye(4)
-    affine[:3, 3] = BOX_ORIGIN_MM
-    return affine
 
 
 # -- lesions on the template grid -----------------------------------------------------------------------------
@@ -207,10 +208,6 @@ def _around(centre: np.ndarray, reach_mm: float, shape: tuple[int, ...]) -> tupl
     return tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, n)) for c, n in zip(centre, shape))
 
 
-def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / max(float(np.linalg.norm(vector)), 1e-9)
-
-
 def _stroke_lesions(rng: np.random.Generator, template: TemplateLabels) -> _LesionCanvas:
     canvas = _LesionCanvas.empty(template.shape)
     if rng.random() < NO_LESION_PROBABILITY:
@@ -257,13 +254,6 @@ def _ms_lesions(rng: np.random.Generator, template: TemplateLabels) -> _LesionCa
 
 
 # -- space ----------------------------------------------------------------------------------------------------
-
-
-def _output_grid(spacing_mm: float) -> tuple[np.ndarray, tuple[int, int, int]]:
-    shape = tuple(int(n) for n in np.floor(BOX_SIZE_MM / spacing_mm).astype(int) + 1)
-    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
-    affine[:3, 3] = BOX_ORIGIN_MM
-    return affine, shape  # type: ignore[return-value]
 
 
 def _template_coordinates(
@@ -439,7 +429,7 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
     )
     template = template_labels()
     canvas = _stroke_lesions(lesion_rng, template) if kind == "stroke" else _ms_lesions(lesion_rng, template)
-    affine, shape = _output_grid(spacing_mm)
+    affine, shape = box_grid(spacing_mm)  # the template's box, RAS, at the output spacing
     coords = _template_coordinates(space_rng, affine, shape)
     labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="constant", cval=AIR).reshape(shape)
     soft = _lesion_on_grid(canvas, coords, shape, float(lesion_rng.uniform(0.4, 1.0)))
@@ -529,4 +519,4 @@ def _ground_truth(
     return labels.astype(np.int16), lesions
 
 
-__all__ = ["TISSUE_LABELS", "TemplateLabels", "draw_training_case", "template_affine", "template_labels"]
+__all__ = ["TISSUE_LABELS", "TemplateLabels", "draw_training_case", "template_labels"]

@@ -90,11 +90,4 @@ def load_shape(library: ShapeLibrary | str, index: int) -> LesionShape:
     return LesionShape(path.name if library is ShapeLibrary.STROKE else path.parent.name, mask.copy(), origin)
 
 
-def libraries_available() -> bool:
-    try:
-        return all(shape_paths(library) for library in ShapeLibrary)
-    except ValueError:
-        return False
-
-
-__all__ = ["LesionShape", "ShapeLibrary", "libraries_available", "load_shape", "shape_paths"]
+__all__ = ["LesionShape", "ShapeLibrary", "load_shape", "shape_paths"]
