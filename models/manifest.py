@@ -69,7 +69,9 @@ _SHORT_NAMES = {Task.STROKE_DWI_ADC: "stroke", Task.MS_FLAIR: "ms"}
 
 
 class NormalizationMethod(StrEnum):
-    ZSCORE_HEAD_MASK = "zscore-head-mask"
+    ZSCORE_HEAD_MASK = "zscore-head-mask"  # relative contrast: clipped to percentiles and z-scored in the head mask
+    FIXED_SCALE = "fixed-scale"  # a quantitative map (ADC in µm²/s): clipped to fixed values and scaled, so the
+    # network sees the physical value a radiologist reads (an infarct's ADC < ~620) on every scanner alike
 
 
 class LayerNormalization(StrEnum):
@@ -104,16 +106,34 @@ class InputChannel:
 
 @dataclass(frozen=True)
 class Normalization:
+    """zscore-head-mask uses `clip_percentiles`; fixed-scale maps clip(value, *clip_values) · scale."""
+
     method: NormalizationMethod = NormalizationMethod.ZSCORE_HEAD_MASK
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    clip_values: tuple[float, float] | None = None
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        fixed = self.method is NormalizationMethod.FIXED_SCALE
+        if fixed != (self.clip_values is not None) or fixed != (self.scale is not None):
+            raise ValueError(f"normalization {self.method.value}: clip_values and scale belong to fixed-scale only")
+        if fixed and not (self.clip_values[0] < self.clip_values[1] and self.scale > 0):
+            raise ValueError(f"normalization fixed-scale: need low < high and scale > 0, got {self.clip_values}, "
+                             f"{self.scale}")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
+    """`channel_normalization` overrides `normalization` for the channels it names (by input name)."""
+
     target_spacing_mm: tuple[float, float, float]
     patch_size: tuple[int, int, int]
     size_divisible: int
     normalization: Normalization = Normalization()
+    channel_normalization: tuple[tuple[str, Normalization], ...] = ()
+
+    def normalization_of(self, channel: str) -> Normalization:
+        return dict(self.channel_normalization).get(channel, self.normalization)
 
 
 @dataclass(frozen=True)
@@ -323,6 +343,9 @@ def parse_manifest(data: bytes, *, require_files: bool = True) -> Manifest:
         network=None if top.optional("network") is None else _network(top.obj("network")),
     )
     top.done()
+    unknown = {name for name, _ in values["preprocessing"].channel_normalization} - {c.name for c in inputs}
+    if unknown:
+        raise ValueError(f"manifest.preprocessing.channel_normalization.{sorted(unknown)[0]}: not an input channel")
     for key, value in values.items():
         object.__setattr__(manifest, key, value)
     return manifest
@@ -464,20 +487,38 @@ def _input(obj: _Obj) -> InputChannel:
     return InputChannel(name, role, b_value, b_range, unit)
 
 
-def _preprocessing(obj: _Obj) -> Preprocessing:
-    norm = obj.obj("normalization")
-    low, high = norm.fixed("clip_percentiles", 2, lambda v, p: _number(v, p, minimum=0.0))
-    if not low < high <= 100.0:
-        raise ValueError(f"{norm.path}.clip_percentiles: need 0 ≤ low < high ≤ 100, got [{low}, {high}]")
-    normalization = Normalization(norm.choice("method", NormalizationMethod), (low, high))
+def _normalization(norm: _Obj) -> Normalization:
+    method = norm.choice("method", NormalizationMethod)
+    if method is NormalizationMethod.FIXED_SCALE:
+        low, high = norm.fixed("clip_values", 2, lambda v, p: _number(v, p, minimum=-math.inf))
+        if not low < high:
+            raise ValueError(f"{norm.path}.clip_values: need low < high, got [{low}, {high}]")
+        normalization = Normalization(method, clip_values=(low, high),
+                                      scale=norm.number("scale", minimum=0.0, exclusive=True))
+    else:
+        low, high = norm.fixed("clip_percentiles", 2, lambda v, p: _number(v, p, minimum=0.0))
+        if not low < high <= 100.0:
+            raise ValueError(f"{norm.path}.clip_percentiles: need 0 ≤ low < high ≤ 100, got [{low}, {high}]")
+        normalization = Normalization(method, (low, high))
     norm.done()
+    return normalization
+
+
+def _preprocessing(obj: _Obj) -> Preprocessing:
+    normalization = _normalization(obj.obj("normalization"))
+    overrides = obj.optional("channel_normalization")
+    per_channel: tuple[tuple[str, Normalization], ...] = ()
+    if overrides is not None:
+        table = _Obj(overrides, f"{obj.path}.channel_normalization")
+        per_channel = tuple((_str(name, f"{table.path}.{name}", pattern=_NAME), _normalization(table.obj(name)))
+                            for name in sorted(overrides))
     divisible = obj.integer("size_divisible", minimum=1)
     patch = obj.fixed("patch_size", 3, _size)
     if any(size % divisible for size in patch):
         raise ValueError(f"{obj.path}.patch_size: {list(patch)} must be multiples of size_divisible {divisible}")
     spacing = obj.fixed("target_spacing_mm", 3, _positive)
     obj.done()
-    return Preprocessing(spacing, patch, divisible, normalization)
+    return Preprocessing(spacing, patch, divisible, normalization, per_channel)
 
 
 def _onnx(obj: _Obj) -> OnnxSpec:
@@ -570,15 +611,7 @@ def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
         "demo": manifest.demo,
         "description": manifest.description,
         "inputs": [_input_dict(channel) for channel in manifest.inputs],
-        "preprocessing": {
-            "target_spacing_mm": list(pre.target_spacing_mm),
-            "patch_size": list(pre.patch_size),
-            "size_divisible": pre.size_divisible,
-            "normalization": {
-                "method": str(pre.normalization.method),
-                "clip_percentiles": list(pre.normalization.clip_percentiles),
-            },
-        },
+        "preprocessing": preprocessing_dict(pre),
         "onnx": {
             "file": manifest.onnx.file,
             "input_name": manifest.onnx.input_name,
@@ -609,6 +642,26 @@ def _manifest_dict(manifest: Manifest) -> dict[str, Any]:
             "parameters": manifest.network.parameters,
         }
     return out
+
+
+def preprocessing_dict(pre: Preprocessing) -> dict[str, Any]:
+    """The "preprocessing" object of a manifest and of a training plan (the same keys, one parser)."""
+    out: dict[str, Any] = {
+        "target_spacing_mm": [float(v) for v in pre.target_spacing_mm],
+        "patch_size": [int(v) for v in pre.patch_size],
+        "size_divisible": int(pre.size_divisible),
+        "normalization": _normalization_dict(pre.normalization),
+    }
+    if pre.channel_normalization:  # absent when empty, so plans written before it keep their hash
+        out["channel_normalization"] = {name: _normalization_dict(norm) for name, norm in pre.channel_normalization}
+    return out
+
+
+def _normalization_dict(norm: Normalization) -> dict[str, Any]:
+    if norm.method is NormalizationMethod.FIXED_SCALE:
+        assert norm.clip_values is not None
+        return {"method": str(norm.method), "clip_values": [float(v) for v in norm.clip_values], "scale": norm.scale}
+    return {"method": str(norm.method), "clip_percentiles": [float(v) for v in norm.clip_percentiles]}
 
 
 def _input_dict(channel: InputChannel) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from models.manifest import NormalizationMethod, Preprocessing
+from models.manifest import Normalization, NormalizationMethod, Preprocessing
 from models.resampling import ras_grid, resample
 
 __all__ = ["Channel", "PreprocessedCase", "head_mask", "preprocess", "to_source"]
@@ -136,8 +136,16 @@ def _padding(shape: tuple[int, int, int], spec: Preprocessing) -> tuple[tuple[in
     return before, after
 
 
-def _normalise(values: np.ndarray, mask: np.ndarray, clip: tuple[float, float], name: str) -> np.ndarray:
-    """Clip to the percentiles inside the mask and z-score there, in place; 0 outside the mask."""
+def _normalise(values: np.ndarray, mask: np.ndarray, spec: Normalization, name: str) -> np.ndarray:
+    """Normalise one channel in place (z-score in the mask, or the fixed scale of a quantitative map); 0 outside
+    the mask."""
+    if spec.method is NormalizationMethod.FIXED_SCALE:
+        assert spec.clip_values is not None and spec.scale is not None
+        np.clip(values, *spec.clip_values, out=values)
+        values *= np.float32(spec.scale)
+        values[~mask] = 0.0
+        return values
+    clip = spec.clip_percentiles
     inside = values[mask]
     low, high = np.percentile(inside, clip)
     np.clip(inside, low, high, out=inside)
@@ -159,8 +167,6 @@ def preprocess(
         raise ValueError("at least one channel is required")
     if not isinstance(spec, Preprocessing):
         raise ValueError(f"spec must be a manifest Preprocessing, got {type(spec).__name__}")
-    if spec.normalization.method is not NormalizationMethod.ZSCORE_HEAD_MASK:
-        raise ValueError(f"unsupported normalization method {spec.normalization.method!r}")
     first = channels[0]
     for channel in channels[1:]:
         uids = (first.frame_of_reference_uid, channel.frame_of_reference_uid)
@@ -189,7 +195,7 @@ def preprocess(
     inner = tuple(slice(b, b + n) for b, n in zip(before, grid_shape))
     image = np.zeros((len(channels), *padded_shape), dtype=np.float32)
     for c, (channel, values) in enumerate(zip(channels, resampled)):
-        image[(c, *inner)] = _normalise(values, mask, spec.normalization.clip_percentiles, channel.name)
+        image[(c, *inner)] = _normalise(values, mask, spec.normalization_of(channel.name), channel.name)
     padded_mask = np.zeros(padded_shape, dtype=bool)
     padded_mask[inner] = mask
     affine = grid_affine.copy()

@@ -12,6 +12,8 @@ import pytest
 from models.manifest import (
     ADC_UNIT,
     Manifest,
+    Normalization,
+    NormalizationMethod,
     Role,
     Task,
     default_manifest,
@@ -162,6 +164,19 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
+def test_channel_normalization_round_trips_and_applies_per_channel() -> None:
+    data = copy.deepcopy(EXAMPLE)
+    data["preprocessing"]["channel_normalization"] = {
+        "adc": {"method": "fixed-scale", "clip_values": [0.0, 4000.0], "scale": 0.001}}
+    manifest = parse_manifest(encode(data))
+    pre = manifest.preprocessing
+    assert pre.normalization_of("adc") == Normalization(NormalizationMethod.FIXED_SCALE, clip_values=(0.0, 4000.0),
+                                                        scale=0.001)
+    assert pre.normalization_of("dwi") is pre.normalization
+    assert manifest.to_dict()["preprocessing"] == data["preprocessing"]
+    assert "channel_normalization" not in parse_manifest(encode(EXAMPLE)).to_dict()["preprocessing"]
+
+
 @pytest.mark.parametrize(
     "path, value, message",
     [
@@ -188,6 +203,12 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         ("preprocessing.size_divisible", 0, r"preprocessing\.size_divisible"),
         ("preprocessing.normalization.method", "minmax", r"normalization\.method"),
         ("preprocessing.normalization.clip_percentiles", [99, 1], r"normalization\.clip_percentiles"),
+        ("preprocessing.channel_normalization", {"adc": {"method": "fixed-scale", "clip_values": [0, 4000]}},
+         r"channel_normalization\.adc\.scale: missing"),
+        ("preprocessing.channel_normalization", {"adc": {"method": "fixed-scale", "clip_values": [4000, 0],
+                                                         "scale": 0.001}}, r"adc\.clip_values: need low < high"),
+        ("preprocessing.channel_normalization", {"t2": {"method": "zscore-head-mask", "clip_percentiles": [1, 99]}},
+         r"channel_normalization\.t2: not an input channel"),
         ("onnx.file", "../model.onnx", r"manifest\.onnx\.file"),
         ("onnx.opset", 5, r"manifest\.onnx\.opset"),
         ("onnx.input_name", "", r"manifest\.onnx\.input_name"),

@@ -10,7 +10,7 @@ import pytest
 from conftest import ISLES_ADC, ISLES_DWI, ISLES_MASK, ISLES_MASK_0003, MNI_T1, MS_FLAIR, MS_MASK, require
 from scipy import ndimage
 
-from models.manifest import Preprocessing, Task, default_manifest, parse_manifest
+from models.manifest import Normalization, NormalizationMethod, Preprocessing, Task, default_manifest, parse_manifest
 from models.preprocessing import Channel, head_mask, preprocess, to_source
 from models.resampling import ras_grid, resample
 
@@ -270,6 +270,27 @@ def test_channels_padding_and_normalisation() -> None:
         preprocess([Channel(dwi.data, dwi.affine, "dwi", "1.2.3"), Channel(adc.data, adc.affine, "adc", "1.2.4")], spec)
     with pytest.raises(ValueError, match="shape"):
         to_source(np.zeros(unpadded.head_mask.shape, np.float32), case)
+
+
+def test_fixed_scale_channel_keeps_its_physical_value() -> None:
+    """An ADC under fixed-scale normalisation reads as µm²/s × 0.001 in the head, whatever the rest of the image."""
+    shape = (40, 40, 30)
+    dwi = np.zeros(shape, np.float32)
+    dwi[8:32, 8:32, 6:24] = 100.0 + np.random.default_rng(0).normal(0, 5, (24, 24, 18))
+    adc = np.full(shape, 800.0, np.float32)
+    adc[15:20, 15:20, 10:15] = 450.0  # an infarct
+    adc[0, 0, 0] = 9000.0  # outside the head, over the clip
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fixed = Normalization(NormalizationMethod.FIXED_SCALE, clip_values=(0.0, 4000.0), scale=1e-3)
+    spec = dataclasses.replace(_spec((2.0, 2.0, 2.0), patch=(32, 32, 32)), channel_normalization=(("adc", fixed),))
+    case = preprocess([Channel(dwi, affine, "dwi"), Channel(adc, affine, "adc")], spec, pad_for_inference=False)
+    inside = case.image[1][case.head_mask]
+    assert np.isclose(inside.min(), 0.45, atol=1e-3) and np.isclose(inside.max(), 0.8, atol=1e-3)
+    assert np.isclose(np.median(inside), 0.8, atol=1e-3)
+    assert not case.image[1][~case.head_mask].any()
+    assert abs(case.image[0][case.head_mask].mean()) < 1e-3  # the DWI keeps the default z-score
+    with pytest.raises(ValueError, match="belong to fixed-scale only"):
+        Normalization(NormalizationMethod.ZSCORE_HEAD_MASK, clip_values=(0.0, 1.0))
 
 
 # --- head mask on skull-stripped and whole-head inputs; timings -----------------------------------------------

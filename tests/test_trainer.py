@@ -52,7 +52,12 @@ def test_default_plans_round_trip_and_hash():
             assert TrainingPlan.from_dict(data) == plan
             assert TrainingPlan.from_dict(data).sha256() == plan.sha256()
             assert data["network"]["architecture"] == "dynunet" and isinstance(data["network"]["depth"], int)
-            assert set(data["preprocessing"]) == {"target_spacing_mm", "patch_size", "size_divisible", "normalization"}
+            stroke = task is Task.STROKE_DWI_ADC
+            assert set(data["preprocessing"]) == {"target_spacing_mm", "patch_size", "size_divisible", "normalization"}\
+                | ({"channel_normalization"} if stroke else set())
+            # the stroke ADC keeps its unit (fixed scale); DWI and FLAIR are z-scored in the head mask
+            assert plan.preprocessing.normalization_of("adc").method.value == ("fixed-scale" if stroke
+                                                                                else "zscore-head-mask")
             assert data["threshold"] == 0.5 and data["loss"] == "dice_ce"
     cpu = default_plan("stroke-dwi-adc")
     assert (cpu.network.depth, cpu.network.base_filters, cpu.patch_size) == (4, 8, (64, 64, 48))

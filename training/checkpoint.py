@@ -9,9 +9,7 @@ The contract (ONNX export and the federated layer read it; change it only with a
   "plan": TrainingPlan.to_dict(),        # plain JSON types; see training/plan.py
       # plan["network"]       = {"architecture": str, "base_filters": int, "depth": int, "max_filters": int,
       #                          "norm": str}  -> models.networks.NetworkPlan(**plan["network"])
-      # plan["preprocessing"] = the manifest's preprocessing object: {"target_spacing_mm": [3 floats],
-      #                          "patch_size": [3 ints], "size_divisible": int,
-      #                          "normalization": {"method": str, "clip_percentiles": [low, high]}}
+      # plan["preprocessing"] = the manifest's preprocessing object (models.manifest.preprocessing_dict)
       # plan["in_channels"]: int, plan["threshold"]: float (on sigmoid(logits))
   "epoch": int,                          # epochs completed (the next epoch to run has this index)
   "model": state_dict of build_network(plan["in_channels"], 1, NetworkPlan(**plan["network"])) -> logits

@@ -17,7 +17,16 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping
 
-from models.manifest import Normalization, Preprocessing, Task, _Obj, _preprocessing, default_inputs
+from models.manifest import (
+    Normalization,
+    NormalizationMethod,
+    Preprocessing,
+    Task,
+    _Obj,
+    _preprocessing,
+    default_inputs,
+    preprocessing_dict,
+)
 from models.networks import Architecture, NetworkPlan, Norm
 
 OPTIMIZERS = ("adamw", "sgd")
@@ -155,15 +164,7 @@ class TrainingPlan:
                 "norm": str(self.network.norm),
             },
             # The same keys as the manifest's "preprocessing" object.
-            preprocessing={
-                "target_spacing_mm": [float(v) for v in pre.target_spacing_mm],
-                "patch_size": [int(v) for v in pre.patch_size],
-                "size_divisible": int(pre.size_divisible),
-                "normalization": {
-                    "method": str(pre.normalization.method),
-                    "clip_percentiles": [float(v) for v in pre.normalization.clip_percentiles],
-                },
-            },
+            preprocessing=preprocessing_dict(pre),
             augmentation=aug,
         )
         return out
@@ -249,13 +250,17 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
     stroke = task is Task.STROKE_DWI_ADC
     spacing = (2.0, 2.0, 2.0) if stroke else (1.5, 1.5, 1.5) if device == "cpu" else (1.0, 1.0, 1.0)
     in_channels = len(default_inputs(task))
+    # The ADC keeps its unit (µm²/s, clipped to 0–4000, × 0.001): "low ADC" means the same number on every scanner
+    # and in the synthetic data, where a z-score over a head mask shifts with the skull, the field of view and CSF.
+    channels = (("adc", Normalization(NormalizationMethod.FIXED_SCALE, clip_values=(0.0, 4000.0), scale=1e-3)),) \
+        if stroke else ()
     norm = Norm.BATCH
     if device == "cpu":
         network = NetworkPlan(Architecture.DYNUNET, base_filters=8, depth=4, max_filters=128, norm=norm)
         patch = (64, 64, 48) if stroke else (64, 64, 64)
         return TrainingPlan(
             task=task, in_channels=in_channels, network=network,
-            preprocessing=Preprocessing(spacing, patch, 16, Normalization()),
+            preprocessing=Preprocessing(spacing, patch, 16, Normalization(), channels),
             batch_size=2, epochs=20, iterations_per_epoch=40, optimizer="adamw", lr=1e-3, weight_decay=1e-5,
             schedule="cosine", warmup_epochs=1, amp=False,
         )
@@ -264,7 +269,7 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
     batch = 4 if stroke else 2
     return TrainingPlan(
         task=task, in_channels=in_channels, network=network,
-        preprocessing=Preprocessing(spacing, patch, 16, Normalization()),
+        preprocessing=Preprocessing(spacing, patch, 16, Normalization(), channels),
         batch_size=batch, epochs=200, iterations_per_epoch=250 * batch, optimizer="sgd", lr=1e-2,
         weight_decay=3e-5, momentum=0.99, schedule="poly", warmup_epochs=2, amp=True,
     )

@@ -12,7 +12,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
-from models.manifest import Normalization, Preprocessing, Task
+from models.manifest import Task
 from models.networks import Architecture, NetworkPlan
 from training.federation.aggregation import STRATEGIES, STRATEGY_NAMES, Strategy, StrategyParams, strategy_by_name
 from training.federation.screening import SCREENING_COMMENTS, ScreeningLimits
@@ -175,7 +175,7 @@ def plan_for(
             training,
             network=NetworkPlan(Architecture.DYNUNET, base_filters=4, depth=3, max_filters=8,
                                 norm=training.network.norm),
-            preprocessing=Preprocessing(training.preprocessing.target_spacing_mm, (32, 32, 32), 16, Normalization()),
+            preprocessing=replace(training.preprocessing, patch_size=(32, 32, 32)),
             batch_size=2,
             iterations_per_epoch=4,
             warmup_epochs=0,

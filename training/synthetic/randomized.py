@@ -67,7 +67,10 @@ FLAIR_RANGE = {
 LESION_ADC_FRACTION = (0.4, 0.85)  # of the tissue's own ADC
 LESION_S0_GAIN = (1.0, 1.6)  # acute infarcts gain T2 signal over hours
 MS_LESION_GAIN = (1.3, 2.5)  # FLAIR, relative to the tissue they sit in
-B_VALUE_RANGE = (800.0, 1400.0)  # s/mm², inside the stroke manifest's accepted 700–1500
+B_VALUE_RANGE = (700.0, 1500.0)  # s/mm², the stroke manifest's accepted range
+# Tissue is not mono-exponential (diffusional kurtosis): the ADC a scanner reports in parenchyma and infarcts falls
+# by this fraction per 1000 s/mm² of b (≈ 7 % lower at b 1500 than at 1000); free water (CSF) does not.
+KURTOSIS_SLOPE_PER_1000 = (0.08, 0.2)
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
 SLAB_PROBABILITY = 0.15
@@ -337,6 +340,8 @@ def _render_stroke(
     adc *= 1.0 - lesion * (1.0 - np.clip(fraction, 0.3, 0.95))
     s0 *= 1.0 + lesion * (rng.uniform(*LESION_S0_GAIN) - 1.0)
     _diffusion_mimics(rng, labels, lesion, s0, adc, spacing_mm)
+    restricted = ~np.isin(labels, (VENTRICLE, CSF))
+    adc[restricted] *= 1.0 - rng.uniform(*KURTOSIS_SLOPE_PER_1000) * (b_value - 1000.0) / 1000.0
     dwi = s0 * np.exp(-b_value * adc * 1e-6)
     gain = (1.0 + rng.uniform(*BIAS_RANGE) * _smooth_noise(rng, shape, 3)) * _coil_and_pileup(rng, labels, spacing_mm)
     s0 *= gain
