@@ -18,10 +18,8 @@ acknowledging instances.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
-import os
 import signal
 import socket
 import threading
@@ -44,6 +42,7 @@ from dicom_gateway.studies import (
     database_path,
     spool_root,
 )
+from models.processes import die_with_parent
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ LISTEN_HOST = "0.0.0.0"  # a PACS reaches the node over the network; the calling
 ASSOCIATION_GRACE_S = 30.0  # design.md §5: open associations may finish for this long after SIGTERM
 WORKER_START_TIMEOUT_S = 120.0
 WORKER_STOP_TIMEOUT_S = ASSOCIATION_GRACE_S + 10.0
-_PR_SET_PDEATHSIG = 1
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 
@@ -203,7 +201,7 @@ def _worker_main(
     stop_workers: ProcessEvent,
 ) -> None:
     """One SCP worker: its own spool writer and studies-table connection; stops when the parent says so."""
-    _die_with_parent()
+    die_with_parent()
     for sig in (signal.SIGINT, signal.SIGTERM):  # a signal to the process group: the parent coordinates the stop
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=log_level.upper(), format=_LOG_FORMAT)
@@ -224,18 +222,6 @@ def _worker_main(
         index.close()
         completions.close()
         completions.join_thread()  # every forwarded completion is in the pipe before this process ends
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this worker when the receiver process dies, however it dies."""
-    parent = multiprocessing.parent_process()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        LOG.warning("cannot tie this SCP worker to its parent's life (no prctl)")
-    if parent is not None and os.getppid() != parent.pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def run_receiver(data_dir: Path, ae_title: str, dicom: DicomSettings, port: int, *, log_level: str = "INFO") -> int:

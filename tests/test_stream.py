@@ -73,3 +73,34 @@ def test_patches_centre_on_small_lesions_as_often_as_on_the_large_one() -> None:
         _, patch = sampler.sample(rng)
         hits += int(patch[0].sum() == 1)  # only the single-voxel lesion is in view
     assert 150 < hits < 250  # drawing voxels instead of lesions would give ~0
+
+
+def test_workers_end_with_a_killed_trainer(tmp_path) -> None:
+    """A trainer killed with SIGKILL leaves no worker drawing volumes for nobody (PR_SET_PDEATHSIG)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import time\n"
+        "from training.stream import CaseStream, SyntheticStreamSpec\n"
+        "from models.manifest import Normalization, Preprocessing\n"
+        "stream = CaseStream('ms-flair', SyntheticStreamSpec(2), 0,"
+        " Preprocessing((1.5, 1.5, 1.5), (64, 64, 64), 16, Normalization()))\n"
+        "stream._submit(0)\n"
+        "while not stream._executor._processes: time.sleep(0.05)\n"
+        "print(*stream._executor._processes, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    workers = [int(pid) for pid in trainer.stdout.readline().split()]
+    assert workers and all(os.path.exists(f"/proc/{pid}") for pid in workers)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{pid}") for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in workers)

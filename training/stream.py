@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from models.manifest import Preprocessing, Task, default_inputs
 from models.preprocessing import Channel
+from models.processes import die_with_parent
 from training.datasets import TrainingCase, parse_counted_spec
 from training.patches import PreparedCase, prepare_case
 from training.synthetic import derived_seed
@@ -84,8 +85,10 @@ class CaseStream:
         self.seed = seed if spec.seed is None else spec.seed
         self.preprocessing = preprocessing
         _isotropic(preprocessing)
-        # spawn: the trainer's process holds torch's thread pools, which a forked child must not inherit.
-        self._executor = ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn"))
+        # spawn: the trainer's process holds torch's thread pools, which a forked child must not inherit; the
+        # workers end with the trainer, so a killed run leaves no process drawing volumes for nobody.
+        self._executor = ProcessPoolExecutor(spec.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=die_with_parent)
         self._next: tuple[int, list[Future]] | None = None  # the pool being drawn ahead: (epoch, futures)
         self.drawn = 0
         self.draw_seconds = 0.0  # wall time spent waiting for pools, summed over epochs
