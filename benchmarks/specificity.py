@@ -3,7 +3,7 @@
 Both are real clinical DTI acquisitions of healthy volunteers, not skull-stripped, with no ADC series: they go the
 node's whole DICOM path (read_path → classify → load_study_inputs, which builds the trace DWI and computes the ADC
 → segment_study), so every lesion found is a false positive. Goal: < 1 ml per brain.
-Run: `.venv/bin/python benchmarks/specificity.py [--json]`.
+Run: `.venv/bin/python benchmarks/specificity.py [--models DIR] [--json]`.
 """
 
 from __future__ import annotations
@@ -56,13 +56,16 @@ def false_positives(name: str, path: Path, engine: Engine, flip_tta: bool) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", type=Path, default=REPO / "models" / "defaults", metavar="DIR",
+                        help="folder with a stroke-dwi-adc/ package (default: models/defaults): check a candidate "
+                             "before it ships")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--flip-tta", action="store_true", help="average the eight mirrorings (8× the inference)")
     args = parser.parse_args()
     missing = [str(path) for path in HEALTHY_BRAINS.values() if not path.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(missing)}")
-    package = load_package(REPO / "models" / "defaults" / Task.STROKE_DWI_ADC.value, TrustPolicy.demo())
+    package = load_package(args.models / Task.STROKE_DWI_ADC.value, TrustPolicy.demo())
     engine = Engine(package)
     rows = [false_positives(name, path, engine, args.flip_tta) for name, path in HEALTHY_BRAINS.items()]
     if args.json:
@@ -70,7 +73,7 @@ def main() -> None:
         print(json.dumps({**summary, "studies": rows}, indent=2))
         return
     print(
-        f"default stroke model v{package.manifest.version}{' with flip TTA' if args.flip_tta else ''}, "
+        f"stroke model v{package.manifest.version} ({args.models}){' with flip TTA' if args.flip_tta else ''}, "
         f"healthy brains (goal < {GOAL_ML:g} ml false positive)"
     )
     for row in rows:

@@ -116,6 +116,22 @@ def test_parenchymal_adc_falls_with_b_as_kurtosis_makes_it(monkeypatch) -> None:
     assert 0.88 < medians[1500.0] / medians[1000.0] < 0.97
 
 
+def test_coil_gain_brightens_the_periphery_and_never_darkens() -> None:
+    """An array coil's periphery is brighter than the head's centre on average, and no gain is below 1."""
+    from scipy import ndimage
+
+    labels = np.zeros((60, 60, 50), dtype=np.int8)
+    grid = np.indices(labels.shape)
+    labels[((grid - np.array([30, 30, 25])[:, None, None, None]) ** 2).sum(0) < 24**2] = rz.WM
+    inside_mm = ndimage.distance_transform_edt(labels != rz.AIR, sampling=2.0)
+    ratios = []
+    for seed in range(8):
+        gain = rz._coil_and_pileup(np.random.default_rng(seed), labels, 2.0)
+        assert gain.min() >= 1.0
+        ratios.append(gain[(inside_mm > 0) & (inside_mm < 8)].mean() / gain[inside_mm > 30].mean())
+    assert np.mean(ratios) > 1.15
+
+
 def test_t2_bright_mimics_keep_a_normal_adc() -> None:
     labels = np.full((40, 40, 20), rz.WM, dtype=np.int8)
     s0 = np.ones(labels.shape, dtype=np.float32)
