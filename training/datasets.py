@@ -12,9 +12,10 @@ import fnmatch
 import logging
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -56,6 +57,10 @@ PARTIAL_COVERAGE_PROBABILITY = 0.3  # a clinical DWI slab that cuts the brain: i
 PARTIAL_COVERAGE_MM = (60.0, 130.0)
 # Network channel → SyntheticCase image (whose ADC is already in 10⁻⁶ mm²/s).
 _SYNTHETIC_IMAGES = {"dwi": "dwi_b1000", "adc": "adc", "flair": "flair"}
+LESION_SIZE_STREAM = 1  # derived_seed(case seed, this): the lesion-size draw of a case mix
+
+
+CaseT = TypeVar("CaseT")  # split_cases splits loaded cases and case files alike
 
 
 class CaseError(ValueError):
@@ -240,19 +245,23 @@ def load_cases(index: DatasetIndex) -> tuple[list[TrainingCase], list[Skipped]]:
 
 
 def synthetic_cases(
-    task: Task | str, n: int, seed: int, *, domain_randomization: bool = True, site: int | None = None
+    task: Task | str, n: int, seed: int, *, domain_randomization: bool = True, site: int | None = None,
+    lesion_sizes: Mapping[str, float] | None = None,
 ) -> Iterator[TrainingCase]:
     """`n` seeded synthetic cases. With domain randomization each draws a site profile, a geometry (axial, flipped,
     oblique), skull-stripping (p = 0.3) and a partial slab (p = 0.3, 60–130 mm), and stroke cases get healthy
-    DWI-bright tissue with a normal ADC as hard negatives; stroke size and pattern are always drawn by
-    `generate_case` itself. `site` acquires every case with the one scanner profile `generate_site(site)` instead,
-    as a real center's cases come from its own scanners; the other draws stay what they were."""
+    DWI-bright tissue with a normal ADC as hard negatives; stroke size and pattern are drawn by `generate_case`
+    itself unless `lesion_sizes` gives each size class its share (a center's own case mix). `site` acquires every
+    case with the one scanner profile `generate_site(site)` instead, as a real center's cases come from its own
+    scanners; the other draws stay what they were."""
     from training.synthetic import derived_seed, generate_case, generate_site
 
     task = Task(task)
     if n < 0:
         raise ValueError(f"n must be non-negative, got {n}")
     kind = "stroke" if task is Task.STROKE_DWI_ADC else "ms"
+    if lesion_sizes is not None and kind != "stroke":
+        raise ValueError("lesion_sizes apply to stroke cases only")
     profile = generate_site(site) if site is not None else None
     for index in range(n):
         case_seed = derived_seed(seed, index)
@@ -269,6 +278,10 @@ def synthetic_cases(
             options["dwi_mimics"] = task is Task.STROKE_DWI_ADC
         if profile is not None:
             options["site"] = profile
+        if lesion_sizes is not None:  # its own seed stream: the draws above stay what they were
+            classes, shares = zip(*lesion_sizes.items())
+            size_rng = np.random.default_rng(derived_seed(case_seed, LESION_SIZE_STREAM))
+            options["size"] = classes[int(size_rng.choice(len(classes), p=np.array(shares) / sum(shares)))]
         case = generate_case(kind, case_seed, **options)
         channels = [
             Channel(case.images[_SYNTHETIC_IMAGES[channel.name]], case.affine, channel.name)
@@ -329,9 +342,7 @@ def load_training_cases(spec: str, task: Task | str, seed: int) -> tuple[list[Tr
     return load_cases(open_dataset(spec, task))  # its skipped list includes the index's own
 
 
-def split_cases(
-    cases: list[TrainingCase], val_fraction: float, seed: int
-) -> tuple[list[TrainingCase], list[TrainingCase]]:
+def split_cases(cases: list[CaseT], val_fraction: float, seed: int) -> tuple[list[CaseT], list[CaseT]]:
     """Seeded shuffle, then hold out round(F·n) cases (at least one when F > 0 and n ≥ 2; one always trains)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"--val-fraction must be in [0, 1), got {val_fraction}")
