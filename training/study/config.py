@@ -1,6 +1,7 @@
 """The study file (`fedlesion simulate --config study.toml`): the centers, the rules to compare and the baselines.
 
-One `[study]` table (task, seed, network, rounds, rules, baselines, split fractions) and one `[centers.NAME]` table
+One `[study]` table (task, seed, network, rounds, rules, baselines, split fractions, `[study.training]` values of
+the training plan) and one `[centers.NAME]` table
 per center. A large center (`role = "train"`) trains; a limited one (`role = "evaluate"`) only scores the published
 models. A center's cases are seeded synthetic ones (`synthetic = N`, with a scanner profile and a lesion-size mix)
 or real datasets (`data`, any `--data` form `fedlesion train` accepts, one or a list). Relative paths resolve
@@ -14,7 +15,7 @@ import json
 import math
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from typing import Any
 from models.manifest import Task
 from training.datasets import SyntheticSpec
 from training.federation.aggregation import STRATEGY_NAMES, strategy_by_name
-from training.federation.plan import NETWORK_SIZES
+from training.federation.plan import NETWORK_SIZES, plan_for
+from training.plan import TrainingPlan
 from training.synthetic.lesions import SIZE_RANGES_ML
 
 __all__ = ["BASELINES", "Arm", "CenterConfig", "CenterRole", "StudyConfig", "SyntheticSource"]
@@ -30,6 +32,11 @@ __all__ = ["BASELINES", "Arm", "CenterConfig", "CenterRole", "StudyConfig", "Syn
 BASELINES = ("centralized", "local")
 # Sheller et al.'s sequential baselines: named in the issue, not built yet; the error says so instead of "unknown".
 PLANNED_BASELINES = ("iil", "cyclic-iil")
+# The training plan's scalar settings a study may change; the network, preprocessing and augmentation come with
+# `network`, local epochs and the seed with the study's own keys.
+TRAINING_KEYS = tuple(f.name for f in fields(TrainingPlan)
+                      if f.name not in ("task", "in_channels", "network", "preprocessing", "augmentation", "epochs",
+                                        "seed"))
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # a certificate's common name and a folder name
 
 
@@ -78,7 +85,7 @@ class StudyConfig:
     network: str
     rounds: int
     local_epochs: int
-    iterations_per_epoch: int | None
+    training: dict[str, Any]  # TrainingPlan values that replace the network size's own (TRAINING_KEYS)
     rules: tuple[str, ...]
     rule_params: dict[str, dict[str, float | str]]
     baselines: tuple[str, ...]
@@ -102,8 +109,8 @@ class StudyConfig:
     def from_dict(cls, data: dict[str, Any], path: Path) -> StudyConfig:
         _known(data, "", {"study", "rules", "centers"})
         study = _table(data.get("study"), "study")
-        _known(study, "study", {"task", "seed", "network", "rounds", "local_epochs", "iterations_per_epoch", "rules",
-                                "baselines", "val_fraction", "test_fraction"})
+        _known(study, "study", {"task", "seed", "network", "rounds", "local_epochs", "training", "rules", "baselines",
+                                "val_fraction", "test_fraction"})
         rules = tuple(_strings(study.get("rules", ["fedavg"]), "study.rules"))
         baselines = tuple(_strings(study.get("baselines", list(BASELINES)), "study.baselines"))
         for rule in rules:
@@ -135,12 +142,20 @@ class StudyConfig:
         if network not in NETWORK_SIZES:
             raise ValueError(f"study.network: one of {', '.join(NETWORK_SIZES)}, got {network!r}")
         seed = _whole(study.get("seed", 0), "study.seed", 0)
-        iterations = study.get("iterations_per_epoch")
+        training = dict(_table(study.get("training", {}), "study.training"))
+        unknown = sorted(set(training) - set(TRAINING_KEYS))
+        if unknown:
+            raise ValueError(f"study.training: {', '.join(unknown)} cannot be set here; the keys are "
+                             f"{', '.join(TRAINING_KEYS)}")
+        try:  # the training plan validates the values
+            replace(plan_for(task, network=network).training, **training)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"study.training: {error}") from None
         config = cls(
             path=path, task=task, seed=seed, network=network,
             rounds=_whole(study.get("rounds", 3), "study.rounds", 1),
             local_epochs=_whole(study.get("local_epochs", 1), "study.local_epochs", 1),
-            iterations_per_epoch=None if iterations is None else _whole(iterations, "study.iterations_per_epoch", 1),
+            training=training,
             rules=rules, rule_params=rule_params, baselines=baselines,
             val_fraction=_fraction(study.get("val_fraction", 0.2), "study.val_fraction"),
             test_fraction=_fraction(study.get("test_fraction", 0.3), "study.test_fraction"),

@@ -123,8 +123,9 @@ def write_report(out: Path) -> tuple[Path, list[str]]:
                   f"![validation Dice per center over rounds]({ROUNDS_PLOT})", ""]
         _plot_rounds(results, out / ROUNDS_PLOT)
         lines += ["## Cost", "", *_cost(results), "",
-                  "Wall time: the federations' processes from start to the last evaluation (earlier attempts of an "
-                  "interrupted study included), without the per-case scoring."]
+                  "Wall time: each federation's processes from their start to the last evaluation (earlier attempts "
+                  "of an interrupted study included; without the per-case scoring). CPU: the user and system time "
+                  "of those processes, the number to compare when federations ran side by side (--parallel)."]
     path = out / REPORT_FILE
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path, comparison
@@ -156,9 +157,10 @@ def _per_center(arms: Sequence[ArmCases]) -> list[str]:
 
 
 def _cost(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    lines = ["| arm | wall time (s) | federations |", "|---|---|---|"]
+    lines = ["| arm | wall time (s) | CPU (s) | federations |", "|---|---|---|---|"]
     for name, result in results.items():
-        lines.append(f"| {name} | {result['seconds']:.0f} | {len(result['federations'])} |")
+        lines.append(f"| {name} | {result['seconds']:.0f} | {result['cpu_seconds']:.0f} | "
+                     f"{len(result['federations'])} |")
     return lines
 
 

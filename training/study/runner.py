@@ -29,7 +29,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,7 +57,7 @@ ARMS_DIR = "arms"
 RESULT_FILE = "result.json"
 CASES_FILE = "cases.csv"
 OUTCOME_FILE = "outcome.json"
-SECONDS_FILE = "seconds.json"
+SPENT_FILE = "spent.json"  # wall and CPU seconds of every attempt so far
 POOLED_SITE = "pooled"  # the centralized arm's one site
 POLL_S = 0.5
 DEADLINE_S = 3600.0  # a round waits this long for a dead site; every site answers long before
@@ -112,7 +114,8 @@ class Outcome:
 
     package: str
     release_public_keys: list[str]
-    seconds: float
+    seconds: float  # wall time, from the processes' start to the last evaluation
+    cpu_seconds: float  # the federation's processes together (comparable when federations run side by side)
     rounds: list[dict[str, Any]]  # {"round": n, "sites": {site: {"role": …, metric: value, …}}}
 
     @classmethod
@@ -120,8 +123,10 @@ class Outcome:
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 
-def run_study(config: StudyConfig, out: Path, launcher: Launcher, progress: Progress, *, workers: int = 1) -> None:
-    """Every arm of `config` into `out` (resuming what an earlier run left there)."""
+def run_study(config: StudyConfig, out: Path, launcher: Launcher, progress: Progress, *, workers: int = 1,
+              parallel: int = 1) -> None:
+    """Every arm of `config` into `out`, resuming what an earlier run left there: `workers` processes make the
+    synthetic centers, `parallel` federations run at a time (each arm is scored once all of its have finished)."""
     out.mkdir(parents=True, exist_ok=True)
     study_path = out / STUDY_FILE
     if study_path.is_file():
@@ -144,22 +149,38 @@ def run_study(config: StudyConfig, out: Path, launcher: Launcher, progress: Prog
         "rounds": config.rounds, "local_epochs": config.local_epochs, "network": config.network,
         "arms": [arm.name for arm in arms], "centers": [asdict(center) for center in centers],
     }, indent=2) + "\n")
+    pending = []
     for arm in arms:
-        folder = arm_dir(out, arm.name)
-        if (folder / RESULT_FILE).is_file():
+        if (arm_dir(out, arm.name) / RESULT_FILE).is_file():
             progress.note(f"{arm.name}: finished in an earlier run, kept")
-            continue
-        started = time.monotonic()
-        federations = _federations(config, arm, active, folder)
-        outcomes = [run_federation(federation, launcher, progress) for federation in federations]
-        rows = _score_arm(config, arm, federations, outcomes, active)
-        write_text_atomic(folder / CASES_FILE, case_rows_csv(rows))
-        write_text_atomic(folder / RESULT_FILE, json.dumps({
-            "arm": arm.name, "kind": arm.kind, "strategy": arm.strategy, "strategy_params": arm.strategy_params,
-            "seconds": sum(outcome.seconds for outcome in outcomes),
-            "federations": {f.label: asdict(o) for f, o in zip(federations, outcomes)},
-        }, indent=2) + "\n")
-        progress.note(f"{arm.name}: finished in {time.monotonic() - started:.0f} s (per-case scoring included)")
+        else:
+            pending.append((arm, _federations(config, arm, active, arm_dir(out, arm.name))))
+    abort = threading.Event()  # set when one federation fails or the study is interrupted: the others stop too
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        running = [[pool.submit(run_federation, federation, launcher, progress, abort) for federation in federations]
+                   for _, federations in pending]
+        try:
+            for (arm, federations), futures in zip(pending, running):
+                outcomes = [future.result() for future in futures]
+                _finish_arm(config, arm, federations, outcomes, active, arm_dir(out, arm.name))
+                progress.note(f"{arm.name}: finished ({sum(o.seconds for o in outcomes):.0f} s, "
+                              f"{sum(o.cpu_seconds for o in outcomes):.0f} CPU-s)")
+        except BaseException:
+            abort.set()
+            raise
+
+
+def _finish_arm(config: StudyConfig, arm: Arm, federations: Sequence[FederationRun], outcomes: Sequence[Outcome],
+                centers: Sequence[CenterData], folder: Path) -> None:
+    """Score the arm's final models per case, then write result.json: the arm is done."""
+    rows = _score_arm(config, arm, federations, outcomes, centers)
+    write_text_atomic(folder / CASES_FILE, case_rows_csv(rows))
+    write_text_atomic(folder / RESULT_FILE, json.dumps({
+        "arm": arm.name, "kind": arm.kind, "strategy": arm.strategy, "strategy_params": arm.strategy_params,
+        "seconds": sum(outcome.seconds for outcome in outcomes),
+        "cpu_seconds": sum(outcome.cpu_seconds for outcome in outcomes),
+        "federations": {f.label: asdict(o) for f, o in zip(federations, outcomes)},
+    }, indent=2) + "\n")
 
 
 def arm_dir(out: Path, arm: str) -> Path:
@@ -172,9 +193,9 @@ def _plan(config: StudyConfig, strategy: str, params: Mapping[str, float | str],
           iterations_scale: int = 1) -> FederatedPlan:
     plan = plan_for(config.task, network=config.network, rounds=config.rounds, local_epochs=config.local_epochs,
                     strategy=strategy, strategy_params=params, quorum=quorum, deadline_s=DEADLINE_S)
-    iterations = config.iterations_per_epoch or plan.training.iterations_per_epoch
-    return replace(plan, training=replace(plan.training, seed=config.seed,
-                                          iterations_per_epoch=iterations * iterations_scale))
+    training = replace(plan.training, **config.training, seed=config.seed)
+    return replace(plan, training=replace(training, iterations_per_epoch=training.iterations_per_epoch
+                                          * iterations_scale))
 
 
 def _federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData], arm_dir: Path) -> list[FederationRun]:
@@ -216,15 +237,16 @@ def _evaluator(center: CenterData, seed: int) -> SiteRun:
 
 
 # -- one federation ------------------------------------------------------------------------------------------------
-def run_federation(run: FederationRun, launcher: Launcher, progress: Progress) -> Outcome:
+def run_federation(run: FederationRun, launcher: Launcher, progress: Progress,
+                   abort: threading.Event | None = None) -> Outcome:
     """The federation's rounds to the end, its last candidate released; resumed where an earlier run left it."""
     outcome_path = run.directory / OUTCOME_FILE
     if outcome_path.is_file():
         return Outcome.read(outcome_path)
     if not run.coordinator.is_dir():
         _deploy(run)
-    seconds_path = run.directory / SECONDS_FILE
-    earlier = json.loads(seconds_path.read_text()) if seconds_path.is_file() else 0.0
+    spent_path = run.directory / SPENT_FILE
+    spent = json.loads(spent_path.read_text()) if spent_path.is_file() else {"seconds": 0.0, "cpu_seconds": 0.0}
     processes = _Processes(run.directory / "logs", launcher)
     started = time.monotonic()
     try:
@@ -234,23 +256,29 @@ def run_federation(run: FederationRun, launcher: Launcher, progress: Progress) -
             folder = run.site_dir(site.name)
             processes.start(site.name, "site", "--bundle", str(folder / "site.bundle"),
                             "--policy", str(folder / "policy.toml"), "--state-dir", str(folder / "state"))
-        status = _wait(run, processes, progress)
+        status = _wait(run, processes, progress, abort or threading.Event())
     finally:
-        processes.stop()
-        write_text_atomic(seconds_path, json.dumps(earlier + time.monotonic() - started))
+        spent = {"seconds": spent["seconds"] + time.monotonic() - started,
+                 "cpu_seconds": spent["cpu_seconds"] + processes.stop()}
+        write_text_atomic(spent_path, json.dumps(spent))
     final = status["rounds"][-1]
     layout = admin.CoordinatorDir(run.coordinator)
     if not any(v["version"] == final["version"] and v["state"] == "released" for v in status["versions"]):
         admin.release(run.coordinator, run.plan.task, final["version"], by="fedlesion simulate")
-    package = layout.state().version(run.plan.task, final["version"])
+    state = layout.state()
+    try:
+        package = state.version(run.plan.task, final["version"])
+    finally:
+        state.close()
     assert package is not None
     outcome = Outcome(
         package=str(package.path),
         release_public_keys=[pem.decode() for pem in layout.release_public_keys()],
-        seconds=json.loads(seconds_path.read_text()),
         rounds=_round_metrics(run, status),
+        **spent,
     )
     write_text_atomic(outcome_path, json.dumps(asdict(outcome), indent=2) + "\n")
+    progress.note(f"{run.label}: {run.plan.rounds} rounds in {outcome.seconds:.0f} s ({outcome.cpu_seconds:.0f} CPU-s)")
     return outcome
 
 
@@ -279,14 +307,14 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _wait(run: FederationRun, processes: _Processes, progress: Progress) -> dict[str, Any]:
+def _wait(run: FederationRun, processes: _Processes, progress: Progress, abort: threading.Event) -> dict[str, Any]:
     """Poll the coordinator's state until the last round is closed and every evaluator has scored it; a process
     that exits, or a training site the coordinator stops inviting, ends the study with the reason."""
     trainers = {site.name for site in run.sites if site.role is SiteRole.TRAINER}
     evaluators = {site.name for site in run.sites if site.role is SiteRole.EVALUATOR}
     shown: tuple[Any, ...] = ()
     changed = time.monotonic()
-    while True:
+    while not abort.is_set():
         processes.check()
         status = _status(run.coordinator)
         sites = {site["name"]: site for site in status["sites"]}
@@ -308,7 +336,8 @@ def _wait(run: FederationRun, processes: _Processes, progress: Progress) -> dict
         elif time.monotonic() - changed > run.plan.deadline_s:
             raise RuntimeError(f"{run.label}: nothing moved for {run.plan.deadline_s:.0f} s; logs in "
                                f"{processes.folder}")
-        time.sleep(POLL_S)
+        abort.wait(POLL_S)
+    raise RuntimeError(f"{run.label}: stopped (another federation of the study failed, or it was interrupted)")
 
 
 def _status(coordinator: Path) -> dict[str, Any]:
@@ -358,19 +387,37 @@ class _Processes:
                 raise RuntimeError(f"{name} exited with status {process.returncode}; the end of its log "
                                    f"({self.log(name)}):\n{tail}")
 
-    def stop(self) -> None:
-        """SIGTERM to each (the coordinator stops serving cleanly), SIGKILL to any still running after a while."""
+    def stop(self) -> float:
+        """SIGTERM to each (the coordinator stops serving cleanly), SIGKILL to any still running after a while;
+        returns the CPU seconds they used (each process's own rusage, read as it is reaped)."""
         for process in self.running.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_WAIT_S
+        cpu_seconds = 0.0
         for process in self.running.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            cpu_seconds += _reap(process, deadline)
         self.running.clear()
+        return cpu_seconds
+
+
+def _reap(process: subprocess.Popen[bytes], deadline: float) -> float:
+    """Wait for `process` (SIGKILL after `deadline`) with wait4, whose rusage says the CPU time it used; 0 when
+    it was reaped already (a process that exited by itself, found by `check`)."""
+    killed = False
+    while True:
+        try:
+            pid, status, usage = os.wait4(process.pid, 0 if killed else os.WNOHANG)
+        except ChildProcessError:
+            return 0.0
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return usage.ru_utime + usage.ru_stime
+        if time.monotonic() >= deadline:
+            process.kill()
+            killed = True
+        else:
+            time.sleep(0.05)
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
