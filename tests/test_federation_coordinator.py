@@ -4,10 +4,15 @@ quorum and deadline rules driven by `step(now)`."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import re
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -467,3 +472,103 @@ def test_renewal_and_publish_keep_sites_and_versions_consistent(coordinator_dir,
     with pytest.raises(ValueError, match="already released"):
         admin.release(directory, TASK, 1)
     state.close()
+
+
+def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loopback_without_patient_data(
+        coordinator_dir) -> None:
+    """Two rounds of two trainers and an evaluator's score, over mTLS: after each close (and the evaluation) the plan's
+    metrics.csv and val_dice.png hold every (round, site, role) so far; /metrics answers on loopback with the rounds,
+    sites alive, bytes, round duration and refused updates, labelled only by role, state and direction."""
+    directory, bundles = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=2, quorum=2, deadline_s=120)
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=2, tick_s=0.05)
+
+    def export(current, weights, updates, version, round_dir) -> Path:  # the report needs no ONNX
+        target = coordinator.state.versions_dir(current.task) / str(version)
+        target.mkdir(parents=True)
+        return target
+
+    coordinator._export = export
+    coordinator.start(metrics_port=0)
+    sites = {name: FakeSite(bundles[name]) for name in ("alpha", "beta", "judge")}
+    report_csv = coordinator.rounds_dir / "metrics.csv"
+    url = f"http://127.0.0.1:{coordinator.metrics_server.port}"
+
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = response.read().decode()
+        for name in ("alpha", "beta", "judge", "gamma", "ward", "val_dice"):
+            assert name not in text  # no site, let alone a patient: labels are roles, states, directions
+        samples = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
+        labels = {key for sample, _ in samples for key in re.findall(r'(\w+)="', sample)}
+        assert labels <= {"role", "state", "direction"}, labels
+        return {sample: float(value) for sample, value in samples}
+
+    def rows() -> list[dict[str, str]]:
+        return list(csv.DictReader(io.StringIO(report_csv.read_text()))) if report_csv.exists() else []
+
+    def train(name: str, dice: float) -> tuple[pb2.TaskReply, int]:
+        task = sites[name].task()
+        base = sites[name].weights(task)
+        binding = StreamBinding(task.plan_sha256, task.round, task.base_sha256, name)
+        update = encode_weights(_shifted(base, 0.01))
+        parts = chunk_stream(update, key=bundles[name].payload_key, aad_fields=binding,
+                             header_fields={"num_cases": 2, "metrics": {"val_dice": dice, "train_loss": 0.4}})
+        assert sites[name].stub.PutUpdate(parts).accepted
+        return task, len(update)
+
+    try:
+        assert coordinator.metrics_server.host == "127.0.0.1"
+        with pytest.raises(urllib.error.HTTPError) as elsewhere:
+            urllib.request.urlopen(url + "/", timeout=10)
+        assert elsewhere.value.code == 404
+        for site in sites.values():
+            site.hello()
+        _wait(lambda: coordinator.state.current_round(plan.sha256) is not None)
+        before = scrape()
+        assert before["fedlesion_federation_round"] == 1 and before["fedlesion_federation_round_open"] == 1
+        assert before['fedlesion_federation_sites_alive{role="trainer"}'] == 2
+        assert before['fedlesion_federation_sites_alive{role="evaluator"}'] == 1
+        assert before['fedlesion_federation_sites{role="trainer",state="active"}'] == 3
+        assert not report_csv.exists()  # nothing closed yet
+
+        first_task, update_bytes = train("alpha", 0.2)
+        assert not sites["alpha"].put(first_task, {}, cases=1).accepted  # refused (and recorded)
+        train("beta", 0.4)
+        _wait(lambda: [(r["round"], r["site"]) for r in rows()] == [("1", "alpha"), ("1", "beta")])
+        evaluate = sites["judge"].task()
+        assert evaluate.kind == pb2.TaskReply.EVALUATE and evaluate.round == 1
+        sites["judge"].weights(evaluate)
+        report = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="evaluate", num_cases=3,
+                                   values={"val_dice": 0.3})
+        assert sites["judge"].stub.ReportMetrics(report).accepted
+        _wait(lambda: len(rows()) == 3)
+        _wait(lambda: coordinator.state.current_round(plan.sha256) is not None)
+        train("alpha", 0.5)
+        train("beta", 0.6)
+        _wait(lambda: len(rows()) == 5)
+
+        table = {(r["round"], r["site"]): r for r in rows()}
+        assert {key: (r["role"], r["val_dice"], r["cases"]) for key, r in table.items()} == {
+            ("1", "alpha"): ("trainer", "0.2", "2"), ("1", "beta"): ("trainer", "0.4", "2"),
+            ("1", "judge"): ("evaluator", "0.3", "3"), ("2", "alpha"): ("trainer", "0.5", "2"),
+            ("2", "beta"): ("trainer", "0.6", "2"),
+        }
+        assert table[("2", "alpha")]["version"] == "2" and float(table[("1", "alpha")]["round_seconds"]) > 0
+        assert (coordinator.rounds_dir / "val_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        after = scrape()
+        assert after["fedlesion_federation_round"] == 2 and after["fedlesion_federation_round_open"] == 0
+        assert after["fedlesion_federation_rounds_closed"] == 2 and after["fedlesion_federation_rounds_planned"] == 2
+        assert after["fedlesion_federation_refused_updates"] == 1
+        assert 0 < after["fedlesion_federation_round_duration_seconds"] < 60
+        # four updates up; four base weights and the evaluator's aggregate down (plus framing and small messages)
+        assert after['fedlesion_federation_bytes_total{direction="received"}'] > 4 * update_bytes
+        assert after['fedlesion_federation_bytes_total{direction="sent"}'] > 5 * update_bytes
+    finally:
+        for site in sites.values():
+            site.channel.close()
+        coordinator.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url + "/metrics", timeout=5)

@@ -86,6 +86,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _dir(serve)
     serve.add_argument("--plan", type=Path, required=True, metavar="PLAN.toml")
     serve.add_argument("--listen", metavar="HOST:PORT", help="bind here instead of the address given at init")
+    serve.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus /metrics over plain HTTP on this port (default: none)")
+    serve.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                       help="the address /metrics binds to (default 127.0.0.1; 0.0.0.0 lets another host scrape)")
     serve.set_defaults(func=run_serve)
 
     release = actions.add_parser("release", help="sign a candidate with the release key: nodes may pull it")
@@ -170,12 +174,14 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from training.federation.admin import CoordinatorDir
     from training.federation.coordinator import serve
     from training.federation.plan import FederatedPlan
 
     plan = FederatedPlan.from_toml(args.plan.read_text(encoding="utf-8"))
-    print(f"serving plan {plan.sha256} ({plan.rounds} rounds, {plan.strategy}) from {args.dir}", flush=True)
-    serve(args.dir, plan, listen=args.listen)
+    print(f"serving plan {plan.sha256} ({plan.rounds} rounds, {plan.strategy}) from {args.dir}; each round's "
+          f"report in {CoordinatorDir(args.dir).rounds(plan.sha256)}", flush=True)
+    serve(args.dir, plan, listen=args.listen, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     return 0
 
 

@@ -1,45 +1,27 @@
-"""Prometheus text exposition of the node's state, computed from its databases at scrape time.
+"""Prometheus text exposition of the node's state, computed from its databases at scrape time (format:
+models.prometheus).
 
-Why no client library: a handful of gauges and two histograms over the job table; the text format is simple and
-the numbers come from SQLite, which survives restarts, so gauges (not process-local counters) are the right type.
+The numbers come from SQLite, which survives restarts, so gauges (not process-local counters) are the right type.
 Label values are fixed vocabularies (states, tasks, stages): no study, patient or free text reaches a label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from inference.jobs import Job
 from inference.web.data import NodeData
+from models.prometheus import exposition, family, sample
 
 LATENCY_BUCKETS_S = (1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-
-
-def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
-    text = ",".join(f'{key}="{_escape(val)}"' for key, val in (labels or {}).items())
-    return f"{name}{{{text}}} {_number(value)}" if text else f"{name} {_number(value)}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def _family(name: str, kind: str, help_text: str, lines: Iterable[str]) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *lines]
 
 
 def _histogram(name: str, values_by_task: dict[str, list[float]]) -> list[str]:
     lines = []
     for task, values in sorted(values_by_task.items()):
         for bound in LATENCY_BUCKETS_S:
-            lines.append(_line(f"{name}_bucket", sum(v <= bound for v in values), {"task": task, "le": str(bound)}))
-        lines.append(_line(f"{name}_bucket", len(values), {"task": task, "le": "+Inf"}))
-        lines.append(_line(f"{name}_sum", round(sum(values), 3), {"task": task}))
-        lines.append(_line(f"{name}_count", len(values), {"task": task}))
+            lines.append(sample(f"{name}_bucket", sum(v <= bound for v in values), {"task": task, "le": str(bound)}))
+        lines.append(sample(f"{name}_bucket", len(values), {"task": task, "le": "+Inf"}))
+        lines.append(sample(f"{name}_sum", round(sum(values), 3), {"task": task}))
+        lines.append(sample(f"{name}_count", len(values), {"task": task}))
     return lines
 
 
@@ -61,36 +43,36 @@ def _latencies(jobs: list[Job]) -> tuple[dict[str, list[float]], dict[str, list[
 
 def render_metrics(data: NodeData) -> str:
     out: list[str] = []
-    out += _family("fedlesion_jobs", "gauge", "Jobs in the queue database by state.",
-                   (_line("fedlesion_jobs", n, {"state": s.value}) for s, n in data.jobs.counts().items()))
+    out += family("fedlesion_jobs", "gauge", "Jobs in the queue database by state.",
+                  (sample("fedlesion_jobs", n, {"state": s.value}) for s, n in data.jobs.counts().items()))
     run, turnaround, stage_means = _latencies(data.finished_jobs())
-    out += _family("fedlesion_job_run_seconds", "histogram", "Done jobs: claim to finish.", _histogram(
+    out += family("fedlesion_job_run_seconds", "histogram", "Done jobs: claim to finish.", _histogram(
         "fedlesion_job_run_seconds", run))
-    out += _family("fedlesion_job_turnaround_seconds", "histogram", "Done jobs: study ready to finish.", _histogram(
+    out += family("fedlesion_job_turnaround_seconds", "histogram", "Done jobs: study ready to finish.", _histogram(
         "fedlesion_job_turnaround_seconds", turnaround))
-    out += _family("fedlesion_job_stage_seconds_mean", "gauge", "Done jobs: mean seconds per pipeline stage.", (
-        _line("fedlesion_job_stage_seconds_mean", round(v, 4), {"task": t, "stage": s})
+    out += family("fedlesion_job_stage_seconds_mean", "gauge", "Done jobs: mean seconds per pipeline stage.", (
+        sample("fedlesion_job_stage_seconds_mean", round(v, 4), {"task": t, "stage": s})
         for (t, s), v in sorted(stage_means.items())))
     status = data.models_status()
     versions = [(task, (entry.get("serving") or {}).get("version")) for task, entry in status.get("tasks", {}).items()]
-    out += _family("fedlesion_model_version", "gauge", "Model version served per task (0: none).",
-                   (_line("fedlesion_model_version", v or 0, {"task": t}) for t, v in sorted(versions)))
-    out += _family("fedlesion_demo_mode", "gauge", "1 when the node serves demo-signed models.",
-                   [_line("fedlesion_demo_mode", 1 if status.get("demo_mode") else 0)])
-    out += _family("fedlesion_model_refusals", "gauge", "Model packages refused since start.",
-                   [_line("fedlesion_model_refusals", len(status.get("refusals", [])))])
+    out += family("fedlesion_model_version", "gauge", "Model version served per task (0: none).",
+                  (sample("fedlesion_model_version", v or 0, {"task": t}) for t, v in sorted(versions)))
+    out += family("fedlesion_demo_mode", "gauge", "1 when the node serves demo-signed models.",
+                  [sample("fedlesion_demo_mode", 1 if status.get("demo_mode") else 0)])
+    out += family("fedlesion_model_refusals", "gauge", "Model packages refused since start.",
+                  [sample("fedlesion_model_refusals", len(status.get("refusals", [])))])
     disk = data.disk()
-    out += _family("fedlesion_disk_free_bytes", "gauge", "Free bytes on the data directory's filesystem.",
-                   [_line("fedlesion_disk_free_bytes", disk.free_bytes)])
-    out += _family("fedlesion_disk_watermark_bytes", "gauge", "Stores are refused below this many free bytes.",
-                   [_line("fedlesion_disk_watermark_bytes", disk.min_free_bytes)])
-    out += _family("fedlesion_disk_low", "gauge", "1 when free space is under the watermark.",
-                   [_line("fedlesion_disk_low", 1 if disk.low else 0)])
-    out += _family("fedlesion_outbox_deliveries", "gauge", "Output deliveries by state (pending, sent, dead-letter).",
-                   (_line("fedlesion_outbox_deliveries", n, {"state": s.value}) for s, n in data.outbox.counts().items()))
+    out += family("fedlesion_disk_free_bytes", "gauge", "Free bytes on the data directory's filesystem.",
+                  [sample("fedlesion_disk_free_bytes", disk.free_bytes)])
+    out += family("fedlesion_disk_watermark_bytes", "gauge", "Stores are refused below this many free bytes.",
+                  [sample("fedlesion_disk_watermark_bytes", disk.min_free_bytes)])
+    out += family("fedlesion_disk_low", "gauge", "1 when free space is under the watermark.",
+                  [sample("fedlesion_disk_low", 1 if disk.low else 0)])
+    out += family("fedlesion_outbox_deliveries", "gauge", "Output deliveries by state (pending, sent, dead-letter).",
+                  (sample("fedlesion_outbox_deliveries", n, {"state": s.value}) for s, n in data.outbox.counts().items()))
     studies: dict[str, int] = {}
     for record in data.studies_index.list_studies():
         studies[record.state] = studies.get(record.state, 0) + 1
-    out += _family("fedlesion_studies", "gauge", "Studies in the studies table by state.",
-                   (_line("fedlesion_studies", n, {"state": s}) for s, n in sorted(studies.items())))
-    return "\n".join(out) + "\n"
+    out += family("fedlesion_studies", "gauge", "Studies in the studies table by state.",
+                  (sample("fedlesion_studies", n, {"state": s}) for s, n in sorted(studies.items())))
+    return exposition(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, jsonify
 
 from inference.web.metrics import render_metrics
+from models.prometheus import CONTENT_TYPE
 from models.version import distribution_version
 
 blueprint = Blueprint("ops", __name__)
@@ -23,4 +24,4 @@ def healthz():
 @blueprint.get("/metrics")
 def metrics():
     text = render_metrics(current_app.extensions["fedlesion"].data)
-    return Response(text, mimetype="text/plain; version=0.0.4; charset=utf-8")
+    return Response(text, content_type=CONTENT_TYPE)

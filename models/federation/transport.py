@@ -4,6 +4,7 @@ grpc verifies the chain and the validity period in the TLS handshake (a wrong-CA
 reaches a method); it has no CRL support and a plain server interceptor sees no auth context, so revocation, role
 and enrollment are checked by wrapping every method handler (`authorized_handlers`): the check sees the peer
 certificate's fingerprint and name and the method, and a reason it returns aborts the call with PERMISSION_DENIED.
+The same wrapping can count every message's serialized bytes each way (the coordinator's Prometheus `/metrics`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "PROTOCOL_VERSION",
     "AccessCheck",
+    "ByteCount",
     "add_coordinator_servicer",
     "authorized_handlers",
     "channel",
@@ -42,6 +44,8 @@ MESSAGE_OPTIONS = (
 
 # (peer certificate fingerprint, peer name, method name such as "PutUpdate") -> None to allow, or the refusal reason.
 AccessCheck = Callable[[str, str, str], str | None]
+# (bytes received, bytes sent): called once per message with its serialized size (TLS and HTTP/2 framing not counted).
+ByteCount = Callable[[int, int], None]
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +91,27 @@ def _authorize(context: grpc.ServicerContext, method: str, check: AccessCheck) -
         context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
 
 
-def _guarded(handler: grpc.RpcMethodHandler, method: str, check: AccessCheck) -> grpc.RpcMethodHandler:
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+def _serializers(handler: grpc.RpcMethodHandler, count_bytes: ByteCount | None) -> dict[str, Any]:
+    """The handler's (de)serializers, counting each message's bytes when asked to."""
+    deserialize, serialize = handler.request_deserializer, handler.response_serializer
+    if count_bytes is None:
+        return {"request_deserializer": deserialize, "response_serializer": serialize}
+
+    def counted_deserialize(data: bytes) -> Any:
+        count_bytes(len(data), 0)
+        return deserialize(data)
+
+    def counted_serialize(message: Any) -> bytes:
+        data = serialize(message)
+        count_bytes(0, len(data))
+        return data
+
+    return {"request_deserializer": counted_deserialize, "response_serializer": counted_serialize}
+
+
+def _guarded(handler: grpc.RpcMethodHandler, method: str, check: AccessCheck,
+             count_bytes: ByteCount | None) -> grpc.RpcMethodHandler:
+    serializers = _serializers(handler, count_bytes)
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary
 
@@ -126,10 +146,11 @@ def _guarded(handler: grpc.RpcMethodHandler, method: str, check: AccessCheck) ->
 
 
 def authorized_handlers(
-    servicer_handlers: Mapping[str, grpc.RpcMethodHandler], check: AccessCheck
+    servicer_handlers: Mapping[str, grpc.RpcMethodHandler], check: AccessCheck, count_bytes: ByteCount | None = None
 ) -> dict[str, grpc.RpcMethodHandler]:
-    """Every handler (method name → handler) wrapped so that `check` runs first on each call."""
-    return {method: _guarded(handler, method, check) for method, handler in servicer_handlers.items()}
+    """Every handler (method name → handler) wrapped so that `check` runs first on each call (and `count_bytes`
+    sees every message)."""
+    return {method: _guarded(handler, method, check, count_bytes) for method, handler in servicer_handlers.items()}
 
 
 class _Recorder:
@@ -155,9 +176,10 @@ def coordinator_handlers(servicer: federation_pb2_grpc.CoordinatorServicer) -> d
 
 
 def add_coordinator_servicer(
-    server: grpc.Server, servicer: federation_pb2_grpc.CoordinatorServicer, check: AccessCheck
+    server: grpc.Server, servicer: federation_pb2_grpc.CoordinatorServicer, check: AccessCheck,
+    count_bytes: ByteCount | None = None,
 ) -> None:
     """Register `servicer` on `server` with `check` guarding every call (what `serve` uses)."""
-    handlers = authorized_handlers(coordinator_handlers(servicer), check)
+    handlers = authorized_handlers(coordinator_handlers(servicer), check, count_bytes)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

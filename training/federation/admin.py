@@ -53,6 +53,10 @@ class CoordinatorDir:
     def address(self) -> str:
         return (self.server / "address").read_text(encoding="utf-8").strip()
 
+    def rounds(self, plan_sha256: str) -> Path:
+        """A plan's rounds: base and aggregate weights, updates, and the operators' report (monitoring.py)."""
+        return self.root / "rounds" / plan_sha256[:16]
+
     def certificate_authority(self) -> pki.CertificateAuthority:
         return pki.CertificateAuthority((self.ca / "ca.pem").read_bytes(), (self.ca / "ca.key").read_bytes())
 

@@ -9,6 +9,10 @@ signs with the round key and records the next version as a candidate. An evaluat
 trainer whose hello narrows to evaluator) is given the newest round aggregate it has not scored; the metrics it
 reports are kept with the round. After the last round the server keeps answering heartbeats, status and pulls.
 
+Operators (monitoring.py): after each close and each evaluation a thread of its own rewrites the plan's report,
+`DIR/rounds/<plan>/metrics.csv` and `val_dice.png` (the round loop never waits for matplotlib); with a metrics port,
+Prometheus `/metrics` is served over plain HTTP, on loopback unless told otherwise.
+
 Every call passes `check` first (transport.add_coordinator_servicer): the peer certificate's fingerprint is looked
 up in the state database on each call, so `coordinator revoke` in another process takes effect at once. Refusals are
 logged with their reason; refused updates are recorded with theirs (`coordinator status`).
@@ -72,6 +76,7 @@ from training.checkpoint import save_checkpoint
 from training.export import export_package
 from training.federation.admin import CoordinatorDir
 from training.federation.aggregation import SiteUpdate
+from training.federation.monitoring import MetricsServer, Traffic, render_metrics, write_round_report
 from training.federation.plan import FederatedPlan
 from training.federation.screening import screen
 from training.federation.state import INCOMING_PREFIX, AcceptedUpdate, Round, SiteState
@@ -119,7 +124,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self.heartbeat_timeout_s = 3 * heartbeat_interval_s
         self.idle_retry_s = max(1, int(heartbeat_interval_s) // 2)  # an idle site's retry_after_s
         self.tick_s = tick_s
-        self.rounds_dir = self.layout.root / "rounds" / plan.sha256[:16]
+        self.rounds_dir = self.layout.rounds(plan.sha256)
         self._round_key = load_private_key(self.layout.round_key)
         self._weights_cache: dict[Path, tuple[bytes, dict[str, np.ndarray]]] = {}
         # Accepted updates of the open round as PutUpdate decoded them, by file: the close need not read and decode
@@ -135,6 +140,10 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self._task_waiters = 0
         self._server: grpc.Server | None = None
         self._loop: threading.Thread | None = None
+        self.traffic = Traffic()
+        self.metrics_server: MetricsServer | None = None
+        self._report_due = threading.Event()  # a round closed or an evaluation came: rewrite the report
+        self._reporter: threading.Thread | None = None
         self._resume()
 
     # -- start-up, loop, shutdown -----------------------------------------------------------------------------
@@ -149,31 +158,45 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             self.state.audit("serve", "resume", f"round {current.round}", attempt=current.attempt)
             log.info("resuming round %d (attempt %d)", current.round, current.attempt)
 
-    def start(self, listen: str | None = None) -> int:
-        """Serve on `listen` (default: the address in DIR/server) and run the round loop; returns the port."""
+    def start(self, listen: str | None = None, *, metrics_port: int | None = None,
+              metrics_host: str = "127.0.0.1") -> int:
+        """Serve on `listen` (default: the address in DIR/server) and run the round loop; returns the port. With
+        `metrics_port` (0: any free one, see `metrics_server.port`), Prometheus `/metrics` on `metrics_host`."""
+        if metrics_port is not None:
+            self.metrics_server = MetricsServer(self.render_metrics, metrics_port, metrics_host)
         keep_freed_buffers()  # every round frees and allocates model-sized buffers again
         server_dir = self.layout.server
         credentials = server_credentials((server_dir / "ca.pem").read_bytes(), (server_dir / "server.pem").read_bytes(),
                                          (server_dir / "server.key").read_bytes())
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS), options=MESSAGE_OPTIONS)
-        add_coordinator_servicer(self._server, self, self.check)
+        add_coordinator_servicer(self._server, self, self.check, self.traffic.add)
         port = self._server.add_secure_port(listen or self.layout.address, credentials)
         if port == 0:
             raise OSError(f"cannot listen on {listen or self.layout.address}")
         self._server.start()
         self._loop = threading.Thread(target=self._run, name="rounds", daemon=True)
         self._loop.start()
+        self._report_due.set()  # a restarted serve reports the rounds closed before
+        self._reporter = threading.Thread(target=self._report_rounds, name="reports", daemon=True)
+        self._reporter.start()
         log.info("coordinator listening on port %d", port)
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+            log.info("Prometheus metrics on http://%s:%d/metrics", self.metrics_server.host, self.metrics_server.port)
         return port
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
         self._work_changed()
+        self._report_due.set()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self._server is not None:
             self._server.stop(grace=1).wait()
-        if self._loop is not None:
-            self._loop.join()
+        for thread in (self._loop, self._reporter):
+            if thread is not None:
+                thread.join()
         self.state.close()
 
     def _run(self) -> None:
@@ -185,6 +208,24 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 self._stop.wait(5.0)
             self._wake.wait(self.tick_s)
             self._wake.clear()
+
+    def _report_rounds(self) -> None:
+        """Rewrite the plan's report whenever one is due (monitoring.write_round_report), until stopped."""
+        while True:
+            self._report_due.wait()
+            if self._stop.is_set():
+                return
+            self._report_due.clear()
+            try:
+                write_round_report(self.state.status(), self.plan.sha256, self.rounds_dir)
+            except Exception:  # a report that cannot be written (disk, plotting) never stops the rounds
+                log.exception("writing the round report failed")
+
+    def render_metrics(self) -> str:
+        """The `/metrics` body, from the state database as it is now."""
+        now = time.time()
+        return render_metrics(self.state.status(), self.plan.sha256, self.plan.rounds, self.traffic,
+                              alive_after=now - self.heartbeat_timeout_s, now=now)
 
     def step(self, now: float | None = None) -> None:
         """Advance the rounds once: open the next round, close or retry the open one."""
@@ -297,6 +338,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         self.state.commit_candidate(current.task, version, target, round_id=current.id, actor="serve")
         self._wake.set()  # open the next round at once
         self._work_changed()  # an evaluator has a new aggregate to score
+        self._report_due.set()
         log.info("round %d closed: %d of %d sites, %s version %d is a candidate (aggregate %.2f s, export %.1f s)",
                  current.round, len(updates), len(current.invited), current.task.value, version,
                  aggregated - started, time.perf_counter() - aggregated)
@@ -551,6 +593,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 return pb2.MetricsReply(accepted=False, reason=f"round {request.round} has no aggregate to evaluate")
             values = {key: float(value) for key, value in request.values.items() if np.isfinite(value)}
             self.state.record_evaluation(closed.id, name, int(request.num_cases), values)
+            self._report_due.set()
         log.info("metrics from %s, round %d (%s, %d cases): %s", name, request.round, request.kind,
                  request.num_cases, dict(request.values))
         return pb2.MetricsReply(accepted=True)
@@ -577,12 +620,13 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             yield pb2.ModelPart(onnx_chunk=onnx[start:start + MODEL_CHUNK_BYTES])
 
 
-def serve(directory: Path, plan: FederatedPlan, *, listen: str | None = None) -> None:
+def serve(directory: Path, plan: FederatedPlan, *, listen: str | None = None, metrics_port: int | None = None,
+          metrics_host: str = "127.0.0.1") -> None:
     """Run the coordinator until SIGTERM or Ctrl-C; after the last round it keeps serving."""
     coordinator = Coordinator(directory, plan)
     stopped = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopped.set())
-    coordinator.start(listen)
+    coordinator.start(listen, metrics_port=metrics_port, metrics_host=metrics_host)
     try:
         while not stopped.wait(1.0):
             pass

@@ -571,13 +571,14 @@ class CoordinatorState:
                                     "refused_in_a_row FROM sites LEFT JOIN site_screening ON site = name ORDER BY name")
             ]
             rounds = []
-            for r in db.execute(f"SELECT {_ROUND_COLUMNS}, note FROM rounds ORDER BY id").fetchall():
-                round_ = _round(r[:-1])
+            for r in db.execute(f"SELECT {_ROUND_COLUMNS}, note, closed_at FROM rounds ORDER BY id").fetchall():
+                round_, note, closed_at = _round(r[:-2]), r[-2], r[-1]
                 updates = db.execute("SELECT site, accepted, reason, num_cases, metrics FROM updates "
                                      "WHERE round_id = ? ORDER BY id", (round_.id,)).fetchall()
                 rounds.append(dict(
                     round=round_.round, plan_sha256=round_.plan_sha256, task=round_.task.value, state=round_.state.value,
-                    attempt=round_.attempt, invited=list(round_.invited), version=round_.version, note=r[-1],
+                    attempt=round_.attempt, invited=list(round_.invited), version=round_.version, note=note,
+                    opened_at=round_.opened_at, closed_at=closed_at,
                     contributors=[u[0] for u in updates if u[1]],
                     rejected=[dict(site=u[0], reason=u[2]) for u in updates if not u[1]],
                     metrics={u[0]: dict(json.loads(u[4]), cases=u[3]) for u in updates if u[1]},

@@ -23,6 +23,7 @@ import numpy as np
 
 from models.durable import write_text_atomic
 from models.metrics import NUMERIC_METRICS, CaseMetrics, MetricSummary, summarize
+from training.federation.monitoring import plot_site_dice
 from training.study.runner import CASES_FILE, RESULT_FILE, STUDY_FILE, arm_dir
 from training.study.scoring import read_case_rows
 
@@ -175,23 +176,11 @@ def _figure(width: float, height: float) -> Any:
 
 def _plot_rounds(results: Mapping[str, Mapping[str, Any]], path: Path) -> None:
     """One panel per arm: each site's reported validation Dice over the rounds (trainers solid, evaluators dashed)."""
-    from matplotlib.ticker import MaxNLocator
-
     figure = _figure(4.0 * max(1, len(results)), 3.4)
     axes_list = np.atleast_1d(figure.subplots(1, max(1, len(results)), sharey=True))
     for axes, (name, result) in zip(axes_list, results.items()):
-        series: dict[str, tuple[str, list[tuple[int, float]]]] = {}
-        for federation in result["federations"].values():
-            for round_ in federation["rounds"]:
-                for site, values in round_["sites"].items():
-                    if values.get("val_dice") is not None:
-                        series.setdefault(site, (values["role"], []))[1].append((round_["round"], values["val_dice"]))
-        for site, (role, points) in sorted(series.items()):
-            axes.plot(*zip(*points), marker="o", linestyle="-" if role == "trainer" else "--", label=site)
-        axes.set(title=name, xlabel="round", ylim=(0, 1))
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if series:
-            axes.legend(fontsize=7)
+        plot_site_dice(axes, [r for federation in result["federations"].values() for r in federation["rounds"]])
+        axes.set(title=name)
     axes_list[0].set_ylabel("validation Dice")
     figure.tight_layout()
     figure.savefig(path, dpi=100)

@@ -41,6 +41,7 @@ from models.durable import write_text_atomic
 from models.federation.roles import SiteRole
 from training.datasets import load_cases, read_csv_manifest
 from training.federation import admin
+from training.federation.monitoring import site_metrics_by_round
 from training.federation.plan import FederatedPlan, plan_for
 from training.federation.policy import DatasetUse, PolicyDataset, SitePolicy
 from training.federation.state import SiteState
@@ -274,7 +275,7 @@ def run_federation(run: FederationRun, launcher: Launcher, progress: Progress,
     outcome = Outcome(
         package=str(package.path),
         release_public_keys=[pem.decode() for pem in layout.release_public_keys()],
-        rounds=_round_metrics(run, status),
+        rounds=site_metrics_by_round(status["rounds"]),  # what a deployment's coordinator sees: nothing per case
         **spent,
     )
     write_text_atomic(outcome_path, json.dumps(asdict(outcome), indent=2) + "\n")
@@ -346,20 +347,6 @@ def _status(coordinator: Path) -> dict[str, Any]:
         return state.status()
     finally:
         state.close()
-
-
-def _round_metrics(run: FederationRun, status: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each closed round's aggregates as the federation received them: a trainer's with its update, an evaluator's
-    report (nothing per case: this is what a deployment's coordinator sees)."""
-    roles = {site.name: site.role.value for site in run.sites}
-    out = []
-    for round_ in status["rounds"]:
-        if not round_["version"]:
-            continue
-        sites = {name: {"role": roles.get(name, ""), **values} for name, values in round_["metrics"].items()}
-        sites |= {name: {"role": roles.get(name, ""), **values} for name, values in round_["evaluations"].items()}
-        out.append({"round": round_["round"], "version": round_["version"], "sites": sites})
-    return out
 
 
 class _Processes:
