@@ -3,12 +3,14 @@ loopback (tiny network, FedAvg, quorum 2). A site killed with SIGKILL mid-round 
 deadline with the quorum and rejoins the next round on restart; the coordinator killed with SIGKILL mid-round
 resumes that round on restart, and its versions strictly increase without a gap or a repeat; a site revoked while
 serve runs is refused at once; a released candidate is pulled, verified and served by a node that cannot import
-torch, while the newer unreleased candidate never reaches it. Assertions read `coordinator status --json`, the
-coordinator's and the node's files, and gRPC status codes, not log wording."""
+torch, while the newer unreleased candidate never reaches it; the coordinator's per-round report (CSV, PNG) and its
+Prometheus /metrics show the rounds. Assertions read `coordinator status --json`, the coordinator's and the node's
+files, HTTP and gRPC answers, not log wording."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -17,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +131,10 @@ def wait_for(processes: Processes, condition: Callable[[], Any], what: str, time
         time.sleep(0.1)
 
 
+def report_rows(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(path.read_text()))) if path.exists() else []
+
+
 def round_row(directory: Path, number: int) -> dict[str, Any] | None:
     return next((row for row in status(directory)["rounds"] if row["round"] == number), None)
 
@@ -151,9 +158,11 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     def start_site(name: str) -> None:
         processes.start(name, "site", "--bundle", str(bundles[name]), "--policy", str(tmp_path / name / "policy.toml"))
 
+    metrics_port = free_port()
+
     def serve() -> None:
         processes.start("coordinator", "coordinator", "serve", "--dir", str(coordinator), "--plan",
-                        str(tmp_path / "plan.toml"))
+                        str(tmp_path / "plan.toml"), "--metrics-port", str(metrics_port))
 
     serve()
     for name in SITE_DATA:
@@ -187,6 +196,19 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     wait_for(processes, lambda: (row := round_row(coordinator, 2)) and row["state"] == "closed", "round 2 to close")
     second = round_row(coordinator, 2)
     assert sorted(second["contributors"]) == sorted(SITE_DATA) and second["version"] == 2, second
+
+    # The operators' view: each round's report, rewritten by the restarted coordinator too, and /metrics.
+    report = admin.CoordinatorDir(coordinator).rounds(plan.sha256)
+    rows = wait_for(processes, lambda: (rows := report_rows(report / "metrics.csv")) and len(rows) == 5 and rows,
+                    "the report of both rounds")
+    assert sorted((r["round"], r["site"], r["role"]) for r in rows) == [
+        ("1", name, "trainer") for name in alive] + [("2", name, "trainer") for name in sorted(SITE_DATA)]
+    assert all(0 <= float(r["val_dice"]) <= 1 for r in rows)
+    assert (report / "val_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        scraped = response.read().decode()
+    assert "fedlesion_federation_rounds_closed 2" in scraped and 'fedlesion_federation_sites_alive{role="trainer"} 3' \
+        in scraped
 
     final = status(coordinator)
     assert [(v["version"], v["state"]) for v in final["versions"]] == [(1, "candidate"), (2, "candidate")]

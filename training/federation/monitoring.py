@@ -90,7 +90,8 @@ def _csv_text(rounds: list[dict[str, Any]]) -> str:
     writer.writeheader()
     for round_ in rounds:
         closed = datetime.fromtimestamp(round_["closed_at"], timezone.utc).isoformat(timespec="seconds")
-        for site, values in sorted(round_["sites"].items(), key=lambda item: (item[1]["role"], item[0])):
+        trainers_first = sorted(round_["sites"].items(), key=lambda item: (item[1]["role"] != SiteRole.TRAINER, item[0]))
+        for site, values in trainers_first:
             writer.writerow({**values, "round": round_["round"], "version": round_["version"], "closed_at": closed,
                              "round_seconds": f"{round_['seconds']:.2f}", "site": site})
     return text.getvalue()
@@ -107,7 +108,9 @@ def _plot(rounds: list[dict[str, Any]], plan_sha256: str, path: Path) -> None:
     drawn = plot_site_dice(axes, rounds)
     axes.set(ylabel="validation Dice", title=f"plan {plan_sha256[:12]}: validation Dice per site"
              + ("" if drawn else " (no site reported one yet)"))
-    figure.tight_layout()
+    figure.text(0.01, 0.01, "solid: a trainer's locally trained model, before aggregation; dashed: an evaluator's "
+                "score of the round's aggregate", fontsize=7, color="dimgray")
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, format="png", dpi=100)
 
 
