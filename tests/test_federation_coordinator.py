@@ -476,7 +476,7 @@ def test_renewal_and_publish_keep_sites_and_versions_consistent(coordinator_dir,
 
 def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loopback_without_patient_data(
         coordinator_dir) -> None:
-    """Two rounds of two trainers and an evaluator's score, over mTLS: after each close (and the evaluation) the plan's
+    """Two rounds of two trainers and an evaluator's score, over mTLS: after each close (and the score) the plan's
     metrics.csv and val_dice.png hold every (round, site, role) so far; /metrics answers on loopback with the rounds,
     sites alive, bytes, round duration and refused updates, labelled only by role, state and direction."""
     directory, bundles = coordinator_dir
@@ -537,9 +537,6 @@ def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loop
         assert not sites["alpha"].put(first_task, {}, cases=1).accepted  # refused (and recorded)
         train("beta", 0.4)
         _wait(lambda: [(r["round"], r["site"]) for r in rows()] == [("1", "alpha"), ("1", "beta")])
-        evaluate = sites["judge"].task()
-        assert evaluate.kind == pb2.TaskReply.EVALUATE and evaluate.round == 1
-        sites["judge"].weights(evaluate)
         report = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="evaluate", num_cases=3,
                                    values={"val_dice": 0.3})
         assert sites["judge"].stub.ReportMetrics(report).accepted
@@ -563,9 +560,9 @@ def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loop
         assert after["fedlesion_federation_rounds_closed"] == 2 and after["fedlesion_federation_rounds_planned"] == 2
         assert after["fedlesion_federation_refused_updates"] == 1
         assert 0 < after["fedlesion_federation_round_duration_seconds"] < 60
-        # four updates up; four base weights and the evaluator's aggregate down (plus framing and small messages)
+        # four updates up, four base weights down (and the chunks' framing, the small messages)
         assert after['fedlesion_federation_bytes_total{direction="received"}'] > 4 * update_bytes
-        assert after['fedlesion_federation_bytes_total{direction="sent"}'] > 5 * update_bytes
+        assert after['fedlesion_federation_bytes_total{direction="sent"}'] > 4 * update_bytes
     finally:
         for site in sites.values():
             site.channel.close()
