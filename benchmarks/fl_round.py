@@ -346,6 +346,9 @@ def run(plan: Any, workdir: Path, started: float, sites: int, site_processes: in
         process.terminate()
         process.join(10)
     coordinator.join(30)
+    if coordinator.is_alive():  # a failed run: it still waits for its last round
+        coordinator.terminate()
+        coordinator.join(10)
     if peaks is None or failure is not None:
         print(file=sys.stderr)
         print(f"failed after {len(rounds)} round(s): {failure or 'the coordinator stopped'}; "

@@ -65,8 +65,11 @@ def plot_site_dice(axes: Any, rounds: Iterable[Mapping[str, Any]]) -> int:
     for site, (role, points) in sorted(series.items()):
         axes.plot(*zip(*sorted(points)), marker="o", linestyle="-" if role == SiteRole.TRAINER.value else "--",
                   label=f"{site} ({role})")
+    numbers = [number for _, points in series.values() for number, _ in points]
+    if numbers:  # half a round of margin: one round alone would get fractional ticks
+        axes.set_xlim(min(numbers) - 0.5, max(numbers) + 0.5)
     axes.set(xlabel="round", ylim=(0, 1))
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if 0 < len(series) <= LEGEND_MAX_SITES:
         axes.legend(fontsize=7)
     return len(series)
