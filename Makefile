@@ -61,7 +61,7 @@ STROKE_DATA := synthetic-stream:8:workers=1
 MS_DATA := synthetic-stream:6:workers=1
 # The tasks whose retrained package replaces models/defaults: stroke v2, v3 and v4 marked 6.6, 5.7 and 35.5 ml on the
 # healthy Canon brain (benchmarks/specificity.py, goal < 1 ml), so stroke v1 stays until a successor passes. (v4 was
-# one stage of 48 epochs, `make default-models STROKE_EPOCHS="48 48"` with the stroke run alone.)
+# one cosine stage of 48 epochs, trained alone with this TRAIN line and STROKE_DATA.)
 SHIP ?= ms-flair
 HARDWARE ?= $(shell nproc) CPU cores, $(shell $(PYTHON) -c 'import platform; print(platform.processor() or platform.machine())')
 TRAIN = OMP_NUM_THREADS=1 $(VENV)/bin/fedlesion train --seed 1 --plan '{"iterations_per_epoch": 80}'
