@@ -80,7 +80,8 @@ def build_seeded_package(out: Path) -> Path:
     network is built again by `torch_network` from the weights saved beside it."""
     import torch
 
-    from models.networks import NetworkPlan, build_network, network_info, parameter_count
+    from models.network_plan import NetworkPlan
+    from models.networks import build_network, network_info, parameter_count
     from models.signing import demo_private_key
     from training.export import export_onnx
 
@@ -104,7 +105,8 @@ def torch_network(package_dir: Path, weights: Path, seeded: bool):
     one from its training checkpoint, refused unless it is the package's own (plan hash and export parity)."""
     import torch
 
-    from models.networks import NetworkPlan, build_network
+    from models.network_plan import NetworkPlan
+    from models.networks import build_network
 
     if seeded:
         network = build_network(2, 1, NetworkPlan(**json.loads((weights.parent / "plan.json").read_text())))

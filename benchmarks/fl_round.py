@@ -277,7 +277,7 @@ def main() -> int:
     if args.sites < 1 or args.site_processes < 1:
         parser.error("--sites and --site-processes must be at least 1")
 
-    from models.networks import NetworkPlan
+    from models.network_plan import NetworkPlan
     from training.federation.plan import plan_for
 
     started = time.perf_counter()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.networks import NetworkPlan, build_network
+from models.network_plan import NetworkPlan
+from models.networks import build_network
 from training.checkpoint import (
     FORMAT,
     KEYS,

@@ -8,9 +8,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("monai")
 
+from models.network_plan import Architecture, NetworkPlan  # noqa: E402
 from models.networks import (  # noqa: E402
-    Architecture,
-    NetworkPlan,
     build_network,
     load_network_weights,
     network_weights,

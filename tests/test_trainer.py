@@ -11,7 +11,8 @@ import torch
 
 from fedlesion.cli import main
 from models.manifest import Task
-from models.networks import NetworkPlan, build_network, network_weights
+from models.network_plan import NetworkPlan
+from models.networks import build_network, network_weights
 from training.checkpoint import checkpoint_threshold, load_checkpoint
 from training.datasets import synthetic_cases
 from training.plan import TrainingPlan, default_plan

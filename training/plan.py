@@ -27,7 +27,7 @@ from models.manifest import (
     default_inputs,
     preprocessing_dict,
 )
-from models.networks import Architecture, NetworkPlan, Norm
+from models.network_plan import Architecture, NetworkPlan, Norm
 
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "poly")

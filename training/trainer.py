@@ -40,7 +40,8 @@ from monai.transforms import (
 from tqdm import tqdm
 
 from models.metrics import compute_metrics
-from models.networks import Norm, build_network, load_network_weights, network_weights
+from models.network_plan import Norm
+from models.networks import build_network, load_network_weights, network_weights
 from models.preprocessing import to_source
 from training.checkpoint import checkpoint_plan, load_checkpoint, save_checkpoint
 from training.patches import CaseLike, PatchSampler, PreparedCase, prepare_case

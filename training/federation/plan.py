@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping
 
 from models.manifest import Task
-from models.networks import Architecture, NetworkPlan
+from models.network_plan import Architecture, NetworkPlan
 from training.federation.aggregation import STRATEGIES, STRATEGY_NAMES, Strategy, StrategyParams, strategy_by_name
 from training.federation.screening import SCREENING_COMMENTS, ScreeningLimits
 from training.plan import TrainingPlan, default_plan
