@@ -174,7 +174,8 @@ class TrainingInfo:
     """Provenance: which approved plan produced the weights, in which federated round, and how sites scored it.
 
     A federated round also says how many of the sites it invited contributed ("N of M"; each contributor's case
-    count is among its `site_metrics`) and which fedlesion built the package. A locally trained model says what it
+    count is among its `site_metrics`) and which fedlesion built the package; a released one also holds, under each
+    evaluator site's name, its means over the candidate with their case count (`evaluated_cases`). A locally trained model says what it
     was trained on, how many training patches it saw, for how many hours and on what hardware. These keys are
     written only when set, so manifests recorded before them keep their bytes.
     """

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def compute_metrics(pred: ArrayLike, gt: ArrayLike, voxel_ml: float, *, small_be
 
     gt_volume, pred_volume = n_g * voxel_ml, n_p * voxel_ml
     return CaseMetrics(
-        dice=1.0 if n_p + n_g == 0 else 2.0 * n_both / (n_p + n_g),
+        dice=_dice(n_both, n_p, n_g),
         avd_ml=abs(gt_volume - pred_volume),
         ald=abs(gt_lesions - pred_lesions),
         lf1=1.0 if gt_lesions + pred_lesions == 0 else tp / (tp + (fp + fn) / 2.0),
@@ -150,6 +151,17 @@ def compute_metrics(pred: ArrayLike, gt: ArrayLike, voxel_ml: float, *, small_be
         lesion_precision=_ratio(pred_hits, pred_lesions),
         size_category=size_category(gt_volume, small_below_ml, large_above_ml),
     )
+
+
+def dice_at_thresholds(probabilities: ArrayLike, gt: ArrayLike, thresholds: Sequence[float]) -> list[float]:
+    """Dice of `probabilities >= t` against `gt` at each threshold t: what threshold calibration compares, without
+    the component labelling the lesion-wise metrics need (`compute_metrics` costs that once per threshold)."""
+    p = np.asarray(probabilities)
+    g = _binarize(gt, "ground truth")
+    if p.shape != g.shape:
+        raise ValueError(f"probabilities shape {p.shape} differs from ground-truth shape {g.shape}")
+    inside, n_g = p[g], int(np.count_nonzero(g))
+    return [_dice(int(np.count_nonzero(inside >= t)), int(np.count_nonzero(p >= t)), n_g) for t in thresholds]
 
 
 def evaluate_files(pred_path: str | Path, gt_path: str | Path, *, small_below_ml: float = SMALL_BELOW_ML,
@@ -225,6 +237,11 @@ def _binarize(mask: ArrayLike, what: str) -> NDArray[np.bool_]:
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise ValueError(f"{what} must be numeric or boolean, got dtype {array.dtype}")
     return array > 0
+
+
+def _dice(n_both: int, n_p: int, n_g: int) -> float:
+    """2|P∩G| / (|P| + |G|) from voxel counts; both empty → 1."""
+    return 1.0 if n_p + n_g == 0 else 2.0 * n_both / (n_p + n_g)
 
 
 def _ratio(numerator: int, denominator: int) -> float:

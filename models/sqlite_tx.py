@@ -81,6 +81,15 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("COMMIT")
 
 
+def add_missing_column(conn: sqlite3.Connection, table: str, column: str, definition: str) -> bool:
+    """Add `column` to a table created before it existed (`CREATE TABLE IF NOT EXISTS` leaves an old one as it is);
+    True when it was missing. Run it in a write transaction where several processes may open the file at once."""
+    if column in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}:
+        return False
+    conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+    return True
+
+
 @contextmanager
 def read_snapshot(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A consistent snapshot over several SELECTs."""

@@ -34,6 +34,31 @@ sys.meta_path.insert(0, Blocker())
 """
 
 
+def write_labelled_cases(folder: Path, n: int, seed: int = 0) -> Path:
+    """`n` small stroke cases (a noisy ellipsoid head, a DWI-bright, ADC-dark sphere, its mask; 3 mm voxels) as
+    NIfTI files and the CSV manifest naming them: a dataset that loads in milliseconds where generated synthetic
+    heads take seconds each."""
+    import nibabel as nib
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    grid = np.stack(np.meshgrid(*(np.arange(size) for size in (48, 56, 32)), indexing="ij"), axis=-1)
+    head = (((grid - (24, 28, 16)) / (20, 24, 13)) ** 2).sum(-1) < 1
+    rows = ["case_id,dwi,adc,mask"]
+    for index in range(n):
+        centre = (24, 28, 16) + rng.integers(-6, 7, 3)
+        lesion = (((grid - centre) / rng.uniform(2, 5)) ** 2).sum(-1) < 1
+        dwi = np.where(head, 300 + 20 * rng.standard_normal(head.shape), 0) + 500 * lesion
+        adc = np.where(head, 800 + 30 * rng.standard_normal(head.shape), 0) - 450 * lesion
+        for name, data in (("dwi", dwi), ("adc", adc), ("mask", lesion)):
+            nib.save(nib.Nifti1Image(data.astype(np.float32), affine), folder / f"case{index}_{name}.nii.gz")
+        rows.append(f"case{index},case{index}_dwi.nii.gz,case{index}_adc.nii.gz,case{index}_mask.nii.gz")
+    (folder / "cases.csv").write_text("\n".join(rows) + "\n")
+    return folder / "cases.csv"
+
+
 def require(*paths: Path) -> None:
     """Skip, naming the file, when the shared data folder is not beside the repository."""
     for path in paths:

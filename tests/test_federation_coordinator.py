@@ -28,6 +28,7 @@ from models.manifest import Task, parse_manifest
 from models.signing import load_public_key, verify
 from training.federation import admin
 from training.federation.coordinator import Coordinator
+from training.federation.evaluation import receive_candidate
 from training.federation.plan import FederatedPlan, plan_for
 from training.federation.state import Round, RoundState
 
@@ -60,14 +61,19 @@ class FakeSite:
         return decode_weights(receiver.receive(parts)[1])
 
     def parts(self, task: pb2.TaskReply, weights: dict[str, np.ndarray], cases: int, *,
-              base_sha256: str | None = None) -> list[pb2.StreamPart]:
+              base_sha256: str | None = None, threshold_dice: pb2.ThresholdDice | None = None
+              ) -> list[pb2.StreamPart]:
         binding = StreamBinding(task.plan_sha256, task.round, base_sha256 or task.base_sha256, self.bundle.site)
+        header = {"num_cases": cases, "metrics": {"loss": 0.5}}
+        if threshold_dice is not None:
+            header["threshold_dice"] = threshold_dice
         return list(chunk_stream(encode_weights(weights), key=self.bundle.payload_key, aad_fields=binding,
-                                 header_fields={"num_cases": cases, "metrics": {"loss": 0.5}}, chunk_bytes=4096))
+                                 header_fields=header, chunk_bytes=4096))
 
     def put(self, task: pb2.TaskReply, weights: dict[str, np.ndarray], cases: int, *,
-            base_sha256: str | None = None) -> pb2.UpdateReply:
-        return self.stub.PutUpdate(iter(self.parts(task, weights, cases, base_sha256=base_sha256)))
+            base_sha256: str | None = None, threshold_dice: pb2.ThresholdDice | None = None) -> pb2.UpdateReply:
+        return self.stub.PutUpdate(iter(self.parts(task, weights, cases, base_sha256=base_sha256,
+                                                   threshold_dice=threshold_dice)))
 
 
 def _shifted(weights: dict[str, np.ndarray], by: float) -> dict[str, np.ndarray]:
@@ -93,7 +99,14 @@ def coordinator_dir(tmp_path: Path) -> tuple[Path, dict[str, EnrollmentBundle]]:
     return directory, bundles
 
 
-def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_pulled(coordinator_dir) -> None:
+def _dice(thresholds: list[float], dice: list[float], cases: int) -> pb2.ThresholdDice:
+    return pb2.ThresholdDice(thresholds=thresholds, mean_dice=dice, num_cases=cases)
+
+
+def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_pulled(coordinator_dir,
+                                                                                        tmp_path) -> None:
+    """… and its candidate is read at the threshold its trainers' validation Dice, pooled by case, favours; an
+    evaluator scores the candidate itself and its aggregates reach status and, with the release, the manifest."""
     directory, bundles = coordinator_dir
     plan = plan_for(TASK, network="tiny", rounds=1, quorum=2, deadline_s=120)
     coordinator = Coordinator(directory, plan, heartbeat_interval_s=2, tick_s=0.05)
@@ -109,7 +122,10 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         base = sites["alpha"].weights(tasks["alpha"])
         counter = next(n for n in base if n.endswith("num_batches_tracked"))
 
-        alpha_update = sites["alpha"].parts(tasks["alpha"], _shifted(base, 1.0), cases=1)
+        # Validation Dice per threshold: alpha 0.2 | 0.6 over 5 cases, gamma 0.6 | 0.4 over 15; pooled by case
+        # 0.3: (5·0.2 + 15·0.6) / 20 = 0.5, 0.5: (5·0.6 + 15·0.4) / 20 = 0.45 → 0.3 (the sites' plain mean: 0.5).
+        alpha_update = sites["alpha"].parts(tasks["alpha"], _shifted(base, 1.0), cases=1,
+                                            threshold_dice=_dice([0.3, 0.5], [0.2, 0.6], 5))
         assert sites["alpha"].stub.PutUpdate(iter(alpha_update)).accepted
         second = sites["alpha"].put(tasks["alpha"], _shifted(base, 1.0), cases=1)
         assert not second.accepted and "second update" in second.reason
@@ -125,6 +141,10 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         for expected, weights in refusals.items():
             reply = beta.put(task, weights, cases=2)
             assert not reply.accepted and not reply.resend and expected in reply.reason, (expected, reply.reason)
+        for expected, curve in (("a mean over 4 case(s), fewer than 5", _dice([0.3, 0.5], [0.2, 0.6], 4)),
+                                ("must lie in [0, 1]", _dice([0.3, 0.5], [0.2, 1.5], 9))):
+            reply = beta.put(task, base, cases=2, threshold_dice=curve)
+            assert not reply.accepted and expected in reply.reason, reply.reason
         replay = beta.put(task, base, cases=2, base_sha256="0" * 64)  # computed on other base weights
         assert not replay.accepted and "base_sha256" in replay.reason
         replayed = beta.stub.PutUpdate(iter(alpha_update))  # alpha's accepted stream, sent again by beta
@@ -134,7 +154,8 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         broken[1].chunk.payload = bytes([payload[0] ^ 1]) + payload[1:]  # one bit flipped in transit
         in_transit = sites["gamma"].stub.PutUpdate(iter(broken))
         assert not in_transit.accepted and in_transit.resend and "broken" in in_transit.reason
-        assert sites["gamma"].put(tasks["gamma"], _shifted(base, 3.0), cases=3).accepted  # the resend
+        assert sites["gamma"].put(tasks["gamma"], _shifted(base, 3.0), cases=3,
+                                  threshold_dice=_dice([0.3, 0.5], [0.6, 0.4], 15)).accepted  # the resend
 
         _wait(lambda: coordinator.state.round(plan.sha256, 1).state is RoundState.CLOSED)
         aggregate = decode_weights((coordinator.rounds_dir / "1" / "aggregate.weights").read_bytes())
@@ -146,24 +167,41 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         [round_] = status["rounds"]
         assert round_["contributors"] == ["alpha", "gamma"] and round_["version"] == 1
         refused = [r["reason"] for r in round_["rejected"] if r["site"] == "beta"]
-        assert len(refused) == 7 and "NaN or Inf" in refused[0]
+        assert len(refused) == 9 and "NaN or Inf" in refused[0]
         assert not [r for r in round_["rejected"] if r["site"] == "gamma"]  # a resend is not a refusal
         assert status["versions"] == [dict(task=TASK.value, version=1, state="candidate", round_id=1,
-                                           released_by=None, released_at=None)]
+                                           released_by=None, released_at=None, threshold=0.3)]
         manifest = parse_manifest((directory / "versions" / TASK.value / "1" / "manifest.json").read_bytes())
         assert (manifest.training.sites_contributed, manifest.training.sites_invited) == (2, 3)
         assert manifest.training.site_metrics["gamma"]["cases"] == 3.0
         assert manifest.training.plan_sha256 == plan.sha256 and manifest.training.federated_round == 1
+        assert manifest.output.threshold == 0.3 and "threshold 0.3 (validation Dice 0.500 over 20 cases at 2 sites)" \
+            in manifest.description
 
         judge = sites["judge"]
         assert judge.hello().role == "evaluator"
         evaluate = judge.task()
         assert evaluate.kind == pb2.TaskReply.EVALUATE and evaluate.round == 1
-        np.testing.assert_array_equal(judge.weights(evaluate)[name], aggregate[name])
-        report = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="evaluate", num_cases=4,
-                                   values={"dice": 0.25})
+        assert evaluate.base_sha256 == manifest.files["model.onnx"]
+        with pytest.raises(grpc.RpcError) as weights_refused:
+            judge.weights(evaluate)  # an evaluator gets the candidate, never the weights
+        assert weights_refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        parts = judge.stub.GetCandidate(pb2.CandidateRequest(plan_sha256=plan.sha256, round=1))
+        candidate = receive_candidate(parts, evaluate, judge.bundle.payload_key, "judge", tmp_path / "candidate")
+        assert candidate.manifest.version == 1 and candidate.manifest.output.threshold == 0.3
+        binned = pb2.Histogram(metric="val_dice", edges=[0.0, 0.5, 1.0], counts=[5, 7])
+        report = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="evaluate", num_cases=12,
+                                   values={"val_dice": 0.25}, histograms=[binned])
+        too_fine = pb2.MetricsReport()
+        too_fine.CopyFrom(report)
+        too_fine.histograms[0].counts[:] = [8, 4]
+        refused_report = judge.stub.ReportMetrics(too_fine)
+        assert not refused_report.accepted and "a bin holds 4 case(s), fewer than 5" in refused_report.reason
         assert judge.stub.ReportMetrics(report).accepted
-        assert coordinator.state.status()["rounds"][0]["evaluations"] == {"judge": {"dice": 0.25, "cases": 4}}
+        assert coordinator.state.status()["rounds"][0]["evaluations"] == {"judge": {
+            "val_dice": 0.25, "cases": 12,
+            "histograms": {"val_dice": {"edges": [0.0, 0.5, 1.0], "counts": [5, 7]}},
+        }}
         assert judge.task().kind == pb2.TaskReply.IDLE  # nothing newer to score
 
         node = sites["ward"]
@@ -180,6 +218,9 @@ def test_a_round_aggregates_good_updates_refuses_bad_ones_and_only_a_release_is_
         assert header.version == 1 and b"".join(p.onnx_chunk for p in parts[1:]) != b""
         release_key = load_public_key(bundles["ward"].release_public_keys[0])
         assert verify(header.manifest_json, header.manifest_sig, release_key)
+        released = parse_manifest(header.manifest_json)  # the evaluator's means beside the trainers' metrics
+        assert released.training.site_metrics["judge"] == {"val_dice": 0.25, "evaluated_cases": 12.0}
+        assert released.training.site_metrics["gamma"] == manifest.training.site_metrics["gamma"]
         assert list(node.stub.GetLatestModel(pb2.ModelRequest(task=TASK.value, newer_than=1))) == []
 
         admin.revoke(directory, "gamma", "left the consortium")  # another process's state, same database

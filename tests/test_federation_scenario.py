@@ -3,9 +3,11 @@ loopback (tiny network, FedAvg, quorum 2). A site killed with SIGKILL mid-round 
 deadline with the quorum and rejoins the next round on restart; the coordinator killed with SIGKILL mid-round
 resumes that round on restart, and its versions strictly increase without a gap or a repeat; a site revoked while
 serve runs is refused at once; a released candidate is pulled, verified and served by a node that cannot import
-torch, while the newer unreleased candidate never reaches it; the coordinator's per-round report (CSV, PNG) and its
-Prometheus /metrics show the rounds. Assertions read `coordinator status --json`, the coordinator's and the node's
-files, HTTP and gRPC answers, not log wording."""
+torch, while the newer unreleased candidate never reaches it. A limited center's evaluator site, which cannot import
+torch either, scores each candidate with the node's engine: its means and binned counts appear in status and, with
+the release, in the manifest. The coordinator's per-round report (CSV, PNG) and its Prometheus /metrics show the
+rounds. Assertions read `coordinator status --json`, the coordinator's and the node's files, HTTP and gRPC answers,
+not log wording."""
 
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from models.federation.enrollment import EnrollmentBundle
 from models.federation.transport import channel
 from fedlesion.cli import main
 from models.manifest import Task, parse_manifest
-from tests.conftest import REPO_ROOT, WITHOUT_TORCH
+from tests.conftest import REPO_ROOT, WITHOUT_TORCH, write_labelled_cases
 from training.federation import admin
 from training.federation.plan import plan_for
 from training.federation.policy import PolicyDataset, SitePolicy
@@ -49,6 +51,7 @@ SITE_DATA = {
     "site-c": "synthetic:2:seed=3:site=9",
 }
 KILLED_SITE, REVOKED_SITE = "site-c", "site-b"
+EVALUATOR, EVALUATOR_CASES = "site-e", 5  # a limited center: evaluates, never trains; enough cases for aggregates
 DEADLINE_S = 30.0  # round 1 at two sites (imports, data, training, validation): 10-20 s on a loaded 2-core box
 WAIT_S = 150.0
 
@@ -58,6 +61,11 @@ from fedlesion.cli import main
 config, case, out = sys.argv[1:]
 code = main(["--config", config, "model", "pull"])
 sys.exit(code or main(["--config", config, "segment", case, "--out", out, "--task", "stroke-dwi-adc"]))
+"""
+# `fedlesion ARGS…` as a limited center runs it.
+_FEDLESION_WITHOUT_TORCH = WITHOUT_TORCH + """
+from fedlesion.cli import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
@@ -71,10 +79,11 @@ class Processes:
         self.running: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: dict[str, int] = {}
 
-    def start(self, name: str, *args: str) -> None:
+    def start(self, name: str, *args: str, torch_free: bool = False) -> None:
         self.starts[name] = self.starts.get(name, 0) + 1
         log = (self.root / f"{name}.{self.starts[name]}.log").open("wb")
-        self.running[name] = subprocess.Popen([sys.executable, "-m", "fedlesion", *args], cwd=self.root,
+        command = ["-c", _FEDLESION_WITHOUT_TORCH] if torch_free else ["-m", "fedlesion"]
+        self.running[name] = subprocess.Popen([sys.executable, *command, *args], cwd=self.root,
                                               env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -154,6 +163,11 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
         (tmp_path / name / "policy.toml").write_text(policy.to_toml())
     node_bundle = tmp_path / "node.bundle"
     admin.enroll(coordinator, "node-limited", "node", node_bundle)
+    (tmp_path / EVALUATOR).mkdir()
+    admin.enroll(coordinator, EVALUATOR, "evaluator", tmp_path / EVALUATOR / "site.bundle")
+    cases = write_labelled_cases(tmp_path / EVALUATOR / "cases", EVALUATOR_CASES)
+    policy = SitePolicy(role="evaluate", datasets=(PolicyDataset("local", str(cases)),), approved_plans=(plan.sha256,))
+    (tmp_path / EVALUATOR / "policy.toml").write_text(policy.to_toml())
 
     def start_site(name: str) -> None:
         processes.start(name, "site", "--bundle", str(bundles[name]), "--policy", str(tmp_path / name / "policy.toml"))
@@ -167,6 +181,8 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     serve()
     for name in SITE_DATA:
         start_site(name)
+    processes.start(EVALUATOR, "site", "--bundle", str(tmp_path / EVALUATOR / "site.bundle"), "--policy",
+                    str(tmp_path / EVALUATOR / "policy.toml"), torch_free=True)
 
     # Round 1: once all three sites are in it, one is killed. The others' updates are accepted, and the coordinator,
     # killed while the round waits for the dead site, is restarted: it resumes the round with those updates, and the
@@ -199,16 +215,17 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
 
     # The operators' view: each round's report, rewritten by the restarted coordinator too, and /metrics.
     report = admin.CoordinatorDir(coordinator).rounds(plan.sha256)
-    rows = wait_for(processes, lambda: (rows := report_rows(report / "metrics.csv")) and len(rows) == 5 and rows,
-                    "the report of both rounds")
-    assert sorted((r["round"], r["site"], r["role"]) for r in rows) == [
-        ("1", name, "trainer") for name in alive] + [("2", name, "trainer") for name in sorted(SITE_DATA)]
+    rows = wait_for(processes, lambda: (rows := report_rows(report / "metrics.csv")) and len(rows) == 7 and rows,
+                    "the report of both rounds, the evaluator's scores included")
+    assert sorted((r["round"], r["site"], r["role"]) for r in rows) == sorted(
+        [("1", name, "trainer") for name in alive] + [("2", name, "trainer") for name in SITE_DATA]
+        + [("1", EVALUATOR, "evaluator"), ("2", EVALUATOR, "evaluator")])
     assert all(0 <= float(r["val_dice"]) <= 1 for r in rows)
     assert (report / "val_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
         scraped = response.read().decode()
     assert "fedlesion_federation_rounds_closed 2" in scraped and 'fedlesion_federation_sites_alive{role="trainer"} 3' \
-        in scraped
+        in scraped and 'fedlesion_federation_sites_alive{role="evaluator"} 1' in scraped
 
     final = status(coordinator)
     assert [(v["version"], v["state"]) for v in final["versions"]] == [(1, "candidate"), (2, "candidate")]
@@ -227,6 +244,13 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED and "revoked" in refused.value.details()
     assert next(s for s in status(coordinator)["sites"] if s["name"] == REVOKED_SITE)["state"] == "revoked"
 
+    # The evaluator scored version 1 with the engine: means and bins of ≥ 5 cases, never a case's own value.
+    scored = wait_for(processes, lambda: round_row(coordinator, 1)["evaluations"].get(EVALUATOR),
+                      "the evaluator's scores of version 1")
+    assert scored["cases"] == EVALUATOR_CASES and 0.0 <= scored["val_dice"] <= 1.0, scored
+    assert scored["histograms"]["val_dice"]["counts"] == [EVALUATOR_CASES]
+    assert EVALUATOR not in first["metrics"] and EVALUATOR not in first["invited"]  # it never trains
+
     # A node without torch: version 1 is released, version 2 (newer) stays a candidate and never reaches the node.
     node_dir = tmp_path / "node"
     config = tmp_path / "node.toml"
@@ -237,6 +261,10 @@ def test_sites_and_coordinator_survive_kills_a_revoked_site_is_refused_and_a_tor
     registry = node_dir / "registry" / TASK.value
     assert main(["coordinator", "release", TASK.value, "1", "--dir", str(coordinator), "--by", "scenario"]) == 0
     assert [(v["version"], v["state"]) for v in status(coordinator)["versions"]] == [(1, "released"), (2, "candidate")]
+    released = parse_manifest((coordinator / "versions" / TASK.value / "1" / "manifest.json").read_bytes())
+    evaluated = released.training.site_metrics[EVALUATOR]
+    assert evaluated["evaluated_cases"] == EVALUATOR_CASES and evaluated["val_dice"] == scored["val_dice"]
+    assert set(released.training.site_metrics) == {*alive, EVALUATOR}  # beside round 1's two trainers
     out = tmp_path / "segmented"
     node = subprocess.run([sys.executable, "-c", _NODE_WITHOUT_TORCH, str(config), str(case_dir), str(out)],
                           env=processes.env, capture_output=True, text=True, timeout=120)

@@ -1,6 +1,7 @@
 """The site loop against a small coordinator on real mTLS loopback: it waits out a coordinator that is not there yet,
 trains a round with the plan's network, re-sends an update the coordinator asks for again, reports only aggregates,
-skips an unreadable case, and refuses a plan its custodian did not approve, telling the coordinator why."""
+skips an unreadable case, and refuses a plan its custodian did not approve, telling the coordinator why. An evaluator
+site scores a candidate package with the node's engine and reports means and histograms, never a case's value."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from onnx_graphs import first_channel_sigmoid
 
 from fedlesion.cli import main
 from models.federation import federation_pb2 as pb2
@@ -30,8 +32,11 @@ from models.federation.wire import (
     weights_sha256,
     weights_spec,
 )
+from models.manifest import default_manifest
 from models.networks import build_network, network_weights, normalization_weight_names
-from models.signing import generate_key_pair
+from models.package import build_package, sha256_hex
+from models.signing import generate_key_pair, load_private_key
+from tests.conftest import write_labelled_cases
 from training.federation.plan import FederatedPlan, plan_for
 from training.federation.policy import PINNED_PLAN_FILE, PolicyDataset, SitePolicy
 from training.federation.site import SHARED_METRICS, Backoff, Site, _Prepared
@@ -42,8 +47,8 @@ ROUND = 3
 
 
 class FakeCoordinator(federation_pb2_grpc.CoordinatorServicer):
-    """One plan: TRAIN round 3 until an update is accepted (the first upload is asked for again), then EVALUATE
-    round 4 until a report arrives, then IDLE."""
+    """One plan: TRAIN round 3 until an update is accepted (the first upload is asked for again), then IDLE; `done`
+    is set by the accepted update or by a report."""
 
     def __init__(self, plan: FederatedPlan) -> None:
         self.plan = plan
@@ -69,11 +74,10 @@ class FakeCoordinator(federation_pb2_grpc.CoordinatorServicer):
 
     def GetTask(self, request, context):  # noqa: N802
         self.calls.append("GetTask")
-        if self.reports:
+        if self.reports or self.update is not None:
             return pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=1)
-        kind, round_ = (pb2.TaskReply.TRAIN, ROUND) if self.update is None else (pb2.TaskReply.EVALUATE, ROUND + 1)
         return pb2.TaskReply(
-            kind=kind, plan_toml=self.plan.to_toml(), plan_sha256=self.plan.sha256, round=round_,
+            kind=pb2.TaskReply.TRAIN, plan_toml=self.plan.to_toml(), plan_sha256=self.plan.sha256, round=ROUND,
             base_sha256=self.base_sha256, task=str(self.plan.task), deadline_unix=time.time() + 600,
         )
 
@@ -92,6 +96,7 @@ class FakeCoordinator(federation_pb2_grpc.CoordinatorServicer):
         if self.calls.count("PutUpdate") == 1:
             return pb2.UpdateReply(accepted=False, reason="chunk 0 is broken (sha256 mismatch)", resend=True)
         self.update = header, decode_weights(plaintext, weights_spec(self.global_weights))
+        self.done.set()
         return pb2.UpdateReply(accepted=True)
 
     def ReportMetrics(self, request, context):  # noqa: N802
@@ -155,7 +160,7 @@ def _first_report(ca: pki.CertificateAuthority, coordinator: FakeCoordinator, po
     return report
 
 
-def test_site_waits_for_the_coordinator_trains_resends_evaluates_and_shares_only_aggregates(
+def test_site_waits_for_the_coordinator_trains_resends_and_shares_only_aggregates(
     ca: pki.CertificateAuthority, tmp_path: Path
 ) -> None:
     plan = plan_for("stroke-dwi-adc", local_epochs=2, strategy="fedprox")
@@ -173,7 +178,7 @@ def test_site_waits_for_the_coordinator_trains_resends_evaluates_and_shares_only
     coordinator = FakeCoordinator(plan)
     server = _serve(ca, coordinator, port)
     try:
-        assert coordinator.done.wait(120), f"no evaluation report; calls: {coordinator.calls}"
+        assert coordinator.done.wait(120), f"no update; calls: {coordinator.calls}"
         time.sleep(0.5)  # the IDLE round trip that follows
     finally:
         stop.set()
@@ -182,19 +187,16 @@ def test_site_waits_for_the_coordinator_trains_resends_evaluates_and_shares_only
     assert not thread.is_alive()
     assert coordinator.hellos[0].protocol_version == transport.PROTOCOL_VERSION
     assert coordinator.hellos[0].role == "trainer" and coordinator.hellos[0].fedlesion_version
-    assert coordinator.calls[:8] == ["Hello", "GetTask", "GetWeights", "PutUpdate", "PutUpdate", "GetTask",
-                                     "GetWeights", "ReportMetrics"]
-    assert coordinator.calls[8:] and set(coordinator.calls[8:]) == {"GetTask"}  # done: nothing run twice
-    assert coordinator.heartbeats
-    (report,) = coordinator.reports
-    assert (report.kind, report.round, report.num_cases, report.reason) == ("evaluate", ROUND + 1, 1, "")
-    assert set(report.values) <= set(SHARED_METRICS) and 0.0 <= report.values["val_dice"] <= 1.0
+    assert coordinator.calls[:5] == ["Hello", "GetTask", "GetWeights", "PutUpdate", "PutUpdate"]
+    assert set(coordinator.calls[5:]) <= {"GetTask"}  # done: nothing run twice
+    assert coordinator.heartbeats and not coordinator.reports
     header, weights = coordinator.update
     assert header.num_cases == 1  # two synthetic cases: one trains, one is held out
     metrics = dict(header.metrics)
     assert set(metrics) <= set(SHARED_METRICS)
     assert metrics["n_skipped_cases"] == 1 and metrics["local_epochs"] == 2 and metrics["n_val_cases"] == 1
     assert np.isfinite(metrics["train_loss"]) and 0.0 <= metrics["val_dice"] <= 1.0
+    assert not header.HasField("threshold_dice")  # a mean over one validation case is that case's own Dice
     moved = [name for name in weights if not np.array_equal(weights[name], coordinator.global_weights[name])]
     assert moved, "the update must be trained weights, not the global ones"
 
@@ -292,7 +294,7 @@ class RecordingTrainer:
         return LocalUpdate({name: (value + 1).astype(value.dtype) for name, value in weights.items()}, 1,
                            {"train_loss": 0.5})
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, **_: object) -> dict[str, float]:
         return {}
 
 
@@ -305,7 +307,7 @@ def test_a_fedbn_site_trains_with_its_own_normalization_layers_across_rounds_and
         site._global_weights = lambda task, _: global_weights  # what the coordinator streams: all `value`
         site._upload = lambda task, update: None
         task = pb2.TaskReply(plan_sha256=plan.sha256, round=round_, base_sha256="b" * 64)
-        site._train(task, plan, _Prepared(plan.sha256, trainer, 1, 0, 0))
+        site._train(task, plan, _Prepared(plan.sha256, trainer, 0))
 
     def site_for(plan: FederatedPlan) -> Site:
         policy = SitePolicy(role="train", datasets=(PolicyDataset("local", "synthetic:2"),),
@@ -335,3 +337,61 @@ def test_the_normalization_layers_of_the_plans_network_are_found_by_module_type(
     assert names and names < set(network_weights(network))
     assert all(".norm" in name for name in names) and any(name.endswith("running_var") for name in names)
     assert not any(name.endswith("conv.weight") for name in names)
+
+
+class CandidateCoordinator(FakeCoordinator):
+    """EVALUATE round 4 of the plan with a candidate package (a sigmoid of the first channel, signed by a key no
+    bundle holds, as a round key is) until a report arrives; `candidate_round` is what the manifest claims."""
+
+    def __init__(self, plan: FederatedPlan, folder: Path, candidate_round: int = ROUND + 1) -> None:
+        super().__init__(plan)
+        manifest = default_manifest(plan.task, 4, plan_sha256=plan.sha256, demo=False, description="candidate",
+                                    federated_round=candidate_round)
+        self.package = build_package(folder, first_channel_sigmoid(channels=2), manifest, load_private_key(generate_key_pair()[0]))
+        self.onnx = (self.package / "model.onnx").read_bytes()
+
+    def GetTask(self, request, context):  # noqa: N802
+        self.calls.append("GetTask")
+        if self.reports:
+            return pb2.TaskReply(kind=pb2.TaskReply.IDLE, retry_after_s=1)
+        return pb2.TaskReply(kind=pb2.TaskReply.EVALUATE, plan_toml=self.plan.to_toml(), plan_sha256=self.plan.sha256,
+                             round=ROUND + 1, base_sha256=sha256_hex(self.onnx), task=str(self.plan.task),
+                             max_update_bytes=len(self.onnx))
+
+    def GetCandidate(self, request, context) -> Iterator[pb2.StreamPart]:  # noqa: N802
+        self.calls.append("GetCandidate")
+        header = pb2.ModelHeader(version=4, task=str(self.plan.task),
+                                 manifest_json=(self.package / "manifest.json").read_bytes(),
+                                 manifest_sig=(self.package / "manifest.sig").read_bytes())
+        binding = StreamBinding(self.plan.sha256, request.round, sha256_hex(self.onnx), transport.peer_name(context))
+        yield from chunk_stream(self.onnx, key=PAYLOAD_KEY, aad_fields=binding, header_fields={"candidate": header},
+                                chunk_bytes=4096)
+
+
+def test_an_evaluator_site_scores_the_candidate_with_the_engine_and_reports_only_means_and_binned_counts(
+    ca: pki.CertificateAuthority, tmp_path: Path
+) -> None:
+    plan = plan_for("stroke-dwi-adc")
+    cases = write_labelled_cases(tmp_path / "cases", 5)
+    policy = SitePolicy(role="evaluate", datasets=(PolicyDataset("local", str(cases)),), approved_plans=(plan.sha256,))
+    coordinator = CandidateCoordinator(plan, tmp_path / "candidate")
+    report = _first_report(ca, coordinator, policy, tmp_path / "state")
+    assert coordinator.hellos[0].role == "evaluator" and "GetWeights" not in coordinator.calls
+    assert (report.kind, report.round, report.num_cases, report.reason) == ("evaluate", ROUND + 1, 5, "")
+    assert set(report.values) == {"val_dice", "val_avd_ml", "val_lf1", "n_skipped_cases"}
+    assert 0.0 <= report.values["val_dice"] <= 1.0 and report.values["n_skipped_cases"] == 0
+    assert {h.metric for h in report.histograms} == {"val_dice", "val_avd_ml", "val_lf1"}
+    for histogram in report.histograms:  # five cases: one bin of five, edges around the values
+        assert list(histogram.counts) == [5] and len(histogram.edges) == 2
+    dice = next(h for h in report.histograms if h.metric == "val_dice")
+    assert dice.edges[0] <= report.values["val_dice"] < dice.edges[1]
+
+
+def test_an_evaluator_site_refuses_a_candidate_of_another_round(ca: pki.CertificateAuthority, tmp_path: Path) -> None:
+    plan = plan_for("stroke-dwi-adc")
+    policy = SitePolicy(role="evaluate", datasets=(PolicyDataset("local", "synthetic:2"),),
+                        approved_plans=(plan.sha256,))
+    coordinator = CandidateCoordinator(plan, tmp_path / "candidate", candidate_round=ROUND)
+    report = _first_report(ca, coordinator, policy, tmp_path / "state")
+    assert (report.kind, report.round) == ("refused", ROUND + 1)
+    assert f"the candidate was refused: the candidate is round {ROUND} of plan" in report.reason

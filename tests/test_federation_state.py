@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -11,7 +12,15 @@ from models.manifest import Task, default_manifest
 from models.package import build_package
 from models.signing import generate_key_pair, load_private_key
 from tests.onnx_graphs import first_channel_sigmoid
-from training.federation.state import INCOMING_PREFIX, CoordinatorState, RoundState, SiteState
+from training.calibration import DiceByThreshold
+from training.federation.state import (
+    INCOMING_PREFIX,
+    STATE_FILE,
+    CoordinatorState,
+    Evaluation,
+    RoundState,
+    SiteState,
+)
 
 PLAN = "a" * 64
 TASK = Task.STROKE_DWI_ADC
@@ -168,3 +177,28 @@ def test_screening_refusals_count_per_site_and_the_second_in_a_row_suspends_it_u
     actions = [(entry["action"], entry["subject"]) for entry in state.audit_log() if entry["subject"] == "beta"]
     assert actions[1:] == [("screen", "beta"), ("screen", "beta"), ("suspend", "beta"), ("resume", "beta"),
                            ("screen", "beta")]
+
+
+def test_a_database_from_before_the_threshold_and_histogram_columns_gets_them_and_keeps_its_rows(
+    tmp_path: Path,
+) -> None:
+    with sqlite3.connect(tmp_path / STATE_FILE) as old:  # the two tables as they first shipped
+        old.executescript("""
+            CREATE TABLE updates (id INTEGER PRIMARY KEY, round_id INTEGER NOT NULL, attempt INTEGER NOT NULL,
+                site TEXT NOT NULL, accepted INTEGER NOT NULL, reason TEXT NOT NULL DEFAULT '',
+                num_cases INTEGER NOT NULL DEFAULT 0, metrics TEXT NOT NULL DEFAULT '{}', path TEXT,
+                received_at REAL NOT NULL);
+            CREATE TABLE evaluations (round_id INTEGER NOT NULL, site TEXT NOT NULL, num_cases INTEGER NOT NULL,
+                metrics TEXT NOT NULL, received_at REAL NOT NULL, PRIMARY KEY (round_id, site));
+            INSERT INTO updates (round_id, attempt, site, accepted, num_cases, path, received_at)
+                VALUES (1, 1, 'alpha', 1, 3, '/u', 0);
+            INSERT INTO evaluations VALUES (1, 'judge', 7, '{"val_dice": 0.5}', 0);
+        """)
+    old.close()
+    state = _state(tmp_path)
+    state.open_round(PLAN, 1, TASK, ["alpha", "beta"], "b" * 64, tmp_path / "base", time.time() + 60)
+    curve = DiceByThreshold((0.3, 0.5), (0.4, 0.6), 5)
+    state.record_update(1, "beta", accepted=True, num_cases=2, path=tmp_path / "u2", threshold_dice=curve)
+    assert [(u.site, u.threshold_dice) for u in state.accepted_updates(1)] == [("alpha", None), ("beta", curve)]
+    assert state.evaluations(1) == [Evaluation("judge", 7, {"val_dice": 0.5}, {})]
+    CoordinatorState(tmp_path).close()  # a second process opening it finds the columns there

@@ -50,6 +50,7 @@ SCRIPT = textwrap.dedent(
     import dicom_gateway.scp, dicom_gateway.scu, dicom_gateway.studies, dicom_gateway.study_inputs
     import dicom_gateway.writers
     import training.synthetic
+    import training.federation.evaluation, training.federation.site  # a limited center's evaluator site
     from training.synthetic.dicom_writer import write_dicom_study
     # The model contract, the engine module and the CLI load without the runtime; an Engine needs onnxruntime.
     assert "onnxruntime" not in sys.modules, "onnxruntime imported eagerly"

@@ -13,11 +13,12 @@ from fedlesion.cli import main
 from models.manifest import Task
 from models.network_plan import NetworkPlan
 from models.networks import build_network, network_weights
+from training.calibration import THRESHOLD_CANDIDATES
 from training.checkpoint import checkpoint_threshold, load_checkpoint
 from training.datasets import synthetic_cases
 from training.plan import TrainingPlan, default_plan
 from training.patches import crop
-from training.trainer import THRESHOLD_CANDIDATES, LocalTrainer, LocalUpdate, train_model
+from training.trainer import LocalTrainer, LocalUpdate, train_model
 
 TINY = {
     "network": {"depth": 3, "base_filters": 4, "max_filters": 32},
@@ -112,6 +113,9 @@ def test_local_update_evaluate_and_resume_replays_a_straight_run(cases, tmp_path
     assert set(update.weights) == set(network_weights(straight.model))  # the state dict, each tensor once
     scores = straight.evaluate()
     assert 0.0 <= scores["val_dice"] <= 1.0 and scores["n_val_cases"] == 1 and "val_lf1" in scores
+    assert "dice_by_threshold" not in scores
+    curve = straight.evaluate(thresholds=(0.3, plan.threshold, 0.9))["dice_by_threshold"]  # one prediction per case
+    assert list(curve) == [0.3, plan.threshold, 0.9] and curve[plan.threshold] == pytest.approx(scores["val_dice"])
 
     first = LocalTrainer(plan, cases[:2], progress=False)
     first.train(None, 1)

@@ -19,7 +19,7 @@ from models.geometry import affine_spacing, voxel_volume_ml
 from models.preprocessing import head_mask
 from training.datasets import TrainingCase, mask_on
 
-__all__ = ["MIN_CASES_PER_BIN", "fingerprint"]
+__all__ = ["MIN_CASES_PER_BIN", "fingerprint", "histogram"]
 
 MIN_CASES_PER_BIN = 5
 # Initial histogram resolution before bins are merged to hold enough cases each.
@@ -75,12 +75,18 @@ def _summary(values: Sequence[float], min_cases_per_bin: int) -> dict[str, Any]:
     array = np.asarray(values, dtype=np.float64)
     if not np.all(np.isfinite(array)):
         raise ValueError("a case has a non-finite intensity or volume")
-    return _percentiles(array) | {"histogram": _histogram(array, min_cases_per_bin)}
+    return _percentiles(array) | {"histogram": histogram(array, min_cases_per_bin)}
 
 
-def _histogram(values: np.ndarray, min_count: int) -> dict[str, list[Any]]:
-    """Bins on a 1-2-5 grid, merged left to right until each holds `min_count` cases; a short remainder joins the
-    last bin (the caller guarantees at least `min_count` values)."""
+def histogram(values: Sequence[float] | np.ndarray, min_count: int = MIN_CASES_PER_BIN) -> dict[str, list[Any]]:
+    """{"edges", "counts"} of finite per-case `values` (one per case): bins on a 1-2-5 grid, merged left to right
+    until each holds `min_count` cases; a short remainder joins the last bin. The dataset fingerprint's and an
+    evaluator site's (training/federation/evaluation.py) one binning rule."""
+    values = np.asarray(values, dtype=np.float64)
+    if min_count < 1:
+        raise ValueError(f"min_count must be at least 1, got {min_count}")
+    if values.ndim != 1 or values.size < min_count or not np.all(np.isfinite(values)):
+        raise ValueError(f"a histogram needs at least {min_count} finite values, one per case; got {values.size}")
     step = _nice_step(values)
     grid = np.floor(values / step + 1e-9).astype(np.int64)  # bin index on the step grid (1e-9: 0.3/0.1 is 2.99…)
     first = int(grid.min())

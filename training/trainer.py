@@ -39,10 +39,11 @@ from monai.transforms import (
 )
 from tqdm import tqdm
 
-from models.metrics import compute_metrics
+from models.metrics import compute_metrics, dice_at_thresholds
 from models.network_plan import Norm
 from models.networks import build_network, load_network_weights, network_weights
 from models.preprocessing import to_source
+from training.calibration import THRESHOLD_CANDIDATES, best_threshold
 from training.checkpoint import checkpoint_plan, load_checkpoint, save_checkpoint
 from training.patches import CaseLike, PatchSampler, PreparedCase, prepare_case
 from training.plan import TrainingPlan
@@ -51,7 +52,6 @@ from training.synthetic import derived_seed
 
 VAL_METRICS = ("dice", "avd_ml", "lf1")
 VAL_WINDOW = 160  # voxels per axis of a validation window for batch-normalized networks
-THRESHOLD_CANDIDATES = tuple(round(0.3 + 0.05 * step, 2) for step in range(14))  # 0.30 … 0.95
 
 
 @dataclass
@@ -294,32 +294,33 @@ class LocalTrainer:
         logits = logits.as_tensor() if hasattr(logits, "as_tensor") else logits
         return torch.sigmoid(logits.float())[0, 0].cpu().numpy()
 
-    def evaluate(self, weights: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-        """Mean ISLES'22 metrics over the validation cases ({} without any); per-case rows under "cases"."""
+    def evaluate(self, weights: Mapping[str, np.ndarray] | None = None, *,
+                 thresholds: Sequence[float] = ()) -> dict[str, Any]:
+        """Mean ISLES'22 metrics over the validation cases ({} without any) at the plan's threshold, and with
+        `thresholds` the mean Dice at each of them ("dice_by_threshold", from the same predictions); per-case rows
+        under "cases"."""
         if weights is not None:
             self.set_weights(weights)
         if not self.val_data:
             return {}
-        rows = []
+        rows, dice_rows = [], []
         for case in self.val_data:
             probabilities = to_source(self.predict(case), case.preprocessed)
             metrics = compute_metrics(probabilities >= self.plan.threshold, case.source_mask, case.voxel_ml)
             rows.append({"case_id": case.case_id, **{name: float(getattr(metrics, name)) for name in VAL_METRICS}})
+            dice_rows.append(dice_at_thresholds(probabilities, case.source_mask, thresholds))
         out: dict[str, Any] = {f"val_{name}": float(np.mean([row[name] for row in rows])) for name in VAL_METRICS}
         out["n_val_cases"] = len(rows)
+        if thresholds:
+            out["dice_by_threshold"] = dict(zip(map(float, thresholds), np.mean(dice_rows, axis=0).tolist()))
         out["cases"] = rows
         return out
 
     def calibrate_threshold(
         self, candidates: Sequence[float] = THRESHOLD_CANDIDATES
     ) -> tuple[float, dict[float, dict[str, float]]]:
-        """The threshold with the best mean validation Dice on the source grids, and the mean validation metrics at
-        every candidate.
-
-        Lesion-centred patches make the network see far more lesion than a whole head holds, so its probabilities
-        run high on whole volumes; reading them at the threshold that scores best on held-out cases corrects that
-        without touching the weights. Ties go to the candidate nearest the plan's threshold.
-        """
+        """The threshold with the best mean validation Dice on the source grids (`calibration.best_threshold`: ties
+        go to the candidate nearest the plan's), and the mean validation metrics at every candidate."""
         if not self.val_data:
             raise ValueError("calibrating a threshold needs validation cases")
         if not candidates or not all(0.0 < t < 1.0 for t in candidates):
@@ -331,7 +332,7 @@ class LocalTrainer:
             metrics[float(threshold)] = {
                 name: float(np.mean([getattr(m, name) for m in scored])) for name in VAL_METRICS
             }
-        best = max(metrics, key=lambda t: (metrics[t]["dice"], -abs(t - self.plan.threshold)))
+        best = best_threshold({t: values["dice"] for t, values in metrics.items()}, self.plan.threshold)
         return best, metrics
 
     # -- checkpoints -----------------------------------------------------------------------------------------

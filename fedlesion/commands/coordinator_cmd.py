@@ -244,12 +244,20 @@ def run_status(args: argparse.Namespace) -> int:
             print(f"    retried: {round_['note']}")
         for site, metrics in round_["metrics"].items():
             print(f"    {site}: " + ", ".join(f"{key} {value:.4g}" for key, value in sorted(metrics.items())))
+        for site, evaluation in round_["evaluations"].items():
+            histograms = evaluation.pop("histograms")
+            print(f"    {site} (evaluator): "
+                  + ", ".join(f"{key} {value:.4g}" for key, value in sorted(evaluation.items())))
+            for metric, bins in sorted(histograms.items()):
+                print(f"      {metric}: " + ", ".join(f"[{low:g}, {high:g}) {count}" for low, high, count
+                                                     in zip(bins["edges"], bins["edges"][1:], bins["counts"])))
         for refused in round_["rejected"]:
             print(f"    refused from {refused['site']}: {refused['reason']}")
     print("versions:")
     for version in status["versions"]:
         who = f" by {version['released_by']} {_when(version['released_at'])}" if version["released_by"] else ""
-        print(f"  {version['task']} {version['version']}: {version['state']}{who}")
+        threshold = "" if version["threshold"] is None else f", threshold {version['threshold']:g}"
+        print(f"  {version['task']} {version['version']}: {version['state']}{who}{threshold}")
     return 0
 
 

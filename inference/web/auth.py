@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from models.sqlite_tx import connect, write_transaction
+from models.sqlite_tx import add_missing_column, connect, write_transaction
 from models.durable import create_file
 
 USERS_DATABASE = "users.sqlite3"
@@ -93,9 +93,8 @@ class UserStore:
         self._lock = threading.Lock()
         self._db = connect(self.path)
         self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(users)")}
-        if "admin" not in columns:  # a database from before roles: everyone stays a plain user
-            self._db.execute("ALTER TABLE users ADD COLUMN admin INTEGER NOT NULL DEFAULT 0")
+        # a database from before roles: everyone stays a plain user
+        add_missing_column(self._db, "users", "admin", "INTEGER NOT NULL DEFAULT 0")
         self.path.chmod(0o600)
         self._dummy_salt = secrets.token_bytes(16)
 

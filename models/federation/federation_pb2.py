@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"models/federation/federation.proto\x12\x17\x66\x65\x64lesion.federation.v1\"Q\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11\x66\x65\x64lesion_version\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"`\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\r\"0\n\x10HeartbeatRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\'\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\r\"E\n\x0bTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1c\n\x14\x61pproved_plan_sha256\x18\x02 \x01(\t\"\x8f\x02\n\tTaskReply\x12\x35\n\x04kind\x18\x01 \x01(\x0e\x32\'.fedlesion.federation.v1.TaskReply.Kind\x12\x11\n\tplan_toml\x18\x02 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\r\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x18\n\x10max_update_bytes\x18\x08 \x01(\x04\x12\x15\n\rdeadline_unix\x18\t \x01(\x01\")\n\x04Kind\x12\x08\n\x04IDLE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\"4\n\x0eWeightsRequest\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\xa4\x02\n\x0cStreamHeader\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0b\x62\x61se_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x14\n\x0ctotal_sha256\x18\x06 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x11\n\tnum_cases\x18\x08 \x01(\x04\x12\x43\n\x07metrics\x18\t \x03(\x0b\x32\x32.fedlesion.federation.v1.StreamHeader.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"~\n\nStreamPart\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.fedlesion.federation.v1.StreamHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.fedlesion.federation.v1.ChunkH\x00\x42\x06\n\x04part\"?\n\x0bUpdateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06resend\x18\x03 \x01(\x08\"\xd7\x01\n\rMetricsReport\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tnum_cases\x18\x04 \x01(\x04\x12\x42\n\x06values\x18\x05 \x03(\x0b\x32\x32.fedlesion.federation.v1.MetricsReport.ValuesEntry\x12\x0e\n\x06reason\x18\x06 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0cMetricsReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0cModelRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x12\n\nnewer_than\x18\x02 \x01(\x04\"\x82\x01\n\x0bModelHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12\x14\n\x0cmanifest_sig\x18\x04 \x01(\x0c\x12\x12\n\nonnx_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bonnx_sha256\x18\x06 \x01(\t\"a\n\tModelPart\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.fedlesion.federation.v1.ModelHeaderH\x00\x12\x14\n\nonnx_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\x8f\x05\n\x0b\x43oordinator\x12S\n\x05Hello\x12%.fedlesion.federation.v1.HelloRequest\x1a#.fedlesion.federation.v1.HelloReply\x12_\n\tHeartbeat\x12).fedlesion.federation.v1.HeartbeatRequest\x1a\'.fedlesion.federation.v1.HeartbeatReply\x12S\n\x07GetTask\x12$.fedlesion.federation.v1.TaskRequest\x1a\".fedlesion.federation.v1.TaskReply\x12\\\n\nGetWeights\x12\'.fedlesion.federation.v1.WeightsRequest\x1a#.fedlesion.federation.v1.StreamPart0\x01\x12X\n\tPutUpdate\x12#.fedlesion.federation.v1.StreamPart\x1a$.fedlesion.federation.v1.UpdateReply(\x01\x12^\n\rReportMetrics\x12&.fedlesion.federation.v1.MetricsReport\x1a%.fedlesion.federation.v1.MetricsReply\x12]\n\x0eGetLatestModel\x12%.fedlesion.federation.v1.ModelRequest\x1a\".fedlesion.federation.v1.ModelPart0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"models/federation/federation.proto\x12\x17\x66\x65\x64lesion.federation.v1\"Q\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x19\n\x11\x66\x65\x64lesion_version\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"`\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0c\n\x04site\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x04 \x01(\r\"0\n\x10HeartbeatRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"\'\n\x0eHeartbeatReply\x12\x15\n\rcurrent_round\x18\x01 \x01(\r\"E\n\x0bTaskRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1c\n\x14\x61pproved_plan_sha256\x18\x02 \x01(\t\"\x8f\x02\n\tTaskReply\x12\x35\n\x04kind\x18\x01 \x01(\x0e\x32\'.fedlesion.federation.v1.TaskReply.Kind\x12\x11\n\tplan_toml\x18\x02 \x01(\t\x12\x13\n\x0bplan_sha256\x18\x03 \x01(\t\x12\r\n\x05round\x18\x04 \x01(\r\x12\x13\n\x0b\x62\x61se_sha256\x18\x05 \x01(\t\x12\x15\n\rretry_after_s\x18\x06 \x01(\r\x12\x0c\n\x04task\x18\x07 \x01(\t\x12\x18\n\x10max_update_bytes\x18\x08 \x01(\x04\x12\x15\n\rdeadline_unix\x18\t \x01(\x01\")\n\x04Kind\x12\x08\n\x04IDLE\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x0c\n\x08\x45VALUATE\x10\x02\"4\n\x0eWeightsRequest\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"6\n\x10\x43\x61ndidateRequest\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"I\n\rThresholdDice\x12\x12\n\nthresholds\x18\x01 \x03(\x01\x12\x11\n\tmean_dice\x18\x02 \x03(\x01\x12\x11\n\tnum_cases\x18\x03 \x01(\x04\":\n\tHistogram\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\r\n\x05\x65\x64ges\x18\x02 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x03 \x03(\x04\"\x9d\x03\n\x0cStreamHeader\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0b\x62\x61se_sha256\x18\x03 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x04 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\x14\n\x0ctotal_sha256\x18\x06 \x01(\t\x12\x13\n\x0b\x63ompression\x18\x07 \x01(\t\x12\x11\n\tnum_cases\x18\x08 \x01(\x04\x12\x43\n\x07metrics\x18\t \x03(\x0b\x32\x32.fedlesion.federation.v1.StreamHeader.MetricsEntry\x12>\n\x0ethreshold_dice\x18\n \x01(\x0b\x32&.fedlesion.federation.v1.ThresholdDice\x12\x37\n\tcandidate\x18\x0b \x01(\x0b\x32$.fedlesion.federation.v1.ModelHeader\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"7\n\x05\x43hunk\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"~\n\nStreamPart\x12\x37\n\x06header\x18\x01 \x01(\x0b\x32%.fedlesion.federation.v1.StreamHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.fedlesion.federation.v1.ChunkH\x00\x42\x06\n\x04part\"?\n\x0bUpdateReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06resend\x18\x03 \x01(\x08\"\x8f\x02\n\rMetricsReport\x12\x13\n\x0bplan_sha256\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tnum_cases\x18\x04 \x01(\x04\x12\x42\n\x06values\x18\x05 \x03(\x0b\x32\x32.fedlesion.federation.v1.MetricsReport.ValuesEntry\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x36\n\nhistograms\x18\x07 \x03(\x0b\x32\".fedlesion.federation.v1.Histogram\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"0\n\x0cMetricsReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"0\n\x0cModelRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x12\n\nnewer_than\x18\x02 \x01(\x04\"\x82\x01\n\x0bModelHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0c\n\x04task\x18\x02 \x01(\t\x12\x15\n\rmanifest_json\x18\x03 \x01(\x0c\x12\x14\n\x0cmanifest_sig\x18\x04 \x01(\x0c\x12\x12\n\nonnx_bytes\x18\x05 \x01(\x04\x12\x13\n\x0bonnx_sha256\x18\x06 \x01(\t\"a\n\tModelPart\x12\x36\n\x06header\x18\x01 \x01(\x0b\x32$.fedlesion.federation.v1.ModelHeaderH\x00\x12\x14\n\nonnx_chunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part2\xf1\x05\n\x0b\x43oordinator\x12S\n\x05Hello\x12%.fedlesion.federation.v1.HelloRequest\x1a#.fedlesion.federation.v1.HelloReply\x12_\n\tHeartbeat\x12).fedlesion.federation.v1.HeartbeatRequest\x1a\'.fedlesion.federation.v1.HeartbeatReply\x12S\n\x07GetTask\x12$.fedlesion.federation.v1.TaskRequest\x1a\".fedlesion.federation.v1.TaskReply\x12\\\n\nGetWeights\x12\'.fedlesion.federation.v1.WeightsRequest\x1a#.fedlesion.federation.v1.StreamPart0\x01\x12`\n\x0cGetCandidate\x12).fedlesion.federation.v1.CandidateRequest\x1a#.fedlesion.federation.v1.StreamPart0\x01\x12X\n\tPutUpdate\x12#.fedlesion.federation.v1.StreamPart\x1a$.fedlesion.federation.v1.UpdateReply(\x01\x12^\n\rReportMetrics\x12&.fedlesion.federation.v1.MetricsReport\x1a%.fedlesion.federation.v1.MetricsReply\x12]\n\x0eGetLatestModel\x12%.fedlesion.federation.v1.ModelRequest\x1a\".fedlesion.federation.v1.ModelPart0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,28 +51,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREPLY_KIND']._serialized_end=678
   _globals['_WEIGHTSREQUEST']._serialized_start=680
   _globals['_WEIGHTSREQUEST']._serialized_end=732
-  _globals['_STREAMHEADER']._serialized_start=735
-  _globals['_STREAMHEADER']._serialized_end=1027
-  _globals['_STREAMHEADER_METRICSENTRY']._serialized_start=981
-  _globals['_STREAMHEADER_METRICSENTRY']._serialized_end=1027
-  _globals['_CHUNK']._serialized_start=1029
-  _globals['_CHUNK']._serialized_end=1084
-  _globals['_STREAMPART']._serialized_start=1086
-  _globals['_STREAMPART']._serialized_end=1212
-  _globals['_UPDATEREPLY']._serialized_start=1214
-  _globals['_UPDATEREPLY']._serialized_end=1277
-  _globals['_METRICSREPORT']._serialized_start=1280
-  _globals['_METRICSREPORT']._serialized_end=1495
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=1450
-  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=1495
-  _globals['_METRICSREPLY']._serialized_start=1497
-  _globals['_METRICSREPLY']._serialized_end=1545
-  _globals['_MODELREQUEST']._serialized_start=1547
-  _globals['_MODELREQUEST']._serialized_end=1595
-  _globals['_MODELHEADER']._serialized_start=1598
-  _globals['_MODELHEADER']._serialized_end=1728
-  _globals['_MODELPART']._serialized_start=1730
-  _globals['_MODELPART']._serialized_end=1827
-  _globals['_COORDINATOR']._serialized_start=1830
-  _globals['_COORDINATOR']._serialized_end=2485
+  _globals['_CANDIDATEREQUEST']._serialized_start=734
+  _globals['_CANDIDATEREQUEST']._serialized_end=788
+  _globals['_THRESHOLDDICE']._serialized_start=790
+  _globals['_THRESHOLDDICE']._serialized_end=863
+  _globals['_HISTOGRAM']._serialized_start=865
+  _globals['_HISTOGRAM']._serialized_end=923
+  _globals['_STREAMHEADER']._serialized_start=926
+  _globals['_STREAMHEADER']._serialized_end=1339
+  _globals['_STREAMHEADER_METRICSENTRY']._serialized_start=1293
+  _globals['_STREAMHEADER_METRICSENTRY']._serialized_end=1339
+  _globals['_CHUNK']._serialized_start=1341
+  _globals['_CHUNK']._serialized_end=1396
+  _globals['_STREAMPART']._serialized_start=1398
+  _globals['_STREAMPART']._serialized_end=1524
+  _globals['_UPDATEREPLY']._serialized_start=1526
+  _globals['_UPDATEREPLY']._serialized_end=1589
+  _globals['_METRICSREPORT']._serialized_start=1592
+  _globals['_METRICSREPORT']._serialized_end=1863
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_start=1818
+  _globals['_METRICSREPORT_VALUESENTRY']._serialized_end=1863
+  _globals['_METRICSREPLY']._serialized_start=1865
+  _globals['_METRICSREPLY']._serialized_end=1913
+  _globals['_MODELREQUEST']._serialized_start=1915
+  _globals['_MODELREQUEST']._serialized_end=1963
+  _globals['_MODELHEADER']._serialized_start=1966
+  _globals['_MODELHEADER']._serialized_end=2096
+  _globals['_MODELPART']._serialized_start=2098
+  _globals['_MODELPART']._serialized_end=2195
+  _globals['_COORDINATOR']._serialized_start=2198
+  _globals['_COORDINATOR']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)

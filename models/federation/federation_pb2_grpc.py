@@ -54,6 +54,11 @@ class CoordinatorStub:
                 request_serializer=models_dot_federation_dot_federation__pb2.WeightsRequest.SerializeToString,
                 response_deserializer=models_dot_federation_dot_federation__pb2.StreamPart.FromString,
                 _registered_method=True)
+        self.GetCandidate = channel.unary_stream(
+                '/fedlesion.federation.v1.Coordinator/GetCandidate',
+                request_serializer=models_dot_federation_dot_federation__pb2.CandidateRequest.SerializeToString,
+                response_deserializer=models_dot_federation_dot_federation__pb2.StreamPart.FromString,
+                _registered_method=True)
         self.PutUpdate = channel.stream_unary(
                 '/fedlesion.federation.v1.Coordinator/PutUpdate',
                 request_serializer=models_dot_federation_dot_federation__pb2.StreamPart.SerializeToString,
@@ -95,7 +100,15 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetWeights(self, request, context):
-        """The round's global weights, chunked and encrypted (trainer and evaluator roles).
+        """The open round's global weights, chunked and encrypted (trainers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCandidate(self, request, context):
+        """A closed round's candidate package for an evaluator to score: the header's `candidate` holds its manifest and
+        signature, the chunks its ONNX bytes, encrypted like weights (evaluator role).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,7 +122,7 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportMetrics(self, request, context):
-        """Aggregate metrics (validation Dice, loss, case counts); never per-case values.
+        """Aggregate metrics (an evaluator's means and histograms, case counts) or a refusal; never per-case values.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +156,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
             'GetWeights': grpc.unary_stream_rpc_method_handler(
                     servicer.GetWeights,
                     request_deserializer=models_dot_federation_dot_federation__pb2.WeightsRequest.FromString,
+                    response_serializer=models_dot_federation_dot_federation__pb2.StreamPart.SerializeToString,
+            ),
+            'GetCandidate': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCandidate,
+                    request_deserializer=models_dot_federation_dot_federation__pb2.CandidateRequest.FromString,
                     response_serializer=models_dot_federation_dot_federation__pb2.StreamPart.SerializeToString,
             ),
             'PutUpdate': grpc.stream_unary_rpc_method_handler(
@@ -268,6 +286,33 @@ class Coordinator:
             target,
             '/fedlesion.federation.v1.Coordinator/GetWeights',
             models_dot_federation_dot_federation__pb2.WeightsRequest.SerializeToString,
+            models_dot_federation_dot_federation__pb2.StreamPart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCandidate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedlesion.federation.v1.Coordinator/GetCandidate',
+            models_dot_federation_dot_federation__pb2.CandidateRequest.SerializeToString,
             models_dot_federation_dot_federation__pb2.StreamPart.FromString,
             options,
             channel_credentials,

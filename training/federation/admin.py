@@ -12,17 +12,18 @@ import getpass
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from models.durable import create_file, fsync_dir, write_atomic
 from models.federation import pki
 from models.federation.enrollment import PAYLOAD_KEY_BYTES, EnrollmentBundle
 from models.federation.roles import SiteRole
-from models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Task
+from models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Task, parse_manifest
 from models.package import LoadedPackage, TrustPolicy, load_package
 from models.signing import generate_key_pair, load_private_key, parse_signature, sign
-from training.federation.state import INCOMING_PREFIX, CoordinatorState, VersionState
+from training.federation.state import INCOMING_PREFIX, CoordinatorState, Evaluation, VersionState
 
 DEFAULT_LIFETIME_DAYS = 365
 
@@ -174,7 +175,8 @@ def declare(directory: Path, site: str, cases: int) -> None:
 
 
 def release(directory: Path, task: Task | str, version: int, *, by: str | None = None) -> Path:
-    """Sign a candidate's manifest with the release key and mark it released: from now on nodes may pull it."""
+    """Sign a candidate's manifest with the release key and mark it released: from now on nodes may pull it. The
+    manifest first gets the evaluator sites' scores of the candidate that have arrived (`with_evaluations`)."""
     layout = CoordinatorDir(Path(directory))
     state, task = layout.state(), Task(task)
     recorded = state.version(task, version)
@@ -183,11 +185,27 @@ def release(directory: Path, task: Task | str, version: int, *, by: str | None =
     if recorded.state is VersionState.RELEASED:
         raise ValueError(f"{task.value} version {version} is already released")
     key = load_private_key(layout.release / "release.key")
-    signature = sign((recorded.path / MANIFEST_FILE).read_bytes(), key)
+    old = (recorded.path / MANIFEST_FILE).read_bytes()
+    new = old if recorded.round_id is None else with_evaluations(old, state.evaluations(recorded.round_id))
+    if new != old:  # a crash before the signature below leaves it unverifiable until `release` runs again
+        write_atomic(recorded.path / MANIFEST_FILE, lambda temp: temp.write_bytes(new))
+    signature = sign(new, key)
     write_atomic(recorded.path / SIGNATURE_FILE, lambda temp: temp.write_bytes(signature))
     released = load_package(recorded.path, TrustPolicy.enrolled([key.public_key()], [task]))  # what nodes will check
     state.mark_released(task, released.manifest.version, actor=by or operator())
     return recorded.path
+
+
+def with_evaluations(manifest_json: bytes, evaluations: Sequence[Evaluation]) -> bytes:
+    """The manifest with each evaluator's means beside the trainers' metrics in `training.site_metrics`, under the
+    evaluator's name with its case count as `evaluated_cases` (a trainer's `cases` are its training cases)."""
+    if not evaluations:
+        return manifest_json
+    manifest = parse_manifest(manifest_json)
+    site_metrics = {site: dict(values) for site, values in manifest.training.site_metrics.items()}
+    for evaluation in evaluations:
+        site_metrics[evaluation.site] = {**evaluation.metrics, "evaluated_cases": float(evaluation.num_cases)}
+    return replace(manifest, training=replace(manifest.training, site_metrics=site_metrics)).to_json_bytes()
 
 
 def publish(directory: Path, package: Path) -> LoadedPackage:
@@ -227,4 +245,4 @@ def publish(directory: Path, package: Path) -> LoadedPackage:
 
 
 __all__ = ["CoordinatorDir", "DEFAULT_LIFETIME_DAYS", "declare", "enroll", "init", "operator", "publish", "release",
-           "renew", "resume", "revoke"]
+           "renew", "resume", "revoke", "with_evaluations"]

@@ -5,9 +5,12 @@ a site that becomes active while the round is open joins it), collects their upd
 site has answered with at least the quorum accepted, or at the deadline with the quorum; below the quorum at the
 deadline it is retried with the sites active then (the updates it accepted stay: same base weights), so a dead
 site never stalls it. Closing aggregates with the plan's strategy, exports to ONNX with export.py's parity check,
-signs with the round key and records the next version as a candidate. An evaluator (by its certificate, or a
-trainer whose hello narrows to evaluator) is given the newest round aggregate it has not scored; the metrics it
-reports are kept with the round. After the last round the server keeps answering heartbeats, status and pulls.
+signs with the round key and records the next version as a candidate, read at the threshold with the best
+validation Dice pooled over its contributors' reports (training.calibration; the plan's threshold when none
+reported). An evaluator (by its certificate, or a trainer whose hello narrows to evaluator) is given the newest
+round's candidate it has not scored (`GetCandidate`); the aggregates it reports (means, histograms with at least 5
+cases per bin) are kept with the round, and `coordinator release` writes them into the released manifest. After the
+last round the server keeps answering heartbeats, status and pulls.
 
 Operators (monitoring.py): after each close and each evaluation a thread of its own rewrites the plan's report,
 `DIR/rounds/<plan>/metrics.csv` and `val_dice.png` (the round loop never waits for matplotlib); with a metrics port,
@@ -67,19 +70,22 @@ from models.federation.wire import (
     weights_sha256,
     weights_spec,
 )
-from models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Task
+from models.manifest import MANIFEST_FILE, SIGNATURE_FILE, Manifest, Task, parse_manifest
 from models.networks import build_network, load_network_weights, network_weights
 from models.package import sha256_hex
 from models.signing import load_private_key
 from models.version import distribution_version
+from training.calibration import DiceByThreshold, best_threshold, pooled_dice
 from training.checkpoint import save_checkpoint
 from training.export import export_package
 from training.federation.admin import CoordinatorDir
 from training.federation.aggregation import SiteUpdate
+from training.federation.evaluation import histograms_from_messages
 from training.federation.monitoring import MetricsServer, Traffic, render_metrics, write_round_report
 from training.federation.plan import FederatedPlan
 from training.federation.screening import screen
 from training.federation.state import INCOMING_PREFIX, AcceptedUpdate, Round, SiteState
+from training.fingerprint import MIN_CASES_PER_BIN
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +102,9 @@ CALL_ROLES = {
     "Heartbeat": SiteRole.NODE,
     "GetLatestModel": SiteRole.NODE,
     "GetTask": SiteRole.EVALUATOR,
-    "GetWeights": SiteRole.EVALUATOR,
+    "GetCandidate": SiteRole.EVALUATOR,
     "ReportMetrics": SiteRole.EVALUATOR,
+    "GetWeights": SiteRole.TRAINER,
     "PutUpdate": SiteRole.TRAINER,
 }
 
@@ -350,6 +357,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         shutil.rmtree(incoming, ignore_errors=True)
         incoming.parent.mkdir(parents=True, exist_ok=True)
         site_metrics = {u.site: {**u.metrics, "cases": float(u.num_cases)} for u in updates}
+        threshold, calibration = self._threshold(updates)
         network = build_network(self.plan.training.in_channels, 1, self.plan.training.network)
         load_network_weights(network, weights)  # the checkpoint holds the whole state dict, shared tensors included
         normalization = (" (each site trains with its own normalization layers; this model's are their FedAvg "
@@ -359,23 +367,33 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 Path(tmp) / "aggregate.pt", plan=self.plan.training, epoch=current.round * self.plan.local_epochs,
                 model=network.state_dict(),
                 history=[{"site_metrics": site_metrics}], federated_round=current.round, strategy=self.plan.strategy,
+                threshold=threshold,
             )
             export_package(
                 checkpoint, incoming, private_key=self._round_key, version=version,
                 description=(f"federated round {current.round} of plan {self.plan.sha256[:12]}: {len(updates)} of "
-                             f"{len(current.invited)} sites, {self.plan.strategy}{normalization}, fedlesion "
-                             f"{distribution_version()}"),
+                             f"{len(current.invited)} sites, {self.plan.strategy}{normalization}{calibration}, "
+                             f"fedlesion {distribution_version()}"),
                 sites_contributed=len(updates), sites_invited=len(current.invited),
             )
         os.rename(incoming, target)
         fsync_dir(target.parent)
         return target
 
+    def _threshold(self, updates: list[AcceptedUpdate]) -> tuple[float | None, str]:
+        """The threshold with the best validation Dice pooled over the contributors' reports, weighted by their
+        validation cases, and what the manifest's description says of it; (None, "") without reports: the plan's."""
+        reports = [u.threshold_dice for u in updates if u.threshold_dice is not None]
+        pooled = pooled_dice(reports) if reports else {}
+        if not pooled:
+            return None, ""
+        threshold = best_threshold(pooled, self.plan.training.threshold)
+        cases = sum(report.num_cases for report in reports)
+        return threshold, (f", threshold {threshold:g} (validation Dice {pooled[threshold]:.3f} over {cases} cases "
+                           f"at {len(reports)} sites)")
+
     def _base(self, current: Round) -> tuple[bytes, dict[str, np.ndarray]]:
         return self._weights(current.base_path)
-
-    def _aggregate(self, closed: Round) -> tuple[bytes, dict[str, np.ndarray]]:
-        return self._weights(self.rounds_dir / str(closed.round) / "aggregate.weights")
 
     def _weights(self, path: Path) -> tuple[bytes, dict[str, np.ndarray]]:
         """A weights file (canonical encoding) and its arrays, read once; the last two files read are kept."""
@@ -485,14 +503,23 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                              max_update_bytes=len(data), deadline_unix=current.deadline)
 
     def _evaluate_task(self, name: str) -> pb2.TaskReply | None:
-        """An evaluator's task: the newest round aggregate it has not scored yet."""
+        """An evaluator's task: the newest round's candidate it has not scored yet, named by its ONNX sha256."""
         closed = self.state.round_to_evaluate(self.plan.sha256, name)
         if closed is None:
             return None
-        data, _ = self._aggregate(closed)
+        manifest, _, onnx_path = self._candidate_files(closed)
         return pb2.TaskReply(kind=pb2.TaskReply.EVALUATE, plan_toml=self.plan_toml, plan_sha256=self.plan.sha256,
-                             round=closed.round, base_sha256=weights_sha256(data), task=closed.task.value,
-                             max_update_bytes=len(data))
+                             round=closed.round, base_sha256=manifest.files[manifest.onnx.file],
+                             task=closed.task.value, max_update_bytes=onnx_path.stat().st_size)
+
+    def _candidate_files(self, closed: Round) -> tuple[Manifest, bytes, Path]:
+        """A closed round's candidate: its manifest (parsed, and its bytes) and where its ONNX lies."""
+        version = self.state.version(closed.task, closed.version)
+        if version is None:
+            raise ValueError(f"round {closed.round}'s {closed.task.value} version {closed.version} is not recorded")
+        data = (version.path / MANIFEST_FILE).read_bytes()
+        manifest = parse_manifest(data)
+        return manifest, data, version.path / manifest.onnx.file
 
     def _open_round_for(self, name: str, plan_sha256: str, number: int, context: grpc.ServicerContext) -> Round:
         current = self.state.current_round(self.plan.sha256)
@@ -507,16 +534,29 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
     def GetWeights(self, request: pb2.WeightsRequest, context: grpc.ServicerContext) -> Iterator[pb2.StreamPart]:  # noqa: N802
         name = peer_name(context)
         self.state.seen(name, "downloading")
-        closed = self.state.round(request.plan_sha256, request.round)
-        if self._hello_roles.get(name) is SiteRole.EVALUATOR and closed is not None and closed.version is not None:
-            data, _ = self._aggregate(closed)
-            binding = StreamBinding(closed.plan_sha256, closed.round, weights_sha256(data), name)
-        else:
-            current = self._open_round_for(name, request.plan_sha256, request.round, context)
-            data, _ = self._base(current)
-            binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
+        current = self._open_round_for(name, request.plan_sha256, request.round, context)
+        data, _ = self._base(current)
+        binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
         yield from chunk_stream(data, key=self.state.site(name).payload_key, aad_fields=binding,
                                 plaintext_sha256=binding.base_sha256)
+
+    def GetCandidate(self, request: pb2.CandidateRequest, context: grpc.ServicerContext) -> Iterator[pb2.StreamPart]:  # noqa: N802
+        """A closed round's candidate for an evaluator: manifest and signature in the header, the ONNX encrypted in
+        chunks bound to (plan, round, ONNX sha256, site)."""
+        name = peer_name(context)
+        self.state.seen(name, "downloading")
+        closed = self.state.round(request.plan_sha256, request.round)
+        if closed is None or closed.version is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"plan {request.plan_sha256[:12]} round {request.round} has no candidate")
+        manifest, data, onnx_path = self._candidate_files(closed)
+        onnx = onnx_path.read_bytes()
+        header = pb2.ModelHeader(version=manifest.version, task=manifest.task.value, manifest_json=data,
+                                 manifest_sig=(onnx_path.parent / SIGNATURE_FILE).read_bytes(),
+                                 onnx_bytes=len(onnx), onnx_sha256=manifest.files[manifest.onnx.file])
+        binding = StreamBinding(closed.plan_sha256, closed.round, header.onnx_sha256, name)
+        yield from chunk_stream(onnx, key=self.state.site(name).payload_key, aad_fields=binding,
+                                header_fields={"candidate": header})
 
     def PutUpdate(self, request_iterator: Iterator[pb2.StreamPart], context: grpc.ServicerContext) -> pb2.UpdateReply:  # noqa: N802
         name = peer_name(context)
@@ -548,6 +588,15 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             return self._refuse(name, current, str(error))
         if header.num_cases < 1:
             return self._refuse(name, current, "the update reports no training cases")
+        threshold_dice = None
+        if header.HasField("threshold_dice"):
+            try:
+                threshold_dice = DiceByThreshold.from_message(header.threshold_dice)
+            except ValueError as error:
+                return self._refuse(name, current, f"the update's Dice per threshold: {error}")
+            if threshold_dice.num_cases < MIN_CASES_PER_BIN:
+                return self._refuse(name, current, f"the update's Dice per threshold is a mean over "
+                                    f"{threshold_dice.num_cases} case(s), fewer than {MIN_CASES_PER_BIN}")
         updates_dir = self.rounds_dir / str(current.round) / "updates"
         updates_dir.mkdir(parents=True, exist_ok=True)
         path = updates_dir / f"{sha256_hex(name.encode())[:16]}-{current.attempt}.weights"
@@ -557,7 +606,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             if self._closing == current.id:  # the version being built cannot include it: never report it as used
                 return self._refuse(name, current, f"round {current.round} is closing; the update came too late")
             refused = self.state.record_update(current.id, name, accepted=True, num_cases=int(header.num_cases),
-                                               metrics=metrics, path=path)
+                                               metrics=metrics, path=path, threshold_dice=threshold_dice)
             if refused is None:
                 self._decoded_updates[path] = weights
         if refused is not None:
@@ -590,9 +639,14 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         if request.kind == "evaluate":
             closed = self.state.round(request.plan_sha256, request.round)
             if closed is None or closed.version is None:
-                return pb2.MetricsReply(accepted=False, reason=f"round {request.round} has no aggregate to evaluate")
+                return pb2.MetricsReply(accepted=False, reason=f"round {request.round} has no candidate to evaluate")
+            try:
+                histograms = histograms_from_messages(request.histograms, int(request.num_cases))
+            except ValueError as error:
+                log.warning("refused the evaluation of round %d from %s: %s", request.round, name, error)
+                return pb2.MetricsReply(accepted=False, reason=str(error))
             values = {key: float(value) for key, value in request.values.items() if np.isfinite(value)}
-            self.state.record_evaluation(closed.id, name, int(request.num_cases), values)
+            self.state.record_evaluation(closed.id, name, int(request.num_cases), values, histograms)
             self._report_due.set()
         log.info("metrics from %s, round %d (%s, %d cases): %s", name, request.round, request.kind,
                  request.num_cases, dict(request.values))

@@ -38,7 +38,7 @@ LEGEND_MAX_SITES = 16  # beyond this many sites the plot's legend would hide the
 def site_metrics_by_round(rounds: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each closed round of `status()["rounds"]` as {"round", "version", "seconds" (opened to closed), "sites":
     {site: {"role", "cases", metric: value, ...}}}: a trainer's aggregates came with its accepted update (its
-    locally trained model), an evaluator's with its report on the round's aggregate."""
+    locally trained model), an evaluator's with its report on the round's candidate (scored as a node runs it)."""
     out = []
     for round_ in rounds:
         if not round_["version"]:
@@ -112,7 +112,7 @@ def _plot(rounds: list[dict[str, Any]], plan_sha256: str, path: Path) -> None:
     axes.set(ylabel="validation Dice", title=f"plan {plan_sha256[:12]}: validation Dice per site"
              + ("" if drawn else " (no site reported one yet)"))
     figure.text(0.01, 0.01, "solid: a trainer's locally trained model, before aggregation; dashed: an evaluator's "
-                "score of the round's aggregate", fontsize=7, color="dimgray")
+                "score of the round's candidate", fontsize=7, color="dimgray")
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     figure.savefig(path, format="png", dpi=100)
 

@@ -1,18 +1,23 @@
-"""The site loop (`fedlesion site`): ask the coordinator for work, check it against the custodian's policy, train or
-evaluate with the one `LocalTrainer`, send back the weights and aggregate metrics; never give up on the coordinator.
+"""The site loop (`fedlesion site`): ask the coordinator for work, check it against the custodian's policy, train
+with `LocalTrainer` or score a round's candidate with the node's engine (evaluation.py, torch-free: a limited center's
+evaluator site runs without torch), send back the weights and aggregate metrics; never give up on the coordinator.
 
-Every call goes over mTLS with the site's enrollment bundle; weights travel as encrypted chunk streams
-(`models.federation.wire`) bound to (plan, round, base weights, site). What leaves the site: the trained weights, the
-number of training (and validation) cases, the loss and the mean validation metrics; never a case id, a file name, an
-image or a per-case value. A coordinator that is down or restarting costs the site a retry with exponential backoff,
-forever; a site killed mid-round is a new site process that says hello and takes the next task it is given.
-Under FedBN a site trains from the global weights with its own normalization layers, kept in its state folder.
+Every call goes over mTLS with the site's enrollment bundle; weights and candidates travel as encrypted chunk streams
+(`models.federation.wire`) bound to (plan, round, base weights or candidate, site). What leaves a trainer: the trained
+weights, the number of training (and validation) cases, the loss, the mean validation metrics and, over at least
+MIN_CASES_PER_BIN validation cases, the mean validation Dice at each candidate threshold (`training.calibration`);
+what leaves an evaluator: its case count and, over at least that many cases, means and histograms with that many
+cases per bin. Never a case id, a file name, an image or a per-case value. A coordinator that is down or restarting
+costs the site a retry with exponential backoff, forever; a site killed mid-round is a new site process that says
+hello and takes the next task it is given. Under FedBN a site trains from the global weights with its own
+normalization layers, kept in its state folder.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -39,10 +44,14 @@ from models.federation.wire import (
     keep_freed_buffers,
     weights_spec,
 )
+from models.package import LoadedPackage
 from models.version import distribution_version
+from training.calibration import THRESHOLD_CANDIDATES, DiceByThreshold
 from training.datasets import TrainingCase, load_training_cases, split_cases
+from training.federation.evaluation import receive_candidate, score_cases, summarize_scores
 from training.federation.plan import FederatedPlan
 from training.federation.policy import DatasetUse, PlanApproval, PolicyRole, SitePolicy
+from training.fingerprint import MIN_CASES_PER_BIN
 
 __all__ = ["Backoff", "LocalNormalization", "Site", "write_site_key"]
 
@@ -94,17 +103,16 @@ class _Update:
     plaintext: bytes
     n_cases: int
     metrics: dict[str, float]
+    threshold_dice: DiceByThreshold | None
 
 
 @dataclass(frozen=True)
 class _Prepared:
     """A plan's LocalTrainer on the policy's cases (preprocessed once; optimizer state carries over between rounds)
-    and the case counts that may leave the site."""
+    and how many cases were skipped (a count that may leave the site)."""
 
     plan_sha256: str
     trainer: Any  # training.trainer.LocalTrainer: imported when the first task arrives (torch is slow to load)
-    n_train: int
-    n_val: int
     n_skipped: int
 
 
@@ -163,6 +171,7 @@ class Site:
         self.round = 0
         self.heartbeat_interval_s = 10.0
         self._prepared: _Prepared | None = None
+        self._evaluation_cases: tuple[str, list[TrainingCase], int] | None = None  # (plan, cases, skipped)
         self._done: tuple[str, int, str] | None = None  # (plan, round, base) of the last task finished
         self._pending: _Update | None = None
         self._refused: tuple[str, int] | None = None
@@ -258,11 +267,10 @@ class Site:
         try:
             plan = self._approved_plan(task, training=training)
             self._set_state("training" if training else "evaluating", task.round)
-            prepared = self._prepare(plan)
             if training:
-                self._train(task, plan, prepared)
+                self._train(task, plan, self._prepare(plan))
             else:
-                self._evaluate(task, prepared)
+                self._evaluate(task, plan)
             return 0.0
         except TaskRefused as refusal:
             reason = str(refusal)
@@ -294,14 +302,9 @@ class Site:
             raise TaskRefused(reason)
         return plan
 
-    def _prepare(self, plan: FederatedPlan) -> _Prepared:
-        """The plan's trainer on the policy's datasets for its task, built once per plan; an unreadable case is
+    def _load_cases(self, plan: FederatedPlan) -> tuple[dict[DatasetUse, list[TrainingCase]], int]:
+        """The policy's datasets for the plan's task by use, and how many cases were skipped: an unreadable case is
         skipped (logged here, counted for the coordinator)."""
-        if self._prepared is not None and self._prepared.plan_sha256 == plan.sha256:
-            return self._prepared
-        from training.trainer import LocalTrainer
-
-        self._prepared = None
         cases: dict[DatasetUse, list[TrainingCase]] = {DatasetUse.TRAIN: [], DatasetUse.VAL: []}
         n_skipped = 0
         for dataset in self.policy.datasets_for(plan.task):
@@ -313,17 +316,23 @@ class Site:
             cases[dataset.use] += loaded
             n_skipped += len(skipped)
             log.info("dataset %s: %d case(s), %d skipped", dataset.name, len(loaded), len(skipped))
+        return cases, n_skipped
+
+    def _prepare(self, plan: FederatedPlan) -> _Prepared:
+        """The plan's trainer on the policy's cases, built once per plan."""
+        if self._prepared is not None and self._prepared.plan_sha256 == plan.sha256:
+            return self._prepared
+        from training.trainer import LocalTrainer
+
+        self._prepared = None
+        cases, n_skipped = self._load_cases(plan)
         train, val = cases[DatasetUse.TRAIN], cases[DatasetUse.VAL]
-        if self.policy.role is PolicyRole.EVALUATE:
-            train, val = [], train + val  # a site that never trains evaluates on all of its cases
-        elif not val:
+        if not val:
             train, val = split_cases(train, self.policy.holdout_fraction, self.policy.seed)
-        if not (train or val):
-            raise TaskRefused(f"no usable case in the policy's datasets for task {plan.task}")
-        # LocalTrainer needs training cases; a site that only evaluates hands it its evaluation cases, which it never
-        # trains on.
-        trainer = LocalTrainer(plan.training, train or val, val, self.device, progress=False)
-        self._prepared = _Prepared(plan.sha256, trainer, len(train), len(val), n_skipped)
+        if not train:
+            raise TaskRefused(f"no usable training case in the policy's datasets for task {plan.task}")
+        trainer = LocalTrainer(plan.training, train, val, self.device, progress=False)
+        self._prepared = _Prepared(plan.sha256, trainer, n_skipped)
         return self._prepared
 
     def _global_weights(self, task: pb2.TaskReply, trainer: Any) -> dict[str, Any]:
@@ -351,8 +360,6 @@ class Site:
             raise TaskRefused(f"the global weights do not fit the plan's network: {error.reason}") from None
 
     def _train(self, task: pb2.TaskReply, plan: FederatedPlan, prepared: _Prepared) -> None:
-        if not prepared.n_train:
-            raise TaskRefused(f"no usable training case in the policy's datasets for task {plan.task}")
         trainer = prepared.trainer
         weights = self._global_weights(task, trainer)
         local = self._local_normalization(plan, trainer) if plan.local_normalization else None
@@ -375,12 +382,13 @@ class Site:
         if local is not None:
             local.keep(update.weights)
         trained_s = time.monotonic() - started
+        validation = trainer.evaluate(thresholds=THRESHOLD_CANDIDATES)
         metrics = {"train_loss": update.metrics["train_loss"], "local_epochs": epochs_done,
-                   "n_skipped_cases": prepared.n_skipped, **trainer.evaluate()}
+                   "n_skipped_cases": prepared.n_skipped, **validation}
         log.info("round %d: %d local epoch(s) in %.1f s, validation in %.1f s", task.round, epochs_done, trained_s,
                  time.monotonic() - started - trained_s)
         self._pending = _Update((task.plan_sha256, task.round, task.base_sha256), encode_weights(update.weights),
-                                update.n_cases, _shared(metrics))
+                                update.n_cases, _shared(metrics), _threshold_dice(validation))
         self._upload(task, self._pending)
 
     def _local_normalization(self, plan: FederatedPlan, trainer: Any) -> LocalNormalization:
@@ -394,8 +402,11 @@ class Site:
         self._set_state("uploading", task.round)
         binding = StreamBinding(*update.key, self.bundle.site)
         for attempt in range(1, TRANSFER_ATTEMPTS + 1):
+            header_fields: dict[str, Any] = {"num_cases": update.n_cases, "metrics": update.metrics}
+            if update.threshold_dice is not None:
+                header_fields["threshold_dice"] = update.threshold_dice.to_message()
             parts = chunk_stream(update.plaintext, key=self.bundle.payload_key, aad_fields=binding,
-                                 header_fields={"num_cases": update.n_cases, "metrics": update.metrics})
+                                 header_fields=header_fields)
             reply = self._rpc.PutUpdate(parts, timeout=self._stream_timeout(task))
             if reply.accepted or not reply.resend:
                 if reply.accepted:
@@ -408,15 +419,45 @@ class Site:
                         attempt, TRANSFER_ATTEMPTS)
         log.error("round %d: the update did not get through after %d attempts", task.round, TRANSFER_ATTEMPTS)
 
-    def _evaluate(self, task: pb2.TaskReply, prepared: _Prepared) -> None:
-        metrics = prepared.trainer.evaluate(self._global_weights(task, prepared.trainer))
+    def _evaluate(self, task: pb2.TaskReply, plan: FederatedPlan) -> None:
+        """Score the round's candidate on all of the policy's cases for its task (an evaluator never trains, so none
+        is held out) with the node's engine, and report what `summarize_scores` lets leave."""
+        with tempfile.TemporaryDirectory(prefix="fedlesion-candidate-") as folder:
+            package = self._candidate(task, Path(folder) / "package")  # held in memory once verified
+        if self._evaluation_cases is None or self._evaluation_cases[0] != plan.sha256:
+            cases, n_skipped = self._load_cases(plan)
+            self._evaluation_cases = (plan.sha256, cases[DatasetUse.TRAIN] + cases[DatasetUse.VAL], n_skipped)
+        _, cases, n_skipped = self._evaluation_cases
+        if not cases:
+            raise TaskRefused(f"no usable case in the policy's datasets for task {plan.task}")
+        started = time.monotonic()
+        summary = summarize_scores(score_cases(package, cases))
+        log.info("round %d: candidate version %d scored on %d case(s) in %.1f s", task.round,
+                 package.manifest.version, len(cases), time.monotonic() - started)
         self._rpc.ReportMetrics(
             pb2.MetricsReport(plan_sha256=task.plan_sha256, round=task.round, kind="evaluate",
-                              num_cases=prepared.n_val,
-                              values=_shared({**metrics, "n_skipped_cases": prepared.n_skipped})),
+                              num_cases=summary.num_cases,
+                              values=_shared({**summary.values, "n_skipped_cases": n_skipped}),
+                              histograms=summary.histogram_messages()),
             timeout=RPC_TIMEOUT_S,
         )
         self._done = (task.plan_sha256, task.round, task.base_sha256)
+
+    def _candidate(self, task: pb2.TaskReply, folder: Path) -> LoadedPackage:
+        """The round's candidate package, verified (`receive_candidate`), fetched again while broken in transit."""
+        attempt = 1
+        while True:
+            parts = self._rpc.GetCandidate(pb2.CandidateRequest(plan_sha256=task.plan_sha256, round=task.round),
+                                           timeout=self._stream_timeout(task))
+            try:
+                return receive_candidate(parts, task, self.bundle.payload_key, self.bundle.site, folder)
+            except WireError as error:
+                if not error.resend or attempt == TRANSFER_ATTEMPTS:
+                    raise TaskRefused(f"the candidate was refused: {error.reason}") from None
+                log.warning("candidate broken in transit (%s); fetching again", error.reason)
+                attempt += 1
+            except ValueError as error:  # models.errors.PackageRefused: signature, files, plan or round
+                raise TaskRefused(f"the candidate was refused: {error}") from None
 
     @staticmethod
     def _stream_timeout(task: pb2.TaskReply) -> float:
@@ -426,4 +467,13 @@ class Site:
 def _shared(metrics: dict[str, Any]) -> dict[str, float]:
     """Only the aggregate numbers in SHARED_METRICS leave the site (the trainer's per-case rows never do)."""
     return {name: float(metrics[name]) for name in SHARED_METRICS if metrics.get(name) is not None}
+
+
+def _threshold_dice(validation: dict[str, Any]) -> DiceByThreshold | None:
+    """The mean validation Dice per candidate threshold, when it is a mean over at least MIN_CASES_PER_BIN cases
+    (over fewer it is too close to one case's own Dice to leave the site)."""
+    dice, cases = validation.get("dice_by_threshold"), int(validation.get("n_val_cases", 0))
+    if not dice or cases < MIN_CASES_PER_BIN:
+        return None
+    return DiceByThreshold(tuple(dice), tuple(dice.values()), cases)
 

@@ -21,13 +21,14 @@ import sqlite3
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from models.sqlite_tx import ThreadConnections, connect, read_snapshot, write_transaction
 from models.manifest import MANIFEST_FILE, Task, parse_manifest
+from models.sqlite_tx import ThreadConnections, add_missing_column, connect, read_snapshot, write_transaction
+from training.calibration import DiceByThreshold
 
 STATE_FILE = "state.sqlite3"
 INCOMING_PREFIX = ".incoming-"  # a package being written: crash debris when found at start
@@ -78,14 +79,16 @@ CREATE TABLE IF NOT EXISTS updates (
     num_cases INTEGER NOT NULL DEFAULT 0,
     metrics TEXT NOT NULL DEFAULT '{}',
     path TEXT,
-    received_at REAL NOT NULL
+    received_at REAL NOT NULL,
+    threshold_dice TEXT               -- JSON: the site's mean validation Dice per threshold (training.calibration)
 );
 CREATE TABLE IF NOT EXISTS evaluations (
     round_id INTEGER NOT NULL REFERENCES rounds(id),
     site TEXT NOT NULL,
     num_cases INTEGER NOT NULL,
-    metrics TEXT NOT NULL,            -- aggregate validation metrics of the round's aggregate at an evaluator
+    metrics TEXT NOT NULL,            -- an evaluator's means over its cases of the round's candidate
     received_at REAL NOT NULL,
+    histograms TEXT NOT NULL DEFAULT '{}',  -- JSON: metric → {"edges", "counts"}, ≥ 5 cases per bin
     PRIMARY KEY (round_id, site)
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_accepted_update ON updates (round_id, site) WHERE accepted = 1;
@@ -115,6 +118,8 @@ CREATE TABLE IF NOT EXISTS audit (
     detail TEXT NOT NULL DEFAULT '{}'
 );
 """
+# Columns added after the tables first shipped: a database from before gets them when it is opened.
+_ADDED_COLUMNS = (("updates", "threshold_dice", "TEXT"), ("evaluations", "histograms", "TEXT NOT NULL DEFAULT '{}'"))
 
 
 class SiteState(StrEnum):
@@ -166,6 +171,17 @@ class AcceptedUpdate:
     num_cases: int
     metrics: Mapping[str, float]
     path: Path
+    threshold_dice: DiceByThreshold | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluator's report on a round's candidate: case count, means, histograms (metric → edges, counts)."""
+
+    site: str
+    num_cases: int
+    metrics: Mapping[str, float]
+    histograms: Mapping[str, Mapping[str, list[Any]]]
 
 
 @dataclass(frozen=True)
@@ -174,6 +190,7 @@ class Version:
     version: int
     state: VersionState
     path: Path
+    round_id: int | None = None  # None: published, not a round's
 
 
 class CoordinatorState:
@@ -187,6 +204,9 @@ class CoordinatorState:
         os.chmod(self.path, 0o600)
         self._connections = ThreadConnections(lambda: connect(self.path, synchronous="FULL"))
         self._connections.get().executescript(_SCHEMA)  # idempotent: every process opening the file runs it
+        with self._write() as db:
+            for table, column, definition in _ADDED_COLUMNS:
+                add_missing_column(db, table, column, definition)
 
     def close(self) -> None:
         self._connections.close_all()
@@ -416,7 +436,8 @@ class CoordinatorState:
         return None if row is None else _round(row)
 
     def record_update(self, round_id: int, site: str, *, accepted: bool, reason: str = "", num_cases: int = 0,
-                      metrics: Mapping[str, float] | None = None, path: Path | None = None) -> str | None:
+                      metrics: Mapping[str, float] | None = None, path: Path | None = None,
+                      threshold_dice: DiceByThreshold | None = None) -> str | None:
         """Record an update (accepted or refused, with why); returns why an accepted one was refused after all
         (the site already has an accepted update in this round), else None."""
         with self._write() as db:
@@ -425,10 +446,12 @@ class CoordinatorState:
                 accepted, reason = False, "a second update from this site in this round"
                 path = None
             db.execute(
-                "INSERT INTO updates (round_id, attempt, site, accepted, reason, num_cases, metrics, path, received_at) "
-                "VALUES (?, (SELECT attempt FROM rounds WHERE id = ?), ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO updates (round_id, attempt, site, accepted, reason, num_cases, metrics, path, "
+                "received_at, threshold_dice) VALUES (?, (SELECT attempt FROM rounds WHERE id = ?), ?, ?, ?, ?, ?, ?, "
+                "?, ?)",
                 (round_id, round_id, site, int(accepted), reason, num_cases, json.dumps(dict(metrics or {}), sort_keys=True),
-                 None if path is None else str(path), time.time()),
+                 None if path is None else str(path), time.time(),
+                 None if threshold_dice is None else json.dumps(asdict(threshold_dice))),
             )
         return None if accepted else reason
 
@@ -458,9 +481,10 @@ class CoordinatorState:
 
     def accepted_updates(self, round_id: int) -> list[AcceptedUpdate]:
         with self._read() as db:
-            rows = db.execute("SELECT site, num_cases, metrics, path FROM updates WHERE round_id = ? AND accepted = 1 "
-                              "ORDER BY site", (round_id,)).fetchall()
-        return [AcceptedUpdate(r[0], r[1], json.loads(r[2]), Path(r[3])) for r in rows]
+            rows = db.execute("SELECT site, num_cases, metrics, path, threshold_dice FROM updates "
+                              "WHERE round_id = ? AND accepted = 1 ORDER BY site", (round_id,)).fetchall()
+        return [AcceptedUpdate(r[0], r[1], json.loads(r[2]), Path(r[3]),
+                               None if r[4] is None else DiceByThreshold(**json.loads(r[4]))) for r in rows]
 
     def round_to_evaluate(self, plan_sha256: str, site: str) -> Round | None:
         """The plan's newest closed round that `site` has not evaluated yet."""
@@ -472,10 +496,19 @@ class CoordinatorState:
             ).fetchone()
         return None if row is None else _round(row)
 
-    def record_evaluation(self, round_id: int, site: str, num_cases: int, metrics: Mapping[str, float]) -> None:
+    def record_evaluation(self, round_id: int, site: str, num_cases: int, metrics: Mapping[str, float],
+                          histograms: Mapping[str, Mapping[str, list[Any]]] | None = None) -> None:
         with self._write() as db:
-            db.execute("INSERT OR REPLACE INTO evaluations VALUES (?, ?, ?, ?, ?)",
-                       (round_id, site, num_cases, json.dumps(dict(metrics), sort_keys=True), time.time()))
+            db.execute("INSERT OR REPLACE INTO evaluations (round_id, site, num_cases, metrics, received_at, "
+                       "histograms) VALUES (?, ?, ?, ?, ?, ?)",
+                       (round_id, site, num_cases, json.dumps(dict(metrics), sort_keys=True), time.time(),
+                        json.dumps({name: dict(bins) for name, bins in (histograms or {}).items()}, sort_keys=True)))
+
+    def evaluations(self, round_id: int) -> list[Evaluation]:
+        with self._read() as db:
+            rows = db.execute("SELECT site, num_cases, metrics, histograms FROM evaluations WHERE round_id = ? "
+                              "ORDER BY site", (round_id,)).fetchall()
+        return [Evaluation(r[0], r[1], json.loads(r[2]), json.loads(r[3])) for r in rows]
 
     # -- versions ---------------------------------------------------------------------------------------------
     def versions_dir(self, task: Task) -> Path:
@@ -518,15 +551,15 @@ class CoordinatorState:
 
     def version(self, task: Task, version: int) -> Version | None:
         with self._read() as db:
-            row = db.execute("SELECT task, version, state, path FROM versions WHERE task = ? AND version = ?",
+            row = db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE task = ? AND version = ?",
                              (str(task), version)).fetchone()
-        return None if row is None else Version(Task(row[0]), row[1], VersionState(row[2]), Path(row[3]))
+        return None if row is None else _version(row)
 
     def latest_released(self, task: Task) -> Version | None:
         with self._read() as db:
-            row = db.execute("SELECT task, version, state, path FROM versions WHERE task = ? AND state = ? "
+            row = db.execute(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE task = ? AND state = ? "
                              "ORDER BY version DESC LIMIT 1", (str(task), VersionState.RELEASED)).fetchone()
-        return None if row is None else Version(Task(row[0]), row[1], VersionState(row[2]), Path(row[3]))
+        return None if row is None else _version(row)
 
     def reconcile(self, *, actor: str) -> list[str]:
         """After a crash: commit each complete round package that lacks its row, remove half-written ones.
@@ -583,15 +616,16 @@ class CoordinatorState:
                     rejected=[dict(site=u[0], reason=u[2]) for u in updates if not u[1]],
                     metrics={u[0]: dict(json.loads(u[4]), cases=u[3]) for u in updates if u[1]},
                     evaluations={
-                        e[0]: dict(json.loads(e[2]), cases=e[1])
-                        for e in db.execute("SELECT site, num_cases, metrics FROM evaluations WHERE round_id = ? "
-                                            "ORDER BY site", (round_.id,))
+                        e[0]: dict(json.loads(e[2]), cases=e[1], histograms=json.loads(e[3]))
+                        for e in db.execute("SELECT site, num_cases, metrics, histograms FROM evaluations "
+                                            "WHERE round_id = ? ORDER BY site", (round_.id,))
                     },
                 ))
             versions = [
-                dict(task=r[0], version=r[1], state=r[2], round_id=r[3], released_by=r[4], released_at=r[5])
-                for r in db.execute("SELECT task, version, state, round_id, released_by, released_at FROM versions "
-                                    "ORDER BY task, version")
+                dict(task=r[0], version=r[1], state=r[2], round_id=r[3], released_by=r[4], released_at=r[5],
+                     threshold=_threshold(Path(r[6])))
+                for r in db.execute("SELECT task, version, state, round_id, released_by, released_at, path "
+                                    "FROM versions ORDER BY task, version")
             ]
         return dict(plan_sha256=plan[0] if plan else None, sites=sites, rounds=rounds, versions=versions)
 
@@ -605,6 +639,21 @@ def _round(row: Sequence[Any]) -> Round:
                  Path(row[8]), row[9], row[10], row[11])
 
 
+_VERSION_COLUMNS = "task, version, state, path, round_id"
+
+
+def _version(row: Sequence[Any]) -> Version:
+    return Version(Task(row[0]), row[1], VersionState(row[2]), Path(row[3]), row[4])
+
+
+def _threshold(package: Path) -> float | None:
+    """The threshold a version's manifest reads its probabilities at (None when its package is gone)."""
+    try:
+        return parse_manifest((package / MANIFEST_FILE).read_bytes()).output.threshold
+    except (OSError, ValueError):
+        return None
+
+
 def _package_dirs(root: Path) -> list[Path]:
     """The version folders under `root` (named by their number), in version order."""
     if not root.is_dir():
@@ -612,5 +661,5 @@ def _package_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
-__all__ = ["AcceptedUpdate", "CoordinatorState", "Round", "RoundState", "Site", "SiteState", "Version",
+__all__ = ["AcceptedUpdate", "CoordinatorState", "Evaluation", "Round", "RoundState", "Site", "SiteState", "Version",
            "VersionState", "INCOMING_PREFIX", "STATE_FILE"]

@@ -1,6 +1,7 @@
 """A study's final models scored per case, as a node would run them: the released package through the ONNX engine
 and `inference.pipeline.segment_channels` (the manifest's preprocessing, threshold and minimum lesion size), the
-label mask it returns against the case's own mask (`models.metrics.compute_metrics`).
+label mask it returns against the case's own mask: `training.federation.evaluation.score_cases`, what an evaluator
+site runs.
 
 Torch-free. Per-case values exist only here, in the simulation's own folder: in a deployment only aggregates leave a
 site (training/federation/site.py).
@@ -14,17 +15,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-
-from inference.engine import Engine
-from inference.pipeline import segment_channels
-from models.geometry import voxel_volume_ml
 from models.manifest import Task
-from models.metrics import CaseMetrics, compute_metrics
+from models.metrics import CaseMetrics
 from models.package import TrustPolicy, load_package
 from models.signing import load_public_key
 from training.datasets import TrainingCase
+from training.federation.evaluation import score_cases
 
 __all__ = ["CASE_COLUMNS", "CaseRow", "case_rows_csv", "read_case_rows", "score_package"]
 
@@ -49,18 +45,7 @@ def score_package(package_dir: Path, release_public_keys: Iterable[bytes], task:
                   cases: Sequence[TrainingCase], *, threads: int | None = None) -> list[CaseMetrics]:
     """`cases` through the released package at `package_dir` (verified against the release keys first)."""
     trust = TrustPolicy.enrolled([load_public_key(pem) for pem in release_public_keys], [task])
-    engine = Engine(load_package(package_dir, trust), threads=threads)
-    return [_score(engine, case) for case in cases]
-
-
-def _score(engine: Engine, case: TrainingCase) -> CaseMetrics:
-    channels = {channel.name: channel for channel in case.channels}
-    inputs = engine.manifest.inputs
-    images = {spec.role.value: nib.Nifti1Image(np.asarray(channels[spec.name].data, dtype=np.float32),
-                                               channels[spec.name].affine) for spec in inputs}
-    result = segment_channels(images, engine)
-    first = channels[inputs[0].name]
-    return compute_metrics(np.asarray(result.mask.dataobj), case.mask, voxel_volume_ml(first.affine))
+    return score_cases(load_package(package_dir, trust), cases, threads=threads)
 
 
 def case_rows_csv(rows: Sequence[CaseRow]) -> str:
