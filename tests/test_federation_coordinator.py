@@ -23,7 +23,14 @@ from models.federation import federation_pb2 as pb2
 from models.federation import federation_pb2_grpc as pb2_grpc
 from models.federation.enrollment import EnrollmentBundle
 from models.federation.transport import PROTOCOL_VERSION, channel
-from models.federation.wire import StreamBinding, StreamReceiver, chunk_stream, decode_weights, encode_weights
+from models.federation.wire import (
+    StreamBinding,
+    StreamReceiver,
+    chunk_stream,
+    decode_weights,
+    encode_weights,
+    weights_sha256,
+)
 from models.manifest import Task, parse_manifest
 from models.signing import load_public_key, verify
 from training.federation import admin
@@ -359,6 +366,71 @@ def test_an_update_arriving_while_the_round_closes_or_after_is_refused_not_count
         assert put("beta", 2.0).accepted  # its round-2 update still counts
     finally:
         state.close()
+
+
+def test_a_sequential_rule_invites_the_site_whose_turn_it_is_and_counts_the_bytes_streamed(coordinator_dir) -> None:
+    """Cyclic IIL over alpha, beta, gamma: each round one site trains from the model the one before sent, and the
+    round's model is its update. The bytes each stream carried are what the coordinator records."""
+    directory, bundles = coordinator_dir
+    plan = plan_for(TASK, network="tiny", rounds=4, strategy="cyclic-iil", deadline_s=10)
+    coordinator = Coordinator(directory, plan, heartbeat_interval_s=2)
+    state, now = coordinator.state, time.time()
+    coordinator._export = lambda current, weights, updates, version, round_dir: _empty_package(state, current, version)
+
+    def train(name: str, by: float) -> tuple[dict[str, np.ndarray], int, int]:
+        """The site's round as a site runs it: the global weights down, its update (shifted by `by`) up."""
+        task = coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles[name]))
+        assert task.kind == pb2.TaskReply.TRAIN
+        received = list(coordinator.GetWeights(pb2.WeightsRequest(plan_sha256=plan.sha256, round=task.round),
+                                               PeerContext(bundles[name])))
+        receiver = StreamReceiver(bundles[name].payload_key, name, task.max_update_bytes)
+        base = decode_weights(receiver.receive(iter(received))[1])
+        update = _shifted(base, by)
+        binding = StreamBinding(plan.sha256, task.round, task.base_sha256, name)
+        sent = list(chunk_stream(encode_weights(update), key=bundles[name].payload_key, aad_fields=binding,
+                                 header_fields={"num_cases": 2, "metrics": {}}, chunk_bytes=4096))
+        assert coordinator.PutUpdate(iter(sent), PeerContext(bundles[name])).accepted
+        return update, sum(part.ByteSize() for part in received), sum(part.ByteSize() for part in sent)
+
+    try:
+        for name in ("alpha", "beta", "gamma"):
+            state.seen(name, "idle", now=now)
+        coordinator.step(now)
+        first = state.current_round(plan.sha256)
+        assert first.invited == ("alpha",)  # all three are active; it is alpha's turn
+        assert coordinator.GetTask(pb2.TaskRequest(), PeerContext(bundles["beta"])).kind == pb2.TaskReply.IDLE
+        assert state.current_round(plan.sha256).invited == ("alpha",)  # beta did not join
+        alpha_model, down, up = train("alpha", 1.0)
+        coordinator.step(now + 1)  # alpha answered: the round closes with its one update
+        published = decode_weights((coordinator.rounds_dir / "1" / "aggregate.weights").read_bytes())
+        assert all(np.array_equal(published[tensor], alpha_model[tensor]) for tensor in alpha_model)
+        assert state.status()["rounds"][0]["bytes"] == {"alpha": {"down": down, "up": up}}
+
+        state.seen("gamma", "idle", now=now + 9)
+        coordinator.step(now + 9)  # beta was last seen at `now`: timed out, and gamma may not take its turn
+        assert state.current_round(plan.sha256) is None
+        state.seen("beta", "idle", now=now + 9)
+        coordinator.step(now + 9)
+        second = state.current_round(plan.sha256)
+        assert second.round == 2 and second.invited == ("beta",)
+        assert second.base_sha256 == weights_sha256(encode_weights(alpha_model))  # beta starts from alpha's model
+        beta_model, _, _ = train("beta", 2.0)
+        coordinator.step(now + 10)
+        state.seen("alpha", "idle", now=now + 10)
+        coordinator.step(now + 10)
+        assert state.current_round(plan.sha256).invited == ("gamma",)
+        assert [row["contributors"] for row in state.status()["rounds"]] == [["alpha"], ["beta"], []]
+        published = decode_weights((coordinator.rounds_dir / "2" / "aggregate.weights").read_bytes())
+        assert all(np.array_equal(published[tensor], beta_model[tensor]) for tensor in beta_model)
+    finally:
+        state.close()
+
+
+def _empty_package(state, current: Round, version: int) -> Path:
+    """An export that writes nothing: the rounds' logic under test, not ONNX."""
+    target = state.versions_dir(current.task) / str(version)
+    target.mkdir(parents=True)
+    return target
 
 
 def test_screening_refuses_hostile_updates_at_the_close_and_suspends_a_site_refused_twice_until_resumed(

@@ -35,7 +35,7 @@ def _aggregate(name: str, updates: list[SiteUpdate], **params: float | str) -> t
 
 def test_every_rule_has_its_command_line_name() -> None:
     assert set(STRATEGY_NAMES) == {"fedavg", "fedprox", "fedbn", "vanillaavg", "beta", "softmax", "median",
-                                   "trimmed-mean"}
+                                   "trimmed-mean", "iil", "cyclic-iil"}
 
 
 def test_vanillaavg_counts_every_site_the_same() -> None:
@@ -115,6 +115,31 @@ def test_robust_rules_work_across_block_edges(name: str) -> None:
     out = strategy_by_name(name, {"fraction": 1 / 3} if name == "trimmed-mean" else {}).aggregate(base, updates)
     np.testing.assert_array_equal(out["w"], 2 * ramp)
     assert int(out[COUNTER]) == 2
+
+
+def test_a_sequential_rule_lets_one_site_train_a_round_and_passes_its_model_on_unchanged() -> None:
+    sites = ["a", "b", "c"]
+    assert [strategy_by_name("iil").participants(r, 3, sites) for r in (1, 2, 3)] == [["a"], ["b"], ["c"]]  # once
+    assert [strategy_by_name("iil").participants(r, 6, sites) for r in range(1, 7)] == [
+        ["a"], ["a"], ["b"], ["b"], ["c"], ["c"]]  # ⌊(r−1)·3/6⌋: two rounds in a row each
+    assert [strategy_by_name("iil").participants(r, 4, sites) for r in range(1, 5)] == [
+        ["a"], ["a"], ["b"], ["c"]]  # ⌊0, 0.75, 1.5, 2.25⌋
+    assert [strategy_by_name("iil").participants(r, 2, sites) for r in (1, 2)] == [["a"], ["b"]]  # ⌊0, 1.5⌋
+    assert [strategy_by_name("cyclic-iil").participants(r, 7, sites) for r in range(1, 8)] == [
+        ["a"], ["b"], ["c"], ["a"], ["b"], ["c"], ["a"]]  # (r−1) mod 3
+    assert strategy_by_name("iil").participants(1, 3, []) == []
+    assert strategy_by_name("fedavg").participants(2, 3, sites) == sites  # every other rule invites them all
+    with pytest.raises(ValueError, match="round 4 is not one of 1..3"):
+        strategy_by_name("cyclic-iil").participants(4, 3, sites)
+
+    for name in ("iil", "cyclic-iil"):
+        w, counter = _aggregate(name, THREE[1:2])
+        assert w.tolist() == [4.0, -2.0] and counter == 20  # b's model, bit for bit
+        with pytest.raises(ValueError, match=f"strategy {name}: one site trains each round, got updates from a, b"):
+            _aggregate(name, THREE[:2])
+    assert plan_for("stroke-dwi-adc", network="tiny", strategy="iil").quorum == 1
+    with pytest.raises(ValueError, match="cyclic-iil trains one site per round, so its quorum is 1, got 2"):
+        plan_for("stroke-dwi-adc", network="tiny", strategy="cyclic-iil", quorum=2)
 
 
 @pytest.mark.parametrize(

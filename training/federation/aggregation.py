@@ -4,7 +4,9 @@
 Σ α_k = 1 (n_k: the site's local training cases): FedAvg (n_k / n), VanillaAvg (1/K), Beta ((1−β)/(1−β^{n_k}),
 normalised), Softmax (softmax(s_k/T)), FedProx (FedAvg's α; its μ reaches each site's `LocalTrainer` through the
 plan as `prox_mu`) and FedBN (FedAvg's α; each site keeps its own normalization layers, `local_normalization`). The
-robust rules, coordinate-wise median and trimmed mean, ignore n_k: one site's claim cannot move them.
+robust rules, coordinate-wise median and trimmed mean, ignore n_k: one site's claim cannot move them. The
+sequential rules (Sheller et al.'s institutional incremental learning, IIL and cyclic IIL) average nothing: each
+round one site trains, chosen by `participants`, and its model is the round's.
 
 Every rule works a block of elements at a time, in float64, and casts back to each tensor's dtype; the integer
 counters of normalization layers (num_batches_tracked) are combined the same way and rounded. Blocks keep a large
@@ -77,6 +79,11 @@ class Strategy(ABC):
     def refusal(self, update: SiteUpdate) -> str | None:
         """Why this rule cannot use `update` (e.g. a metric it scores is missing), checked before aggregating."""
         return None
+
+    def participants(self, round_number: int, rounds: int, trainers: Sequence[str]) -> list[str]:
+        """The trainers round `round_number` of `rounds` invites, out of every enrolled trainer (name order): all of
+        them, but for a rule that passes the model from site to site."""
+        return list(trainers)
 
     @abstractmethod
     def block_rule(self, updates: Sequence[SiteUpdate]) -> BlockRule:
@@ -267,8 +274,55 @@ class TrimmedMean(Strategy):
         return trimmed_mean
 
 
+class Sequential(Strategy):
+    """Institutional incremental learning (Sheller et al. 2018): one site trains per round, starting from the model
+    the site before it sent, and the round's model is its update, unchanged. A subclass says whose turn a round is;
+    a turn falls on a site whatever its state, so a site that is away holds the model until it is back (or its
+    operator revokes it: the order is over the trainers enrolled then)."""
+
+    @abstractmethod
+    def turn(self, round_number: int, rounds: int, sites: int) -> int:
+        """The index (0-based, in name order) of the site that trains round `round_number` (1-based) of `rounds`."""
+
+    def participants(self, round_number: int, rounds: int, trainers: Sequence[str]) -> list[str]:
+        if not 1 <= round_number <= rounds:
+            raise ValueError(f"strategy {self.name}: round {round_number} is not one of 1..{rounds}")
+        return [trainers[self.turn(round_number, rounds, len(trainers))]] if trainers else []
+
+    def block_rule(self, updates: Sequence[SiteUpdate]) -> BlockRule:
+        if len(updates) != 1:
+            raise ValueError(f"strategy {self.name}: one site trains each round, got updates from "
+                             f"{', '.join(update.site for update in updates)}")
+
+        def passed_on(blocks: Sequence[np.ndarray], out: np.ndarray) -> None:
+            out[:] = blocks[0]
+
+        return passed_on
+
+
+class IIL(Sequential):
+    """IIL: the sites in turn, each once, for an equal share of the rounds in a row (⌊(r−1)·K/R⌋ of K sites over R
+    rounds): with R = K each site trains one round of the plan's local epochs and passes the model on."""
+
+    name = "iil"
+
+    def turn(self, round_number: int, rounds: int, sites: int) -> int:
+        return (round_number - 1) * sites // rounds
+
+
+class CyclicIIL(Sequential):
+    """Cyclic IIL: the sites in turn, one round each, then again from the first ((r−1) mod K): R = C·K rounds are
+    C cycles, each visit as short as the plan's local epochs."""
+
+    name = "cyclic-iil"
+
+    def turn(self, round_number: int, rounds: int, sites: int) -> int:
+        return (round_number - 1) % sites
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedBN, VanillaAvg, Beta, Softmax, CoordinateMedian, TrimmedMean)
+    cls.name: cls for cls in (FedAvg, FedProx, FedBN, VanillaAvg, Beta, Softmax, CoordinateMedian, TrimmedMean, IIL,
+                              CyclicIIL)
 }
 STRATEGY_NAMES = tuple(STRATEGIES)
 
@@ -311,5 +365,6 @@ def _check_like(global_weights: Mapping[str, np.ndarray], update: SiteUpdate) ->
             )
 
 
-__all__ = ["Beta", "CoordinateMedian", "FedAvg", "FedBN", "FedProx", "STRATEGIES", "STRATEGY_NAMES", "SiteUpdate",
-           "Softmax", "Strategy", "StrategyParams", "TrimmedMean", "VanillaAvg", "WeightedAverage", "strategy_by_name"]
+__all__ = ["Beta", "CoordinateMedian", "CyclicIIL", "FedAvg", "FedBN", "FedProx", "IIL", "STRATEGIES", "STRATEGY_NAMES",
+           "Sequential", "SiteUpdate", "Softmax", "Strategy", "StrategyParams", "TrimmedMean", "VanillaAvg",
+           "WeightedAverage", "strategy_by_name"]

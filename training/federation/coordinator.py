@@ -1,16 +1,18 @@
 """The coordinator (`fedlesion coordinator serve`): the gRPC servicer and the round loop (design.md §7).
 
 A round invites the active trainer sites (enrolled, neither paused nor revoked, seen within the heartbeat timeout;
-a site that becomes active while the round is open joins it), collects their updates, and closes when every invited
-site has answered with at least the quorum accepted, or at the deadline with the quorum; below the quorum at the
-deadline it is retried with the sites active then (the updates it accepted stay: same base weights), so a dead
-site never stalls it. Closing aggregates with the plan's strategy, exports to ONNX with export.py's parity check,
-signs with the round key and records the next version as a candidate, read at the threshold with the best
-validation Dice pooled over its contributors' reports (training.calibration; the plan's threshold when none
-reported). An evaluator (by its certificate, or a trainer whose hello narrows to evaluator) is given the newest
-round's candidate it has not scored (`GetCandidate`); the aggregates it reports (means, histograms with at least 5
-cases per bin) are kept with the round, and `coordinator release` writes them into the released manifest. After the
-last round the server keeps answering heartbeats, status and pulls.
+a site that becomes active while the round is open joins it) that the strategy chooses: all of them, but under a
+sequential rule (IIL, cyclic IIL) the one whose turn it is, so the model passes from site to site. It collects
+their updates, and closes when every invited site has answered with at least the quorum accepted, or at the
+deadline with the quorum; below the quorum at the deadline it is retried with the sites active then (the updates
+it accepted stay: same base weights), so a dead site never stalls it. Closing aggregates with the plan's strategy,
+exports to ONNX with export.py's parity check, signs with the round key and records the next version as a
+candidate, read at the threshold with the best validation Dice pooled over its contributors' reports
+(training.calibration; the plan's threshold when none reported). An evaluator (by its certificate, or a trainer
+whose hello narrows to evaluator) is given the newest round's candidate it has not scored (`GetCandidate`); the
+aggregates it reports (means, histograms with at least 5 cases per bin) are kept with the round, and `coordinator
+release` writes them into the released manifest. After the last round the server keeps answering heartbeats,
+status and pulls. The weight and candidate streams' bytes are recorded per round, site and direction.
 
 Operators (monitoring.py): after each close and each evaluation a thread of its own rewrites the plan's report,
 `DIR/rounds/<plan>/metrics.csv` and `val_dice.png` (the round loop never waits for matplotlib); with a metrics port,
@@ -40,7 +42,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -84,7 +86,7 @@ from training.federation.evaluation import histograms_from_messages
 from training.federation.monitoring import MetricsServer, Traffic, render_metrics, write_round_report
 from training.federation.plan import FederatedPlan
 from training.federation.screening import screen
-from training.federation.state import INCOMING_PREFIX, AcceptedUpdate, Round, SiteState
+from training.federation.state import DOWN, INCOMING_PREFIX, UP, AcceptedUpdate, Round, SiteState
 from training.fingerprint import MIN_CASES_PER_BIN
 
 log = logging.getLogger(__name__)
@@ -255,12 +257,22 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             else:
                 self._retry(current, accepted, now)
 
-    def _active_trainers(self, now: float) -> list[str]:
-        return self.state.active_sites(SiteRole.TRAINER.value, seen_after=now - self.heartbeat_timeout_s)
+    def _chosen(self, number: int) -> set[str]:
+        """The trainers the strategy lets train round `number`: every one, but under a sequential rule the one whose
+        turn it is."""
+        return set(self.strategy.participants(number, self.plan.rounds,
+                                           self.state.enrolled_sites(SiteRole.TRAINER.value)))
+
+    def _invitable(self, number: int, now: float) -> list[str]:
+        """The trainers round `number` invites: the chosen ones that are active (seen within the heartbeat
+        timeout)."""
+        chosen = self._chosen(number)
+        active = self.state.active_sites(SiteRole.TRAINER.value, seen_after=now - self.heartbeat_timeout_s)
+        return [name for name in active if name in chosen]
 
     def _open(self, number: int, now: float) -> None:
         self.state.unpause()
-        invited = self._active_trainers(now)
+        invited = self._invitable(number, now)
         if len(invited) < self.plan.quorum:
             return  # wait for enough sites: a round that cannot reach its quorum is not opened
         base_path = self.rounds_dir / str(number - 1) / "aggregate.weights"
@@ -278,7 +290,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
 
     def _retry(self, current: Round, accepted: int, now: float) -> None:
         self.state.unpause()
-        invited = sorted(set(self._active_trainers(now)) | set(u.site for u in self.state.accepted_updates(current.id)))
+        invited = sorted(set(self._invitable(current.round, now))
+                         | set(u.site for u in self.state.accepted_updates(current.id)))
         note = f"attempt {current.attempt}: {accepted} of quorum {self.plan.quorum} accepted by the deadline"
         self.state.retry_round(current.id, invited, now + self.plan.deadline_s, note)
         self._work_changed()
@@ -495,6 +508,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         if name in self.state.answered(current.id):
             return idle
         if name not in current.invited:
+            if name not in self._chosen(current.round):
+                return idle
             self.state.invite(current.id, name)
             log.info("site %s joins round %d", name, current.round)
         data, _ = self._base(current)
@@ -537,8 +552,9 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         current = self._open_round_for(name, request.plan_sha256, request.round, context)
         data, _ = self._base(current)
         binding = StreamBinding(current.plan_sha256, current.round, current.base_sha256, name)
-        yield from chunk_stream(data, key=self.state.site(name).payload_key, aad_fields=binding,
-                                plaintext_sha256=binding.base_sha256)
+        yield from self._counted(current.id, name, chunk_stream(data, key=self.state.site(name).payload_key,
+                                                                aad_fields=binding,
+                                                                plaintext_sha256=binding.base_sha256))
 
     def GetCandidate(self, request: pb2.CandidateRequest, context: grpc.ServicerContext) -> Iterator[pb2.StreamPart]:  # noqa: N802
         """A closed round's candidate for an evaluator: manifest and signature in the header, the ONNX encrypted in
@@ -555,18 +571,36 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                                  manifest_sig=(onnx_path.parent / SIGNATURE_FILE).read_bytes(),
                                  onnx_bytes=len(onnx), onnx_sha256=manifest.files[manifest.onnx.file])
         binding = StreamBinding(closed.plan_sha256, closed.round, header.onnx_sha256, name)
-        yield from chunk_stream(onnx, key=self.state.site(name).payload_key, aad_fields=binding,
-                                header_fields={"candidate": header})
+        yield from self._counted(closed.id, name, chunk_stream(onnx, key=self.state.site(name).payload_key,
+                                                               aad_fields=binding, header_fields={"candidate": header}))
+
+    def _counted(self, round_id: int, name: str, parts: Iterable[pb2.StreamPart]) -> Iterator[pb2.StreamPart]:
+        """`parts` on their way to site `name`, their bytes recorded with the round (a stream the site broke off
+        counts what went out)."""
+        tally = _Tally()
+        try:
+            yield from tally.count(parts)
+        finally:
+            self.state.record_traffic(round_id, name, DOWN, tally.bytes)
 
     def PutUpdate(self, request_iterator: Iterator[pb2.StreamPart], context: grpc.ServicerContext) -> pb2.UpdateReply:  # noqa: N802
         name = peer_name(context)
         self.state.seen(name, "uploading")
         current = self.state.current_round(self.plan.sha256)
+        tally = _Tally()
+        try:
+            return self._put_update(name, current, tally.count(request_iterator))
+        finally:
+            if current is not None and tally.bytes:
+                self.state.record_traffic(current.id, name, UP, tally.bytes)
+
+    def _put_update(self, name: str, current: Round | None, parts: Iterator[pb2.StreamPart]) -> pb2.UpdateReply:
+        """An update for the open round `current`, checked, stored and recorded; or refused with why."""
+
         if current is None:
             return self._refuse(name, None, "no round is open")
         if name not in current.invited:
             return self._refuse(name, current, f"not invited to round {current.round}")
-        parts = iter(request_iterator)
         first = next(parts, None)
         if first is not None and first.HasField("header") and first.header.round != current.round:
             # Trained for a round that closed meanwhile: refused, but it does not answer the open round, whose
@@ -672,6 +706,20 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
         ))
         for start in range(0, len(onnx), MODEL_CHUNK_BYTES):
             yield pb2.ModelPart(onnx_chunk=onnx[start:start + MODEL_CHUNK_BYTES])
+
+
+class _Tally:
+    """The bytes of the stream messages (weights, updates, candidates) that pass through `count`, as serialized
+    (what gRPC carries, less its own framing and TLS's): a round's traffic, per site and direction (`coordinator
+    status`)."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def count(self, parts: Iterable[pb2.StreamPart]) -> Iterator[pb2.StreamPart]:
+        for part in parts:
+            self.bytes += part.ByteSize()
+            yield part
 
 
 def serve(directory: Path, plan: FederatedPlan, *, listen: str | None = None, metrics_port: int | None = None,

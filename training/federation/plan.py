@@ -14,7 +14,14 @@ from typing import Any, Mapping
 
 from models.manifest import Task
 from models.network_plan import Architecture, NetworkPlan
-from training.federation.aggregation import STRATEGIES, STRATEGY_NAMES, Strategy, StrategyParams, strategy_by_name
+from training.federation.aggregation import (
+    STRATEGIES,
+    STRATEGY_NAMES,
+    Sequential,
+    Strategy,
+    StrategyParams,
+    strategy_by_name,
+)
 from training.federation.screening import SCREENING_COMMENTS, ScreeningLimits
 from training.plan import TrainingPlan, default_plan
 
@@ -65,6 +72,9 @@ class FederatedPlan:
         except ValueError as error:
             raise ValueError(f"federation.strategy: {error}") from None
         object.__setattr__(self, "strategy_params", dict(rule.params))  # defaults included: the TOML says them all
+        if isinstance(rule, Sequential) and self.quorum != 1:
+            raise ValueError(f"federation.quorum: {self.strategy} trains one site per round, so its quorum is 1, "
+                             f"got {self.quorum}")
         if not isinstance(self.screening, ScreeningLimits):
             raise ValueError("federation.screening: must be ScreeningLimits")
 

@@ -32,6 +32,7 @@ from training.calibration import DiceByThreshold
 
 STATE_FILE = "state.sqlite3"
 INCOMING_PREFIX = ".incoming-"  # a package being written: crash debris when found at start
+DOWN, UP = "down", "up"  # the directions of a round's traffic: its model to a site, an update from it
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -107,6 +108,13 @@ CREATE TABLE IF NOT EXISTS site_screening (
     site TEXT PRIMARY KEY REFERENCES sites(name),
     declared_cases INTEGER,           -- the dataset size the site declared to the consortium (`coordinator declare`)
     refused_in_a_row INTEGER NOT NULL DEFAULT 0  -- its updates screening refused since one passed; 2 suspends it
+);
+CREATE TABLE IF NOT EXISTS traffic (
+    round_id INTEGER NOT NULL REFERENCES rounds(id),
+    site TEXT NOT NULL,
+    direction TEXT NOT NULL,          -- down (the round's weights, or its candidate to an evaluator) | up (an update)
+    bytes INTEGER NOT NULL,           -- the streams' messages as serialized, every attempt and resend
+    PRIMARY KEY (round_id, site, direction)
 );
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY,
@@ -385,6 +393,14 @@ class CoordinatorState:
             ).fetchall()
         return [row[0] for row in rows]
 
+    def enrolled_sites(self, role: str) -> list[str]:
+        """Every enrolled site of `role` not revoked, whatever its state, in name order: the sites a sequential rule
+        takes turns over (a site away for a while keeps its place)."""
+        with self._read() as db:
+            rows = db.execute("SELECT name FROM sites WHERE role = ? AND state != ? ORDER BY name",
+                              (role, SiteState.REVOKED)).fetchall()
+        return [row[0] for row in rows]
+
     # -- the plan ---------------------------------------------------------------------------------------------
     def adopt_plan(self, plan_toml: str, plan_sha256: str, *, actor: str) -> bool:
         """Record the plan `serve` runs; True when it changed. A new plan wakes the sites paused for the old one."""
@@ -510,6 +526,14 @@ class CoordinatorState:
                               "ORDER BY site", (round_id,)).fetchall()
         return [Evaluation(r[0], r[1], json.loads(r[2]), json.loads(r[3])) for r in rows]
 
+    def record_traffic(self, round_id: int, site: str, direction: str, n_bytes: int) -> None:
+        """Add `n_bytes` of a model streamed in `direction` (DOWN or UP) to the round's count for `site`."""
+        if direction not in (DOWN, UP):
+            raise ValueError(f"traffic direction must be {DOWN} or {UP}, got {direction!r}")
+        with self._write() as db:
+            db.execute("INSERT INTO traffic VALUES (?, ?, ?, ?) ON CONFLICT (round_id, site, direction) "
+                       "DO UPDATE SET bytes = bytes + excluded.bytes", (round_id, site, direction, n_bytes))
+
     # -- versions ---------------------------------------------------------------------------------------------
     def versions_dir(self, task: Task) -> Path:
         return self.directory / "versions" / Task(task).value
@@ -620,6 +644,7 @@ class CoordinatorState:
                         for e in db.execute("SELECT site, num_cases, metrics, histograms FROM evaluations "
                                             "WHERE round_id = ? ORDER BY site", (round_.id,))
                     },
+                    bytes=_traffic(db, round_.id),
                 ))
             versions = [
                 dict(task=r[0], version=r[1], state=r[2], round_id=r[3], released_by=r[4], released_at=r[5],
@@ -654,6 +679,15 @@ def _threshold(package: Path) -> float | None:
         return None
 
 
+def _traffic(db: sqlite3.Connection, round_id: int) -> dict[str, dict[str, int]]:
+    """A round's model bytes per site: {site: {DOWN: n, UP: n}}, each direction there once it carried a byte."""
+    traffic: dict[str, dict[str, int]] = {}
+    for site, direction, n_bytes in db.execute("SELECT site, direction, bytes FROM traffic WHERE round_id = ? "
+                                               "ORDER BY site, direction", (round_id,)):
+        traffic.setdefault(site, {})[direction] = n_bytes
+    return traffic
+
+
 def _package_dirs(root: Path) -> list[Path]:
     """The version folders under `root` (named by their number), in version order."""
     if not root.is_dir():
@@ -661,5 +695,5 @@ def _package_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
-__all__ = ["AcceptedUpdate", "CoordinatorState", "Evaluation", "Round", "RoundState", "Site", "SiteState", "Version",
-           "VersionState", "INCOMING_PREFIX", "STATE_FILE"]
+__all__ = ["AcceptedUpdate", "CoordinatorState", "DOWN", "Evaluation", "Round", "RoundState", "Site", "SiteState", "UP",
+           "Version", "VersionState", "INCOMING_PREFIX", "STATE_FILE"]
