@@ -46,7 +46,7 @@ def test_a_study_names_its_arms_and_resolves_paths_against_its_own_folder(tmp_pa
     data = ["../cases/one", "synthetic:2:site=3"]
     """)
     config = StudyConfig.read(path)
-    assert [arm.name for arm in config.arms()] == ["FedAvg", "FedProx", "centralized", "local"]
+    assert [arm.name for arm in config.arms()] == ["FedAvg", "FedProx", "centralized", "local", "IIL", "cyclic IIL"]
     real = config.centers[1]
     assert real.data == (str(tmp_path / "cases" / "one"), "synthetic:2:site=3")
     assert config.centers[0].synthetic is not None and config.centers[0].synthetic.cases == 3
@@ -55,7 +55,8 @@ def test_a_study_names_its_arms_and_resolves_paths_against_its_own_folder(tmp_pa
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ('[study]\nbaselines = ["iil"]', "not built yet"),
+    ('[study]\nrules = ["iil"]', "passes the model from site to site: name it in study.baselines"),
+    ('[study]\nbaselines = ["sequential"]', "not a baseline"),
     ('[centers.b]\nrole = "evaluate"\nsynthetic = 2\nlesion_sizes = { huge = 1.0 }', "lesion_sizes"),
     ('[centers.b]\nrole = "evaluate"\ndata = "x"\nscanner = 3', "synthetic centers only"),
     ('[study.training]\nepochs = 3', "cannot be set here"),
@@ -84,7 +85,7 @@ REDUCED = """
     seed = 5
     rounds = 1
     rules = ["fedavg"]
-    baselines = ["centralized", "local"]
+    baselines = ["centralized", "local", "iil"]
 
     [centers.big-a]
     role = "train"
@@ -160,13 +161,13 @@ def test_a_reduced_study_runs_every_arm_and_its_report_matches_the_per_case_file
     assert main(["simulate", "--config", str(study), "--out", str(out), "--parallel", "4", "--workers", "2"]) == 0
     printed = capsys.readouterr()
     assert "center gone skipped" in printed.err
-    assert "| FedAvg |" in printed.out and "| centralized |" in printed.out and "| local |" in printed.out
+    assert all(f"| {arm} |" in printed.out for arm in ("FedAvg", "centralized", "local", "IIL"))
 
     report = (out / "report.md").read_text()
     assert (out / "case_dice.png").stat().st_size > 0 and (out / "validation_dice.png").stat().st_size > 0
     assert "no-such-folder is absent" in report
     metrics = {"DSC": ("dice", 3), "AVD (ml)": ("avd_ml", 2), "ALD": ("ald", 2), "LF1": ("lf1", 3)}
-    for arm in ("FedAvg", "centralized", "local"):
+    for arm in ("FedAvg", "centralized", "local", "IIL"):
         cases = per_case(out / "arms" / arm.lower() / "cases.csv")
         groups = {
             "all": list(cases.values()),
@@ -198,6 +199,23 @@ def test_a_reduced_study_runs_every_arm_and_its_report_matches_the_per_case_file
     assert [r["round"] for r in rounds] == [1]
     assert {"big-a", "big-b"} <= set(rounds[0]["sites"]) and "val_dice" in rounds[0]["sites"]["big-a"]
     assert fedavg["cpu_seconds"] > 0 and fedavg["seconds"] > 0
+    # IIL: big-a trains round 1, big-b round 2 from big-a's model, the limited centers score each round's. The
+    # coordinator counted each weight stream: the same model to every site, an update back from the trainer only.
+    iil = json.loads((out / "arms" / "iil" / "result.json").read_text())["federations"]["IIL"]["rounds"]
+    evaluators = {"small-c", "real"} if ISLES_CASE.is_dir() else {"small-c"}
+    for round_, trainer in zip(iil, ("big-a", "big-b"), strict=True):
+        assert {site for site, values in round_["sites"].items() if values["role"] == "trainer"} == {trainer}
+        traffic = round_["bytes"]
+        assert set(traffic) == {trainer} | evaluators and all(set(traffic[e]) == {"down"} for e in evaluators)
+        assert len({site["down"] for site in traffic.values()}) == 1
+        assert traffic[trainer]["up"] == pytest.approx(traffic[trainer]["down"], rel=0.01)
+    costs = report_rows(report.split("## Cost")[1], "arm")
+    for arm, folder, federation in (("IIL", "iil", "IIL"), ("FedAvg", "fedavg", "FedAvg")):
+        rounds = json.loads((out / "arms" / folder / "result.json").read_text())["federations"][federation]["rounds"]
+        down = sum(site.get("down", 0) for r in rounds for site in r["bytes"].values())
+        up = sum(site.get("up", 0) for r in rounds for site in r["bytes"].values())
+        assert costs[arm][2:5] == [str(len(rounds)), f"{down / 1e6:.2f}", f"{up / 1e6:.2f}"], arm
+
     state = json.loads((out / "study.json").read_text())
     assert [c["counts"] for c in state["centers"] if c["name"] == "big-a"] == [{"train": 1, "val": 1, "test": 1}]
 

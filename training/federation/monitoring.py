@@ -37,8 +37,9 @@ LEGEND_MAX_SITES = 16  # beyond this many sites the plot's legend would hide the
 
 def site_metrics_by_round(rounds: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each closed round of `status()["rounds"]` as {"round", "version", "seconds" (opened to closed), "sites":
-    {site: {"role", "cases", metric: value, ...}}}: a trainer's aggregates came with its accepted update (its
-    locally trained model), an evaluator's with its report on the round's candidate (scored as a node runs it)."""
+    {site: {"role", "cases", metric: value, ...}}, "bytes": {site: {"down": n, "up": n}}}: a trainer's aggregates
+    came with its accepted update (its locally trained model), an evaluator's with its report on the round's
+    candidate (scored as a node runs it); the bytes are the round's streams, as the coordinator counted them."""
     out = []
     for round_ in rounds:
         if not round_["version"]:
@@ -48,7 +49,7 @@ def site_metrics_by_round(rounds: Iterable[Mapping[str, Any]]) -> list[dict[str,
                   for name, values in round_["evaluations"].items()}
         seconds = (round_["closed_at"] - round_["opened_at"]) if round_.get("closed_at") else None
         out.append({"round": round_["round"], "version": round_["version"], "closed_at": round_.get("closed_at"),
-                    "seconds": seconds, "sites": sites})
+                    "seconds": seconds, "sites": sites, "bytes": round_["bytes"]})
     return out
 
 

@@ -22,16 +22,17 @@ from typing import Any
 
 from models.manifest import Task
 from training.datasets import SyntheticSpec
-from training.federation.aggregation import STRATEGY_NAMES, strategy_by_name
+from training.federation.aggregation import STRATEGIES, STRATEGY_NAMES, Sequential, strategy_by_name
 from training.federation.plan import NETWORK_SIZES, plan_for
 from training.plan import TrainingPlan
 from training.synthetic.lesions import SIZE_RANGES_ML
 
-__all__ = ["BASELINES", "Arm", "CenterConfig", "CenterRole", "StudyConfig", "SyntheticSource"]
+__all__ = ["BASELINES", "RULES", "SEQUENTIAL_BASELINES", "Arm", "CenterConfig", "CenterRole", "StudyConfig", "SyntheticSource"]
 
-BASELINES = ("centralized", "local")
-# Sheller et al.'s sequential baselines: named in the issue, not built yet; the error says so instead of "unknown".
-PLANNED_BASELINES = ("iil", "cyclic-iil")
+# Each baseline's name in the report. IIL and cyclic IIL (Sheller et al.) are the coordinator's sequential rules.
+BASELINES = {"centralized": "centralized", "local": "local", "iil": "IIL", "cyclic-iil": "cyclic IIL"}
+SEQUENTIAL_BASELINES = tuple(name for name, cls in STRATEGIES.items() if issubclass(cls, Sequential))
+RULES = tuple(name for name in STRATEGY_NAMES if name not in SEQUENTIAL_BASELINES)  # what study.rules compares
 # The training plan's scalar settings a study may change; the network, preprocessing and augmentation come with
 # `network`, local epochs and the seed with the study's own keys.
 TRAINING_KEYS = tuple(f.name for f in fields(TrainingPlan)
@@ -71,8 +72,8 @@ class CenterConfig:
 class Arm:
     """One column of the comparison: an aggregation rule over every center, or a baseline."""
 
-    name: str  # what the report prints: the rule's class name (FedAvg, FedProx, …) or the baseline's name
-    kind: str  # "federated" or a baseline
+    name: str  # what the report prints: the rule's class name (FedAvg, FedProx, …) or the baseline's (IIL, …)
+    kind: str  # "federated" or a baseline (a key of BASELINES)
     strategy: str = "fedavg"
     strategy_params: dict[str, float | str] = field(default_factory=dict)
 
@@ -114,11 +115,11 @@ class StudyConfig:
         rules = tuple(_strings(study.get("rules", ["fedavg"]), "study.rules"))
         baselines = tuple(_strings(study.get("baselines", list(BASELINES)), "study.baselines"))
         for rule in rules:
-            if rule not in STRATEGY_NAMES:
-                raise ValueError(f"study.rules: {rule!r} is not a rule; one of {', '.join(STRATEGY_NAMES)}")
+            if rule in SEQUENTIAL_BASELINES:
+                raise ValueError(f"study.rules: {rule} passes the model from site to site: name it in study.baselines")
+            if rule not in RULES:
+                raise ValueError(f"study.rules: {rule!r} is not a rule; one of {', '.join(RULES)}")
         for baseline in baselines:
-            if baseline in PLANNED_BASELINES:
-                raise ValueError(f"study.baselines: {baseline} is not built yet; available: {', '.join(BASELINES)}")
             if baseline not in BASELINES:
                 raise ValueError(f"study.baselines: {baseline!r} is not a baseline; one of {', '.join(BASELINES)}")
         for what, names in (("rules", rules), ("baselines", baselines)):
@@ -170,7 +171,8 @@ class StudyConfig:
         """The rules in the file's order, then the baselines."""
         rules = [Arm(type(strategy_by_name(rule)).__name__, "federated", rule, self.rule_params.get(rule, {}))
                  for rule in self.rules]
-        return rules + [Arm(baseline, baseline) for baseline in self.baselines]
+        return rules + [Arm(BASELINES[baseline], baseline, baseline if baseline in SEQUENTIAL_BASELINES else "fedavg")
+                        for baseline in self.baselines]
 
     def sha256(self) -> str:
         """The study's identity: a folder holds the results of one study, so a changed file cannot resume into it."""

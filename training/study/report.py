@@ -126,7 +126,10 @@ def write_report(out: Path) -> tuple[Path, list[str]]:
         lines += ["## Cost", "", *_cost(results), "",
                   "Wall time: each federation's processes from their start to the last evaluation (earlier attempts "
                   "of an interrupted study included; without the per-case scoring). CPU: the user and system time "
-                  "of those processes, the number to compare when federations ran side by side (--parallel)."]
+                  "of those processes, the number to compare when federations ran side by side (--parallel). "
+                  "Weights: the bytes of the weight streams as the coordinator counted them, each round's model to "
+                  "the sites that trained or scored it and their updates back (encrypted chunks as serialized, "
+                  "without gRPC's and TLS's framing; task, heartbeat and metrics calls left out)."]
     path = out / REPORT_FILE
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path, comparison
@@ -158,10 +161,14 @@ def _per_center(arms: Sequence[ArmCases]) -> list[str]:
 
 
 def _cost(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    lines = ["| arm | wall time (s) | CPU (s) | federations |", "|---|---|---|---|"]
+    lines = ["| arm | wall time (s) | CPU (s) | rounds | weights to sites (MB) | weights from sites (MB) | "
+             "federations |", "|---|---|---|---|---|---|---|"]
     for name, result in results.items():
-        lines.append(f"| {name} | {result['seconds']:.0f} | {result['cpu_seconds']:.0f} | "
-                     f"{len(result['federations'])} |")
+        rounds = [round_ for federation in result["federations"].values() for round_ in federation["rounds"]]
+        down, up = (sum(site.get(direction, 0) for round_ in rounds for site in round_["bytes"].values())
+                    for direction in ("down", "up"))
+        lines.append(f"| {name} | {result['seconds']:.0f} | {result['cpu_seconds']:.0f} | {len(rounds)} | "
+                     f"{down / 1e6:.2f} | {up / 1e6:.2f} | {len(result['federations'])} |")
     return lines
 
 

@@ -12,10 +12,14 @@ release key). The arms:
 - `centralized`: one site holding every large center's training and validation cases; it draws as many patches per
   epoch as the large centers together, so it trains as many steps as the federation does in all;
 - `local`: each large center alone (a federation of one); a limited center has no model of its own, so each of its
-  cases is scored by every large center's local model (the report takes the mean per case).
+  cases is scored by every large center's local model (the report takes the mean per case);
+- `iil` and `cyclic-iil` (Sheller et al.): the coordinator's sequential rules pass the model from large center to
+  large center (name order). Each center trains as many epochs in all as under a rule: IIL visits each of the K
+  centers once for rounds × local epochs (K rounds), cyclic IIL makes `rounds` cycles of K visits of the local
+  epochs each (rounds × K rounds). Limited centers evaluate each round's model.
 
 Every arm uses the same partitions (centers.py), the same plan seed and the same number of rounds and local
-epochs. Resuming: a federation that finished wrote `outcome.json` and is not run again; one that was interrupted
+epochs (the sequential baselines: the same epochs per center). Resuming: a federation that finished wrote `outcome.json` and is not run again; one that was interrupted
 starts its processes again on the same directories (the coordinator resumes its open round, a site its approval);
 an arm that finished wrote `result.json` and is skipped.
 """
@@ -46,7 +50,7 @@ from training.federation.plan import FederatedPlan, plan_for
 from training.federation.policy import DatasetUse, PolicyDataset, SitePolicy
 from training.federation.state import SiteState
 from training.study.centers import CenterData, prepare_centers
-from training.study.config import Arm, StudyConfig
+from training.study.config import SEQUENTIAL_BASELINES, Arm, StudyConfig
 from training.study.scoring import CaseRow, case_rows_csv, score_package
 
 __all__ = ["CASES_FILE", "Launcher", "Progress", "RESULT_FILE", "STUDY_FILE", "arm_dir", "run_study"]
@@ -117,7 +121,8 @@ class Outcome:
     release_public_keys: list[str]
     seconds: float  # wall time, from the processes' start to the last evaluation
     cpu_seconds: float  # the federation's processes together (comparable when federations run side by side)
-    rounds: list[dict[str, Any]]  # {"round": n, "sites": {site: {"role": …, metric: value, …}}}
+    # {"round": n, "sites": {site: {"role": …, metric: value, …}}, "bytes": {site: {"down": n, "up": n}}}
+    rounds: list[dict[str, Any]]
 
     @classmethod
     def read(cls, path: Path) -> Outcome:
@@ -186,14 +191,15 @@ def _finish_arm(config: StudyConfig, arm: Arm, federations: Sequence[FederationR
 
 def arm_dir(out: Path, arm: str) -> Path:
     """An arm's folder in the study folder."""
-    return out / ARMS_DIR / arm.lower()
+    return out / ARMS_DIR / arm.lower().replace(" ", "-")
 
 
 # -- the arms' federations -----------------------------------------------------------------------------------------
 def _plan(config: StudyConfig, strategy: str, params: Mapping[str, float | str], quorum: int,
-          iterations_scale: int = 1) -> FederatedPlan:
-    plan = plan_for(config.task, network=config.network, rounds=config.rounds, local_epochs=config.local_epochs,
-                    strategy=strategy, strategy_params=params, quorum=quorum, deadline_s=DEADLINE_S)
+          iterations_scale: int = 1, rounds: int | None = None, local_epochs: int | None = None) -> FederatedPlan:
+    plan = plan_for(config.task, network=config.network, rounds=rounds or config.rounds,
+                    local_epochs=local_epochs or config.local_epochs, strategy=strategy, strategy_params=params,
+                    quorum=quorum, deadline_s=DEADLINE_S)
     training = replace(plan.training, **config.training, seed=config.seed)
     return replace(plan, training=replace(training, iterations_per_epoch=training.iterations_per_epoch
                                           * iterations_scale))
@@ -203,8 +209,14 @@ def _federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData], a
     large = [center for center in centers if center.large]
     limited = [center for center in centers if not center.large]
     evaluators = tuple(_evaluator(center, config.seed) for center in limited)
-    if arm.kind == "federated":
-        plan = _plan(config, arm.strategy, arm.strategy_params, quorum=len(large))
+    if arm.kind in ("federated", *SEQUENTIAL_BASELINES):
+        if arm.kind == "federated":
+            plan = _plan(config, arm.strategy, arm.strategy_params, quorum=len(large))
+        elif arm.kind == "iil":  # each center trains rounds × local epochs in all, as under a rule
+            plan = _plan(config, arm.strategy, {}, quorum=1, rounds=len(large),
+                         local_epochs=config.rounds * config.local_epochs)
+        else:
+            plan = _plan(config, arm.strategy, {}, quorum=1, rounds=config.rounds * len(large))
         trainers = tuple(_trainer(center.name, [center], plan, config.seed) for center in large)
         return [FederationRun(arm.name, arm.name, arm_dir, plan, trainers + evaluators)]
     if arm.kind == "centralized":
