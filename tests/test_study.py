@@ -16,7 +16,9 @@ import pytest
 
 from fedlesion.cli import main
 from tests.conftest import ISLES_CASE
+from training.study.centers import CenterData
 from training.study.config import StudyConfig
+from training.study.runner import arm_federations
 
 SIZE_BELOW_ML, SIZE_ABOVE_ML = 5.0, 70.0  # design.md §9's size classes, restated here rather than imported
 
@@ -78,6 +80,29 @@ def test_a_study_without_a_training_center_is_refused(tmp_path: Path) -> None:
         StudyConfig.read(write_study(tmp_path, MINIMAL.replace('role = "train"', 'role = "evaluate"')))
 
 
+def test_the_sequential_baselines_pass_the_model_between_large_centers_for_the_epochs_a_rule_trains(
+    tmp_path: Path,
+) -> None:
+    """Each large center trains rounds × local epochs in all under a rule; IIL in one visit, cyclic IIL in `rounds`
+    visits; the limited centers evaluate every round's model."""
+    text = MINIMAL.replace('rules = ["fedavg", "fedprox"]', "rounds = 2\nlocal_epochs = 3")
+    for name in ("b", "c"):
+        text += f'\n[centers.{name}]\nrole = "train"\nsynthetic = 3\n'
+    config = StudyConfig.read(write_study(tmp_path, text + '\n[centers.d]\nrole = "evaluate"\nsynthetic = 2\n'))
+    centers = [CenterData(center.name, center.role, {split: str(tmp_path / f"{center.name}-{split}.csv")
+                                                     for split in ("train", "val", "test")}, {})
+               for center in config.centers]
+    arms = {arm.name: arm for arm in config.arms()}
+    shapes = {}
+    for name in ("FedAvg", "IIL", "cyclic IIL"):
+        [federation] = arm_federations(config, arms[name], centers, tmp_path / name)
+        plan = federation.plan
+        shapes[name] = (plan.strategy, plan.rounds, plan.local_epochs, plan.quorum)
+        assert [(site.name, site.role.value) for site in federation.sites] == [
+            ("a", "trainer"), ("b", "trainer"), ("c", "trainer"), ("d", "evaluator")]
+    assert shapes == {"FedAvg": ("fedavg", 2, 3, 3), "IIL": ("iil", 3, 6, 1), "cyclic IIL": ("cyclic-iil", 6, 3, 1)}
+
+
 # -- the reduced study, end to end ---------------------------------------------------------------------------------
 REDUCED = """
     [study]
@@ -85,7 +110,7 @@ REDUCED = """
     seed = 5
     rounds = 1
     rules = ["fedavg"]
-    baselines = ["centralized", "local", "iil"]
+    baselines = ["centralized", "local"]
 
     [centers.big-a]
     role = "train"
@@ -161,13 +186,13 @@ def test_a_reduced_study_runs_every_arm_and_its_report_matches_the_per_case_file
     assert main(["simulate", "--config", str(study), "--out", str(out), "--parallel", "4", "--workers", "2"]) == 0
     printed = capsys.readouterr()
     assert "center gone skipped" in printed.err
-    assert all(f"| {arm} |" in printed.out for arm in ("FedAvg", "centralized", "local", "IIL"))
+    assert all(f"| {arm} |" in printed.out for arm in ("FedAvg", "centralized", "local"))
 
     report = (out / "report.md").read_text()
     assert (out / "case_dice.png").stat().st_size > 0 and (out / "validation_dice.png").stat().st_size > 0
     assert "no-such-folder is absent" in report
     metrics = {"DSC": ("dice", 3), "AVD (ml)": ("avd_ml", 2), "ALD": ("ald", 2), "LF1": ("lf1", 3)}
-    for arm in ("FedAvg", "centralized", "local", "IIL"):
+    for arm in ("FedAvg", "centralized", "local"):
         cases = per_case(out / "arms" / arm.lower() / "cases.csv")
         groups = {
             "all": list(cases.values()),
@@ -199,23 +224,15 @@ def test_a_reduced_study_runs_every_arm_and_its_report_matches_the_per_case_file
     assert [r["round"] for r in rounds] == [1]
     assert {"big-a", "big-b"} <= set(rounds[0]["sites"]) and "val_dice" in rounds[0]["sites"]["big-a"]
     assert fedavg["cpu_seconds"] > 0 and fedavg["seconds"] > 0
-    # IIL: big-a trains round 1, big-b round 2 from big-a's model, the limited centers score each round's. The
-    # coordinator counted each weight stream: the same model to every site, an update back from the trainer only.
-    iil = json.loads((out / "arms" / "iil" / "result.json").read_text())["federations"]["IIL"]["rounds"]
+    # The coordinator counted each weight stream: the same model to every site, an update back from each trainer.
+    traffic = rounds[0]["bytes"]
     evaluators = {"small-c", "real"} if ISLES_CASE.is_dir() else {"small-c"}
-    for round_, trainer in zip(iil, ("big-a", "big-b"), strict=True):
-        assert {site for site, values in round_["sites"].items() if values["role"] == "trainer"} == {trainer}
-        traffic = round_["bytes"]
-        assert set(traffic) == {trainer} | evaluators and all(set(traffic[e]) == {"down"} for e in evaluators)
-        assert len({site["down"] for site in traffic.values()}) == 1
-        assert traffic[trainer]["up"] == pytest.approx(traffic[trainer]["down"], rel=0.01)
-    costs = report_rows(report.split("## Cost")[1], "arm")
-    for arm, folder, federation in (("IIL", "iil", "IIL"), ("FedAvg", "fedavg", "FedAvg")):
-        rounds = json.loads((out / "arms" / folder / "result.json").read_text())["federations"][federation]["rounds"]
-        down = sum(site.get("down", 0) for r in rounds for site in r["bytes"].values())
-        up = sum(site.get("up", 0) for r in rounds for site in r["bytes"].values())
-        assert costs[arm][2:5] == [str(len(rounds)), f"{down / 1e6:.2f}", f"{up / 1e6:.2f}"], arm
-
+    assert set(traffic) == {"big-a", "big-b"} | evaluators and all(set(traffic[e]) == {"down"} for e in evaluators)
+    assert len({site["down"] for site in traffic.values()}) == 1
+    assert all(traffic[t]["up"] == pytest.approx(traffic[t]["down"], rel=0.01) for t in ("big-a", "big-b"))
+    down, up = (sum(site.get(direction, 0) for site in traffic.values()) for direction in ("down", "up"))
+    assert report_rows(report.split("## Cost")[1], "arm")["FedAvg"][2:5] == ["1", f"{down / 1e6:.2f}",
+                                                                             f"{up / 1e6:.2f}"]
     state = json.loads((out / "study.json").read_text())
     assert [c["counts"] for c in state["centers"] if c["name"] == "big-a"] == [{"train": 1, "val": 1, "test": 1}]
 

@@ -53,7 +53,8 @@ from training.study.centers import CenterData, prepare_centers
 from training.study.config import SEQUENTIAL_BASELINES, Arm, StudyConfig
 from training.study.scoring import CaseRow, case_rows_csv, score_package
 
-__all__ = ["CASES_FILE", "Launcher", "Progress", "RESULT_FILE", "STUDY_FILE", "arm_dir", "run_study"]
+__all__ = ["CASES_FILE", "Launcher", "Progress", "RESULT_FILE", "STUDY_FILE", "arm_dir", "arm_federations",
+           "run_study"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ def run_study(config: StudyConfig, out: Path, launcher: Launcher, progress: Prog
         if (arm_dir(out, arm.name) / RESULT_FILE).is_file():
             progress.note(f"{arm.name}: finished in an earlier run, kept")
         else:
-            pending.append((arm, _federations(config, arm, active, arm_dir(out, arm.name))))
+            pending.append((arm, arm_federations(config, arm, active, arm_dir(out, arm.name))))
     abort = threading.Event()  # set when one federation fails or the study is interrupted: the others stop too
     with ThreadPoolExecutor(max_workers=parallel) as pool:
         running = [[pool.submit(run_federation, federation, launcher, progress, abort) for federation in federations]
@@ -205,7 +206,9 @@ def _plan(config: StudyConfig, strategy: str, params: Mapping[str, float | str],
                                           * iterations_scale))
 
 
-def _federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData], arm_dir: Path) -> list[FederationRun]:
+def arm_federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData], folder: Path
+                    ) -> list[FederationRun]:
+    """The federations `arm` deploys over `centers` (one, but one per large center under `local`), in `folder`."""
     large = [center for center in centers if center.large]
     limited = [center for center in centers if not center.large]
     evaluators = tuple(_evaluator(center, config.seed) for center in limited)
@@ -218,13 +221,13 @@ def _federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData], a
         else:
             plan = _plan(config, arm.strategy, {}, quorum=1, rounds=config.rounds * len(large))
         trainers = tuple(_trainer(center.name, [center], plan, config.seed) for center in large)
-        return [FederationRun(arm.name, arm.name, arm_dir, plan, trainers + evaluators)]
+        return [FederationRun(arm.name, arm.name, folder, plan, trainers + evaluators)]
     if arm.kind == "centralized":
         plan = _plan(config, "fedavg", {}, quorum=1, iterations_scale=len(large))
         pooled = _trainer(POOLED_SITE, large, plan, config.seed)
-        return [FederationRun(arm.name, arm.name, arm_dir, plan, (pooled, *evaluators))]
+        return [FederationRun(arm.name, arm.name, folder, plan, (pooled, *evaluators))]
     plan = _plan(config, "fedavg", {}, quorum=1)
-    return [FederationRun(f"{arm.name} {center.name}", center.name, arm_dir / center.name, plan,
+    return [FederationRun(f"{arm.name} {center.name}", center.name, folder / center.name, plan,
                           (_trainer(center.name, [center], plan, config.seed),)) for center in large]
 
 
