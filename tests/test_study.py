@@ -17,6 +17,7 @@ import pytest
 from fedlesion.cli import main
 from tests.conftest import ISLES_CASE
 from training.study.centers import CenterData
+from training.federation.aggregation import strategy_by_name
 from training.study.config import StudyConfig
 from training.study.runner import arm_federations
 
@@ -59,6 +60,7 @@ def test_a_study_names_its_arms_and_resolves_paths_against_its_own_folder(tmp_pa
 @pytest.mark.parametrize(("extra", "message"), [
     ('[study]\nrules = ["iil"]', "passes the model from site to site: name it in study.baselines"),
     ('[study]\nbaselines = ["sequential"]', "not a baseline"),
+    ('[study]\ndevice = "tpu"', "study.device: one of cpu, cuda"),
     ('[centers.b]\nrole = "evaluate"\nsynthetic = 2\nlesion_sizes = { huge = 1.0 }', "lesion_sizes"),
     ('[centers.b]\nrole = "evaluate"\ndata = "x"\nscanner = 3', "synthetic centers only"),
     ('[study.training]\nepochs = 3', "cannot be set here"),
@@ -83,8 +85,8 @@ def test_a_study_without_a_training_center_is_refused(tmp_path: Path) -> None:
 def test_the_sequential_baselines_pass_the_model_between_large_centers_for_the_epochs_a_rule_trains(
     tmp_path: Path,
 ) -> None:
-    """Each large center trains rounds × local epochs in all under a rule; IIL in one visit, cyclic IIL in `rounds`
-    visits; the limited centers evaluate every round's model."""
+    """Each large center trains rounds × local epochs in all under a rule, and under IIL and cyclic IIL, one center
+    a round; the limited centers evaluate every round's model."""
     text = MINIMAL.replace('rules = ["fedavg", "fedprox"]', "rounds = 2\nlocal_epochs = 3")
     for name in ("b", "c"):
         text += f'\n[centers.{name}]\nrole = "train"\nsynthetic = 3\n'
@@ -98,9 +100,15 @@ def test_the_sequential_baselines_pass_the_model_between_large_centers_for_the_e
         [federation] = arm_federations(config, arms[name], centers, tmp_path / name)
         plan = federation.plan
         shapes[name] = (plan.strategy, plan.rounds, plan.local_epochs, plan.quorum)
+        assert federation.device == "cpu"
         assert [(site.name, site.role.value) for site in federation.sites] == [
             ("a", "trainer"), ("b", "trainer"), ("c", "trainer"), ("d", "evaluator")]
-    assert shapes == {"FedAvg": ("fedavg", 2, 3, 3), "IIL": ("iil", 3, 6, 1), "cyclic IIL": ("cyclic-iil", 6, 3, 1)}
+    assert shapes == {"FedAvg": ("fedavg", 2, 3, 3), "IIL": ("iil", 6, 3, 1), "cyclic IIL": ("cyclic-iil", 6, 3, 1)}
+    iil, cyclic = (arms[name].strategy for name in ("IIL", "cyclic IIL"))
+    assert [strategy_by_name(iil).participants(r, 6, ["a", "b", "c"]) for r in range(1, 7)] == [
+        ["a"], ["a"], ["b"], ["b"], ["c"], ["c"]]  # two rounds (6 epochs) at a center, then the next
+    assert [strategy_by_name(cyclic).participants(r, 6, ["a", "b", "c"]) for r in range(1, 7)] == [
+        ["a"], ["b"], ["c"], ["a"], ["b"], ["c"]]  # around twice, a round (3 epochs) at each
 
 
 # -- the reduced study, end to end ---------------------------------------------------------------------------------

@@ -78,8 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "score=cases|val_loss (softmax), fraction=0.25 (trimmed-mean)")
     plan.add_argument("--quorum", type=int, default=1, metavar="Q", help="accepted updates a round needs")
     plan.add_argument("--deadline-s", type=float, default=3600.0, metavar="S", help="seconds a round waits")
-    plan.add_argument("--network", default="default", choices=("tiny", "default"),
-                      help="tiny: small enough for tests; default: today's CPU plan")
+    plan.add_argument("--network", default="default", choices=("tiny", "default", "gpu"),
+                      help="tiny: small enough for tests; default: today's CPU plan; gpu: the GPU plan (sites run "
+                           "with --device cuda)")
     plan.set_defaults(func=run_plan)
 
     serve = actions.add_parser("serve", help="run the rounds and serve sites and nodes (keeps running after them)")

@@ -25,7 +25,7 @@ from training.federation.aggregation import (
 from training.federation.screening import SCREENING_COMMENTS, ScreeningLimits
 from training.plan import TrainingPlan, default_plan
 
-NETWORK_SIZES = ("tiny", "default")
+NETWORK_SIZES = ("tiny", "default", "gpu")
 
 _FEDERATION_COMMENTS = {
     "task": "the task every round trains (models.manifest.Task value)",
@@ -171,7 +171,8 @@ def plan_for(
     deadline_s: float = 600.0,
     screening: ScreeningLimits = ScreeningLimits(),
 ) -> FederatedPlan:
-    """A federated plan around today's CPU plan (`default`) or a network small enough for tests (`tiny`).
+    """A federated plan around today's CPU plan (`default`), the GPU plan (`gpu`: training.plan.default_plan's
+    "cuda" one, for sites run with `--device cuda`) or a network small enough for tests (`tiny`).
 
     `tiny`: a depth-3 DynUNet (MONAI's least) with 4, 8, 8 filters on 32³ patches, 4 patches per epoch: a local
     epoch takes well under a second on two cores and its export's parity check a few seconds; a site validates it
@@ -179,7 +180,7 @@ def plan_for(
     """
     if network not in NETWORK_SIZES:
         raise ValueError(f"network: must be one of {', '.join(NETWORK_SIZES)}, got {network!r}")
-    training = default_plan(task, "cpu")
+    training = default_plan(task, "cuda" if network == "gpu" else "cpu")
     if network == "tiny":
         training = replace(
             training,

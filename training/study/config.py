@@ -31,6 +31,7 @@ __all__ = ["BASELINES", "RULES", "SEQUENTIAL_BASELINES", "Arm", "CenterConfig", 
 
 # Each baseline's name in the report. IIL and cyclic IIL (Sheller et al.) are the coordinator's sequential rules.
 BASELINES = {"centralized": "centralized", "local": "local", "iil": "IIL", "cyclic-iil": "cyclic IIL"}
+DEVICES = ("cpu", "cuda")
 SEQUENTIAL_BASELINES = tuple(name for name, cls in STRATEGIES.items() if issubclass(cls, Sequential))
 RULES = tuple(name for name in STRATEGY_NAMES if name not in SEQUENTIAL_BASELINES)  # what study.rules compares
 # The training plan's scalar settings a study may change; the network, preprocessing and augmentation come with
@@ -84,6 +85,7 @@ class StudyConfig:
     task: Task
     seed: int
     network: str
+    device: str  # where every site trains and evaluates (`fedlesion site --device`)
     rounds: int
     local_epochs: int
     training: dict[str, Any]  # TrainingPlan values that replace the network size's own (TRAINING_KEYS)
@@ -110,8 +112,8 @@ class StudyConfig:
     def from_dict(cls, data: dict[str, Any], path: Path) -> StudyConfig:
         _known(data, "", {"study", "rules", "centers"})
         study = _table(data.get("study"), "study")
-        _known(study, "study", {"task", "seed", "network", "rounds", "local_epochs", "training", "rules", "baselines",
-                                "val_fraction", "test_fraction"})
+        _known(study, "study", {"task", "seed", "network", "device", "rounds", "local_epochs", "training", "rules",
+                                "baselines", "val_fraction", "test_fraction"})
         rules = tuple(_strings(study.get("rules", ["fedavg"]), "study.rules"))
         baselines = tuple(_strings(study.get("baselines", list(BASELINES)), "study.baselines"))
         for rule in rules:
@@ -143,6 +145,9 @@ class StudyConfig:
         if network not in NETWORK_SIZES:
             raise ValueError(f"study.network: one of {', '.join(NETWORK_SIZES)}, got {network!r}")
         seed = _whole(study.get("seed", 0), "study.seed", 0)
+        device = study.get("device", "cpu")
+        if device not in DEVICES:
+            raise ValueError(f"study.device: one of {', '.join(DEVICES)}, got {device!r}")
         training = dict(_table(study.get("training", {}), "study.training"))
         unknown = sorted(set(training) - set(TRAINING_KEYS))
         if unknown:
@@ -153,7 +158,7 @@ class StudyConfig:
         except (TypeError, ValueError) as error:
             raise ValueError(f"study.training: {error}") from None
         config = cls(
-            path=path, task=task, seed=seed, network=network,
+            path=path, task=task, seed=seed, network=network, device=device,
             rounds=_whole(study.get("rounds", 3), "study.rounds", 1),
             local_epochs=_whole(study.get("local_epochs", 1), "study.local_epochs", 1),
             training=training,

@@ -136,8 +136,8 @@ def write_report(out: Path) -> tuple[Path, list[str]]:
 
 
 def _setup(study: Mapping[str, Any], finished: Sequence[str]) -> list[str]:
-    lines = [f"Task {study['task']}, seed {study['seed']}, network `{study['network']}`, {study['rounds']} rounds of "
-             f"{study['local_epochs']} local epoch(s). Arms: " + ", ".join(
+    lines = [f"Task {study['task']}, seed {study['seed']}, network `{study['network']}` on {study['device']}, "
+             f"{study['rounds']} rounds of {study['local_epochs']} local epoch(s). Arms: " + ", ".join(
                  name if name in finished else f"{name} (not finished)" for name in study["arms"]) + ".", "",
              "| center | role | train | val | test | note |", "|---|---|---|---|---|---|"]
     for center in study["centers"]:

@@ -14,9 +14,11 @@ release key). The arms:
 - `local`: each large center alone (a federation of one); a limited center has no model of its own, so each of its
   cases is scored by every large center's local model (the report takes the mean per case);
 - `iil` and `cyclic-iil` (Sheller et al.): the coordinator's sequential rules pass the model from large center to
-  large center (name order). Each center trains as many epochs in all as under a rule: IIL visits each of the K
-  centers once for rounds × local epochs (K rounds), cyclic IIL makes `rounds` cycles of K visits of the local
-  epochs each (rounds × K rounds). Limited centers evaluate each round's model.
+  large center (name order), one center a round, over K × `rounds` rounds (K large centers), so that each center
+  trains as many epochs in all as under a rule. IIL keeps the model at each center for `rounds` rounds in a row
+  (rounds × local epochs) before passing it on, once around; cyclic IIL goes around `rounds` times, a round at
+  each. Limited centers evaluate every round's model. (Each round's local epochs are the plan's, so a site's
+  learning-rate schedule runs as it does under a rule.)
 
 Every arm uses the same partitions (centers.py), the same plan seed and the same number of rounds and local
 epochs (the sequential baselines: the same epochs per center). Resuming: a federation that finished wrote `outcome.json` and is not run again; one that was interrupted
@@ -105,6 +107,7 @@ class FederationRun:
     directory: Path
     plan: FederatedPlan
     sites: tuple[SiteRun, ...]
+    device: str  # its sites' --device
 
     @property
     def coordinator(self) -> Path:
@@ -154,7 +157,7 @@ def run_study(config: StudyConfig, out: Path, launcher: Launcher, progress: Prog
     write_text_atomic(study_path, json.dumps({
         "sha256": config.sha256(), "config": str(config.path), "task": config.task.value, "seed": config.seed,
         "rounds": config.rounds, "local_epochs": config.local_epochs, "network": config.network,
-        "arms": [arm.name for arm in arms], "centers": [asdict(center) for center in centers],
+        "device": config.device, "arms": [arm.name for arm in arms], "centers": [asdict(center) for center in centers],
     }, indent=2) + "\n")
     pending = []
     for arm in arms:
@@ -197,10 +200,10 @@ def arm_dir(out: Path, arm: str) -> Path:
 
 # -- the arms' federations -----------------------------------------------------------------------------------------
 def _plan(config: StudyConfig, strategy: str, params: Mapping[str, float | str], quorum: int,
-          iterations_scale: int = 1, rounds: int | None = None, local_epochs: int | None = None) -> FederatedPlan:
+          iterations_scale: int = 1, rounds: int | None = None) -> FederatedPlan:
     plan = plan_for(config.task, network=config.network, rounds=rounds or config.rounds,
-                    local_epochs=local_epochs or config.local_epochs, strategy=strategy, strategy_params=params,
-                    quorum=quorum, deadline_s=DEADLINE_S)
+                    local_epochs=config.local_epochs, strategy=strategy, strategy_params=params, quorum=quorum,
+                    deadline_s=DEADLINE_S)
     training = replace(plan.training, **config.training, seed=config.seed)
     return replace(plan, training=replace(training, iterations_per_epoch=training.iterations_per_epoch
                                           * iterations_scale))
@@ -215,20 +218,18 @@ def arm_federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData]
     if arm.kind in ("federated", *SEQUENTIAL_BASELINES):
         if arm.kind == "federated":
             plan = _plan(config, arm.strategy, arm.strategy_params, quorum=len(large))
-        elif arm.kind == "iil":  # each center trains rounds × local epochs in all, as under a rule
-            plan = _plan(config, arm.strategy, {}, quorum=1, rounds=len(large),
-                         local_epochs=config.rounds * config.local_epochs)
-        else:
+        else:  # one center a round: K × rounds rounds train each center rounds × local epochs, as a rule does
             plan = _plan(config, arm.strategy, {}, quorum=1, rounds=config.rounds * len(large))
         trainers = tuple(_trainer(center.name, [center], plan, config.seed) for center in large)
-        return [FederationRun(arm.name, arm.name, folder, plan, trainers + evaluators)]
+        return [FederationRun(arm.name, arm.name, folder, plan, trainers + evaluators, config.device)]
     if arm.kind == "centralized":
         plan = _plan(config, "fedavg", {}, quorum=1, iterations_scale=len(large))
         pooled = _trainer(POOLED_SITE, large, plan, config.seed)
-        return [FederationRun(arm.name, arm.name, folder, plan, (pooled, *evaluators))]
+        return [FederationRun(arm.name, arm.name, folder, plan, (pooled, *evaluators), config.device)]
     plan = _plan(config, "fedavg", {}, quorum=1)
     return [FederationRun(f"{arm.name} {center.name}", center.name, folder / center.name, plan,
-                          (_trainer(center.name, [center], plan, config.seed),)) for center in large]
+                          (_trainer(center.name, [center], plan, config.seed),), config.device)
+            for center in large]
 
 
 def _trainer(name: str, centers: Sequence[CenterData], plan: FederatedPlan, seed: int) -> SiteRun:
@@ -271,7 +272,8 @@ def run_federation(run: FederationRun, launcher: Launcher, progress: Progress,
         for site in run.sites:
             folder = run.site_dir(site.name)
             processes.start(site.name, "site", "--bundle", str(folder / "site.bundle"),
-                            "--policy", str(folder / "policy.toml"), "--state-dir", str(folder / "state"))
+                            "--policy", str(folder / "policy.toml"), "--state-dir", str(folder / "state"),
+                            "--device", run.device)
         status = _wait(run, processes, progress, abort or threading.Event())
     finally:
         spent = {"seconds": spent["seconds"] + time.monotonic() - started,
