@@ -232,11 +232,13 @@ def test_a_reduced_study_runs_every_arm_and_its_report_matches_the_per_case_file
     assert [r["round"] for r in rounds] == [1]
     assert {"big-a", "big-b"} <= set(rounds[0]["sites"]) and "val_dice" in rounds[0]["sites"]["big-a"]
     assert fedavg["cpu_seconds"] > 0 and fedavg["seconds"] > 0
-    # The coordinator counted each weight stream: the same model to every site, an update back from each trainer.
+    # The coordinator counted each stream: the weights to each trainer and its update back (the same size), the
+    # round's candidate to each evaluator.
     traffic = rounds[0]["bytes"]
     evaluators = {"small-c", "real"} if ISLES_CASE.is_dir() else {"small-c"}
     assert set(traffic) == {"big-a", "big-b"} | evaluators and all(set(traffic[e]) == {"down"} for e in evaluators)
-    assert len({site["down"] for site in traffic.values()}) == 1
+    assert traffic["big-a"]["down"] == traffic["big-b"]["down"]
+    assert len({traffic[e]["down"] for e in evaluators}) == 1
     assert all(traffic[t]["up"] == pytest.approx(traffic[t]["down"], rel=0.01) for t in ("big-a", "big-b"))
     down, up = (sum(site.get(direction, 0) for site in traffic.values()) for direction in ("down", "up"))
     assert report_rows(report.split("## Cost")[1], "arm")["FedAvg"][2:5] == ["1", f"{down / 1e6:.2f}",

@@ -27,7 +27,8 @@ from training.federation.plan import NETWORK_SIZES, plan_for
 from training.plan import TrainingPlan
 from training.synthetic.lesions import SIZE_RANGES_ML
 
-__all__ = ["BASELINES", "RULES", "SEQUENTIAL_BASELINES", "Arm", "CenterConfig", "CenterRole", "StudyConfig", "SyntheticSource"]
+__all__ = ["BASELINES", "DEVICES", "RULES", "SEQUENTIAL_BASELINES", "Arm", "CenterConfig", "CenterRole", "StudyConfig",
+           "SyntheticSource"]
 
 # Each baseline's name in the report. IIL and cyclic IIL (Sheller et al.) are the coordinator's sequential rules.
 BASELINES = {"centralized": "centralized", "local": "local", "iil": "IIL", "cyclic-iil": "cyclic IIL"}

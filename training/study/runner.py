@@ -21,9 +21,10 @@ release key). The arms:
   learning-rate schedule runs as it does under a rule.)
 
 Every arm uses the same partitions (centers.py), the same plan seed and the same number of rounds and local
-epochs (the sequential baselines: the same epochs per center). Resuming: a federation that finished wrote `outcome.json` and is not run again; one that was interrupted
-starts its processes again on the same directories (the coordinator resumes its open round, a site its approval);
-an arm that finished wrote `result.json` and is skipped.
+epochs (the sequential baselines: the same epochs per center). Resuming: a federation that finished wrote
+`outcome.json` and is not run again; one that was interrupted starts its processes again on the same directories
+(the coordinator resumes its open round, a site its approval); an arm that finished wrote `result.json` and is
+skipped.
 """
 
 from __future__ import annotations
