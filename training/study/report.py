@@ -127,9 +127,10 @@ def write_report(out: Path) -> tuple[Path, list[str]]:
                   "Wall time: each federation's processes from their start to the last evaluation (earlier attempts "
                   "of an interrupted study included; without the per-case scoring). CPU: the user and system time "
                   "of those processes, the number to compare when federations ran side by side (--parallel). "
-                  "Weights: the bytes of the weight streams as the coordinator counted them, each round's model to "
-                  "the sites that trained or scored it and their updates back (encrypted chunks as serialized, "
-                  "without gRPC's and TLS's framing; task, heartbeat and metrics calls left out)."]
+                  "Weights: the bytes of the model streams as the coordinator counted them, each round's weights to "
+                  "the sites that trained it and its candidate to those that scored it, and the updates back "
+                  "(encrypted chunks as serialized, without gRPC's and TLS's framing; task, heartbeat and metrics "
+                  "calls left out)."]
     path = out / REPORT_FILE
     write_text_atomic(path, "\n".join(lines).rstrip() + "\n")
     return path, comparison
