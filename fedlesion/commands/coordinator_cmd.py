@@ -242,7 +242,7 @@ def run_status(args: argparse.Namespace) -> int:
         down, up = (sum(site.get(direction, 0) for site in round_["bytes"].values()) for direction in ("down", "up"))
         print(f"  round {round_['round']} ({round_['plan_sha256'][:12]}): {round_['state']}, attempt "
               f"{round_['attempt']}, {len(round_['contributors'])} of {len(round_['invited'])} sites{version}, "
-              f"weights {down / 1e6:.3g} MB out, {up / 1e6:.3g} MB in")
+              f"models {down / 1e6:.3g} MB to sites, {up / 1e6:.3g} MB back")
         if round_["note"]:
             print(f"    retried: {round_['note']}")
         for site, metrics in round_["metrics"].items():
