@@ -1,9 +1,11 @@
 """Screening a round's updates against each other (training/federation/screening.py): each attack of the hostile-site
-issue is refused with its reason, honest updates pass, and the plan carries the limits."""
+issue is refused with its reason, honest updates pass, normalization statistics are screened apart from the learned
+parameters, and the plan carries the limits."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -31,11 +33,35 @@ def _sites(count: int) -> list[SiteUpdate]:
     return updates
 
 
-def _hostile(update: SiteUpdate, factor: float, **changes) -> SiteUpdate:
-    """`update` with its change from the global weights multiplied by `factor`."""
-    weights = {name: (BASE[name] + factor * (value - BASE[name])).astype(value.dtype) if value.dtype == np.float32
-               else value for name, value in update.weights.items()}
+def _hostile(update: SiteUpdate, factor: float, *, base: dict[str, np.ndarray] = BASE,
+             only: Callable[[str], bool] = lambda name: True, **changes) -> SiteUpdate:
+    """`update` with its change from the global weights multiplied by `factor` (in the tensors `only` names)."""
+    weights = {name: (base[name] + factor * (value - base[name])).astype(value.dtype)
+               if value.dtype == np.float32 and only(name) else value for name, value in update.weights.items()}
     return SiteUpdate("hostile", weights, changes.get("num_cases", update.num_cases), changes.get("metrics", {}))
+
+
+# A batch-normalized layer: its running statistics change far more than the learned parameters, and the way each
+# site's images make them (here: site 3's the opposite of the others').
+BN_BASE = {**{name: value for name, value in BASE.items() if name != "norm.num_batches_tracked"},
+           "norm.weight": np.ones(8, dtype=np.float32), "norm.running_mean": np.zeros(8, dtype=np.float32),
+           "norm.running_var": np.full(8, 5.0, dtype=np.float32), "norm.num_batches_tracked": np.array(100)}
+
+
+def _bn_sites(count: int) -> list[SiteUpdate]:
+    """Honest updates of `BN_BASE`: the learned parameters as `_sites`, statistics changes 50× their norm."""
+    direction = np.random.default_rng(3).normal(0, 1.0, 8)
+    updates = []
+    for update, sign in zip(_sites(count), [1, 1, 1, -1]):
+        statistics = {name: (BN_BASE[name] + sign * direction).astype(np.float32)
+                      for name in ("norm.running_mean", "norm.running_var")}
+        weights = {**update.weights, "norm.weight": BN_BASE["norm.weight"] + 0.01 * sign, **statistics}
+        updates.append(SiteUpdate(update.site, weights, update.num_cases))
+    return updates
+
+
+def _is_statistic(name: str) -> bool:
+    return name.startswith("norm.running")
 
 
 def test_honest_updates_pass() -> None:
@@ -64,6 +90,22 @@ def test_a_sign_flipped_update_is_refused_for_its_direction(count: int) -> None:
     assert screen(BASE, [honest[0], _hostile(honest[1], -1.0)], LIMITS, {}, FEDAVG) == {}
 
 
+def test_honest_updates_that_all_point_apart_are_not_refused_for_their_direction() -> None:
+    """Non-IID sites late in a run: no shared direction, each change away from the others' (here at 120°)."""
+    rng = np.random.default_rng(5)
+    first, second = rng.normal(0, 0.01, (2, 8, 50))
+    updates = []
+    for k, angle in enumerate(np.radians([0.0, 120.0, 240.0])):
+        weights = dict(BASE, **{"conv.weight": (BASE["conv.weight"] + np.cos(angle) * first
+                                                 + np.sin(angle) * second).astype(np.float32)})
+        updates.append(SiteUpdate(f"site-{k}", weights, 20))
+    assert screen(BASE, updates, LIMITS, {}, FEDAVG) == {}
+    # a fourth, flipped, is still the odd one out among honest updates that agree
+    honest = _sites(3)
+    refused = screen(BASE, [*honest, _hostile(honest[0], -1.0)], LIMITS, {}, FEDAVG)
+    assert list(refused) == ["hostile"] and re.search(r"theirs 0\.\d\d with each other", refused["hostile"])
+
+
 def test_a_case_count_above_the_declared_size_or_the_plan_cap_is_refused() -> None:
     honest = _sites(3)
     claims = [*honest, _hostile(honest[0], 1.0, num_cases=10**6)]
@@ -82,6 +124,35 @@ def test_an_update_the_rule_cannot_score_is_refused() -> None:
     assert refused == {"hostile": "softmax by validation loss needs the update's val_dice in [0, 1]"}
 
 
+def test_running_statistics_are_screened_apart_from_the_learned_parameters() -> None:
+    honest = _bn_sites(4)
+    # site 3's statistics moved against the others' (its scanner, not its loss): not a reason to refuse it
+    assert screen(BN_BASE, honest, LIMITS, {}, FEDAVG) == {}
+    # the parameters ×100 with honest statistics: refused, although the statistics' change outweighs theirs
+    weights_only = _hostile(honest[0], 100.0, base=BN_BASE, only=lambda name: not _is_statistic(name))
+    refused = screen(BN_BASE, [*honest[1:], weights_only], LIMITS, {}, FEDAVG)
+    assert list(refused) == ["hostile"]
+    assert re.match(r"the change of its learned parameters from the global weights has norm [\d.]+, \d\d+(\.\d)?× ",
+                    refused["hostile"]), refused
+    # the running means ×100: refused for the statistics' own norm
+    statistics_only = _hostile(honest[0], 100.0, base=BN_BASE, only=lambda name: name == "norm.running_mean")
+    refused = screen(BN_BASE, [*honest[1:], statistics_only], LIMITS, {}, FEDAVG)
+    assert list(refused) == ["hostile"] and refused["hostile"].startswith("the change of its normalization statistics")
+    # the parameters flipped with honest statistics: refused for their direction
+    flipped = _hostile(honest[0], -1.0, base=BN_BASE, only=lambda name: not _is_statistic(name))
+    refused = screen(BN_BASE, [*honest[1:], flipped], LIMITS, {}, FEDAVG)
+    assert list(refused) == ["hostile"] and "learned parameters from the global weights points away" in refused[
+        "hostile"]
+
+
+def test_a_negative_running_variance_is_refused() -> None:
+    honest = _bn_sites(3)
+    weights = dict(honest[0].weights)
+    weights["norm.running_var"] = weights["norm.running_var"] - 20.0
+    refused = screen(BN_BASE, [*honest[1:], SiteUpdate("hostile", weights, 20)], LIMITS, {}, FEDAVG)
+    assert refused == {"hostile": "its normalization statistic norm.running_var has negative variances"}
+
+
 def test_the_gram_matrix_of_changes_is_exact_across_blocks() -> None:
     size = 5 * SUM_BLOCK // 2
     rng = np.random.default_rng(1)
@@ -90,6 +161,8 @@ def test_the_gram_matrix_of_changes_is_exact_across_blocks() -> None:
                for k in range(3)]
     changes = np.stack([u.weights["w"].astype(np.float64) - base["w"] for u in updates])
     np.testing.assert_allclose(change_gram(base, updates), changes @ changes.T, rtol=1e-12)
+    np.testing.assert_allclose(change_gram(base, updates, ["w", "n"]), changes @ changes.T, rtol=1e-12)
+    assert not change_gram(base, updates, ["n"]).any()  # integer counters are never compared
 
 
 @pytest.mark.parametrize(

@@ -56,8 +56,8 @@ from training.study.centers import CenterData, prepare_centers
 from training.study.config import SEQUENTIAL_BASELINES, Arm, StudyConfig
 from training.study.scoring import CaseRow, case_rows_csv, score_package
 
-__all__ = ["CASES_FILE", "Launcher", "Progress", "RESULT_FILE", "STUDY_FILE", "arm_dir", "arm_federations",
-           "run_study"]
+__all__ = ["CASES_FILE", "Launcher", "Progress", "RESULT_FILE", "STUDY_FILE", "SiteRun", "arm_dir",
+           "arm_federations", "run_study", "trainer_site"]
 
 log = logging.getLogger(__name__)
 
@@ -221,19 +221,19 @@ def arm_federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData]
             plan = _plan(config, arm.strategy, arm.strategy_params, quorum=len(large))
         else:  # one center a round: K × rounds rounds train each center rounds × local epochs, as a rule does
             plan = _plan(config, arm.strategy, {}, quorum=1, rounds=config.rounds * len(large))
-        trainers = tuple(_trainer(center.name, [center], plan, config.seed) for center in large)
+        trainers = tuple(trainer_site(center.name, [center], plan, config.seed) for center in large)
         return [FederationRun(arm.name, arm.name, folder, plan, trainers + evaluators, config.device)]
     if arm.kind == "centralized":
         plan = _plan(config, "fedavg", {}, quorum=1, iterations_scale=len(large))
-        pooled = _trainer(POOLED_SITE, large, plan, config.seed)
+        pooled = trainer_site(POOLED_SITE, large, plan, config.seed)
         return [FederationRun(arm.name, arm.name, folder, plan, (pooled, *evaluators), config.device)]
     plan = _plan(config, "fedavg", {}, quorum=1)
     return [FederationRun(f"{arm.name} {center.name}", center.name, folder / center.name, plan,
-                          (_trainer(center.name, [center], plan, config.seed),), config.device)
+                          (trainer_site(center.name, [center], plan, config.seed),), config.device)
             for center in large]
 
 
-def _trainer(name: str, centers: Sequence[CenterData], plan: FederatedPlan, seed: int) -> SiteRun:
+def trainer_site(name: str, centers: Sequence[CenterData], plan: FederatedPlan, seed: int) -> SiteRun:
     """A training site over `centers`' train and val manifests (the val ones are what it reports each round)."""
     datasets = []
     for center in centers:
