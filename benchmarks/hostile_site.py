@@ -198,9 +198,9 @@ class Errors(logging.Handler):
 
 
 def make_plan(rounds: int, local_epochs: int) -> FederatedPlan:
-    """The tiny network's federated plan, tuned to learn within a few rounds: lr 0.01 held constant (the plan's
-    cosine schedule spans `local_epochs`, so from round 2 on a site would train at 1 % of it), 16 patches per local
-    epoch, half of them on lesions, no augmentation. Quorum 3: a round still closes when one update is refused."""
+    """The tiny network's federated plan, tuned to learn within a few rounds: lr 0.01 held constant, 16 patches per
+    local epoch, half of them on lesions, no augmentation. Quorum 3: a round still closes when one update is
+    refused."""
     plan = plan_for(TASK, network="tiny", rounds=rounds, local_epochs=local_epochs, strategy="fedavg", quorum=3,
                     deadline_s=DEADLINE_S)
     no_augmentation = AugmentationPlan(flip_prob=0, affine_prob=0, intensity_prob=0, gamma_prob=0, noise_prob=0,

@@ -288,6 +288,10 @@ class RecordingTrainer:
         torch.manual_seed(0)
         self.model = torch.nn.Sequential(torch.nn.Conv3d(1, 1, 1), torch.nn.BatchNorm3d(1))
         self.started_from: list[dict[str, np.ndarray]] = []
+        self.first_epochs: list[int] = []
+
+    def start_round(self, first_epoch: int) -> None:
+        self.first_epochs.append(first_epoch)
 
     def train(self, weights, epochs, *, global_weights=None, prox_mu=0.0) -> LocalUpdate:
         self.started_from.append({name: np.array(value) for name, value in weights.items()})
@@ -328,6 +332,7 @@ def test_a_fedbn_site_trains_with_its_own_normalization_layers_across_rounds_and
     fedavg = plan_for("stroke-dwi-adc", network="tiny")
     train_round(fedavg, site_for(fedavg), trainer, 1, 3.0)  # FedAvg: the global weights as they come
     assert all(np.all(value == 3) for value in trainer.started_from[-1].values())
+    assert trainer.first_epochs == [0, 1, 2, 0]  # each round at its place on the schedule, a restart included
 
 
 def test_the_normalization_layers_of_the_plans_network_are_found_by_module_type() -> None:

@@ -135,6 +135,28 @@ def test_local_update_evaluate_and_resume_replays_a_straight_run(cases, tmp_path
         np.testing.assert_allclose(after[name], value, rtol=0, atol=1e-6, err_msg=name)
 
 
+def test_a_round_trains_the_same_in_a_restarted_site_as_in_one_that_never_stopped(cases):
+    """A federated site: the schedule spans rounds × local epochs and each round starts afresh at its place on it."""
+    plan, rounds = tiny_plan(epochs=1, lr=1e-2, min_lr_ratio=0.01), 3
+    running = LocalTrainer(plan, cases[:2], progress=False, schedule_epochs=rounds)
+    running.start_round(0)
+    first = running.train(running.get_weights(), 1)
+    running.start_round(1)
+    second = running.train(first.weights, 1)
+    restarted = LocalTrainer(plan, cases[:2], progress=False, schedule_epochs=rounds)
+    restarted.start_round(1)
+    again = restarted.train(first.weights, 1)
+    for name, value in second.weights.items():
+        np.testing.assert_allclose(again.weights[name], value, rtol=0, atol=1e-6, err_msg=name)
+    assert second.metrics["epoch"] == again.metrics["epoch"] == 2
+    # Cosine over the three rounds: round 2 ends halfway down, not at the floor of a schedule over one round.
+    assert second.metrics["lr"] == pytest.approx(plan.lr * 0.5 * (1 + np.cos(np.pi * 2 / 3)))
+    with pytest.raises(ValueError, match="first_epoch"):
+        restarted.start_round(rounds)
+    with pytest.raises(ValueError, match="schedule_epochs"):
+        LocalTrainer(plan, cases[:2], progress=False, schedule_epochs=0)
+
+
 def test_fedprox_term_is_zero_at_the_global_weights_and_pulls_towards_them(cases):
     plan = tiny_plan(optimizer="sgd", momentum=0.0, lr=1e-2, min_lr_ratio=1.0, iterations_per_epoch=8)
     trainer = LocalTrainer(plan, cases[:2], progress=False)

@@ -98,8 +98,9 @@ def _epoch_seed(plan_seed: int, epoch: int, stream: int) -> int:
     return derived_seed(plan_seed, epoch, stream)
 
 
-def _lr_factor(plan: TrainingPlan, step: int) -> float:
-    total = plan.epochs * plan.steps_per_epoch
+def _lr_factor(plan: TrainingPlan, step: int, schedule_epochs: int | None = None) -> float:
+    """The learning rate's factor at `step` of a schedule over `schedule_epochs` (default: the plan's epochs)."""
+    total = (schedule_epochs or plan.epochs) * plan.steps_per_epoch
     warmup = min(plan.warmup_epochs * plan.steps_per_epoch, max(total - 1, 0))
     if warmup and step < warmup:
         return max((step + 1) / warmup, plan.min_lr_ratio)
@@ -112,7 +113,11 @@ def _lr_factor(plan: TrainingPlan, step: int) -> float:
 
 
 class LocalTrainer:
-    """One site's trainer; keeps model, optimizer, scheduler and epoch counter between `train` calls."""
+    """One site's trainer; keeps model, optimizer, scheduler and epoch counter between `train` calls.
+
+    `schedule_epochs`: the epochs the learning-rate schedule spans, where they are more than the plan's (a
+    federation's rounds × local epochs; `start_round` places each round on it).
+    """
 
     def __init__(
         self,
@@ -122,8 +127,14 @@ class LocalTrainer:
         device: str | torch.device = "cpu",
         *,
         progress: bool = True,
+        schedule_epochs: int | None = None,
     ):
+        if schedule_epochs is not None and (isinstance(schedule_epochs, bool) or not isinstance(schedule_epochs, int)
+                                            or schedule_epochs < plan.epochs):
+            raise ValueError(f"schedule_epochs must be an integer ≥ the plan's {plan.epochs} epochs, "
+                             f"got {schedule_epochs!r}")
         self.plan = plan
+        self.schedule_epochs = schedule_epochs or plan.epochs
         self.device = resolve_device(device)
         self.progress = progress
         if self.device.type == "cpu":
@@ -148,13 +159,30 @@ class LocalTrainer:
                 self.model.parameters(), lr=plan.lr, momentum=plan.momentum, nesterov=plan.momentum > 0,
                 weight_decay=plan.weight_decay,
             )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: _lr_factor(plan, step))
+        self.scheduler = self._schedule(0)
         self.amp = plan.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.augment = build_augmentation(plan)
         self.epoch = 0  # epochs completed
         self.history: list[dict[str, Any]] = []
         self.best_val_dice: float | None = None
+
+    def _schedule(self, first_step: int) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _lr_factor(self.plan, first_step + step, self.schedule_epochs))
+
+    def start_round(self, first_epoch: int) -> None:
+        """Begin a federated round at epoch `first_epoch` of the schedule with a fresh optimizer state, so that a
+        round's update depends on the global weights, the round and the site's cases only, not on which earlier
+        rounds this process trained: a restarted site trains as the sites that never stopped do (with the schedule
+        in each process, a restarted site's first round ran at the full learning rate while the others sat at the
+        floor, and its ×100 larger change was refused at screening as hostile)."""
+        last = self.schedule_epochs - 1
+        if isinstance(first_epoch, bool) or not isinstance(first_epoch, int) or not 0 <= first_epoch <= last:
+            raise ValueError(f"first_epoch must be an integer in 0–{last}, got {first_epoch!r}")
+        self.optimizer.state.clear()
+        self.scheduler = self._schedule(first_epoch * self.plan.steps_per_epoch)
+        self.epoch = first_epoch
 
     def _prepare(self, case: CaseLike) -> PreparedCase:
         if len(case.channels) != self.plan.in_channels:

@@ -108,8 +108,8 @@ class _Update:
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A plan's LocalTrainer on the policy's cases (preprocessed once; optimizer state carries over between rounds)
-    and how many cases were skipped (a count that may leave the site)."""
+    """A plan's LocalTrainer on the policy's cases (preprocessed once; each round starts it afresh at its place on
+    the learning-rate schedule) and how many cases were skipped (a count that may leave the site)."""
 
     plan_sha256: str
     trainer: Any  # training.trainer.LocalTrainer: imported when the first task arrives (torch is slow to load)
@@ -331,7 +331,8 @@ class Site:
             train, val = split_cases(train, self.policy.holdout_fraction, self.policy.seed)
         if not train:
             raise TaskRefused(f"no usable training case in the policy's datasets for task {plan.task}")
-        trainer = LocalTrainer(plan.training, train, val, self.device, progress=False)
+        trainer = LocalTrainer(plan.training, train, val, self.device, progress=False,
+                               schedule_epochs=plan.rounds * plan.local_epochs)
         self._prepared = _Prepared(plan.sha256, trainer, n_skipped)
         return self._prepared
 
@@ -367,6 +368,7 @@ class Site:
         budget_s = self.policy.max_hours_per_round * 3600
         if task.deadline_unix:
             budget_s = min(budget_s, task.deadline_unix - time.time())
+        trainer.start_round((task.round - 1) * plan.local_epochs)
         started, epochs_done, update = time.monotonic(), 0, None
         while epochs_done < plan.local_epochs:
             # Stop adding epochs when the next would end past the round's deadline or the custodian's cap.

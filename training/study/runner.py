@@ -17,8 +17,8 @@ release key). The arms:
   large center (name order), one center a round, over K × `rounds` rounds (K large centers), so that each center
   trains as many epochs in all as under a rule. IIL keeps the model at each center for `rounds` rounds in a row
   (rounds × local epochs) before passing it on, once around; cyclic IIL goes around `rounds` times, a round at
-  each. Limited centers evaluate every round's model. (Each round's local epochs are the plan's, so a site's
-  learning-rate schedule runs as it does under a rule.)
+  each. Limited centers evaluate every round's model. (The learning-rate schedule spans all of an arm's rounds, so
+  each center trains its turn at the rate a rule's sites would have in those rounds.)
 
 Every arm uses the same partitions (centers.py), the same plan seed and the same number of rounds and local
 epochs (the sequential baselines: the same epochs per center). Resuming: a federation that finished wrote
