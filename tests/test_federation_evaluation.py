@@ -50,6 +50,9 @@ def test_fewer_than_five_cases_leave_only_their_count() -> None:
     assert summarize_scores(_scores(DICE[:5])).histograms["val_dice"]["counts"] == [5]
     with pytest.raises(ValueError, match="min_cases"):
         summarize_scores(_scores(DICE), min_cases=0)
+    # A policy for synthetic or public cases (min_cases_per_mean = 1) shares means over fewer; the bins keep five.
+    few = summarize_scores(_scores(DICE[:3]), min_cases_per_mean=1)
+    assert few.values["val_dice"] == pytest.approx(np.mean(DICE[:3])) and few.histograms == {}
 
 
 @pytest.mark.parametrize("edges, counts, cases, message", [

@@ -35,7 +35,8 @@ def test_printed_policy_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture
     other = "ab" * 32
     argv = ["site", "policy", "--role", "train", "--data", "isles=/data/isles \"2022\"", "--data",
             "sim=synthetic:8:seed=3:site=4", "--val", "held=/data/val.csv", "--task", TASK, "--approve", str(plan_file),
-            "--approve", other.upper(), "--max-local-epochs", "3", "--max-hours-per-round", "1.5", "--seed", "7"]
+            "--approve", other.upper(), "--max-local-epochs", "3", "--max-hours-per-round", "1.5", "--seed", "7",
+            "--min-cases-per-mean", "8"]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert text.count("\n# ") >= 8  # commented for the custodian who keeps it
@@ -46,6 +47,7 @@ def test_printed_policy_reads_back(tmp_path: Path, capsys: pytest.CaptureFixture
                   PolicyDataset("sim", "synthetic:8:seed=3:site=4", DatasetUse.TRAIN, TASK),
                   PolicyDataset("held", "/data/val.csv", DatasetUse.VAL, TASK)),
         approved_plans=(plan.sha256, other), max_local_epochs=3, max_hours_per_round=1.5, seed=7,
+        min_cases_per_mean=8,
     )
     assert [d.name for d in policy.datasets_for(TASK, DatasetUse.TRAIN)] == ["isles", "sim"]
     assert policy.datasets_for("ms-flair") == []
@@ -81,6 +83,8 @@ def test_policy_cli_errors_are_one_line(argv, message, capsys: pytest.CaptureFix
      "caps.max_local_epochs"),
     ('role = "train"\n[plans]\napprove_first_sight = true\n[datasets.a]\nspec = "x"\nuse = "test"\n',
      "datasets.a.use"),
+    ('role = "train"\nmin_cases_per_mean = 0\n[plans]\napprove_first_sight = true\n[datasets.a]\nspec = "x"\n',
+     "min_cases_per_mean"),
     ("role = ", "not TOML"),
 ])
 def test_bad_policy_file_names_the_key(text: str, message: str) -> None:

@@ -49,6 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     policy.add_argument("--max-local-epochs", type=int, metavar="N", help="cap on a plan's local epochs per round")
     policy.add_argument("--max-hours-per-round", type=float, metavar="H", help="cap on a plan's round deadline")
     policy.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the held-out split (default 0)")
+    policy.add_argument("--min-cases-per-mean", type=int, metavar="N",
+                        help="the fewest validation cases a shared mean may summarize (default: as many as a shared "
+                             "histogram's bin holds; 1 only for synthetic or public cases)")
     policy.set_defaults(func=run_policy)
 
 
@@ -83,11 +86,12 @@ def run_policy(args: argparse.Namespace) -> int:
 
     datasets = [PolicyDataset(*_name_spec(item, "--data"), DatasetUse.TRAIN, args.task) for item in args.data]
     datasets += [PolicyDataset(*_name_spec(item, "--val"), DatasetUse.VAL, args.task) for item in args.val]
-    caps = {key: value for key, value in (("max_local_epochs", args.max_local_epochs),
-                                          ("max_hours_per_round", args.max_hours_per_round)) if value is not None}
+    limits = {key: value for key, value in (("max_local_epochs", args.max_local_epochs),
+                                            ("max_hours_per_round", args.max_hours_per_round),
+                                            ("min_cases_per_mean", args.min_cases_per_mean)) if value is not None}
     policy = SitePolicy(
         role=args.role, datasets=tuple(datasets), approved_plans=tuple(_plan_sha256(item) for item in args.approve),
-        approve_first_sight=args.approve_first_sight, seed=args.seed, **caps,
+        approve_first_sight=args.approve_first_sight, seed=args.seed, **limits,
     )
     print(policy.to_toml(), end="")
     return 0

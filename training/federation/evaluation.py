@@ -72,18 +72,22 @@ class EvaluationSummary:
                 for name, bins in sorted(self.histograms.items())]
 
 
-def summarize_scores(scores: Sequence[CaseMetrics], min_cases: int = MIN_CASES_PER_BIN) -> EvaluationSummary:
+def summarize_scores(scores: Sequence[CaseMetrics], min_cases: int = MIN_CASES_PER_BIN, *,
+                     min_cases_per_mean: int | None = None) -> EvaluationSummary:
     """Means and histograms of EVALUATION_METRICS over the cases where each is defined, each only over at least
-    `min_cases` of them; fewer cases leave only their count."""
-    if min_cases < 1:
-        raise ValueError(f"min_cases must be at least 1, got {min_cases}")
+    `min_cases` of them (the means over at least `min_cases_per_mean` where the site's policy sets it, the
+    histograms' bins always over `min_cases`); fewer cases leave only their count."""
+    mean_cases = min_cases if min_cases_per_mean is None else min_cases_per_mean
+    if min_cases < 1 or mean_cases < 1:
+        raise ValueError(f"min_cases and min_cases_per_mean must be at least 1, got {min_cases}, {mean_cases}")
     values: dict[str, float] = {}
     histograms: dict[str, dict[str, list[Any]]] = {}
     means = summarize(list(scores))
     for name in EVALUATION_METRICS:
         defined = [value for score in scores if np.isfinite(value := float(getattr(score, name)))]
-        if len(defined) >= min_cases:
+        if len(defined) >= mean_cases:
             values[f"val_{name}"] = means[name].mean
+        if len(defined) >= min_cases:
             histograms[f"val_{name}"] = histogram(defined, min_cases)
     return EvaluationSummary(len(scores), values, histograms)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from models.durable import write_text_atomic
 from models.federation.roles import SiteRole
 from models.manifest import Task
+from training.fingerprint import MIN_CASES_PER_BIN
 
 if TYPE_CHECKING:
     from training.federation.plan import FederatedPlan
@@ -88,6 +89,7 @@ class SitePolicy:
     max_hours_per_round: float = DEFAULT_MAX_HOURS_PER_ROUND
     holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
     seed: int = 0
+    min_cases_per_mean: int = MIN_CASES_PER_BIN
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", _enum(PolicyRole, self.role, "role"))
@@ -109,6 +111,8 @@ class SitePolicy:
             raise ValueError(f"holdout_fraction: must be in (0, 1), got {self.holdout_fraction!r}")
         if not (_whole(self.seed) and self.seed >= 0):
             raise ValueError(f"seed: must be a whole number ≥ 0, got {self.seed!r}")
+        if not (_whole(self.min_cases_per_mean) and self.min_cases_per_mean >= 1):
+            raise ValueError(f"min_cases_per_mean: must be a whole number ≥ 1, got {self.min_cases_per_mean!r}")
         if self.role is PolicyRole.PULL:
             if self.datasets:
                 raise ValueError("role pull: a pull-only site uses no datasets")
@@ -136,7 +140,8 @@ class SitePolicy:
             data = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ValueError(f"not TOML: {error}") from None
-        top = _table(data, "", {"role", "seed", "holdout_fraction", "plans", "caps", "datasets"})
+        top = _table(data, "", {"role", "seed", "holdout_fraction", "min_cases_per_mean", "plans", "caps",
+                                   "datasets"})
         plans = _table(top.get("plans", {}), "plans", {"approved", "approve_first_sight"})
         caps = _table(top.get("caps", {}), "caps", {"max_local_epochs", "max_hours_per_round"})
         datasets = []
@@ -156,6 +161,7 @@ class SitePolicy:
             max_local_epochs=caps.get("max_local_epochs", DEFAULT_MAX_LOCAL_EPOCHS),
             max_hours_per_round=caps.get("max_hours_per_round", DEFAULT_MAX_HOURS_PER_ROUND),
             holdout_fraction=top.get("holdout_fraction", DEFAULT_HOLDOUT_FRACTION), seed=top.get("seed", 0),
+            min_cases_per_mean=top.get("min_cases_per_mean", MIN_CASES_PER_BIN),
         )
 
     def to_toml(self) -> str:
@@ -170,6 +176,9 @@ class SitePolicy:
             f"seed = {self.seed}",
             "# share of the train datasets' cases held out for validation when no dataset has use = \"val\"",
             f"holdout_fraction = {self.holdout_fraction!r}",
+            "# the fewest cases a validation mean that leaves the site may summarize (a mean over fewer is close to one",
+            f"# case's own value, and then only the case count leaves); 1 only for synthetic or public cases",
+            f"min_cases_per_mean = {self.min_cases_per_mean}",
             "",
             "[plans]",
             "# the plans this site runs, by the sha256 `fedlesion coordinator plan` prints",

@@ -4,10 +4,10 @@ evaluator site runs without torch), send back the weights and aggregate metrics;
 
 Every call goes over mTLS with the site's enrollment bundle; weights and candidates travel as encrypted chunk streams
 (`models.federation.wire`) bound to (plan, round, base weights or candidate, site). What leaves a trainer: the trained
-weights, the number of training (and validation) cases, the loss, the mean validation metrics and, over at least
-MIN_CASES_PER_BIN validation cases, the mean validation Dice at each candidate threshold (`training.calibration`);
-what leaves an evaluator: its case count and, over at least that many cases, means and histograms with that many
-cases per bin. Never a case id, a file name, an image or a per-case value. A coordinator that is down or restarting
+weights, the number of training (and validation) cases, the loss, the mean validation metrics over at least the
+policy's `min_cases_per_mean` validation cases (default MIN_CASES_PER_BIN) and, over at least MIN_CASES_PER_BIN, the
+mean validation Dice at each candidate threshold (`training.calibration`); what leaves an evaluator: its case count,
+its means over as many cases as the policy asks, and histograms with at least MIN_CASES_PER_BIN cases per bin. Never a case id, a file name, an image or a per-case value. A coordinator that is down or restarting
 costs the site a retry with exponential backoff, forever; a site killed mid-round is a new site process that says
 hello and takes the next task it is given. Under FedBN a site trains from the global weights with its own
 normalization layers, kept in its state folder.
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 SITE_CSR_FILE = "site.csr"
 # The aggregate metrics an update or a report may carry; anything else a trainer returns stays at the site.
 SHARED_METRICS = ("train_loss", "val_dice", "val_avd_ml", "val_lf1", "n_val_cases", "n_skipped_cases", "local_epochs")
+# Of those, the means over validation cases: they leave only over the policy's `min_cases_per_mean` cases or more.
+VALIDATION_MEANS = ("val_dice", "val_avd_ml", "val_lf1")
 TRANSFER_ATTEMPTS = 3  # a weights stream broken in transit (a bad chunk, a resend reply) is tried this many times
 IDLE_RETRY_S = 5.0  # an IDLE reply without retry_after_s
 LOCAL_NORMALIZATION_DIR = "local-normalization"  # FedBN: each plan's own normalization layers, under STATE_DIR
@@ -390,7 +392,8 @@ class Site:
         log.info("round %d: %d local epoch(s) in %.1f s, validation in %.1f s", task.round, epochs_done, trained_s,
                  time.monotonic() - started - trained_s)
         self._pending = _Update((task.plan_sha256, task.round, task.base_sha256), encode_weights(update.weights),
-                                update.n_cases, _shared(metrics), _threshold_dice(validation))
+                                update.n_cases, _shared(metrics, self.policy.min_cases_per_mean),
+                                _threshold_dice(validation))
         self._upload(task, self._pending)
 
     def _local_normalization(self, plan: FederatedPlan, trainer: Any) -> LocalNormalization:
@@ -433,7 +436,7 @@ class Site:
         if not cases:
             raise TaskRefused(f"no usable case in the policy's datasets for task {plan.task}")
         started = time.monotonic()
-        summary = summarize_scores(score_cases(package, cases))
+        summary = summarize_scores(score_cases(package, cases), min_cases_per_mean=self.policy.min_cases_per_mean)
         log.info("round %d: candidate version %d scored on %d case(s) in %.1f s", task.round,
                  package.manifest.version, len(cases), time.monotonic() - started)
         self._rpc.ReportMetrics(
@@ -466,9 +469,14 @@ class Site:
         return max(RPC_TIMEOUT_S, task.deadline_unix - time.time()) if task.deadline_unix else 10 * RPC_TIMEOUT_S
 
 
-def _shared(metrics: dict[str, Any]) -> dict[str, float]:
-    """Only the aggregate numbers in SHARED_METRICS leave the site (the trainer's per-case rows never do)."""
-    return {name: float(metrics[name]) for name in SHARED_METRICS if metrics.get(name) is not None}
+def _shared(metrics: dict[str, Any], min_cases_per_mean: int | None = None) -> dict[str, float]:
+    """Only the aggregate numbers in SHARED_METRICS leave the site (the trainer's per-case rows never do), and a
+    trainer's validation means only over at least `min_cases_per_mean` cases (its policy's)."""
+    withheld = set()
+    if min_cases_per_mean is not None and int(metrics.get("n_val_cases") or 0) < min_cases_per_mean:
+        withheld = set(VALIDATION_MEANS)
+    return {name: float(metrics[name]) for name in SHARED_METRICS
+            if metrics.get(name) is not None and name not in withheld}
 
 
 def _threshold_dice(validation: dict[str, Any]) -> DiceByThreshold | None:

@@ -234,14 +234,19 @@ def arm_federations(config: StudyConfig, arm: Arm, centers: Sequence[CenterData]
 
 
 def trainer_site(name: str, centers: Sequence[CenterData], plan: FederatedPlan, seed: int) -> SiteRun:
-    """A training site over `centers`' train and val manifests (the val ones are what it reports each round)."""
+    """A training site over `centers`' train and val manifests (the val ones are what it reports each round).
+
+    A study's sites share means over any number of cases (`min_cases_per_mean = 1`, as do its evaluators): its
+    centers hold synthetic or public cases, and its report draws each center's validation curve from what the
+    coordinator received."""
     datasets = []
     for center in centers:
         for split, use in (("train", DatasetUse.TRAIN), ("val", DatasetUse.VAL)):
             manifest = center.manifest(split)
             if manifest is not None:
                 datasets.append(PolicyDataset(f"{center.name}-{split}", str(manifest), use))
-    policy = SitePolicy(role="train", datasets=tuple(datasets), approved_plans=(plan.sha256,), seed=seed)
+    policy = SitePolicy(role="train", datasets=tuple(datasets), approved_plans=(plan.sha256,), seed=seed,
+                        min_cases_per_mean=1)
     return SiteRun(name, SiteRole.TRAINER, policy)
 
 
@@ -250,7 +255,7 @@ def _evaluator(center: CenterData, seed: int) -> SiteRun:
     assert manifest is not None, "a limited center's cases are all test cases"
     policy = SitePolicy(role="evaluate", datasets=(PolicyDataset(f"{center.name}-test", str(manifest),
                                                                  DatasetUse.VAL),),
-                        approve_first_sight=True, seed=seed)
+                        approve_first_sight=True, seed=seed, min_cases_per_mean=1)
     return SiteRun(center.name, SiteRole.EVALUATOR, policy)
 
 
