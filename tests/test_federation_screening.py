@@ -121,7 +121,7 @@ def test_an_update_the_rule_cannot_score_is_refused() -> None:
     honest = [SiteUpdate(u.site, u.weights, u.num_cases, {"val_dice": 0.5}) for u in _sites(3)]
     softmax = strategy_by_name("softmax", {"score": "val_loss"})
     refused = screen(BASE, [*honest, _hostile(honest[0], 1.0, metrics={"val_dice": 7.0})], LIMITS, {}, softmax)
-    assert refused == {"hostile": "softmax by validation loss needs the update's val_dice in [0, 1]"}
+    assert refused["hostile"].startswith("softmax by validation loss needs the update's val_dice in [0, 1]")
 
 
 def test_running_statistics_are_screened_apart_from_the_learned_parameters() -> None:

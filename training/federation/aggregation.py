@@ -217,7 +217,8 @@ class Softmax(WeightedAverage):
 
     def refusal(self, update: SiteUpdate) -> str | None:
         if self.params["score"] == "val_loss" and not 0 <= update.metrics.get("val_dice", math.nan) <= 1:
-            return "softmax by validation loss needs the update's val_dice in [0, 1]"
+            return ("softmax by validation loss needs the update's val_dice in [0, 1] (a site shares it over at least "
+                    "its policy's min_cases_per_mean validation cases)")
         return None
 
     def coefficients(self, updates: Sequence[SiteUpdate]) -> list[float]:
