@@ -98,9 +98,9 @@ def _epoch_seed(plan_seed: int, epoch: int, stream: int) -> int:
     return derived_seed(plan_seed, epoch, stream)
 
 
-def _lr_factor(plan: TrainingPlan, step: int, schedule_epochs: int | None = None) -> float:
-    """The learning rate's factor at `step` of a schedule over `schedule_epochs` (default: the plan's epochs)."""
-    total = (schedule_epochs or plan.epochs) * plan.steps_per_epoch
+def _lr_factor(plan: TrainingPlan, step: int, schedule_epochs: int) -> float:
+    """The learning rate's factor at `step` of a schedule over `schedule_epochs`."""
+    total = schedule_epochs * plan.steps_per_epoch
     warmup = min(plan.warmup_epochs * plan.steps_per_epoch, max(total - 1, 0))
     if warmup and step < warmup:
         return max((step + 1) / warmup, plan.min_lr_ratio)

@@ -177,7 +177,7 @@ class SitePolicy:
             "# share of the train datasets' cases held out for validation when no dataset has use = \"val\"",
             f"holdout_fraction = {self.holdout_fraction!r}",
             "# the fewest cases a validation mean that leaves the site may summarize (a mean over fewer is close to one",
-            f"# case's own value, and then only the case count leaves); 1 only for synthetic or public cases",
+            "# case's own value, and then only the case count leaves); 1 only for synthetic or public cases",
             f"min_cases_per_mean = {self.min_cases_per_mean}",
             "",
             "[plans]",

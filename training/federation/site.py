@@ -7,10 +7,11 @@ Every call goes over mTLS with the site's enrollment bundle; weights and candida
 weights, the number of training (and validation) cases, the loss, the mean validation metrics over at least the
 policy's `min_cases_per_mean` validation cases (default MIN_CASES_PER_BIN) and, over at least MIN_CASES_PER_BIN, the
 mean validation Dice at each candidate threshold (`training.calibration`); what leaves an evaluator: its case count,
-its means over as many cases as the policy asks, and histograms with at least MIN_CASES_PER_BIN cases per bin. Never a case id, a file name, an image or a per-case value. A coordinator that is down or restarting
-costs the site a retry with exponential backoff, forever; a site killed mid-round is a new site process that says
-hello and takes the next task it is given. Under FedBN a site trains from the global weights with its own
-normalization layers, kept in its state folder.
+its means over as many cases as the policy asks, and histograms with at least MIN_CASES_PER_BIN cases per bin. Never
+a case id, a file name, an image or a per-case value. A coordinator that is down or restarting costs the site a retry
+with exponential backoff, forever; a site killed mid-round is a new site process that says hello and takes the next
+task it is given. Under FedBN a site trains from the global weights with its own normalization layers, kept in its
+state folder.
 """
 
 from __future__ import annotations
@@ -472,9 +473,8 @@ class Site:
 def _shared(metrics: dict[str, Any], min_cases_per_mean: int | None = None) -> dict[str, float]:
     """Only the aggregate numbers in SHARED_METRICS leave the site (the trainer's per-case rows never do), and a
     trainer's validation means only over at least `min_cases_per_mean` cases (its policy's)."""
-    withheld = set()
-    if min_cases_per_mean is not None and int(metrics.get("n_val_cases") or 0) < min_cases_per_mean:
-        withheld = set(VALIDATION_MEANS)
+    too_few = min_cases_per_mean is not None and int(metrics.get("n_val_cases") or 0) < min_cases_per_mean
+    withheld = VALIDATION_MEANS if too_few else ()
     return {name: float(metrics[name]) for name in SHARED_METRICS
             if metrics.get(name) is not None and name not in withheld}
 
