@@ -6,8 +6,9 @@ spooled instance (`recover`) before the SCP accepts anything, so a restart never
 Shutdown runs the other way: stop accepting, let in-flight stores finish their group commit, then stop the table.
 
 `dicom.receiver_processes` > 1: pynetdicom spends about 2.5 ms of Python per instance under one GIL, so one process
-saturates one core. Then N worker processes each run an SCP on the same port (SO_REUSEPORT; the kernel spreads new
-associations over them) with their own spool writer and studies-table connection (SQLite WAL is multi-process),
+saturates one core. Then N worker processes each run an SCP on one listening socket that this process opens
+(`scp.SharedListener`: a process accepts the next association only when no other serves fewer, so 4 associations
+land 2 and 2 on two processes) with their own spool writer and studies-table connection (SQLite WAL is multi-process),
 while this process keeps recovery, the inactivity monitor and every completion: a worker forwards the completions
 its associations trigger (release by a `complete_on_release` AE, the announced instance count) to this process, whose
 studies table computes the roles (with the node's served model) and writes the `study_ready` row the job queue reads.
@@ -23,7 +24,7 @@ import multiprocessing
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue as ProcessQueue
 from multiprocessing.synchronize import Event as ProcessEvent
@@ -31,7 +32,7 @@ from pathlib import Path
 from queue import Empty
 from types import FrameType
 
-from dicom_gateway.scp import StorageScp
+from dicom_gateway.scp import SharedListener, StorageScp
 from dicom_gateway.settings import DicomSettings
 from dicom_gateway.spool import Spool
 from dicom_gateway.studies import (
@@ -49,6 +50,7 @@ LOG = logging.getLogger(__name__)
 LISTEN_HOST = "0.0.0.0"  # a PACS reaches the node over the network; the calling-AE allow-list guards it
 ASSOCIATION_GRACE_S = 30.0  # design.md §5: open associations may finish for this long after SIGTERM
 WORKER_START_TIMEOUT_S = 120.0
+LISTEN_BACKLOG = 64  # connections the kernel queues while the SCP processes are busy
 WORKER_STOP_TIMEOUT_S = ASSOCIATION_GRACE_S + 10.0
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
@@ -82,6 +84,7 @@ class Receiver:
         self._stop_workers: ProcessEvent | None = None
         self._completions: ProcessQueue | None = None
         self._relay: threading.Thread | None = None
+        self._loads: Sequence[int] = ()
 
     def recover(self) -> RecoveryReport:
         """Before `start`: remove a crash's half-written spool files, record spooled instances the table lacks."""
@@ -106,6 +109,10 @@ class Receiver:
             return []
         return [worker.name for worker in self._workers if not worker.is_alive()]
 
+    def association_loads(self) -> list[int]:
+        """Open associations per SCP worker process (empty with one process): how evenly the port's load spreads."""
+        return list(self._loads)
+
     def stop(self, grace_s: float = ASSOCIATION_GRACE_S) -> None:
         """No new associations; open ones may finish for `grace_s`; stores in flight commit; the monitor stops."""
         if self._scp is not None:
@@ -129,19 +136,19 @@ class Receiver:
         self._stop_workers = context.Event()
         self._relay = threading.Thread(target=self._relay_completions, name="scp-completions", daemon=True)
         self._relay.start()
-        with socket.socket() as reservation:  # holds the port (0: picks it) until every worker listens on it
-            reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            reservation.bind((LISTEN_HOST, port))
-            bound_port = int(reservation.getsockname()[1])
-            self._workers = [
-                context.Process(
-                    target=_worker_main,
-                    args=(self.data_dir, self.ae_title, self.dicom, self.log_level, bound_port, ready,
-                          self._completions, self._stop_workers),
-                    name=f"scp-worker-{number}",
-                )
-                for number in range(self.dicom.receiver_processes)
-            ]
+        listener = socket.create_server((LISTEN_HOST, port), backlog=LISTEN_BACKLOG)
+        bound_port = int(listener.getsockname()[1])
+        self._loads = context.RawArray("i", self.dicom.receiver_processes)
+        self._workers = [
+            context.Process(
+                target=_worker_main,
+                args=(self.data_dir, self.ae_title, self.dicom, self.log_level,
+                      SharedListener(listener, self._loads, number), ready, self._completions, self._stop_workers),
+                name=f"scp-worker-{number}",
+            )
+            for number in range(self.dicom.receiver_processes)
+        ]
+        with listener:  # closed here once the workers hold their own copies
             for worker in self._workers:
                 worker.start()
             try:
@@ -195,7 +202,7 @@ def _worker_main(
     ae_title: str,
     dicom: DicomSettings,
     log_level: str,
-    port: int,
+    listener: SharedListener,
     ready: ProcessQueue,
     completions: ProcessQueue,
     stop_workers: ProcessEvent,
@@ -209,7 +216,7 @@ def _worker_main(
         index = _ForwardingIndex(data_dir, dicom, completions)
         spool = Spool(data_dir, index)
         scp = StorageScp(ae_title, dicom, spool)
-        scp.start(LISTEN_HOST, port, reuse_port=True)
+        scp.start(listener=listener)
     except Exception as error:
         ready.put(f"{error.__class__.__name__}: {error}")
         raise

@@ -68,6 +68,8 @@ _PER_MESSAGE_LOG_EVENTS = (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT, evt.EVT_PDU_R
 _DISK_CHECK_INTERVAL_S = 0.5
 _ACCEPT_POLL_INTERVAL_S = 0.05  # how soon stop() takes effect (socketserver's default is 0.5 s)
 _ERROR_COMMENT_MAX = 64  # LO
+_BALANCE_STEP_S = 0.2  # a busier process's pause before it accepts, per association more than the least busy one
+_BALANCE_MAX_STEPS = 5  # so a stuck or dead process delays an association by at most 1 s
 
 class Refusal(Exception):
     """An instance the policy refuses: its status and the reason, which goes to the log and the ErrorComment."""
@@ -125,27 +127,86 @@ class _UnrestrictedStorage:
                 _config.UNRESTRICTED_STORAGE_SERVICE = cls._previous
 
 
-class _AcceptorServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server, bound with SO_REUSEPORT when several receiver processes share one port, and
-    run by StorageScp itself (its own accept thread, shut down without pynetdicom's AE bookkeeping)."""
+@dataclass(frozen=True)
+class SharedListener:
+    """One listening socket that several receiver processes accept from, and each process's open associations in
+    shared memory. A process that serves more than the least busy one waits before it accepts, so associations
+    spread evenly: SO_REUSEPORT's hash of the peer's port put 3 or 4 of 4 associations on one process in 5 of 8
+    cases, and the other core idled (benchmarks/ingest.py)."""
 
-    def __init__(self, *args: Any, reuse_port: bool = False, **kwargs: Any) -> None:
-        self._reuse_port = reuse_port
+    sock: socket.socket
+    loads: Any  # multiprocessing RawArray("i"), one slot per process
+    index: int
+
+    def publish(self, load: int) -> None:
+        self.loads[self.index] = load
+
+    def excess(self) -> int:
+        """How many more associations this process serves than the least busy one."""
+        return int(self.loads[self.index]) - min(self.loads)
+
+
+class _AcceptorServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server on its own socket, or accepting from a `SharedListener` with other receiver
+    processes, run by StorageScp itself (its own accept thread, shut down without pynetdicom's AE bookkeeping)."""
+
+    def __init__(self, *args: Any, listener: SharedListener | None = None, **kwargs: Any) -> None:
+        self._listener = listener
+        self._starting = 0  # accepted, association thread not yet running
+        self._starting_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        if self._reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self._listener is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._listener.sock
+        self.socket.setblocking(False)  # the process that loses the race for a connection must not block
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listener is None:  # a shared socket already listens
+            super().server_activate()
+
+    def server_close(self) -> None:
+        if self._listener is None:
+            super().server_close()
+        else:
+            self.socket.close()  # no shutdown(): that would end accepting in every process
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        """Accept, after a pause when this process is busier than another (BlockingIOError if one took it)."""
+        if self._listener is not None and (excess := self._listener.excess()) > 0:
+            time.sleep(min(excess, _BALANCE_MAX_STEPS) * _BALANCE_STEP_S)
+        request = super().get_request()
+        with self._starting_lock:
+            self._starting += 1
+        self._publish_load()
+        return request
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._starting_lock:
+                self._starting -= 1
 
     def shutdown(self) -> None:
         socketserver.BaseServer.shutdown(self)
         self.server_close()
 
     def service_actions(self) -> None:
-        """Nothing: pynetdicom runs a full `gc.collect()` every 60 accept polls (every 3 s here), which holds the GIL
-        over every live object of the node (about 90 ms with the models and web app loaded) while associations
-        wait. Python's own collector frees finished associations' cycles as it does any others."""
+        """Publish this process's load (every accept poll, so an ended association counts out within 50 ms).
+
+        Not pynetdicom's full `gc.collect()` every 60 polls (every 3 s here): it holds the GIL over every live
+        object of the node (about 90 ms with the models and web app loaded) while associations wait. Python's own
+        collector frees finished associations' cycles as it does any others."""
+        self._publish_load()
+
+    def _publish_load(self) -> None:
+        if self._listener is not None:
+            self._listener.publish(self._starting + len(self.active_associations))
 
 
 class StorageScp:
@@ -177,11 +238,11 @@ class StorageScp:
             raise RuntimeError("the SCP is not running")
         return int(self._server.server_address[1])
 
-    def start(self, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> int:
+    def start(self, host: str = "127.0.0.1", port: int = 0, *, listener: SharedListener | None = None) -> int:
         """Listen on host:port (0: any free port) in background threads; returns the bound port.
 
-        `reuse_port`: bind with SO_REUSEPORT, so that several receiver processes accept on one port and the kernel
-        spreads new associations over them.
+        `listener`: accept from that socket instead (host and port are then its own), with the other receiver
+        processes that share it.
         """
         if self._server is not None:
             raise RuntimeError("the SCP is already running")
@@ -197,7 +258,7 @@ class StorageScp:
         ]
         try:
             server = self.ae.make_server(
-                (host, port), evt_handlers=handlers, server_class=_AcceptorServer, reuse_port=reuse_port,
+                (host, port), evt_handlers=handlers, server_class=_AcceptorServer, listener=listener,
                 request_handler=WakingRequestHandler,
             )
         except BaseException:
