@@ -64,7 +64,9 @@ FLAIR_RANGE = {
     WM: (1.0, 1.0), GM: (1.05, 1.45), DEEP_GM: (0.95, 1.35), VENTRICLE: (0.02, 0.35), CSF: (0.05, 0.5),
     SKULL: (0.0, 0.15), SCALP: (0.4, 1.6),
 }
-LESION_ADC_FRACTION = (0.4, 0.85)  # of the tissue's own ADC
+# Of the tissue's own ADC: acute infarcts lose 25–60 % (rADC ≈ 0.4–0.75); values nearer normal come only from the
+# soft lesion edge's partial volume, so bright tissue at 0.8–1.0 of normal ADC is never an infarct core here.
+LESION_ADC_FRACTION = (0.4, 0.75)
 LESION_S0_GAIN = (1.0, 1.6)  # acute infarcts gain T2 signal over hours
 MS_LESION_GAIN = (1.3, 2.5)  # FLAIR, relative to the tissue they sit in
 B_VALUE_RANGE = (700.0, 1500.0)  # s/mm², the stroke manifest's accepted range
