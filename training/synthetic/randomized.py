@@ -11,7 +11,7 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    `spacing_mm` into the template; labels are read nearest-neighbour, the soft-edged lesion map linearly.
 3. **Contrast.** Every tissue gets a random intensity in a physiological range, with inner texture. Stroke keeps the
    diffusion physics coupled: an ADC per tissue (CSF ≈ 3000, parenchyma ≈ 600–950 µm²/s), a lesion ADC of
-   0.4–0.85 × the tissue's, a random T2 (S0) contrast, and DWI = S0·exp(−b·ADC) at a random b; the ADC map is
+   0.4–0.75 × the tissue's, a random T2 (S0) contrast, and DWI = S0·exp(−b·ADC) at a random b; the ADC map is
    recomputed from the noisy b0 and DWI as a scanner does, so "bright on DWI because the ADC is low" is what
    separates a lesion from DWI-bright healthy tissue (T2 shine-through, coil proximity, susceptibility pile-up,
    drawn as hard negatives). MS draws a FLAIR: dark CSF, bright lesions at a random contrast.
