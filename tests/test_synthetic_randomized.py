@@ -142,30 +142,31 @@ def test_t2_bright_mimics_keep_a_normal_adc() -> None:
     assert adc.min() >= 700.0  # … and none of it got a low ADC
 
 
-def test_bright_convexity_cortex_is_bilateral_toward_the_vertex_with_a_near_normal_adc() -> None:
-    """The hard negative: only cortex changes, brighter near the top of the brain than low down, on both sides alike,
-    and its ADC stays within CONVEXITY_ADC_FRACTION of normal (an infarct's is lower)."""
+def test_bright_cortex_band_is_bilateral_toward_one_end_with_a_near_normal_adc() -> None:
+    """The hard negative: only cortex changes, brighter at one end of the brain (the vertex or the skull base) than at
+    the other, on both sides alike, and its ADC stays within CORTEX_BAND_ADC_FRACTION of normal (an infarct's is
+    lower)."""
     labels = np.full((40, 40, 40), rz.AIR, dtype=np.int8)
-    labels[4:36, 4:36, 2:34] = rz.GM
-    labels[10:30, 10:30, 2:28] = rz.WM
+    labels[4:36, 4:36, 4:36] = rz.GM
+    labels[10:30, 10:30, 10:30] = rz.WM
     lesion = np.zeros(labels.shape, dtype=np.float32)
-    applied = 0
-    for seed in range(12):
+    ends = set()
+    for seed in range(16):
         s0 = np.ones(labels.shape, dtype=np.float32)
         adc = np.full(labels.shape, 800.0, dtype=np.float32)
-        rz._bright_convexity_cortex(np.random.default_rng(seed), labels, lesion, s0, adc, 2.0)
+        rz._bright_cortex_band(np.random.default_rng(seed), labels, lesion, s0, adc, 2.0)
         assert np.all(s0[labels != rz.GM] == 1.0) and np.all(adc[labels != rz.GM] == 800.0)
         if s0.max() == 1.0:
             continue
-        applied += 1
-        top, low = s0[4:36, 4:36, 32:34], s0[4:36, 4:36, 2:4]
-        assert top.mean() > low.mean() + 0.05
-        left, right = s0[4:20, :, 30:34].mean(), s0[20:36, :, 30:34].mean()
-        assert abs(left - right) < 0.1 * (top.mean() - 1.0) + 0.02
+        top, bottom = s0[4:36, 4:36, 32:36].mean(), s0[4:36, 4:36, 4:8].mean()
+        assert abs(top - bottom) > 0.05
+        ends.add("vertex" if top > bottom else "base")
+        left, right = s0[4:20].mean(), s0[20:36].mean()
+        assert abs(left - right) < 0.1 * (s0.max() - 1.0) + 0.02
         fraction = adc[labels == rz.GM] / 800.0
-        low_bound = 1.0 - (1.0 - rz.CONVEXITY_ADC_FRACTION[0]) * 1.25
-        assert fraction.min() >= low_bound - 1e-4 and fraction.max() <= 1.0 + 0.05 * 1.25 + 1e-4
-    assert 3 <= applied <= 10  # CONVEXITY_PROBABILITY of the draws
+        assert fraction.min() >= 1.0 - (1.0 - rz.CORTEX_BAND_ADC_FRACTION[0]) * 1.25 - 1e-4
+        assert fraction.max() <= 1.0 + (rz.CORTEX_BAND_ADC_FRACTION[1] - 1.0) * 1.25 + 1e-4
+    assert ends == {"vertex", "base"}
 
 
 def test_laterality_of_every_lesion_follows_the_template_side(strokes) -> None:

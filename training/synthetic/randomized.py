@@ -73,11 +73,11 @@ B_VALUE_RANGE = (700.0, 1500.0)  # s/mm², the stroke manifest's accepted range
 # Tissue is not mono-exponential (diffusional kurtosis): the ADC a scanner reports in parenchyma and infarcts falls
 # by this fraction per 1000 s/mm² of b (≈ 7 % lower at b 1500 than at 1000); free water (CSF) does not.
 KURTOSIS_SLOPE_PER_1000 = (0.08, 0.2)
-# Cortex bright toward the vertex with a normal or slightly low ADC (a hard negative; see _bright_convexity_cortex).
-CONVEXITY_PROBABILITY = 0.5
-CONVEXITY_S0_GAIN = (1.15, 1.8)  # at the top of the brain, falling off below it over CONVEXITY_REACH_MM
-CONVEXITY_ADC_FRACTION = (0.88, 1.05)  # of the cortex's own ADC; an infarct's is at most LESION_ADC_FRACTION[1]
-CONVEXITY_REACH_MM = (15.0, 45.0)
+# Cortex bright toward one end of the brain with a normal or slightly low ADC (a hard negative; _bright_cortex_band).
+CORTEX_BAND_PROBABILITY = 0.5
+CORTEX_BAND_S0_GAIN = (1.15, 1.8)  # at that end of the brain, falling off away from it over CORTEX_BAND_REACH_MM
+CORTEX_BAND_ADC_FRACTION = (0.88, 1.05)  # of the cortex's own ADC; an infarct's is at most LESION_ADC_FRACTION[1]
+CORTEX_BAND_REACH_MM = (15.0, 45.0)
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
 SLAB_PROBABILITY = 0.15
@@ -347,7 +347,7 @@ def _render_stroke(
     adc *= 1.0 - lesion * (1.0 - np.clip(fraction, 0.3, 0.95))
     s0 *= 1.0 + lesion * (rng.uniform(*LESION_S0_GAIN) - 1.0)
     _diffusion_mimics(rng, labels, lesion, s0, adc, spacing_mm)
-    _bright_convexity_cortex(rng, labels, lesion, s0, adc, spacing_mm)
+    _bright_cortex_band(rng, labels, lesion, s0, adc, spacing_mm)
     restricted = ~np.isin(labels, (VENTRICLE, CSF))
     adc[restricted] *= 1.0 - rng.uniform(*KURTOSIS_SLOPE_PER_1000) * (b_value - 1000.0) / 1000.0
     dwi = s0 * np.exp(-b_value * adc * 1e-6)
@@ -392,25 +392,30 @@ def _diffusion_mimics(
         adc[box] *= 1.0 + rng.uniform(0.0, 0.5) * blob
 
 
-def _bright_convexity_cortex(
+def _bright_cortex_band(
     rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, s0: np.ndarray, adc: np.ndarray,
     spacing_mm: float,
 ) -> None:
-    """Cortex bright on b0 and DWI toward the vertex, both hemispheres alike, with a normal or slightly low ADC: thick
-    slices through the convexity under an array coil at high b (the healthy b-1500 Canon brain of the shared data
-    marks this way). An infarct is one vascular territory with an ADC well below normal; the model must learn that
-    a symmetric bright cortical ribbon is anatomy."""
-    if rng.random() >= CONVEXITY_PROBABILITY:
+    """Cortex bright on b0 and DWI toward one end of the brain, both hemispheres alike, with a normal or slightly low
+    ADC: susceptibility pile-up over the skull base (orbitofrontal cortex, temporal poles), the cortex under an array
+    coil at the vertex, the edge slices of a slab. The healthy Canon and Philips brains of the shared data mark this
+    way. An infarct is one vascular territory with an ADC well below normal; the model must learn that a symmetric
+    bright cortical band is not one."""
+    if rng.random() >= CORTEX_BAND_PROBABILITY:
         return
     cortex = (labels == GM) & (lesion < 0.05)
-    levels = np.flatnonzero(np.isin(labels, INTRACRANIAL).any(axis=(0, 1)))  # axis 2 is superior (RAS grid)
-    if len(levels) == 0 or not cortex.any():
+    if not cortex.any():
         return
-    below_top_mm = (levels[-1] - np.arange(labels.shape[2], dtype=np.float32)) * spacing_mm
-    falloff = np.exp(-np.clip(below_top_mm, 0.0, None) / rng.uniform(*CONVEXITY_REACH_MM))
-    weight = cortex * falloff[None, None, :] * (1.0 + 0.25 * _smooth_noise(rng, labels.shape, 12))
-    s0 *= 1.0 + (rng.uniform(*CONVEXITY_S0_GAIN) - 1.0) * weight
-    adc *= 1.0 + (rng.uniform(*CONVEXITY_ADC_FRACTION) - 1.0) * weight
+    # A direction in the sagittal plane (no left-right part, so the band is bilateral): up or down, tilted forwards
+    # or backwards.
+    direction = _unit(np.array([0.0, rng.uniform(-0.8, 0.8), rng.choice([-1.0, 1.0])]))
+    height = sum(np.arange(n, dtype=np.float32).reshape([-1 if i == k else 1 for k in range(3)]) * d * spacing_mm
+                 for i, (n, d) in enumerate(zip(labels.shape, direction)))
+    end_mm = float(np.broadcast_to(height, labels.shape)[np.isin(labels, INTRACRANIAL)].max(initial=0.0))
+    falloff = np.exp(-np.clip(end_mm - height, 0.0, None) / rng.uniform(*CORTEX_BAND_REACH_MM))
+    weight = cortex * falloff * (1.0 + 0.25 * _smooth_noise(rng, labels.shape, 12))
+    s0 *= 1.0 + (rng.uniform(*CORTEX_BAND_S0_GAIN) - 1.0) * weight
+    adc *= 1.0 + (rng.uniform(*CORTEX_BAND_ADC_FRACTION) - 1.0) * weight
 
 
 def _coil_and_pileup(rng: np.random.Generator, labels: np.ndarray, spacing_mm: float) -> np.ndarray:
