@@ -44,7 +44,7 @@ class DicomSettings:
     max_associations: int = field(default=8, metadata=checked(positive))
     # SCP processes sharing the port, the least busy taking each association. 2: pynetdicom spends ~2.5 ms of Python
     # per instance under one GIL, so one process saturates a core; on the 2-core machine benchmarks/ingest.py measured
-    # 1 below 2 and 4 no better than 2 (each process costs ~53 MiB): 0.27-0.44x storescp with 1, 0.61-0.63x with 2
+    # 1 below 2 and 4 no better than 2 (each process costs ~53 MiB): 0.27-0.44x storescp with 1, 0.61-0.65x with 2
     # (0.35-0.64x before the processes shared the associations evenly), 0.49x with 4 (README).
     receiver_processes: int = field(default=2, metadata=checked(positive))
     max_instance_bytes: int = field(default=1 << 30, metadata=checked(positive))
