@@ -50,8 +50,8 @@ LOG = logging.getLogger(__name__)
 LISTEN_HOST = "0.0.0.0"  # a PACS reaches the node over the network; the calling-AE allow-list guards it
 ASSOCIATION_GRACE_S = 30.0  # design.md §5: open associations may finish for this long after SIGTERM
 WORKER_START_TIMEOUT_S = 120.0
-LISTEN_BACKLOG = 64  # connections the kernel queues while the SCP processes are busy
 WORKER_STOP_TIMEOUT_S = ASSOCIATION_GRACE_S + 10.0
+LISTEN_BACKLOG = 64  # connections the kernel queues while the SCP processes are busy
 _LOG_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s"
 
 

@@ -392,6 +392,12 @@ def _diffusion_mimics(
         adc[box] *= 1.0 + rng.uniform(0.0, 0.5) * blob
 
 
+def _grid_axes_mm(shape: tuple[int, ...], spacing_mm: float) -> list[np.ndarray]:
+    """Each axis's voxel positions in mm, shaped to broadcast along that axis only (sums of them are volumes)."""
+    return [(np.arange(n, dtype=np.float32) * spacing_mm).reshape([-1 if i == k else 1 for k in range(len(shape))])
+            for i, n in enumerate(shape)]
+
+
 def _bright_cortex_band(
     rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, s0: np.ndarray, adc: np.ndarray,
     spacing_mm: float,
@@ -409,8 +415,7 @@ def _bright_cortex_band(
     # A direction in the sagittal plane (no left-right part, so the band is bilateral): up or down, tilted forwards
     # or backwards.
     direction = _unit(np.array([0.0, rng.uniform(-0.8, 0.8), rng.choice([-1.0, 1.0])]))
-    height = sum(np.arange(n, dtype=np.float32).reshape([-1 if i == k else 1 for k in range(3)]) * d * spacing_mm
-                 for i, (n, d) in enumerate(zip(labels.shape, direction)))
+    height = sum(a * d for a, d in zip(_grid_axes_mm(labels.shape, spacing_mm), direction))
     end_mm = float(np.broadcast_to(height, labels.shape)[np.isin(labels, INTRACRANIAL)].max(initial=0.0))
     falloff = np.exp(-np.clip(end_mm - height, 0.0, None) / rng.uniform(*CORTEX_BAND_REACH_MM))
     weight = cortex * falloff * (1.0 + 0.25 * _smooth_noise(rng, labels.shape, 12))
@@ -422,23 +427,21 @@ def _coil_and_pileup(rng: np.random.Generator, labels: np.ndarray, spacing_mm: f
     """Gain on every b-value alike (so the ADC keeps its value): receive-coil proximity (one side, and the whole
     periphery of an array coil) and EPI pile-up."""
     shape = labels.shape
-    axes = [np.arange(n, dtype=np.float32) * spacing_mm for n in shape]
+    axes = _grid_axes_mm(shape, spacing_mm)
     head = np.argwhere(labels[::4, ::4, ::4] != AIR) * 4 * spacing_mm
     centre = head.mean(0) if len(head) else np.array(shape) * spacing_mm / 2.0
     direction = _unit(rng.standard_normal(3) + np.array([0.0, -1.5, 0.0]))
-    depth = sum(((a - c) * d).reshape([-1 if i == k else 1 for k in range(3)])
-                for i, (a, c, d) in enumerate(zip(axes, centre, direction)))
+    depth = sum((a - c) * d for a, c, d in zip(axes, centre, direction))
     surface = float(np.percentile(head @ direction - centre @ direction, 98)) if len(head) else 0.0
     gain = 1.0 + rng.uniform(0.0, 0.7) * np.exp(-np.clip(surface - depth, 0.0, None) / rng.uniform(15.0, 35.0))
     # A phased-array head coil sees the whole periphery best: the cortex under every element is bright on b0 and
-    # DWI alike (the healthy b-1500 Canon brain's vertex), while the ADC, a ratio, stays normal.
+    # DWI alike, while the ADC, a ratio, stays normal.
     inside_mm = ndimage.distance_transform_edt(labels != AIR, sampling=spacing_mm)
     gain = gain * (1.0 + rng.uniform(0.0, 0.8) * np.exp(-inside_mm / rng.uniform(8.0, 25.0)))
     for _ in range(int(rng.integers(0, 4))):  # susceptibility pile-up near air–bone interfaces
         spot = head[rng.integers(len(head))] if len(head) else centre
         radius = rng.uniform(6.0, 15.0)
-        bump = sum(((a - s) ** 2).reshape([-1 if i == k else 1 for k in range(3)])
-                   for i, (a, s) in enumerate(zip(axes, spot)))
+        bump = sum((a - s) ** 2 for a, s in zip(axes, spot))
         gain = gain * (1.0 + rng.uniform(0.3, 1.5) * np.exp(-bump / (2.0 * radius**2)))
     return np.broadcast_to(gain, shape).astype(np.float32)
 
