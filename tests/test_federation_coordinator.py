@@ -594,8 +594,10 @@ def test_renewal_and_publish_keep_sites_and_versions_consistent(coordinator_dir,
 def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loopback_without_patient_data(
         coordinator_dir) -> None:
     """Two rounds of two trainers and an evaluator's score, over mTLS: after each close (and the score) the plan's
-    metrics.csv and val_dice.png hold every (round, site, role) so far; /metrics answers on loopback with the rounds,
-    sites alive, bytes, round duration and refused updates, labelled only by role, state and direction."""
+    metrics.csv holds every (round, site, role) so far; val_dice.png is drawn at the first close, not redrawn within
+    PLOT_INTERVAL_S while rounds remain, and drawn again once the last round closes; /metrics answers on loopback
+    with the rounds, sites alive, bytes, round duration and refused updates, labelled only by role, state and
+    direction."""
     directory, bundles = coordinator_dir
     plan = plan_for(TASK, network="tiny", rounds=2, quorum=2, deadline_s=120)
     coordinator = Coordinator(directory, plan, heartbeat_interval_s=2, tick_s=0.05)
@@ -608,7 +610,7 @@ def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loop
     coordinator._export = export
     coordinator.start(metrics_port=0)
     sites = {name: FakeSite(bundles[name]) for name in ("alpha", "beta", "judge")}
-    report_csv = coordinator.rounds_dir / "metrics.csv"
+    report_csv, plot = coordinator.rounds_dir / "metrics.csv", coordinator.rounds_dir / "val_dice.png"
     url = f"http://127.0.0.1:{coordinator.metrics_server.port}"
 
     def scrape() -> dict[str, float]:
@@ -654,10 +656,13 @@ def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loop
         assert not sites["alpha"].put(first_task, {}, cases=1).accepted  # refused (and recorded)
         train("beta", 0.4)
         _wait(lambda: [(r["round"], r["site"]) for r in rows()] == [("1", "alpha"), ("1", "beta")])
+        _wait(plot.exists)  # the first close draws at once
+        first_plot = plot.stat().st_ino
         report = pb2.MetricsReport(plan_sha256=plan.sha256, round=1, kind="evaluate", num_cases=3,
                                    values={"val_dice": 0.3})
         assert sites["judge"].stub.ReportMetrics(report).accepted
         _wait(lambda: len(rows()) == 3)
+        assert plot.stat().st_ino == first_plot  # within PLOT_INTERVAL_S of the last drawing, rounds still to run
         _wait(lambda: coordinator.state.current_round(plan.sha256) is not None)
         train("alpha", 0.5)
         train("beta", 0.6)
@@ -670,7 +675,8 @@ def test_each_round_rewrites_the_operators_report_and_metrics_are_served_on_loop
             ("2", "beta"): ("trainer", "0.6", "2"),
         }
         assert table[("2", "alpha")]["version"] == "2" and float(table[("1", "alpha")]["round_seconds"]) > 0
-        assert (coordinator.rounds_dir / "val_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _wait(lambda: plot.stat().st_ino != first_plot)  # the last round closed: drawn at once
+        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
         after = scrape()
         assert after["fedlesion_federation_round"] == 2 and after["fedlesion_federation_round_open"] == 0

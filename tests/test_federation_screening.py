@@ -153,15 +153,16 @@ def test_a_negative_running_variance_is_refused() -> None:
     assert refused == {"hostile": "its normalization statistic norm.running_var has negative variances"}
 
 
-def test_the_gram_matrix_of_changes_is_exact_across_blocks() -> None:
+def test_the_gram_matrix_of_changes_is_accurate_across_blocks() -> None:
+    """float32 blocks summed in float64: within 1e-5 of the float64 product, the blocks' seams included."""
     size = 5 * SUM_BLOCK // 2
     rng = np.random.default_rng(1)
     base = {"w": rng.normal(size=size).astype(np.float32), "n": np.array(3)}
     updates = [SiteUpdate(str(k), {"w": rng.normal(size=size).astype(np.float32), "n": np.array(k)}, 1)
                for k in range(3)]
     changes = np.stack([u.weights["w"].astype(np.float64) - base["w"] for u in updates])
-    np.testing.assert_allclose(change_gram(base, updates), changes @ changes.T, rtol=1e-12)
-    np.testing.assert_allclose(change_gram(base, updates, ["w", "n"]), changes @ changes.T, rtol=1e-12)
+    np.testing.assert_allclose(change_gram(base, updates), changes @ changes.T, rtol=1e-5)
+    np.testing.assert_allclose(change_gram(base, updates, ["w", "n"]), changes @ changes.T, rtol=1e-5)
     assert not change_gram(base, updates, ["n"]).any()  # integer counters are never compared
 
 

@@ -15,8 +15,9 @@ release` writes them into the released manifest. After the last round the server
 status and pulls. The weight and candidate streams' bytes are recorded per round, site and direction.
 
 Operators (monitoring.py): after each close and each evaluation a thread of its own rewrites the plan's report,
-`DIR/rounds/<plan>/metrics.csv` and `val_dice.png` (the round loop never waits for matplotlib); with a metrics port,
-Prometheus `/metrics` is served over plain HTTP, on loopback unless told otherwise.
+`DIR/rounds/<plan>/metrics.csv` and `val_dice.png` (the round loop never waits for matplotlib; until the last round
+closes the plot is redrawn at most every PLOT_INTERVAL_S, as each drawing takes CPU from the round); with a metrics
+port, Prometheus `/metrics` is served over plain HTTP, on loopback unless told otherwise.
 
 Every call passes `check` first (transport.add_coordinator_servicer): the peer certificate's fingerprint is looked
 up in the state database on each call, so `coordinator revoke` in another process takes effect at once. Refusals are
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import shutil
 import signal
@@ -95,6 +97,10 @@ REFUSED = "refused"  # the MetricsReport kind of a site whose policy refused the
 HEARTBEAT_INTERVAL_S = 5
 MODEL_CHUNK_BYTES = 1 << 20
 SERVER_THREADS = 16
+# Until the plan's last round closes, val_dice.png is redrawn at most this often: a drawing costs about 0.1 CPU-s, as much as
+# moving one site's 23 MB of weights, and rounds of a few seconds (no-op training, tiny networks) would otherwise pay
+# it every round. A round of real training takes minutes, so each still gets its plot; the CSV is always current.
+PLOT_INTERVAL_S = 30.0
 # At most this many GetTask calls hold an idle answer at once (a long poll), so heartbeats, uploads and pulls always
 # find a free server thread; a site beyond it gets its idle answer at once and polls as before.
 TASK_WAITERS = SERVER_THREADS // 2
@@ -219,16 +225,30 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             self._wake.clear()
 
     def _report_rounds(self) -> None:
-        """Rewrite the plan's report whenever one is due (monitoring.write_round_report), until stopped."""
+        """Rewrite the plan's report whenever one is due (monitoring.write_round_report), until stopped: the CSV at
+        once; the plot too once the plan's last round has closed or PLOT_INTERVAL_S has passed since the last
+        drawing, else as soon as it has."""
+        plotted_at, plot_pending = -math.inf, False
         while True:
-            self._report_due.wait()
+            wait_s = max(0.0, plotted_at + PLOT_INTERVAL_S - time.monotonic()) if plot_pending else None
+            self._report_due.wait(wait_s)
             if self._stop.is_set():
                 return
             self._report_due.clear()
+            now = time.monotonic()
+            plot = now - plotted_at >= PLOT_INTERVAL_S or self._rounds_finished()
             try:
-                write_round_report(self.state.status(), self.plan.sha256, self.rounds_dir)
+                written = write_round_report(self.state.status(), self.plan.sha256, self.rounds_dir, plot=plot)
             except Exception:  # a report that cannot be written (disk, plotting) never stops the rounds
                 log.exception("writing the round report failed")
+                continue
+            if written is not None and written[1] is not None:
+                plotted_at = now
+            plot_pending = written is not None and not plot
+
+    def _rounds_finished(self) -> bool:
+        last, current = self.state.last_round(self.plan.sha256), self.state.current_round(self.plan.sha256)
+        return current is None and last is not None and last.round >= self.plan.rounds
 
     def render_metrics(self) -> str:
         """The `/metrics` body, from the state database as it is now."""

@@ -76,16 +76,19 @@ def plot_site_dice(axes: Any, rounds: Iterable[Mapping[str, Any]]) -> int:
     return len(series)
 
 
-def write_round_report(status: Mapping[str, Any], plan_sha256: str, directory: Path) -> tuple[Path, Path] | None:
-    """`directory`/metrics.csv (a row per round, site and role) and val_dice.png for the plan's closed rounds, each
-    written atomically; None (nothing written) before the first round closes."""
+def write_round_report(status: Mapping[str, Any], plan_sha256: str, directory: Path, *, plot: bool = True
+                       ) -> tuple[Path, Path | None] | None:
+    """`directory`/metrics.csv (a row per round, site and role) and, with `plot`, val_dice.png for the plan's closed
+    rounds, each written atomically; the paths written (None for a plot not drawn), or None (nothing written) before
+    the first round closes."""
     rounds = site_metrics_by_round(r for r in status["rounds"] if r["plan_sha256"] == plan_sha256)
     if not rounds:
         return None
     directory.mkdir(parents=True, exist_ok=True)
     csv_path = write_text_atomic(directory / REPORT_CSV, _csv_text(rounds))
-    png_path = write_atomic(directory / REPORT_PNG, lambda temp: _plot(rounds, plan_sha256, temp))
-    return csv_path, png_path
+    if not plot:
+        return csv_path, None
+    return csv_path, write_atomic(directory / REPORT_PNG, lambda temp: _plot(rounds, plan_sha256, temp))
 
 
 def _csv_text(rounds: list[dict[str, Any]]) -> str:
