@@ -97,9 +97,10 @@ REFUSED = "refused"  # the MetricsReport kind of a site whose policy refused the
 HEARTBEAT_INTERVAL_S = 5
 MODEL_CHUNK_BYTES = 1 << 20
 SERVER_THREADS = 16
-# Until the plan's last round closes, val_dice.png is redrawn at most this often: a drawing costs about 0.1 CPU-s, as much as
-# moving one site's 23 MB of weights, and rounds of a few seconds (no-op training, tiny networks) would otherwise pay
-# it every round. A round of real training takes minutes, so each still gets its plot; the CSV is always current.
+# Until the plan's last round closes, val_dice.png is redrawn at most this often: a drawing costs about 0.1 CPU-s,
+# as much as moving one site's 23 MB of weights, and rounds of a few seconds (no-op training, tiny networks) would
+# otherwise pay it every round. A round of real training takes minutes, so each still gets its plot; the CSV is
+# always current.
 PLOT_INTERVAL_S = 30.0
 # At most this many GetTask calls hold an idle answer at once (a long poll), so heartbeats, uploads and pulls always
 # find a free server thread; a site beyond it gets its idle answer at once and polls as before.
@@ -241,7 +242,7 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
                 written = write_round_report(self.state.status(), self.plan.sha256, self.rounds_dir, plot=plot)
             except Exception:  # a report that cannot be written (disk, plotting) never stops the rounds
                 log.exception("writing the round report failed")
-                continue
+                written = None  # tried again at the next close or score, not in a loop
             if written is not None and written[1] is not None:
                 plotted_at = now
             plot_pending = written is not None and not plot

@@ -175,8 +175,8 @@ def change_gram(global_weights: Mapping[str, np.ndarray], updates: Sequence[Site
     """G_ij = Δ_i · Δ_j over the floating-point tensors (those in `names` where given), Δ_k = w_k − w.
 
     A block of changes is taken and multiplied in float32 and the blocks' products are summed in float64: ≈ 1e-6
-    relative, ample for limits like 10× and cosines, and a third of the float64 path's time (≈ 0.1 s a round for three
-    5.7 M-parameter updates, spent while the round waits)."""
+    relative, ample for limits like 10× and cosines, in a third of the time float64 took (≈ 0.1 s for three 5.7 M
+    updates, while the round waits for its close)."""
     gram = np.zeros((len(updates), len(updates)), np.float64)
     changes = np.empty((len(updates), SUM_BLOCK), np.float32)
     for name in global_weights if names is None else names:
