@@ -13,8 +13,8 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    diffusion physics coupled: an ADC per tissue (CSF ≈ 3000, parenchyma ≈ 600–950 µm²/s), a lesion ADC of
    0.4–0.75 × the tissue's, a random T2 (S0) contrast, and DWI = S0·exp(−b·ADC) at a random b; the ADC map is
    recomputed from the noisy b0 and DWI as a scanner does, so "bright on DWI because the ADC is low" is what
-   separates a lesion from DWI-bright healthy tissue (T2 shine-through, infarct-shaped in half the draws, coil
-   proximity, susceptibility pile-up, drawn as hard negatives). MS draws a FLAIR: dark CSF, bright lesions at a random contrast.
+   separates a lesion from DWI-bright healthy tissue (T2 shine-through, coil proximity, susceptibility pile-up,
+   drawn as hard negatives). MS draws a FLAIR: dark CSF, bright lesions at a random contrast.
 4. **Acquisition.** A multiplicative bias field, slice thickness (anisotropic blur along a random axis), Rician
    noise, a gamma on the weighted image, a random scanner scale, a cut slab now and then, and skull stripping on a
    fraction of the draws so one model serves research (stripped) and clinical (whole-head) data.
@@ -78,12 +78,6 @@ CORTEX_BAND_PROBABILITY = 0.5
 CORTEX_BAND_S0_GAIN = (1.15, 1.8)  # at that end of the brain, falling off away from it over CORTEX_BAND_REACH_MM
 CORTEX_BAND_ADC_FRACTION = (0.88, 1.05)  # of the cortex's own ADC; an infarct's is at most LESION_ADC_FRACTION[1]
 CORTEX_BAND_REACH_MM = (15.0, 45.0)
-# Infarct-shaped T2 shine-through (a hard negative; _shine_through_shapes): real lesion shapes as bright on DWI as an
-# infarct, from T2 (S0) alone, with a normal or raised ADC (subacute-to-chronic infarcts, vasogenic oedema). Only the
-# ADC tells them from the infarcts, so the model cannot score brightness and shape alone.
-SHINE_THROUGH_PROBABILITY = 0.5
-SHINE_THROUGH_S0_GAIN = (1.5, 3.0)
-SHINE_THROUGH_ADC_FRACTION = (0.95, 1.35)  # of the tissue's own ADC
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
 SLAB_PROBABILITY = 0.15
@@ -245,15 +239,6 @@ def _stroke_lesions(rng: np.random.Generator, template: TemplateLabels) -> _Lesi
     return canvas
 
 
-def _shine_through_shapes(rng: np.random.Generator, template: TemplateLabels) -> _LesionCanvas:
-    """One or two stroke-library shapes to render as T2 shine-through, in SHINE_THROUGH_PROBABILITY of the draws."""
-    canvas = _LesionCanvas.empty(template.shape)
-    if rng.random() < SHINE_THROUGH_PROBABILITY:
-        for _ in range(int(rng.integers(1, 3))):
-            canvas.add(*_library_lesion(ShapeLibrary.STROKE, rng, template))
-    return canvas
-
-
 def _ms_lesions(rng: np.random.Generator, template: TemplateLabels) -> _LesionCanvas:
     canvas = _LesionCanvas.empty(template.shape)
     if rng.random() < NO_LESION_PROBABILITY / 2:
@@ -350,11 +335,9 @@ def _rician(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.nda
 
 
 def _render_stroke(
-    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float,
-    shine_through: np.ndarray | None = None,
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float
 ) -> tuple[dict[str, np.ndarray], float]:
-    """b0, DWI and a scanner-computed ADC (µm²/s) from the label map, the soft lesion map and, where given, a soft map
-    of shine-through shapes outside the lesions (T2-bright, ADC normal or raised)."""
+    """b0, DWI and a scanner-computed ADC (µm²/s) from the label map and the soft lesion map."""
     shape = labels.shape
     b_value = float(rng.uniform(*B_VALUE_RANGE))
     texture = _smooth_noise(rng, shape, int(rng.integers(8, 24)))
@@ -363,9 +346,6 @@ def _render_stroke(
     fraction = rng.uniform(*LESION_ADC_FRACTION) + 0.08 * _smooth_noise(rng, shape, 24)
     adc *= 1.0 - lesion * (1.0 - np.clip(fraction, 0.3, 0.95))
     s0 *= 1.0 + lesion * (rng.uniform(*LESION_S0_GAIN) - 1.0)
-    if shine_through is not None and shine_through.any():
-        s0 *= 1.0 + shine_through * (rng.uniform(*SHINE_THROUGH_S0_GAIN) - 1.0)
-        adc *= 1.0 + shine_through * (rng.uniform(*SHINE_THROUGH_ADC_FRACTION) - 1.0)
     _diffusion_mimics(rng, labels, lesion, s0, adc, spacing_mm)
     _bright_cortex_band(rng, labels, lesion, s0, adc, spacing_mm)
     restricted = ~np.isin(labels, (VENTRICLE, CSF))
@@ -491,23 +471,17 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0.8 <= spacing_mm <= 3.0:
         raise ValueError(f"spacing_mm must be in [0.8, 3], got {spacing_mm!r}")
-    # The fifth child (shine-through shapes) came last: the first four draw what they drew before it existed.
-    lesion_rng, space_rng, contrast_rng, strip_rng, mimic_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(5)
+    lesion_rng, space_rng, contrast_rng, strip_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4)
     )
     template = template_labels()
     canvas = _stroke_lesions(lesion_rng, template) if kind == "stroke" else _ms_lesions(lesion_rng, template)
     affine, shape = box_grid(spacing_mm)  # the template's box, RAS, at the output spacing
     coords = _template_coordinates(space_rng, affine, shape)
     labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="constant", cval=AIR).reshape(shape)
-    edge_mm = float(lesion_rng.uniform(0.4, 1.0))
-    soft = _lesion_on_grid(canvas, coords, shape, edge_mm)
-    if kind == "stroke":
-        shine_through = _lesion_on_grid(_shine_through_shapes(mimic_rng, template), coords, shape, edge_mm)
-        shine_through[soft > 0.05] = 0.0  # never on or against an infarct: the ground truth stays the infarcts'
-        images, thickness = _render_stroke(contrast_rng, labels, soft, spacing_mm, shine_through)
-    else:
-        images, thickness = _render_flair(contrast_rng, labels, soft, spacing_mm)
+    soft = _lesion_on_grid(canvas, coords, shape, float(lesion_rng.uniform(0.4, 1.0)))
+    render = _render_stroke if kind == "stroke" else _render_flair
+    images, thickness = render(contrast_rng, labels, soft, spacing_mm)
     brain = np.isin(labels, INTRACRANIAL)
     skull_stripped = bool(strip_rng.random() < SKULL_STRIP_PROBABILITY)
     if skull_stripped:
