@@ -72,6 +72,8 @@ class NormalizationMethod(StrEnum):
     ZSCORE_HEAD_MASK = "zscore-head-mask"  # relative contrast: clipped to percentiles and z-scored in the head mask
     FIXED_SCALE = "fixed-scale"  # a quantitative map (ADC in µm²/s): clipped to fixed values and scaled, so the
     # network sees the physical value a radiologist reads (an infarct's ADC < ~620) on every scanner alike
+    MEDIAN_RATIO = "median-ratio"  # a quantitative map over its own median in the head mask, counted only within
+    # clip_values (ADC: the parenchyma, not CSF nor background), times scale, clipped to [0, 4]: relative ADC
 
 
 class LayerNormalization(StrEnum):
@@ -114,12 +116,13 @@ class Normalization:
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        fixed = self.method is NormalizationMethod.FIXED_SCALE
+        fixed = self.method in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO)
         if fixed != (self.clip_values is not None) or fixed != (self.scale is not None):
-            raise ValueError(f"normalization {self.method.value}: clip_values and scale belong to fixed-scale only")
+            raise ValueError(f"normalization {self.method.value}: clip_values and scale belong to fixed-scale and "
+                             "median-ratio only")
         if fixed and not (self.clip_values[0] < self.clip_values[1] and self.scale > 0):
-            raise ValueError(f"normalization fixed-scale: need low < high and scale > 0, got {self.clip_values}, "
-                             f"{self.scale}")
+            raise ValueError(f"normalization {self.method.value}: need low < high and scale > 0, got "
+                             f"{self.clip_values}, {self.scale}")
 
 
 @dataclass(frozen=True)
@@ -490,7 +493,7 @@ def _input(obj: _Obj) -> InputChannel:
 
 def _normalization(norm: _Obj) -> Normalization:
     method = norm.choice("method", NormalizationMethod)
-    if method is NormalizationMethod.FIXED_SCALE:
+    if method in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO):
         low, high = norm.fixed("clip_values", 2, lambda v, p: _number(v, p, minimum=-math.inf))
         if not low < high:
             raise ValueError(f"{norm.path}.clip_values: need low < high, got [{low}, {high}]")
@@ -659,7 +662,7 @@ def preprocessing_dict(pre: Preprocessing) -> dict[str, Any]:
 
 
 def _normalization_dict(norm: Normalization) -> dict[str, Any]:
-    if norm.method is NormalizationMethod.FIXED_SCALE:
+    if norm.method in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO):
         assert norm.clip_values is not None
         return {"method": str(norm.method), "clip_values": [float(v) for v in norm.clip_values], "scale": norm.scale}
     return {"method": str(norm.method), "clip_percentiles": [float(v) for v in norm.clip_percentiles]}

@@ -139,6 +139,16 @@ def _padding(shape: tuple[int, int, int], spec: Preprocessing) -> tuple[tuple[in
 def _normalise(values: np.ndarray, mask: np.ndarray, spec: Normalization, name: str) -> np.ndarray:
     """Normalise one channel in place (z-score in the mask, or the fixed scale of a quantitative map); 0 outside
     the mask."""
+    if spec.method is NormalizationMethod.MEDIAN_RATIO:
+        assert spec.clip_values is not None and spec.scale is not None
+        inside = values[mask]
+        reference = inside[(inside > spec.clip_values[0]) & (inside < spec.clip_values[1])]
+        if reference.size == 0:
+            raise ValueError(f"channel {name!r} has no value within {spec.clip_values} inside the head mask")
+        values *= np.float32(spec.scale / float(np.median(reference)))
+        np.clip(values, 0.0, 4.0, out=values)
+        values[~mask] = 0.0
+        return values
     if spec.method is NormalizationMethod.FIXED_SCALE:
         assert spec.clip_values is not None and spec.scale is not None
         np.clip(values, *spec.clip_values, out=values)

@@ -252,7 +252,7 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
     in_channels = len(default_inputs(task))
     # The ADC keeps its unit (µm²/s, clipped to 0–4000, × 0.001): "low ADC" means the same number on every scanner
     # and in the synthetic data, where a z-score over a head mask shifts with the skull, the field of view and CSF.
-    channels = (("adc", Normalization(NormalizationMethod.FIXED_SCALE, clip_values=(0.0, 4000.0), scale=1e-3)),) \
+    channels = (("adc", Normalization(NormalizationMethod.MEDIAN_RATIO, clip_values=(100.0, 1500.0), scale=1.0)),) \
         if stroke else ()
     norm = Norm.BATCH
     if device == "cpu":
