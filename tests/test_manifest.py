@@ -164,14 +164,15 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return mutate
 
 
-def test_channel_normalization_round_trips_and_applies_per_channel() -> None:
+@pytest.mark.parametrize("method, clip_values, scale", [
+    (NormalizationMethod.FIXED_SCALE, (0.0, 4000.0), 0.001), (NormalizationMethod.MEDIAN_RATIO, (100.0, 1500.0), 1.0)])
+def test_channel_normalization_round_trips_and_applies_per_channel(method, clip_values, scale) -> None:
     data = copy.deepcopy(EXAMPLE)
     data["preprocessing"]["channel_normalization"] = {
-        "adc": {"method": "fixed-scale", "clip_values": [0.0, 4000.0], "scale": 0.001}}
+        "adc": {"method": method.value, "clip_values": list(clip_values), "scale": scale}}
     manifest = parse_manifest(encode(data))
     pre = manifest.preprocessing
-    assert pre.normalization_of("adc") == Normalization(NormalizationMethod.FIXED_SCALE, clip_values=(0.0, 4000.0),
-                                                        scale=0.001)
+    assert pre.normalization_of("adc") == Normalization(method, clip_values=clip_values, scale=scale)
     assert pre.normalization_of("dwi") is pre.normalization
     assert manifest.to_dict()["preprocessing"] == data["preprocessing"]
     assert "channel_normalization" not in parse_manifest(encode(EXAMPLE)).to_dict()["preprocessing"]

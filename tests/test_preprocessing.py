@@ -289,8 +289,29 @@ def test_fixed_scale_channel_keeps_its_physical_value() -> None:
     assert np.isclose(np.median(inside), 0.8, atol=1e-3)
     assert not case.image[1][~case.head_mask].any()
     assert abs(case.image[0][case.head_mask].mean()) < 1e-3  # the DWI keeps the default z-score
-    with pytest.raises(ValueError, match="belong to fixed-scale only"):
+    with pytest.raises(ValueError, match="belong to fixed-scale and median-ratio only"):
         Normalization(NormalizationMethod.ZSCORE_HEAD_MASK, clip_values=(0.0, 1.0))
+
+
+def test_median_ratio_channel_reads_relative_to_the_heads_own_value() -> None:
+    """Under median-ratio an ADC reads as a fraction of the head's own median (counted within clip_values, so CSF
+    and background do not move it): the same numbers when a scanner's ADCs are all 25 % higher."""
+    shape = (40, 40, 30)
+    dwi = np.zeros(shape, np.float32)
+    dwi[8:32, 8:32, 6:24] = 100.0 + np.random.default_rng(0).normal(0, 5, (24, 24, 18))
+    adc = np.full(shape, 800.0, np.float32)
+    adc[15:20, 15:20, 10:15] = 450.0  # an infarct
+    adc[8:12, 8:32, 6:24] = 3000.0  # CSF, outside the reference range
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    ratio = Normalization(NormalizationMethod.MEDIAN_RATIO, clip_values=(100.0, 1500.0), scale=1.0)
+    spec = dataclasses.replace(_spec((2.0, 2.0, 2.0), patch=(32, 32, 32)), channel_normalization=(("adc", ratio),))
+    cases = [preprocess([Channel(dwi, affine, "dwi"), Channel(adc * factor, affine, "adc")], spec,
+                        pad_for_inference=False) for factor in (1.0, 1.25)]
+    inside = cases[0].image[1][cases[0].head_mask]
+    assert np.isclose(np.median(inside), 1.0, atol=1e-3)
+    assert np.isclose(inside.min(), 450.0 / 800.0, atol=1e-3) and np.isclose(inside.max(), 3000.0 / 800.0, atol=1e-3)
+    np.testing.assert_allclose(cases[1].image[1], cases[0].image[1], atol=1e-5)
+    assert not cases[0].image[1][~cases[0].head_mask].any()
 
 
 # --- head mask on skull-stripped and whole-head inputs; timings -----------------------------------------------

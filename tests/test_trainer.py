@@ -57,8 +57,8 @@ def test_default_plans_round_trip_and_hash():
             stroke = task is Task.STROKE_DWI_ADC
             assert set(data["preprocessing"]) == {"target_spacing_mm", "patch_size", "size_divisible", "normalization"}\
                 | ({"channel_normalization"} if stroke else set())
-            # the stroke ADC keeps its unit (fixed scale); DWI and FLAIR are z-scored in the head mask
-            assert plan.preprocessing.normalization_of("adc").method.value == ("fixed-scale" if stroke
+            # the stroke ADC reads relative to the head's own (median ratio); DWI and FLAIR are z-scored in the head
+            assert plan.preprocessing.normalization_of("adc").method.value == ("median-ratio" if stroke
                                                                                 else "zscore-head-mask")
             assert data["threshold"] == 0.5 and data["loss"] == "dice_ce"
     cpu = default_plan("stroke-dwi-adc")
