@@ -108,7 +108,8 @@ class InputChannel:
 
 @dataclass(frozen=True)
 class Normalization:
-    """zscore-head-mask uses `clip_percentiles`; fixed-scale maps clip(value, *clip_values) · scale."""
+    """zscore-head-mask uses `clip_percentiles`; fixed-scale maps clip(value, *clip_values) · scale; median-ratio maps
+    value · scale / (median in the head mask of the values within clip_values), clipped to [0, 4]."""
 
     method: NormalizationMethod = NormalizationMethod.ZSCORE_HEAD_MASK
     clip_percentiles: tuple[float, float] = (0.5, 99.5)

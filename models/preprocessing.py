@@ -137,8 +137,8 @@ def _padding(shape: tuple[int, int, int], spec: Preprocessing) -> tuple[tuple[in
 
 
 def _normalise(values: np.ndarray, mask: np.ndarray, spec: Normalization, name: str) -> np.ndarray:
-    """Normalise one channel in place (z-score in the mask, or the fixed scale of a quantitative map); 0 outside
-    the mask."""
+    """Normalise one channel in place (z-score in the mask, the fixed scale of a quantitative map, or its ratio to
+    its own median in the mask); 0 outside the mask."""
     if spec.method is NormalizationMethod.MEDIAN_RATIO:
         assert spec.clip_values is not None and spec.scale is not None
         inside = values[mask]

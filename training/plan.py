@@ -250,8 +250,10 @@ def default_plan(task: Task | str, device: str = "cpu") -> TrainingPlan:
     stroke = task is Task.STROKE_DWI_ADC
     spacing = (2.0, 2.0, 2.0) if stroke else (1.5, 1.5, 1.5) if device == "cpu" else (1.0, 1.0, 1.0)
     in_channels = len(default_inputs(task))
-    # The ADC keeps its unit (µm²/s, clipped to 0–4000, × 0.001): "low ADC" means the same number on every scanner
-    # and in the synthetic data, where a z-score over a head mask shifts with the skull, the field of view and CSF.
+    # The ADC reads relative to the head's own (its median between 100 and 1500 µm²/s, so not CSF nor background): a
+    # fixed µm²/s scale (v4-v7) put the line between infarct and normal tissue at clinical scanners' normal grey-matter
+    # ADC (benchmarks/specificity.py --adc-scale), and a z-score over the head mask shifts with skull, field of view
+    # and CSF.
     channels = (("adc", Normalization(NormalizationMethod.MEDIAN_RATIO, clip_values=(100.0, 1500.0), scale=1.0)),) \
         if stroke else ()
     norm = Norm.BATCH
