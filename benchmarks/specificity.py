@@ -44,12 +44,11 @@ def false_positives(name: str, path: Path, engine: Engine, flip_tta: bool, adc_s
     inputs = load_study_inputs(roles, study)
     result = segment_study(inputs, engine, flip_tta=flip_tta, load_seconds=time.perf_counter() - started)
     seconds = round(time.perf_counter() - started, 1)
-    measured = inputs.adc.volume.array.copy()
     scaled_ml = {}
+    measured = inputs.adc.volume.array.copy() if adc_scales else None
     for factor in adc_scales:
         inputs.adc.volume.array[...] = measured * factor
         scaled_ml[factor] = segment_study(inputs, engine, flip_tta=flip_tta).total_volume_ml
-    inputs.adc.volume.array[...] = measured
     return {
         "study": name,
         "dwi": f"series {roles.dwi.series_number} b={roles.dwi.b_value:g} ({roles.dwi.kind.value})",

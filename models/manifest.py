@@ -75,6 +75,11 @@ class NormalizationMethod(StrEnum):
     MEDIAN_RATIO = "median-ratio"  # a quantitative map over its own median in the head mask, counted only within
     # clip_values (ADC: the parenchyma, not CSF nor background), times scale, clipped to [0, 4]: relative ADC
 
+    @property
+    def takes_values(self) -> bool:
+        """Whether the method is parameterized by clip_values and scale (not clip_percentiles)."""
+        return self in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO)
+
 
 class LayerNormalization(StrEnum):
     """The network's normalization layers: what decides whether its output depends on the window it sees."""
@@ -117,7 +122,7 @@ class Normalization:
     scale: float | None = None
 
     def __post_init__(self) -> None:
-        fixed = self.method in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO)
+        fixed = self.method.takes_values
         if fixed != (self.clip_values is not None) or fixed != (self.scale is not None):
             raise ValueError(f"normalization {self.method.value}: clip_values and scale belong to fixed-scale and "
                              "median-ratio only")
@@ -494,7 +499,7 @@ def _input(obj: _Obj) -> InputChannel:
 
 def _normalization(norm: _Obj) -> Normalization:
     method = norm.choice("method", NormalizationMethod)
-    if method in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO):
+    if method.takes_values:
         low, high = norm.fixed("clip_values", 2, lambda v, p: _number(v, p, minimum=-math.inf))
         if not low < high:
             raise ValueError(f"{norm.path}.clip_values: need low < high, got [{low}, {high}]")
@@ -663,7 +668,7 @@ def preprocessing_dict(pre: Preprocessing) -> dict[str, Any]:
 
 
 def _normalization_dict(norm: Normalization) -> dict[str, Any]:
-    if norm.method in (NormalizationMethod.FIXED_SCALE, NormalizationMethod.MEDIAN_RATIO):
+    if norm.method.takes_values:
         assert norm.clip_values is not None
         return {"method": str(norm.method), "clip_values": [float(v) for v in norm.clip_values], "scale": norm.scale}
     return {"method": str(norm.method), "clip_percentiles": [float(v) for v in norm.clip_percentiles]}

@@ -88,7 +88,7 @@ from training.federation.evaluation import histograms_from_messages
 from training.federation.monitoring import MetricsServer, Traffic, render_metrics, write_round_report
 from training.federation.plan import FederatedPlan
 from training.federation.screening import screen
-from training.federation.state import DOWN, INCOMING_PREFIX, UP, AcceptedUpdate, Round, SiteState
+from training.federation.state import DOWN, INCOMING_PREFIX, UP, AcceptedUpdate, Round, RoundState, SiteState
 from training.fingerprint import MIN_CASES_PER_BIN
 
 log = logging.getLogger(__name__)
@@ -248,8 +248,8 @@ class Coordinator(pb2_grpc.CoordinatorServicer):
             plot_pending = written is not None and not plot
 
     def _rounds_finished(self) -> bool:
-        last, current = self.state.last_round(self.plan.sha256), self.state.current_round(self.plan.sha256)
-        return current is None and last is not None and last.round >= self.plan.rounds
+        last = self.state.last_round(self.plan.sha256)
+        return last is not None and last.round >= self.plan.rounds and last.state is RoundState.CLOSED
 
     def render_metrics(self) -> str:
         """The `/metrics` body, from the state database as it is now."""
