@@ -7,6 +7,8 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    (`shapes.py`), mirrored to either side at random, eroded or dilated, cut to parenchyma; stroke adds embolic showers
    of small blobs (ISLES'22 has many lesions under 0.2 ml); MS adds procedural periventricular, juxtacortical and
    infratentorial ovoids. Some draws have no lesion at all.
+   The template is an average of many brains, so its cortex is a smooth band; `_fold_cortex` cuts gyri and sulci
+   into it on each draw.
 2. **Space.** A random affine (rotation, scaling, shear, shift) plus a smooth elastic field maps an RAS grid at
    `spacing_mm` into the template; labels are read nearest-neighbour, the soft-edged lesion map linearly.
 3. **Contrast.** Every tissue gets a random intensity in a physiological range, with inner texture. Stroke keeps the
@@ -56,8 +58,10 @@ ADC_RANGE_UM2_S = {
     WM: (600.0, 850.0), GM: (750.0, 950.0), DEEP_GM: (680.0, 900.0), VENTRICLE: (2600.0, 3300.0),
     CSF: (2300.0, 3300.0), SKULL: (300.0, 1200.0), SCALP: (300.0, 1600.0),
 }
+# Grey matter up to 1.8 × white matter on b0 (T2 and proton density at DWI's long echo times): real b1000 cortex
+# is a ribbon clearly brighter than white matter.
 S0_RANGE = {
-    WM: (1.0, 1.0), GM: (1.05, 1.45), DEEP_GM: (0.95, 1.35), VENTRICLE: (1.6, 3.5), CSF: (1.4, 3.2),
+    WM: (1.0, 1.0), GM: (1.1, 1.8), DEEP_GM: (0.95, 1.35), VENTRICLE: (1.6, 3.5), CSF: (1.4, 3.2),
     SKULL: (0.0, 0.12), SCALP: (0.1, 0.9),
 }
 FLAIR_RANGE = {
@@ -78,6 +82,12 @@ CORTEX_BAND_PROBABILITY = 0.5
 CORTEX_BAND_S0_GAIN = (1.15, 1.8)  # at that end of the brain, falling off away from it over CORTEX_BAND_REACH_MM
 CORTEX_BAND_ADC_FRACTION = (0.88, 1.05)  # of the cortex's own ADC; an infarct's is at most LESION_ADC_FRACTION[1]
 CORTEX_BAND_REACH_MM = (15.0, 45.0)
+# Gyri and sulci cut into the template's smooth cortex (_fold_cortex).
+FOLD_PROBABILITY = 0.85
+SULCUS_SPACING_MM = (9.0, 16.0)  # between neighbouring sulci across a gyrus
+SULCUS_DEPTH_MM = (6.0, 20.0)  # below the brain's surface
+SULCUS_HALF_WIDTH_MM = (0.5, 1.5)  # of the CSF in a sulcus; never under half a voxel, so it shows on the grid
+CORTEX_THICKNESS_MM = (2.0, 3.5)
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
 SLAB_PROBABILITY = 0.15
@@ -299,6 +309,39 @@ def _template_coordinates(
     return coords
 
 
+def _fold_cortex(rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Gyri and sulci in the cortical shell: a ribbon of grey matter on a core of white matter, lining sulci of CSF
+    that run from the surface down to a random depth.
+
+    Real cortex is a folded ribbon, bright on DWI and FLAIR, between dark sulci. Without folds in training, the only
+    folded bright things a model sees are the real lesion shapes, so it takes real cortex for lesion (the healthy
+    Canon and Philips brains, every stroke candidate up to v8). The sulci are the zero surface of a smooth random
+    field read at each voxel's nearest point on the brain's surface, so they stand perpendicular to that surface as
+    real sulci do. Deep grey matter and lesions keep their labels."""
+    if rng.random() >= FOLD_PROBABILITY:
+        return labels
+    parenchyma = np.isin(labels, PARENCHYMA)
+    if not parenchyma.any() or parenchyma.all():
+        return labels
+    depth, nearest = ndimage.distance_transform_edt(parenchyma, sampling=spacing_mm, return_indices=True)
+    sigma = rng.uniform(*SULCUS_SPACING_MM) / 4.4 / spacing_mm  # zeros of Gaussian-smoothed noise lie ≈ 4.4 σ apart
+    field = ndimage.gaussian_filter(rng.standard_normal(labels.shape, dtype=np.float32), sigma)
+    field = field[tuple(nearest)]  # constant along each line to the surface
+    slope = np.sqrt(sum(g * g for g in np.gradient(field, spacing_mm)))
+    to_sulcus_mm = np.abs(field) / np.maximum(slope, 1e-6)
+    reach = rng.uniform(*SULCUS_DEPTH_MM) * (1.0 + 0.4 * _smooth_noise(rng, labels.shape, 8))
+    thickness = rng.uniform(*CORTEX_THICKNESS_MM)
+    half_width = max(rng.uniform(*SULCUS_HALF_WIDTH_MM), 0.5 * spacing_mm)
+    shell = np.isin(labels, (WM, GM)) & (depth < reach + thickness) & (lesion < 0.05)
+    sulcus = shell & (to_sulcus_mm < half_width) & (depth < reach)
+    ribbon = shell & ~sulcus & ((to_sulcus_mm < half_width + thickness) | (depth <= thickness))
+    folded = labels.copy()
+    folded[shell] = WM
+    folded[ribbon] = GM
+    folded[sulcus] = CSF
+    return folded
+
+
 # -- contrast and acquisition --------------------------------------------------------------------------------
 
 
@@ -471,8 +514,8 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0.8 <= spacing_mm <= 3.0:
         raise ValueError(f"spacing_mm must be in [0.8, 3], got {spacing_mm!r}")
-    lesion_rng, space_rng, contrast_rng, strip_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(4)
+    lesion_rng, space_rng, contrast_rng, strip_rng, fold_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(5)
     )
     template = template_labels()
     canvas = _stroke_lesions(lesion_rng, template) if kind == "stroke" else _ms_lesions(lesion_rng, template)
@@ -480,6 +523,7 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
     coords = _template_coordinates(space_rng, affine, shape)
     labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="constant", cval=AIR).reshape(shape)
     soft = _lesion_on_grid(canvas, coords, shape, float(lesion_rng.uniform(0.4, 1.0)))
+    labels = _fold_cortex(fold_rng, labels, soft, spacing_mm)
     render = _render_stroke if kind == "stroke" else _render_flair
     images, thickness = render(contrast_rng, labels, soft, spacing_mm)
     brain = np.isin(labels, INTRACRANIAL)
