@@ -143,9 +143,9 @@ def test_t2_bright_mimics_keep_a_normal_adc() -> None:
 
 
 def test_bright_cortex_band_is_bilateral_toward_one_end_with_a_near_normal_adc() -> None:
-    """The hard negative: only cortex changes, brighter at one end of the brain (the vertex or the skull base) than at
-    the other, on both sides alike, and its ADC stays within CORTEX_BAND_ADC_FRACTION of normal (an infarct's is
-    lower)."""
+    """The hard negative: only parenchyma changes (the cortex and a random share of the tissue beneath), brighter at
+    one end of the brain (the vertex or the skull base) than at the other, on both sides alike, and its ADC stays
+    within CORTEX_BAND_ADC_FRACTION of normal (an infarct's is lower)."""
     labels = np.full((40, 40, 40), rz.AIR, dtype=np.int8)
     labels[4:36, 4:36, 4:36] = rz.GM
     labels[10:30, 10:30, 10:30] = rz.WM
@@ -155,7 +155,7 @@ def test_bright_cortex_band_is_bilateral_toward_one_end_with_a_near_normal_adc()
         s0 = np.ones(labels.shape, dtype=np.float32)
         adc = np.full(labels.shape, 800.0, dtype=np.float32)
         rz._bright_cortex_band(np.random.default_rng(seed), labels, lesion, s0, adc, 2.0)
-        assert np.all(s0[labels != rz.GM] == 1.0) and np.all(adc[labels != rz.GM] == 800.0)
+        assert np.all(s0[labels == rz.AIR] == 1.0) and np.all(adc[labels == rz.AIR] == 800.0)
         if s0.max() == 1.0:
             continue
         top, bottom = s0[4:36, 4:36, 32:36].mean(), s0[4:36, 4:36, 4:8].mean()
@@ -163,10 +163,63 @@ def test_bright_cortex_band_is_bilateral_toward_one_end_with_a_near_normal_adc()
         ends.add("vertex" if top > bottom else "base")
         left, right = s0[4:20].mean(), s0[20:36].mean()
         assert abs(left - right) < 0.1 * (s0.max() - 1.0) + 0.02
-        fraction = adc[labels == rz.GM] / 800.0
+        fraction = adc[labels != rz.AIR] / 800.0
         assert fraction.min() >= 1.0 - (1.0 - rz.CORTEX_BAND_ADC_FRACTION[0]) * 1.25 - 1e-4
         assert fraction.max() <= 1.0 + (rz.CORTEX_BAND_ADC_FRACTION[1] - 1.0) * 1.25 + 1e-4
     assert ends == {"vertex", "base"}
+
+
+def test_folded_cortex_has_sulci_from_the_surface_lined_by_grey_matter() -> None:
+    """Sulci (CSF) cut into the parenchyma only within their depth range and open onto the outer CSF; grey matter
+    lines them; deep grey matter and lesions keep their labels; some draws stay smooth (FOLD_PROBABILITY)."""
+    from scipy import ndimage
+
+    shape = (64, 64, 64)
+    radius = np.sqrt(((np.indices(shape) - 31.5) ** 2).sum(0))
+    labels = np.full(shape, rz.AIR, dtype=np.int8)
+    labels[radius < 31] = rz.CSF
+    labels[radius < 29] = rz.GM
+    labels[radius < 22] = rz.WM  # a thick band, as averaging made the template's
+    labels[radius < 6] = rz.DEEP_GM
+    lesion = np.zeros(shape, dtype=np.float32)
+    lesion[40:48, 28:36, 28:36] = 1.0  # 8-24 mm inside: in the shell
+    depth_mm = (29.0 - radius) * 2.0  # below the parenchyma's surface, 2 mm voxels
+    folds = 0
+    for seed in range(8):
+        folded = rz._fold_cortex(np.random.default_rng(seed), labels, lesion, 2.0)
+        assert np.array_equal(folded[labels == rz.DEEP_GM], labels[labels == rz.DEEP_GM])
+        assert np.array_equal(folded[lesion > 0], labels[lesion > 0])
+        assert np.array_equal(folded[~np.isin(labels, rz.PARENCHYMA)], labels[~np.isin(labels, rz.PARENCHYMA)])
+        sulci = (folded == rz.CSF) & (labels != rz.CSF)
+        if not sulci.any():
+            assert np.array_equal(folded, labels)
+            continue
+        folds += 1
+        assert depth_mm[sulci].max() < rz.SULCUS_DEPTH_MM[1] * 1.4 + 2.0
+        opening, _ = ndimage.label((folded == rz.CSF) | (folded == rz.AIR), structure=np.ones((3, 3, 3)))
+        assert np.mean(opening[sulci] == opening[0, 0, 0]) > 0.9  # reach the outside, not cysts
+        lined = ndimage.binary_dilation(sulci, iterations=2) & ~sulci & np.isin(labels, (rz.WM, rz.GM))
+        assert np.mean(folded[lined] == rz.GM) > 0.6
+        assert ((folded == rz.WM) & (labels == rz.GM)).sum() > 0.05 * (labels == rz.GM).sum()  # gyral white cores
+    assert 4 <= folds < 8
+
+
+def test_slice_gain_brightens_edge_slices_of_the_weighted_images_alike_and_leaves_the_adc() -> None:
+    """One gain per axial slice, the same on b0 and DWI (so the scanner's ADC holds), never on the ADC; the first or
+    last slices of a slab are brighter in about EDGE_SLICE_PROBABILITY of the draws."""
+    edges = 0
+    for seed in range(20):
+        images = {key: np.full((6, 6, 30), 100.0, dtype=np.float32) for key in ("dwi_b0", "dwi_b1000", "adc")}
+        rz._slice_gain(np.random.default_rng(seed), images, ["dwi_b0", "dwi_b1000"])
+        assert np.all(images["adc"] == 100.0)
+        assert np.allclose(images["dwi_b0"], images["dwi_b1000"])
+        gain = images["dwi_b0"][0, 0] / 100.0
+        assert np.allclose(images["dwi_b0"], gain[None, None, :] * 100.0)  # constant within each slice
+        middle = np.median(gain[5:25])
+        assert np.all(np.abs(gain[5:25] - 1.0) < 0.4)
+        if max(gain[0], gain[-1]) > middle * rz.EDGE_SLICE_GAIN[0] * 0.95:
+            edges += 1
+    assert 4 <= edges <= 16
 
 
 def test_laterality_of_every_lesion_follows_the_template_side(strokes) -> None:

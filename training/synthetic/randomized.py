@@ -18,8 +18,8 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    separates a lesion from DWI-bright healthy tissue (T2 shine-through, coil proximity, susceptibility pile-up,
    drawn as hard negatives). MS draws a FLAIR: dark CSF, bright lesions at a random contrast.
 4. **Acquisition.** A multiplicative bias field, slice thickness (anisotropic blur along a random axis), Rician
-   noise, a gamma on the weighted image, a random scanner scale, a cut slab now and then, and skull stripping on a
-   fraction of the draws so one model serves research (stripped) and clinical (whole-head) data.
+   noise, a gamma on the weighted image, a random scanner scale, a cut slab now and then with a gain per slice
+   (brighter edge slices), and skull stripping on a fraction of the draws so one model serves research (stripped) and clinical (whole-head) data.
 
 Everything draws from `np.random.default_rng(seed)`'s children, so a seed gives the same arrays on any machine. The
 result is a `SyntheticCase` (the phantom generator's type), so writers and metrics take it as they take a phantom.
@@ -90,7 +90,12 @@ SULCUS_HALF_WIDTH_MM = (0.5, 1.5)  # of the CSF in a sulcus; never under half a 
 CORTEX_THICKNESS_MM = (2.0, 3.5)
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
-SLAB_PROBABILITY = 0.15
+SLAB_PROBABILITY = 0.3
+# Gain per slice of a multi-slice acquisition on the weighted images (_slice_gain).
+SLICE_GAIN_JITTER = (0.0, 0.06)  # standard deviation of the slice-to-slice gain
+EDGE_SLICE_PROBABILITY = 0.5
+EDGE_SLICE_GAIN = (1.1, 1.7)  # the first or last slices of a slab
+EDGE_SLICES = (1, 3)
 SLAB_MM = (70.0, 140.0)
 SHOWER_PROBABILITY = 0.35
 SECOND_SHAPE_PROBABILITY = 0.25
@@ -447,9 +452,10 @@ def _bright_cortex_band(
 ) -> None:
     """Cortex bright on b0 and DWI toward one end of the brain, both hemispheres alike, with a normal or slightly low
     ADC: susceptibility pile-up over the skull base (orbitofrontal cortex, temporal poles), the cortex under an array
-    coil at the vertex, the edge slices of a slab. The healthy Canon and Philips brains of the shared data mark this
-    way. An infarct is one vascular territory with an ADC well below normal; the model must learn that a symmetric
-    bright cortical band is not one."""
+    coil at the vertex, the edge slices of a slab. The tissue beneath the cortex shares a random part of it (the
+    healthy Canon brain's whole cerebellum is bright). The healthy Canon and Philips brains of the shared data mark
+    this way. An infarct is one vascular territory with an ADC well below normal; the model must learn that a
+    symmetric bright band is not one."""
     if rng.random() >= CORTEX_BAND_PROBABILITY:
         return
     cortex = (labels == GM) & (lesion < 0.05)
@@ -461,7 +467,9 @@ def _bright_cortex_band(
     height = sum(a * d for a, d in zip(_grid_axes_mm(labels.shape, spacing_mm), direction))
     end_mm = float(np.broadcast_to(height, labels.shape)[np.isin(labels, INTRACRANIAL)].max(initial=0.0))
     falloff = np.exp(-np.clip(end_mm - height, 0.0, None) / rng.uniform(*CORTEX_BAND_REACH_MM))
-    weight = cortex * falloff * (1.0 + 0.25 * _smooth_noise(rng, labels.shape, 12))
+    beneath = np.isin(labels, (WM, DEEP_GM)) & (lesion < 0.05)
+    tissue = cortex + rng.uniform(0.0, 1.0) * beneath
+    weight = tissue * falloff * (1.0 + 0.25 * _smooth_noise(rng, labels.shape, 12))
     s0 *= 1.0 + (rng.uniform(*CORTEX_BAND_S0_GAIN) - 1.0) * weight
     adc *= 1.0 + (rng.uniform(*CORTEX_BAND_ADC_FRACTION) - 1.0) * weight
 
@@ -514,8 +522,8 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0.8 <= spacing_mm <= 3.0:
         raise ValueError(f"spacing_mm must be in [0.8, 3], got {spacing_mm!r}")
-    lesion_rng, space_rng, contrast_rng, strip_rng, fold_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(5)
+    lesion_rng, space_rng, contrast_rng, strip_rng, fold_rng, slice_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(6)
     )
     template = template_labels()
     canvas = _stroke_lesions(lesion_rng, template) if kind == "stroke" else _ms_lesions(lesion_rng, template)
@@ -540,6 +548,7 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
         coords = coords.reshape(3, *shape)[:, :, :, slab].reshape(3, -1)
         affine = affine.copy()
         affine[2, 3] += slab.start * spacing_mm
+    _slice_gain(slice_rng, images, [key for key in images if key != "adc"])
     lesion_labels, lesions = _ground_truth(mask, coords, affine, "infarct" if kind == "stroke" else "ms")
     site = SiteProfile(name=f"randomized-{seed}", in_plane_mm=spacing_mm, slice_thickness_mm=round(thickness, 2),
                        slice_spacing_mm=max(round(thickness, 2), spacing_mm))
@@ -564,6 +573,21 @@ def _lesion_on_grid(canvas: _LesionCanvas, coords: np.ndarray, shape: tuple[int,
         local = coords[:, inside] - low[:, None].astype(np.float32)
         soft[inside] = ndimage.map_coordinates(local_soft, local, order=1, mode="constant")
     return soft.reshape(shape)
+
+
+def _slice_gain(rng: np.random.Generator, images: dict[str, np.ndarray], weighted: list[str]) -> None:
+    """A gain per axial slice on the weighted images: slice-to-slice fluctuation, and brighter first or last slices
+    of a slab (the healthy Philips brain's lowest slices). Every b-value alike, so the ADC the scanner computed
+    stays as it was: a bright slice with a normal ADC is no infarct."""
+    slices = images[weighted[0]].shape[2]
+    gain = 1.0 + rng.normal(0.0, rng.uniform(*SLICE_GAIN_JITTER), slices)
+    if rng.random() < EDGE_SLICE_PROBABILITY:
+        count = int(rng.integers(EDGE_SLICES[0], EDGE_SLICES[1] + 1))
+        ends = [slice(0, count), slice(slices - count, slices)]
+        for end in ends if rng.random() < 0.3 else [ends[int(rng.integers(2))]]:
+            gain[end] *= rng.uniform(*EDGE_SLICE_GAIN)
+    for key in weighted:
+        images[key] *= np.clip(gain, 0.5, None).astype(np.float32)[None, None, :]
 
 
 def _perturbed(brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
