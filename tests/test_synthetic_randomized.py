@@ -20,6 +20,11 @@ def _shared_data() -> None:
     require(SHARED / "nifti" / "templates", SHARED / "nifti" / "soop_lesions", SHARED / "nifti" / "ms_lesion_shapes")
 
 
+def _plain(shape: tuple[int, ...]) -> tuple:
+    """No shine-through and no normal variants: the renderer's physics alone."""
+    return rz._ShineThrough.none(shape), rz._NormalVariants.none(shape)
+
+
 @pytest.fixture(scope="module")
 def strokes() -> list:
     return [rz.draw_training_case("stroke", seed, 2.0) for seed in range(4)]
@@ -94,7 +99,7 @@ def test_dwi_is_bright_where_the_adc_is_low_and_only_there() -> None:
     lesion = np.zeros(labels.shape, dtype=np.float32)
     lesion[:16] = 1.0
     for seed in range(5):
-        images, _ = rz._render_stroke(np.random.default_rng(seed), labels, lesion, 2.0)
+        images, _ = rz._render_stroke(np.random.default_rng(seed), labels, lesion, 2.0, *_plain(labels.shape))
         adc, dwi = images["adc"], images["dwi_b1000"]
         inner = (slice(4, 12), slice(4, 28), slice(4, 12)), (slice(20, 28), slice(4, 28), slice(4, 12))
         lesion_adc, healthy_adc = np.median(adc[inner[0]]), np.median(adc[inner[1]])
@@ -111,7 +116,7 @@ def test_parenchymal_adc_falls_with_b_as_kurtosis_makes_it(monkeypatch) -> None:
     medians = {}
     for b_value in (1000.0, 1500.0):
         monkeypatch.setattr(rz, "B_VALUE_RANGE", (b_value, b_value))
-        images, _ = rz._render_stroke(np.random.default_rng(3), labels, lesion, 2.0)
+        images, _ = rz._render_stroke(np.random.default_rng(3), labels, lesion, 2.0, *_plain(labels.shape))
         medians[b_value] = np.median(images["adc"][4:28, 4:28, 4:12])
     assert 0.88 < medians[1500.0] / medians[1000.0] < 0.97
 
@@ -186,7 +191,7 @@ def test_folded_cortex_has_sulci_from_the_surface_lined_by_grey_matter() -> None
     depth_mm = (29.0 - radius) * 2.0  # below the parenchyma's surface, 2 mm voxels
     folds = 0
     for seed in range(8):
-        folded = rz._fold_cortex(np.random.default_rng(seed), labels, lesion, 2.0)
+        folded = rz._fold_cortex(np.random.default_rng(seed), labels, lesion, 2.0, np.zeros(shape, dtype=bool))
         assert np.array_equal(folded[labels == rz.DEEP_GM], labels[labels == rz.DEEP_GM])
         assert np.array_equal(folded[lesion > 0], labels[lesion > 0])
         assert np.array_equal(folded[~np.isin(labels, rz.PARENCHYMA)], labels[~np.isin(labels, rz.PARENCHYMA)])
@@ -198,10 +203,118 @@ def test_folded_cortex_has_sulci_from_the_surface_lined_by_grey_matter() -> None
         assert depth_mm[sulci].max() < rz.SULCUS_DEPTH_MM[1] * 1.4 + 2.0
         opening, _ = ndimage.label((folded == rz.CSF) | (folded == rz.AIR), structure=np.ones((3, 3, 3)))
         assert np.mean(opening[sulci] == opening[0, 0, 0]) > 0.9  # reach the outside, not cysts
-        lined = ndimage.binary_dilation(sulci, iterations=2) & ~sulci & np.isin(labels, (rz.WM, rz.GM))
+        # the voxels next to a sulcus: within the thinnest ribbon (CORTEX_THICKNESS_MM[0], one 2 mm voxel)
+        lined = ndimage.binary_dilation(sulci) & ~sulci & np.isin(labels, (rz.WM, rz.GM))
         assert np.mean(folded[lined] == rz.GM) > 0.6
         assert ((folded == rz.WM) & (labels == rz.GM)).sum() > 0.05 * (labels == rz.GM).sum()  # gyral white cores
     assert 4 <= folds < 8
+
+
+def _template_points(x_mm: np.ndarray, y_mm: np.ndarray, z_mm: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
+    """(3, N) template voxel coordinates of a grid given in template mm, and the grid's shape."""
+    grid = np.stack(np.meshgrid(x_mm, y_mm, z_mm, indexing="ij")).astype(np.float32)
+    from training.synthetic.anatomy import BOX_ORIGIN_MM
+
+    return (grid.reshape(3, -1) - BOX_ORIGIN_MM[:, None].astype(np.float32)), grid.shape[1:]
+
+
+def test_cerebellum_is_read_from_template_positions() -> None:
+    """The posterior fossa behind the brainstem is cerebellum; the temporal lobes beside it and the cerebrum above it
+    are not."""
+    points, shape = _template_points(np.array([20.0, -20.0]), np.array([-60.0, -10.0]), np.array([-35.0, 10.0]))
+    inside = rz._in_cerebellum(points, shape)  # type: ignore[arg-type]
+    assert inside[:, 0, 0].all()  # both sides, behind and below
+    assert not inside[:, 1, :].any()  # temporal lobes: low but in front
+    assert not inside[:, :, 1].any()  # occipital lobes: behind but high
+
+
+def test_cerebellum_folds_finer_than_the_cerebrum() -> None:
+    """On the same smooth shell, the half marked cerebellum gets sulci (folia) closer together: its shell lies nearer
+    to a sulcus in every folded draw (on a 2 mm grid, folia 4–7 mm apart sit near the grid's limit)."""
+    from scipy import ndimage
+
+    shape = (64, 64, 64)
+    radius = np.sqrt(((np.indices(shape) - 31.5) ** 2).sum(0))
+    labels = np.full(shape, rz.AIR, dtype=np.int8)
+    labels[radius < 31] = rz.CSF
+    labels[radius < 29] = rz.GM
+    labels[radius < 22] = rz.WM
+    cerebellum = np.zeros(shape, dtype=bool)
+    cerebellum[:, :, :32] = True
+    shell = (radius < 29) & (radius > 24)
+    ratios = []
+    for seed in range(8):
+        folded = rz._fold_cortex(np.random.default_rng(seed), labels, np.zeros(shape, np.float32), 2.0, cerebellum)
+        sulci = (folded == rz.CSF) & (labels != rz.CSF)
+        if not sulci.any():
+            continue
+        to_sulcus = ndimage.distance_transform_edt(~sulci, sampling=2.0)
+        gyri, folia = (to_sulcus[shell & ~sulci & part].mean() for part in (~cerebellum, cerebellum))
+        assert folia < gyri
+        ratios.append(gyri / folia)
+    assert len(ratios) >= 4
+    assert np.median(ratios) > 1.1
+
+
+def test_shine_through_is_bright_on_dwi_with_a_normal_or_raised_adc() -> None:
+    """Where shine-through sits, DWI is brighter by about the drawn gain while the ADC is normal or raised (never
+    an infarct's); the shapes come from the stroke library, never overlap the acute lesions, and most draws have
+    none."""
+    labels = np.full((32, 32, 16), rz.WM, dtype=np.int8)
+    shine_map = np.zeros(labels.shape, dtype=np.float32)
+    shine_map[:16] = 1.0
+    inner = (slice(4, 12), slice(4, 28), slice(4, 12)), (slice(20, 28), slice(4, 28), slice(4, 12))
+    for seed, (gain, fraction) in enumerate([(1.2, 0.95), (2.0, 1.3), (3.0, 1.6)]):
+        shine = rz._ShineThrough(shine_map, gain, fraction)
+        images, _ = rz._render_stroke(np.random.default_rng(seed), labels, np.zeros_like(shine_map), 2.0, shine,
+                                      rz._NormalVariants.none(labels.shape))
+        adc, dwi = images["adc"], images["dwi_b1000"]
+        adc_ratio = np.median(adc[inner[0]]) / np.median(adc[inner[1]])
+        assert 0.88 < adc_ratio < 1.8 and abs(adc_ratio - fraction) < 0.15 * fraction
+        assert np.median(dwi[inner[0]]) > 1.1 * np.median(dwi[inner[1]])
+
+    template = rz.template_labels()
+    box_affine, box_shape = box_grid(2.0)
+    index = np.indices(box_shape, dtype=np.float32).reshape(3, -1) * 2.0  # template voxels of the 2 mm box grid
+    lesion = np.zeros(box_shape, dtype=np.float32)
+    lesion[:, :, 20:40] = 1.0
+    drawn = [rz._shine_through(np.random.default_rng(seed), template, index, box_shape, lesion) for seed in range(12)]
+    present = [shine for shine in drawn if shine.soft.any()]
+    assert 1 <= len(present) <= 8
+    for shine in present:
+        assert not shine.soft[:, :, 20:40].any()
+        assert rz.SHINE_THROUGH_DWI_GAIN[0] <= shine.dwi_gain <= rz.SHINE_THROUGH_DWI_GAIN[1]
+        assert rz.SHINE_THROUGH_ADC_FRACTION[0] <= shine.adc_fraction <= rz.SHINE_THROUGH_ADC_FRACTION[1]
+        assert np.isin(template.labels[tuple(index[:, shine.soft.reshape(-1) > 0.5].astype(int))],
+                       rz.PARENCHYMA).mean() > 0.9
+
+
+def test_normal_variants_are_left_right_symmetric_anatomy_within_their_ranges() -> None:
+    """The corticospinal tracts and the cerebellum: darker on ADC (never below the ranges' floors), mirror-symmetric
+    left to right, along the tract's path and nowhere far from both."""
+    x = np.arange(-60.0, 60.1, 2.0)
+    points, shape = _template_points(x, np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0))
+    labels = np.full(shape, rz.WM, dtype=np.int8)
+    cerebellum = rz._in_cerebellum(points, shape)  # type: ignore[arg-type]
+    floor = rz.CORTICOSPINAL_ADC_FRACTION[0] * rz.CEREBELLUM_ADC_FRACTION[0]
+    tract = tuple(int(np.argmin(np.abs(axis - value)))
+                  for axis, value in zip((x, np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0)),
+                                         rz.CORTICOSPINAL_MNI_MM[2]))
+    far = tuple(int(np.argmin(np.abs(axis - value)))
+                for axis, value in zip((x, np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0)), (58, 38, 58)))
+    kinds = set()
+    for seed in range(10):
+        variants = rz._normal_variants(np.random.default_rng(seed), points, labels, cerebellum)
+        adc, s0 = variants.adc_fraction, variants.s0_gain
+        assert np.allclose(adc, adc[::-1], atol=1e-4) and np.allclose(s0, s0[::-1], atol=1e-4)
+        assert adc.min() >= floor - 1e-4 and adc.max() <= rz.CEREBELLUM_ADC_FRACTION[1] + 1e-4
+        assert s0.min() >= 0.95 * 0.95 - 1e-4 and s0.max() <= 1.3 * 1.5 + 1e-4
+        assert adc[far] == 1.0 and s0[far] == 1.0
+        if adc[tract] < 0.99:
+            kinds.add("tract")
+        if np.median(adc[cerebellum]) < 0.99:
+            kinds.add("cerebellum")
+    assert kinds == {"tract", "cerebellum"}
 
 
 def test_slice_gain_brightens_edge_slices_of_the_weighted_images_alike_and_leaves_the_adc() -> None:

@@ -8,7 +8,7 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    of small blobs (ISLES'22 has many lesions under 0.2 ml); MS adds procedural periventricular, juxtacortical and
    infratentorial ovoids. Some draws have no lesion at all.
    The template is an average of many brains, so its cortex is a smooth band; `_fold_cortex` cuts gyri and sulci
-   into it on each draw.
+   into it on each draw, and the cerebellum's finer folia.
 2. **Space.** A random affine (rotation, scaling, shear, shift) plus a smooth elastic field maps an RAS grid at
    `spacing_mm` into the template; labels are read nearest-neighbour, the soft-edged lesion map linearly.
 3. **Contrast.** Every tissue gets a random intensity in a physiological range, with inner texture. Stroke keeps the
@@ -16,7 +16,9 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    0.4–0.75 × the tissue's, a random T2 (S0) contrast, and DWI = S0·exp(−b·ADC) at a random b; the ADC map is
    recomputed from the noisy b0 and DWI as a scanner does, so "bright on DWI because the ADC is low" is what
    separates a lesion from DWI-bright healthy tissue (T2 shine-through, coil proximity, susceptibility pile-up,
-   drawn as hard negatives). MS draws a FLAIR: dark CSF, bright lesions at a random contrast.
+   drawn as hard negatives, with real infarct shapes shining through). Healthy tissue with a moderately low ADC on
+   both sides (corticospinal tracts, cerebellum) is drawn as anatomy. MS draws a FLAIR: dark CSF, bright lesions at
+   a random contrast.
 4. **Acquisition.** A multiplicative bias field, slice thickness (anisotropic blur along a random axis), Rician
    noise, a gamma on the weighted image, a random scanner scale, a cut slab now and then with a gain per slice
    (brighter edge slices), and skull stripping on a fraction of the draws so one model serves research (stripped) and clinical (whole-head) data.
@@ -88,6 +90,26 @@ SULCUS_SPACING_MM = (9.0, 16.0)  # between neighbouring sulci across a gyrus
 SULCUS_DEPTH_MM = (6.0, 20.0)  # below the brain's surface
 SULCUS_HALF_WIDTH_MM = (0.5, 1.5)  # of the CSF in a sulcus; never under half a voxel, so it shows on the grid
 CORTEX_THICKNESS_MM = (2.0, 3.5)
+# The cerebellum's cortex folds into folia far finer than the cerebrum's gyri: on a 2 mm DWI a striped, bright,
+# symmetric texture (the healthy Canon brain's largest false positives, both hemispheres, rADC 0.83–0.87).
+FOLIA_SPACING_MM = (4.0, 7.0)
+CEREBELLUM_MNI_MM = (-20.0, -38.0)  # below this z and behind this y (template mm): the posterior fossa's hemispheres
+# Subacute or chronic infarcts and other T2-bright lesions in real infarct shapes: bright on DWI with a normal or
+# raised ADC (T2 shine-through). Only the ADC tells them from an acute infarct; they are not in the ground truth.
+SHINE_THROUGH_PROBABILITY = 0.35
+SHINE_THROUGH_ADC_FRACTION = (0.95, 1.6)
+SHINE_THROUGH_DWI_GAIN = (1.2, 3.0)  # on DWI at the draw's b; the T2 (S0) gain that gives it is computed per voxel
+# Healthy tissue with a lower ADC than the rest of the parenchyma, on both sides alike (each in NORMAL_VARIANT_
+# PROBABILITY of the stroke draws): the corticospinal tracts (the healthy Philips brain's posterior limbs of the
+# internal capsule: ADC 540–570 against 750 µm²/s in the parenchyma, bright on b1000) and the cerebellum.
+NORMAL_VARIANT_PROBABILITY = 0.5
+CORTICOSPINAL_MNI_MM = ((24.0, -22.0, 50.0), (22.0, -16.0, 25.0), (19.0, -12.0, 8.0), (12.0, -20.0, -12.0),
+                        (7.0, -26.0, -32.0))  # the right tract from the centrum semiovale to the pons; mirrored left
+CORTICOSPINAL_RADIUS_MM = (2.5, 6.0)
+CORTICOSPINAL_ADC_FRACTION = (0.65, 0.95)
+CORTICOSPINAL_S0_GAIN = (0.95, 1.3)
+CEREBELLUM_ADC_FRACTION = (0.8, 1.05)
+CEREBELLUM_S0_GAIN = (0.95, 1.5)
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
 SLAB_PROBABILITY = 0.3
@@ -314,9 +336,27 @@ def _template_coordinates(
     return coords
 
 
-def _fold_cortex(rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float) -> np.ndarray:
+def _in_cerebellum(coords: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Output voxels whose template position lies in the posterior fossa behind the brainstem: read from the template
+    so the region turns with the draw's deformation."""
+    y_mm = coords[1] + BOX_ORIGIN_MM[1]
+    z_mm = coords[2] + BOX_ORIGIN_MM[2]
+    return ((z_mm < CEREBELLUM_MNI_MM[0]) & (y_mm < CEREBELLUM_MNI_MM[1])).reshape(shape)
+
+
+def _folding_field(rng: np.random.Generator, shape: tuple[int, ...], spacing_mm: float,
+                   fold_spacing_mm: tuple[float, float]) -> np.ndarray:
+    """Smooth noise of unit spread whose zero surface lies a random distance in `fold_spacing_mm` from itself."""
+    sigma = rng.uniform(*fold_spacing_mm) / 4.4 / spacing_mm  # zeros of Gaussian-smoothed noise lie ≈ 4.4 σ apart
+    field = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), sigma)
+    return field / max(float(field.std()), 1e-6)
+
+
+def _fold_cortex(
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float, cerebellum: np.ndarray
+) -> np.ndarray:
     """Gyri and sulci in the cortical shell: a ribbon of grey matter on a core of white matter, lining sulci of CSF
-    that run from the surface down to a random depth.
+    that run from the surface down to a random depth; in `cerebellum`, folia a third as far apart.
 
     Real cortex is a folded ribbon, bright on DWI and FLAIR, between dark sulci. Without folds in training, the only
     folded bright things a model sees are the real lesion shapes, so it takes real cortex for lesion (the healthy
@@ -329,9 +369,9 @@ def _fold_cortex(rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarra
     if not parenchyma.any() or parenchyma.all():
         return labels
     depth, nearest = ndimage.distance_transform_edt(parenchyma, sampling=spacing_mm, return_indices=True)
-    sigma = rng.uniform(*SULCUS_SPACING_MM) / 4.4 / spacing_mm  # zeros of Gaussian-smoothed noise lie ≈ 4.4 σ apart
-    field = ndimage.gaussian_filter(rng.standard_normal(labels.shape, dtype=np.float32), sigma)
-    field = field[tuple(nearest)]  # constant along each line to the surface
+    gyri = _folding_field(rng, labels.shape, spacing_mm, SULCUS_SPACING_MM)
+    folia = _folding_field(rng, labels.shape, spacing_mm, FOLIA_SPACING_MM)
+    field = np.where(cerebellum, folia, gyri)[tuple(nearest)]  # constant along each line to the surface
     slope = np.sqrt(sum(g * g for g in np.gradient(field, spacing_mm)))
     to_sulcus_mm = np.abs(field) / np.maximum(slope, 1e-6)
     reach = rng.uniform(*SULCUS_DEPTH_MM) * (1.0 + 0.4 * _smooth_noise(rng, labels.shape, 8))
@@ -345,6 +385,87 @@ def _fold_cortex(rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarra
     folded[ribbon] = GM
     folded[sulcus] = CSF
     return folded
+
+
+# -- healthy look-alikes -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ShineThrough:
+    """Where T2 shine-through sits on the output grid (soft, 0–1) and how it shows there."""
+
+    soft: np.ndarray
+    dwi_gain: float
+    adc_fraction: float
+
+    @classmethod
+    def none(cls, shape: tuple[int, ...]) -> _ShineThrough:
+        return cls(np.zeros(shape, dtype=np.float32), 1.0, 1.0)
+
+
+def _shine_through(
+    rng: np.random.Generator, template: TemplateLabels, coords: np.ndarray, shape: tuple[int, int, int],
+    lesion: np.ndarray,
+) -> _ShineThrough:
+    """One or two real infarct shapes, away from the draw's acute lesions, bright on DWI with a normal or raised
+    ADC: an older infarct, or a T2-bright lesion shining through. Drawn on folded cortex (v7 drew them on the smooth
+    template), so a folded bright shape is a lesion only where its ADC is low."""
+    if rng.random() >= SHINE_THROUGH_PROBABILITY:
+        return _ShineThrough.none(shape)
+    canvas = _LesionCanvas.empty(template.shape)
+    for _ in range(int(rng.integers(1, 3))):
+        canvas.add(*_library_lesion(ShapeLibrary.STROKE, rng, template))
+    soft = _lesion_on_grid(canvas, coords, shape, float(rng.uniform(0.4, 1.0))) * (lesion < 0.05)
+    return _ShineThrough(soft.astype(np.float32), float(rng.uniform(*SHINE_THROUGH_DWI_GAIN)),
+                         float(rng.uniform(*SHINE_THROUGH_ADC_FRACTION)))
+
+
+@dataclass(frozen=True)
+class _NormalVariants:
+    """Multipliers of healthy tissue's S0 and ADC on the output grid (1 where nothing varies)."""
+
+    s0_gain: np.ndarray
+    adc_fraction: np.ndarray
+
+    @classmethod
+    def none(cls, shape: tuple[int, ...]) -> _NormalVariants:
+        return cls(np.ones(shape, dtype=np.float32), np.ones(shape, dtype=np.float32))
+
+
+def _distance_to_segment(points: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Distance of each of the (3, N) `points` to the segment from `start` to `end` (same units)."""
+    step = end - start
+    along = np.clip(((points - start[:, None]) * step[:, None]).sum(0) / float(step @ step), 0.0, 1.0)
+    return np.linalg.norm(points - (start[:, None] + along * step[:, None]), axis=0)
+
+
+def _corticospinal_weight(coords: np.ndarray, shape: tuple[int, int, int], radius_mm: float) -> np.ndarray:
+    """0–1 nearness to either corticospinal tract (Gaussian across it), from each voxel's template position; the
+    left tract is the right one mirrored, so the weight is symmetric by construction."""
+    points = coords + BOX_ORIGIN_MM[:, None].astype(np.float32)
+    points[0] = np.abs(points[0])
+    path = np.array(CORTICOSPINAL_MNI_MM, dtype=np.float32)
+    distance = np.min([_distance_to_segment(points, a, b) for a, b in zip(path[:-1], path[1:])], axis=0)
+    return np.exp(-0.5 * (distance / radius_mm) ** 2).reshape(shape).astype(np.float32)
+
+
+def _normal_variants(
+    rng: np.random.Generator, coords: np.ndarray, labels: np.ndarray, cerebellum: np.ndarray
+) -> _NormalVariants:
+    """Bilateral healthy tissue darker on ADC and often brighter on DWI than the rest: the corticospinal tracts and
+    the cerebellum. An infarct there is one-sided and lower still; the model must learn that symmetric, moderately
+    low ADC along these tracts is anatomy."""
+    variants = _NormalVariants.none(labels.shape)
+    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+        weight = _corticospinal_weight(coords, labels.shape, rng.uniform(*CORTICOSPINAL_RADIUS_MM))
+        weight *= np.isin(labels, (WM, DEEP_GM))
+        variants.adc_fraction[:] *= 1.0 + (rng.uniform(*CORTICOSPINAL_ADC_FRACTION) - 1.0) * weight
+        variants.s0_gain[:] *= 1.0 + (rng.uniform(*CORTICOSPINAL_S0_GAIN) - 1.0) * weight
+    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+        tissue = ndimage.gaussian_filter((cerebellum & np.isin(labels, PARENCHYMA)).astype(np.float32), 1.0)
+        variants.adc_fraction[:] *= 1.0 + (rng.uniform(*CEREBELLUM_ADC_FRACTION) - 1.0) * tissue
+        variants.s0_gain[:] *= 1.0 + (rng.uniform(*CEREBELLUM_S0_GAIN) - 1.0) * tissue
+    return variants
 
 
 # -- contrast and acquisition --------------------------------------------------------------------------------
@@ -383,14 +504,21 @@ def _rician(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.nda
 
 
 def _render_stroke(
-    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float, shine: _ShineThrough,
+    variants: _NormalVariants,
 ) -> tuple[dict[str, np.ndarray], float]:
-    """b0, DWI and a scanner-computed ADC (µm²/s) from the label map and the soft lesion map."""
+    """b0, DWI and a scanner-computed ADC (µm²/s) from the label map, the soft lesion map and the healthy
+    look-alikes."""
     shape = labels.shape
     b_value = float(rng.uniform(*B_VALUE_RANGE))
     texture = _smooth_noise(rng, shape, int(rng.integers(8, 24)))
-    s0 = _table(rng, S0_RANGE)[labels] * (1.0 + rng.uniform(0.0, 0.1) * texture)
+    s0 = _table(rng, S0_RANGE)[labels] * (1.0 + rng.uniform(0.0, 0.1) * texture) * variants.s0_gain
     adc = _table(rng, ADC_RANGE_UM2_S)[labels] * (1.0 + rng.uniform(0.0, 0.08) * _smooth_noise(rng, shape, 16))
+    adc *= variants.adc_fraction
+    # DWI × dwi_gain at this b: the T2 gain makes up for what the raised ADC takes away, voxel by voxel.
+    t2_gain = shine.dwi_gain * np.exp(b_value * adc * 1e-6 * (shine.adc_fraction - 1.0))
+    s0 *= 1.0 + shine.soft * (t2_gain - 1.0)
+    adc *= 1.0 + shine.soft * (shine.adc_fraction - 1.0)
     fraction = rng.uniform(*LESION_ADC_FRACTION) + 0.08 * _smooth_noise(rng, shape, 24)
     adc *= 1.0 - lesion * (1.0 - np.clip(fraction, 0.3, 0.95))
     s0 *= 1.0 + lesion * (rng.uniform(*LESION_S0_GAIN) - 1.0)
@@ -522,8 +650,8 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not 0.8 <= spacing_mm <= 3.0:
         raise ValueError(f"spacing_mm must be in [0.8, 3], got {spacing_mm!r}")
-    lesion_rng, space_rng, contrast_rng, strip_rng, fold_rng, slice_rng = (
-        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(6)
+    lesion_rng, space_rng, contrast_rng, strip_rng, fold_rng, slice_rng, shine_rng, variant_rng = (
+        np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(8)
     )
     template = template_labels()
     canvas = _stroke_lesions(lesion_rng, template) if kind == "stroke" else _ms_lesions(lesion_rng, template)
@@ -531,9 +659,15 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
     coords = _template_coordinates(space_rng, affine, shape)
     labels = ndimage.map_coordinates(template.labels, coords, order=0, mode="constant", cval=AIR).reshape(shape)
     soft = _lesion_on_grid(canvas, coords, shape, float(lesion_rng.uniform(0.4, 1.0)))
-    labels = _fold_cortex(fold_rng, labels, soft, spacing_mm)
-    render = _render_stroke if kind == "stroke" else _render_flair
-    images, thickness = render(contrast_rng, labels, soft, spacing_mm)
+    cerebellum = _in_cerebellum(coords, shape)
+    if kind == "stroke":
+        shine = _shine_through(shine_rng, template, coords, shape, soft)
+        labels = _fold_cortex(fold_rng, labels, np.maximum(soft, shine.soft), spacing_mm, cerebellum)
+        variants = _normal_variants(variant_rng, coords, labels, cerebellum)
+        images, thickness = _render_stroke(contrast_rng, labels, soft, spacing_mm, shine, variants)
+    else:
+        labels = _fold_cortex(fold_rng, labels, soft, spacing_mm, cerebellum)
+        images, thickness = _render_flair(contrast_rng, labels, soft, spacing_mm)
     brain = np.isin(labels, INTRACRANIAL)
     skull_stripped = bool(strip_rng.random() < SKULL_STRIP_PROBABILITY)
     if skull_stripped:
