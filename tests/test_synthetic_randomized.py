@@ -317,6 +317,30 @@ def test_normal_variants_are_left_right_symmetric_anatomy_within_their_ranges() 
     assert kinds == {"tract", "cerebellum"}
 
 
+def test_flair_variants_brighten_tracts_and_ventricle_caps_on_both_sides_only_in_white_matter() -> None:
+    """On the template's own labels: the FLAIR multiplier is 1 outside white and deep grey matter, never darkens,
+    stays within the product of its ranges, is alike on both sides, and brightens the horn caps in some draws."""
+    from scipy import ndimage
+
+    x = np.arange(-70.0, 70.1, 2.0)
+    points, shape = _template_points(x, np.arange(-110.0, 70.1, 2.0), np.arange(-40.0, 70.1, 2.0))
+    labels = ndimage.map_coordinates(rz.template_labels().labels, points, order=0).reshape(shape)
+    white = np.isin(labels, (rz.WM, rz.DEEP_GM))
+    ventricle = labels == rz.VENTRICLE
+    near_ventricle = ndimage.binary_dilation(ventricle, iterations=2) & white
+    ceiling = rz.CORTICOSPINAL_FLAIR_GAIN[1] * rz.VENTRICLE_LINING_GAIN[1] * rz.HORN_CAP_GAIN[1]
+    brightened = 0
+    for seed in range(8):
+        gain = rz._flair_variants(np.random.default_rng(seed), points, labels, 2.0)
+        assert np.all(gain[~white] == 1.0)
+        assert gain.min() >= 1.0 - 1e-6 and gain.max() <= ceiling + 1e-4
+        left, right = gain[: len(x) // 2] - 1.0, gain[len(x) // 2 + 1:] - 1.0
+        assert abs(left.sum() - right.sum()) <= 0.15 * max(left.sum(), right.sum()) + 1e-3
+        if gain[near_ventricle].max() > 1.05:
+            brightened += 1
+    assert 2 <= brightened <= 7  # each variant is drawn in about half the draws
+
+
 def test_slice_gain_brightens_edge_slices_of_the_weighted_images_alike_and_leaves_the_adc() -> None:
     """One gain per axial slice, the same on b0 and DWI (so the scanner's ADC holds), never on the ADC; the first or
     last slices of a slab are brighter in about EDGE_SLICE_PROBABILITY of the draws."""

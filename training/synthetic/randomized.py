@@ -18,7 +18,7 @@ One draw (`draw_training_case(kind, seed, spacing_mm)`):
    separates a lesion from DWI-bright healthy tissue (T2 shine-through, coil proximity, susceptibility pile-up,
    drawn as hard negatives, with real infarct shapes shining through). Healthy tissue with a moderately low ADC on
    both sides (corticospinal tracts, cerebellum) is drawn as anatomy. MS draws a FLAIR: dark CSF, bright lesions at
-   a random contrast.
+   a random contrast, and white matter that is bright in healthy heads too (tracts, ventricle lining and horn caps).
 4. **Acquisition.** A multiplicative bias field, slice thickness (anisotropic blur along a random axis), Rician
    noise, a gamma on the weighted image, a random scanner scale, a cut slab now and then with a gain per slice
    (brighter edge slices), and skull stripping on a fraction of the draws so one model serves research (stripped) and clinical (whole-head) data.
@@ -74,7 +74,7 @@ FLAIR_RANGE = {
 # soft lesion edge's partial volume, so bright tissue at 0.8–1.0 of normal ADC is never an infarct core here.
 LESION_ADC_FRACTION = (0.4, 0.75)
 LESION_S0_GAIN = (1.0, 1.6)  # acute infarcts gain T2 signal over hours
-MS_LESION_GAIN = (1.3, 2.5)  # FLAIR, relative to the tissue they sit in
+MS_LESION_GAIN = (1.15, 2.5)  # FLAIR, relative to the tissue they sit in; small real lesions are often faint
 B_VALUE_RANGE = (700.0, 1500.0)  # s/mm², the stroke manifest's accepted range
 # Tissue is not mono-exponential (diffusional kurtosis): the ADC a scanner reports in parenchyma and infarcts falls
 # by this fraction per 1000 s/mm² of b (≈ 7 % lower at b 1500 than at 1000); free water (CSF) does not.
@@ -110,6 +110,15 @@ CORTICOSPINAL_ADC_FRACTION = (0.65, 0.95)
 CORTICOSPINAL_S0_GAIN = (0.95, 1.3)
 CEREBELLUM_ADC_FRACTION = (0.8, 1.05)
 CEREBELLUM_S0_GAIN = (0.95, 1.5)
+# Healthy white matter bright on FLAIR on both sides (each in NORMAL_VARIANT_PROBABILITY of the MS draws): the
+# corticospinal tracts, a thin lining of the ventricles, and caps at the frontal and occipital horns (ependymitis
+# granularis), which radiologists read as normal and the MS model v3 took for lesions.
+CORTICOSPINAL_FLAIR_GAIN = (1.0, 1.2)
+VENTRICLE_LINING_MM = (1.0, 2.5)
+VENTRICLE_LINING_GAIN = (1.0, 1.3)
+HORN_CAP_MM = (3.0, 7.0)
+HORN_CAP_GAIN = (1.1, 1.6)
+HORN_END_MM = 12.0  # caps sit within this distance (front to back) of the ventricles' ends
 NO_LESION_PROBABILITY = 0.1
 SKULL_STRIP_PROBABILITY = 0.4
 SLAB_PROBABILITY = 0.3
@@ -625,11 +634,42 @@ def _coil_and_pileup(rng: np.random.Generator, labels: np.ndarray, spacing_mm: f
     return np.broadcast_to(gain, shape).astype(np.float32)
 
 
+def _flair_variants(
+    rng: np.random.Generator, coords: np.ndarray, labels: np.ndarray, spacing_mm: float
+) -> np.ndarray:
+    """FLAIR multiplier of healthy white matter that is bright on both sides: the corticospinal tracts, the lining
+    of the ventricles and caps at their frontal and occipital horns. An MS lesion is an ovoid of its own; these
+    follow anatomy, symmetric and smooth."""
+    gain = np.ones(labels.shape, dtype=np.float32)
+    white = np.isin(labels, (WM, DEEP_GM))
+    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+        weight = _corticospinal_weight(coords, labels.shape, rng.uniform(*CORTICOSPINAL_RADIUS_MM)) * white
+        gain *= 1.0 + (rng.uniform(*CORTICOSPINAL_FLAIR_GAIN) - 1.0) * weight
+    ventricle = labels == VENTRICLE
+    if not ventricle.any():
+        return gain
+    # from the ventricle's wall, half a voxel beyond the ventricle's voxel centres
+    to_wall = ndimage.distance_transform_edt(~ventricle, sampling=spacing_mm).astype(np.float32) - spacing_mm / 2.0
+    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+        lining = np.exp(-0.5 * (to_wall / rng.uniform(*VENTRICLE_LINING_MM)) ** 2) * white
+        gain *= 1.0 + (rng.uniform(*VENTRICLE_LINING_GAIN) - 1.0) * lining
+    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+        y_mm = (coords[1] + BOX_ORIGIN_MM[1]).reshape(labels.shape)
+        front, back = float(y_mm[ventricle].max()), float(y_mm[ventricle].min())
+        ends = (y_mm > front - HORN_END_MM) | (y_mm < back + HORN_END_MM)
+        cap = np.exp(-0.5 * (to_wall / rng.uniform(*HORN_CAP_MM)) ** 2) * (white & ends)
+        cap = ndimage.gaussian_filter(cap.astype(np.float32), 1.0) * white
+        gain *= 1.0 + (rng.uniform(*HORN_CAP_GAIN) - 1.0) * cap
+    return gain
+
+
 def _render_flair(
-    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float
+    rng: np.random.Generator, labels: np.ndarray, lesion: np.ndarray, spacing_mm: float, variants: np.ndarray
 ) -> tuple[dict[str, np.ndarray], float]:
+    """FLAIR from the label map, the soft lesion map and the healthy tissue's bright variants (a multiplier)."""
     shape = labels.shape
     flair = _table(rng, FLAIR_RANGE)[labels] * (1.0 + rng.uniform(0.0, 0.1) * _smooth_noise(rng, shape, 16))
+    flair *= variants
     gain = rng.uniform(*MS_LESION_GAIN) * (1.0 + 0.1 * _smooth_noise(rng, shape, 24))
     flair *= 1.0 + lesion * (gain - 1.0)
     flair *= 1.0 + rng.uniform(*BIAS_RANGE) * _smooth_noise(rng, shape, 3)
@@ -667,7 +707,8 @@ def draw_training_case(kind: CaseKind, seed: int, spacing_mm: float) -> Syntheti
         images, thickness = _render_stroke(contrast_rng, labels, soft, spacing_mm, shine, variants)
     else:
         labels = _fold_cortex(fold_rng, labels, soft, spacing_mm, cerebellum)
-        images, thickness = _render_flair(contrast_rng, labels, soft, spacing_mm)
+        variants = _flair_variants(variant_rng, coords, labels, spacing_mm)
+        images, thickness = _render_flair(contrast_rng, labels, soft, spacing_mm, variants)
     brain = np.isin(labels, INTRACRANIAL)
     skull_stripped = bool(strip_rng.random() < SKULL_STRIP_PROBABILITY)
     if skull_stripped:
