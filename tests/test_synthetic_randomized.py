@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import require
 from training.synthetic import randomized as rz
-from training.synthetic.anatomy import box_grid, shared_data_dir
+from training.synthetic.anatomy import BOX_ORIGIN_MM, box_grid, shared_data_dir
 from training.synthetic.shapes import ShapeLibrary, load_shape, shape_paths
 
 SHARED = shared_data_dir()
@@ -213,8 +213,6 @@ def test_folded_cortex_has_sulci_from_the_surface_lined_by_grey_matter() -> None
 def _template_points(x_mm: np.ndarray, y_mm: np.ndarray, z_mm: np.ndarray) -> tuple[np.ndarray, tuple[int, ...]]:
     """(3, N) template voxel coordinates of a grid given in template mm, and the grid's shape."""
     grid = np.stack(np.meshgrid(x_mm, y_mm, z_mm, indexing="ij")).astype(np.float32)
-    from training.synthetic.anatomy import BOX_ORIGIN_MM
-
     return (grid.reshape(3, -1) - BOX_ORIGIN_MM[:, None].astype(np.float32)), grid.shape[1:]
 
 
@@ -274,7 +272,7 @@ def test_shine_through_is_bright_on_dwi_with_a_normal_or_raised_adc() -> None:
         assert np.median(dwi[inner[0]]) > 1.1 * np.median(dwi[inner[1]])
 
     template = rz.template_labels()
-    box_affine, box_shape = box_grid(2.0)
+    _, box_shape = box_grid(2.0)
     index = np.indices(box_shape, dtype=np.float32).reshape(3, -1) * 2.0  # template voxels of the 2 mm box grid
     lesion = np.zeros(box_shape, dtype=np.float32)
     lesion[:, :, 20:40] = 1.0
@@ -292,16 +290,16 @@ def test_shine_through_is_bright_on_dwi_with_a_normal_or_raised_adc() -> None:
 def test_normal_variants_are_left_right_symmetric_anatomy_within_their_ranges() -> None:
     """The corticospinal tracts and the cerebellum: darker on ADC (never below the ranges' floors), mirror-symmetric
     left to right, along the tract's path and nowhere far from both."""
-    x = np.arange(-60.0, 60.1, 2.0)
-    points, shape = _template_points(x, np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0))
+    axes = (np.arange(-60.0, 60.1, 2.0), np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0))
+    points, shape = _template_points(*axes)
     labels = np.full(shape, rz.WM, dtype=np.int8)
     cerebellum = rz._in_cerebellum(points, shape)  # type: ignore[arg-type]
     floor = rz.CORTICOSPINAL_ADC_FRACTION[0] * rz.CEREBELLUM_ADC_FRACTION[0]
-    tract = tuple(int(np.argmin(np.abs(axis - value)))
-                  for axis, value in zip((x, np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0)),
-                                         rz.CORTICOSPINAL_MNI_MM[2]))
-    far = tuple(int(np.argmin(np.abs(axis - value)))
-                for axis, value in zip((x, np.arange(-90.0, 40.1, 2.0), np.arange(-50.0, 60.1, 2.0)), (58, 38, 58)))
+
+    def nearest(position_mm: tuple[float, ...]) -> tuple[int, ...]:
+        return tuple(int(np.argmin(np.abs(axis - value))) for axis, value in zip(axes, position_mm))
+
+    tract, far = nearest(rz.CORTICOSPINAL_MNI_MM[2]), nearest((58.0, 38.0, 58.0))
     kinds = set()
     for seed in range(10):
         variants = rz._normal_variants(np.random.default_rng(seed), points, labels, cerebellum)
