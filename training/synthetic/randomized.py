@@ -66,10 +66,17 @@ S0_RANGE = {
     WM: (1.0, 1.0), GM: (1.1, 1.8), DEEP_GM: (0.95, 1.35), VENTRICLE: (1.6, 3.5), CSF: (1.4, 3.2),
     SKULL: (0.0, 0.12), SCALP: (0.1, 0.9),
 }
+# FLAIR's grey/white contrast depends on the sequence (2D or 3D, inversion and echo times): from clearly brighter
+# cortex to almost none on 3D FLAIR, where only lesions stand out from both.
 FLAIR_RANGE = {
-    WM: (1.0, 1.0), GM: (1.05, 1.45), DEEP_GM: (0.95, 1.35), VENTRICLE: (0.02, 0.35), CSF: (0.05, 0.5),
+    WM: (1.0, 1.0), GM: (0.95, 1.45), DEEP_GM: (0.9, 1.35), VENTRICLE: (0.02, 0.35), CSF: (0.05, 0.5),
     SKULL: (0.0, 0.15), SCALP: (0.4, 1.6),
 }
+# Real tissue is not uniform on FLAIR at the scale of small lesions (myelination, perivascular spaces, vessels):
+# a peak gain of up to this much in a field of ~5 mm blobs, so that a faint spot is a lesion by its shape and
+# contrast, not because everything else is flat.
+FLAIR_TEXTURE_GAIN = (0.0, 0.3)
+FLAIR_TEXTURE_CELLS = 40  # across the box's longest side: blobs of ≈ 5 mm
 # Of the tissue's own ADC: acute infarcts lose 25–60 % (rADC ≈ 0.4–0.75); values nearer normal come only from the
 # soft lesion edge's partial volume, so bright tissue at 0.8–1.0 of normal ADC is never an infarct core here.
 LESION_ADC_FRACTION = (0.4, 0.75)
@@ -101,18 +108,20 @@ SHINE_THROUGH_ADC_FRACTION = (0.95, 1.6)
 SHINE_THROUGH_DWI_GAIN = (1.2, 3.0)  # on DWI at the draw's b; the T2 (S0) gain that gives it is computed per voxel
 # Healthy tissue with a lower ADC than the rest of the parenchyma, on both sides alike (each in NORMAL_VARIANT_
 # PROBABILITY of the stroke draws): the corticospinal tracts (the healthy Philips brain's posterior limbs of the
-# internal capsule: ADC 540–570 against 750 µm²/s in the parenchyma, bright on b1000) and the cerebellum.
-NORMAL_VARIANT_PROBABILITY = 0.5
+# internal capsule: ADC 540–570 against 750 µm²/s in the parenchyma, bright on b1000) and the cerebellum. Most real
+# heads show both, and models trained with them in half the draws still marked them (stroke v12–v16).
+NORMAL_VARIANT_PROBABILITY = 0.8
 CORTICOSPINAL_MNI_MM = ((24.0, -22.0, 50.0), (22.0, -16.0, 25.0), (19.0, -12.0, 8.0), (12.0, -20.0, -12.0),
                         (7.0, -26.0, -32.0))  # the right tract from the centrum semiovale to the pons; mirrored left
-CORTICOSPINAL_RADIUS_MM = (2.5, 6.0)
+CORTICOSPINAL_RADIUS_MM = (2.5, 8.0)  # the posterior limb and the corona radiata are broader than the tract
 CORTICOSPINAL_ADC_FRACTION = (0.65, 0.95)
 CORTICOSPINAL_S0_GAIN = (0.95, 1.3)
 CEREBELLUM_ADC_FRACTION = (0.8, 1.05)
 CEREBELLUM_S0_GAIN = (0.95, 1.5)
-# Healthy white matter bright on FLAIR on both sides (each in NORMAL_VARIANT_PROBABILITY of the MS draws): the
+# Healthy white matter bright on FLAIR on both sides (each in FLAIR_VARIANT_PROBABILITY of the MS draws): the
 # corticospinal tracts, a thin lining of the ventricles, and caps at the frontal and occipital horns (ependymitis
 # granularis), which radiologists read as normal and the MS model v3 took for lesions.
+FLAIR_VARIANT_PROBABILITY = 0.5
 CORTICOSPINAL_FLAIR_GAIN = (1.0, 1.2)
 VENTRICLE_LINING_MM = (1.0, 2.5)
 VENTRICLE_LINING_GAIN = (1.0, 1.3)
@@ -642,7 +651,7 @@ def _flair_variants(
     follow anatomy, symmetric and smooth."""
     gain = np.ones(labels.shape, dtype=np.float32)
     white = np.isin(labels, (WM, DEEP_GM))
-    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+    if rng.random() < FLAIR_VARIANT_PROBABILITY:
         weight = _corticospinal_weight(coords, labels.shape, rng.uniform(*CORTICOSPINAL_RADIUS_MM)) * white
         gain *= 1.0 + (rng.uniform(*CORTICOSPINAL_FLAIR_GAIN) - 1.0) * weight
     ventricle = labels == VENTRICLE
@@ -650,10 +659,10 @@ def _flair_variants(
         return gain
     # from the ventricle's wall, half a voxel beyond the ventricle's voxel centres
     to_wall = ndimage.distance_transform_edt(~ventricle, sampling=spacing_mm).astype(np.float32) - spacing_mm / 2.0
-    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+    if rng.random() < FLAIR_VARIANT_PROBABILITY:
         lining = np.exp(-0.5 * (to_wall / rng.uniform(*VENTRICLE_LINING_MM)) ** 2) * white
         gain *= 1.0 + (rng.uniform(*VENTRICLE_LINING_GAIN) - 1.0) * lining
-    if rng.random() < NORMAL_VARIANT_PROBABILITY:
+    if rng.random() < FLAIR_VARIANT_PROBABILITY:
         y_mm = (coords[1] + BOX_ORIGIN_MM[1]).reshape(labels.shape)
         front, back = float(y_mm[ventricle].max()), float(y_mm[ventricle].min())
         ends = (y_mm > front - HORN_END_MM) | (y_mm < back + HORN_END_MM)
@@ -669,6 +678,7 @@ def _render_flair(
     """FLAIR from the label map, the soft lesion map and the healthy tissue's bright variants (a multiplier)."""
     shape = labels.shape
     flair = _table(rng, FLAIR_RANGE)[labels] * (1.0 + rng.uniform(0.0, 0.1) * _smooth_noise(rng, shape, 16))
+    flair *= 1.0 + rng.uniform(*FLAIR_TEXTURE_GAIN) * _smooth_noise(rng, shape, FLAIR_TEXTURE_CELLS)
     flair *= variants
     gain = rng.uniform(*MS_LESION_GAIN) * (1.0 + 0.1 * _smooth_noise(rng, shape, 24))
     flair *= 1.0 + lesion * (gain - 1.0)
