@@ -195,6 +195,21 @@ def test_train_model_writes_checkpoints_csv_curves_and_resumes(cases, tmp_path):
         train_model(tiny_plan(epochs=3, lr=0.5), cases[:2], cases[2:], tmp_path, resume=True, progress=False)
 
 
+def test_a_resumed_run_rescores_its_best_checkpoint_on_todays_validation_cases(cases, tmp_path):
+    """A resume that validates on other cases (a changed generator) compares the old best on those cases, not by
+    the Dice it had on the old ones."""
+    train_model(tiny_plan(epochs=1), cases[:1], cases[1:2], tmp_path, progress=False)
+    old_best = load_checkpoint(tmp_path / "best.pt")
+    judge = LocalTrainer(tiny_plan(epochs=2), cases[:1], cases[2:], progress=False)
+    rescored = judge.evaluate(old_best["model"])["val_dice"]
+
+    train_model(tiny_plan(epochs=2), cases[:1], cases[2:], tmp_path, resume=True, progress=False)
+    last = load_checkpoint(tmp_path / "last.pt")
+    epoch_2 = last["history"][-1]["val_dice"]
+    assert last["best_val_dice"] == pytest.approx(max(rescored, epoch_2))
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == (2 if epoch_2 > rescored else 1)
+
+
 def test_threshold_is_calibrated_on_the_validation_cases_and_kept_in_best_pt(cases, tmp_path):
     plan = tiny_plan(epochs=1)
     path = train_model(plan, cases[:2], cases[2:], tmp_path, progress=False)

@@ -449,6 +449,8 @@ def train_model(
     trainer = LocalTrainer(plan, train_cases, val_cases, device, progress=progress)
     if resume:
         trainer.restore(load_checkpoint(last))
+        if best.exists() and trainer.val_data:
+            trainer.best_val_dice = _rescore(trainer, best)
     elif last.exists():
         raise ValueError(f"{last} exists: pass --resume to continue it, or choose another --out")
     bar = tqdm(total=plan.epochs, initial=trainer.epoch, file=sys.stderr, unit="epoch", desc="train",
@@ -485,6 +487,16 @@ def train_model(
         return last
     calibrate_checkpoint(trainer, best, out / "threshold.csv")
     return best
+
+
+def _rescore(trainer: LocalTrainer, checkpoint: Path) -> float:
+    """`checkpoint`'s validation Dice on the trainer's validation cases, the trainer's weights left as they were. A
+    resumed run may validate on other cases than before (a changed generator, another --val-cases); a Dice scored on
+    those must not keep an old checkpoint the best."""
+    current = trainer.get_weights()
+    score = trainer.evaluate(load_checkpoint(checkpoint)["model"])["val_dice"]
+    trainer.set_weights(current)
+    return float(score)
 
 
 def calibrate_checkpoint(trainer: LocalTrainer, checkpoint: Path, report: Path) -> float:
