@@ -315,28 +315,40 @@ def test_normal_variants_are_left_right_symmetric_anatomy_within_their_ranges() 
     assert kinds == {"tract", "cerebellum"}
 
 
-def test_flair_variants_brighten_tracts_and_ventricle_caps_on_both_sides_only_in_white_matter() -> None:
-    """On the template's own labels: the FLAIR multiplier is 1 outside white and deep grey matter, never darkens,
-    stays within the product of its ranges, is alike on both sides, and brightens the horn caps in some draws."""
+def test_flair_variants_brighten_tracts_limbic_cortex_and_ventricle_caps_on_both_sides() -> None:
+    """On the template's own labels: the FLAIR multiplier is 1 outside white matter, deep grey matter and the limbic
+    cortex, never darkens, stays within the product of its ranges, is alike on both sides, and brightens the horn
+    caps and the mesial temporal lobes in some draws."""
     from scipy import ndimage
 
     x = np.arange(-70.0, 70.1, 2.0)
     points, shape = _template_points(x, np.arange(-110.0, 70.1, 2.0), np.arange(-40.0, 70.1, 2.0))
     labels = ndimage.map_coordinates(rz.template_labels().labels, points, order=0).reshape(shape)
     white = np.isin(labels, (rz.WM, rz.DEEP_GM))
+    cortex = labels == rz.GM
+    limbic = rz._limbic_weight(points, shape) > 0.0
+    tract = rz._corticospinal_weight(points, shape, rz.CORTICOSPINAL_RADIUS_MM[1]) > 0.01
     ventricle = labels == rz.VENTRICLE
     near_ventricle = ndimage.binary_dilation(ventricle, iterations=2) & white
-    ceiling = rz.CORTICOSPINAL_FLAIR_GAIN[1] * rz.VENTRICLE_LINING_GAIN[1] * rz.HORN_CAP_GAIN[1]
-    brightened = 0
-    for seed in range(8):
+    hippocampus = tuple(int(np.argmin(np.abs(axis - value))) for axis, value in zip(
+        (x, np.arange(-110.0, 70.1, 2.0), np.arange(-40.0, 70.1, 2.0)), rz.LIMBIC_MNI_MM[0][0]))
+    ceiling = (rz.CORTICOSPINAL_FLAIR_GAIN[1] * rz.LIMBIC_FLAIR_GAIN[1] * rz.VENTRICLE_LINING_GAIN[1]
+               * rz.HORN_CAP_GAIN[1])
+    brightened, temporal = 0, 0
+    for seed in range(12):
         gain = rz._flair_variants(np.random.default_rng(seed), points, labels, 2.0)
-        assert np.all(gain[~white] == 1.0)
+        assert np.all(gain[~(white | (cortex & limbic))] == 1.0)
         assert gain.min() >= 1.0 - 1e-6 and gain.max() <= ceiling + 1e-4
         left, right = gain[: len(x) // 2] - 1.0, gain[len(x) // 2 + 1:] - 1.0
         assert abs(left.sum() - right.sum()) <= 0.15 * max(left.sum(), right.sum()) + 1e-3
-        if gain[near_ventricle].max() > 1.05:
+        if gain[near_ventricle & ~limbic & ~tract].max() > 1.05:
             brightened += 1
-    assert 2 <= brightened <= 7  # each variant is drawn in about half the draws
+        mirrored = (len(x) - 1 - hippocampus[0], *hippocampus[1:])
+        assert gain[hippocampus] == pytest.approx(gain[mirrored], abs=1e-4)
+        if gain[hippocampus] > 1.0:
+            temporal += 1
+    # each variant is drawn in about half the draws: lining or caps in about 3 of 4, the limbic cortex in 1 of 2
+    assert 4 <= brightened <= 11 and 2 <= temporal <= 10
 
 
 def test_slice_gain_brightens_edge_slices_of_the_weighted_images_alike_and_leaves_the_adc() -> None:

@@ -123,6 +123,12 @@ CEREBELLUM_S0_GAIN = (0.95, 1.5)
 # granularis), which radiologists read as normal and the MS model v3 took for lesions.
 FLAIR_VARIANT_PROBABILITY = 0.5
 CORTICOSPINAL_FLAIR_GAIN = (1.0, 1.2)
+# The limbic cortex (hippocampus and amygdala, insula) has a longer T2 than the neocortex and is bright on FLAIR on
+# both sides in healthy heads; the MS models v4 and v5 marked both mesial temporal lobes and insulae of patient 07.
+# Ellipsoids in template mm, (centre, semi-axes) of the right side, the gain fading to none at their surface; the
+# left is the mirror image.
+LIMBIC_MNI_MM = (((26.0, -20.0, -14.0), (10.0, 24.0, 12.0)), ((38.0, 0.0, 4.0), (8.0, 24.0, 18.0)))
+LIMBIC_FLAIR_GAIN = (1.05, 1.35)
 VENTRICLE_LINING_MM = (1.0, 2.5)
 VENTRICLE_LINING_GAIN = (1.0, 1.3)
 HORN_CAP_MM = (3.0, 7.0)
@@ -643,17 +649,31 @@ def _coil_and_pileup(rng: np.random.Generator, labels: np.ndarray, spacing_mm: f
     return np.broadcast_to(gain, shape).astype(np.float32)
 
 
+def _limbic_weight(coords: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """0–1 nearness to the limbic cortex of either side (`LIMBIC_MNI_MM`), from each voxel's template position."""
+    points = coords + BOX_ORIGIN_MM[:, None].astype(np.float32)
+    points[0] = np.abs(points[0])
+    weight = np.zeros(points.shape[1], dtype=np.float32)
+    for centre, semi_axes in LIMBIC_MNI_MM:
+        inside = sum(((points[axis] - centre[axis]) / semi_axes[axis]) ** 2 for axis in range(3))
+        weight = np.maximum(weight, np.clip(1.0 - inside, 0.0, 1.0) ** 2)
+    return weight.reshape(shape)
+
+
 def _flair_variants(
     rng: np.random.Generator, coords: np.ndarray, labels: np.ndarray, spacing_mm: float
 ) -> np.ndarray:
-    """FLAIR multiplier of healthy white matter that is bright on both sides: the corticospinal tracts, the lining
-    of the ventricles and caps at their frontal and occipital horns. An MS lesion is an ovoid of its own; these
-    follow anatomy, symmetric and smooth."""
+    """FLAIR multiplier of healthy tissue that is bright on both sides: the corticospinal tracts, the limbic cortex,
+    the lining of the ventricles and caps at their frontal and occipital horns. An MS lesion is an ovoid of its own;
+    these follow anatomy, symmetric and smooth."""
     gain = np.ones(labels.shape, dtype=np.float32)
     white = np.isin(labels, (WM, DEEP_GM))
     if rng.random() < FLAIR_VARIANT_PROBABILITY:
         weight = _corticospinal_weight(coords, labels.shape, rng.uniform(*CORTICOSPINAL_RADIUS_MM)) * white
         gain *= 1.0 + (rng.uniform(*CORTICOSPINAL_FLAIR_GAIN) - 1.0) * weight
+    if rng.random() < FLAIR_VARIANT_PROBABILITY:
+        weight = _limbic_weight(coords, labels.shape) * np.isin(labels, (GM, DEEP_GM))
+        gain *= 1.0 + (rng.uniform(*LIMBIC_FLAIR_GAIN) - 1.0) * weight
     ventricle = labels == VENTRICLE
     if not ventricle.any():
         return gain
