@@ -491,8 +491,8 @@ def train_model(
 
 def _rescore(trainer: LocalTrainer, checkpoint: Path) -> float:
     """`checkpoint`'s validation Dice on the trainer's validation cases, the trainer's weights left as they were. A
-    resumed run may validate on other cases than before (a changed generator, another --val-cases); a Dice scored on
-    those must not keep an old checkpoint the best."""
+    resumed run may validate on other cases than before (a changed generator, another --val-cases), and the old
+    best's Dice on the old cases must not keep it the best."""
     current = trainer.get_weights()
     score = trainer.evaluate(load_checkpoint(checkpoint)["model"])["val_dice"]
     trainer.set_weights(current)
