@@ -61,11 +61,12 @@ STROKE_DATA := synthetic-stream:8:workers=1
 MS_DATA := synthetic-stream:6:workers=1
 # The tasks whose retrained package replaces models/defaults: stroke v2, v3, v4, v6, v7, v8, v9, v10, v11, v12, v13,
 # v14, v15, v16, v17, v18, v19 and v20 marked 6.6, 5.7, 35.5, 26.7, 39.5, 26.7, 7.8, 32.5, 42.1, 14.6, 12.0, 7.7,
-# 11.0, 5.9, 5.2, 2.1, 8.9 and 4.1 ml on the healthy Canon brain (benchmarks/specificity.py, goal < 1 ml), so stroke v1 stays
-# until a successor passes. (v4 was one cosine stage of 48 epochs; v6 to v13 one of 36 with --val-cases 6, v14 v12
-# resumed to 72, v17-v19 v14 resumed to 120, 170 and 220 on a changed generator, each with this TRAIN line and
-# STROKE_DATA, v20 the mean of v18's and v19's run's last checkpoints; v15 and v16 ran on a lent GPU, see the README.) The shipped ms-flair v3 was trained
-# before the generator folded the cortex and gained slices, so this target now trains a different MS model.
+# 11.0, 5.9, 5.2, 2.1, 8.9 and 4.1 ml on the healthy Canon brain (benchmarks/specificity.py, goal < 1 ml), so stroke
+# v1 stays until a successor passes. (v4 was one cosine stage of 48 epochs; v6 to v13 one of 36 with --val-cases 6,
+# v14 v12 resumed to 72, v17-v19 v14 resumed to 120, 170 and 220 on a changed generator, each with this TRAIN line and
+# STROKE_DATA, v20 the mean of v18's and v19's run's last checkpoints; v15 and v16 ran on a lent GPU, see the README.)
+# The shipped ms-flair v3 was trained before the generator folded the cortex and gained slices, so this target now
+# trains a different MS model.
 SHIP ?= ms-flair
 HARDWARE ?= $(shell nproc) CPU cores, $(shell $(PYTHON) -c 'import platform; print(platform.processor() or platform.machine())')
 TRAIN = OMP_NUM_THREADS=1 $(VENV)/bin/fedlesion train --seed 1 --plan '{"iterations_per_epoch": 80}'
